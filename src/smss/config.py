@@ -1,0 +1,83 @@
+"""Typed, frozen settings. The only module that reads environment variables;
+it does so when :func:`from_env` is called at an entry point, never at import."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smss.errors import InvalidSpec
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits, checked before anything is allocated."""
+
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_upload_bytes: int = 4 * 1024 * 1024 * 1024
+    max_inputs: int = 64
+    max_tensor_elements: int = 64 * 1024 * 1024
+    max_json_depth: int = 64
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Data-plane settings of every function unless its spec overrides them."""
+
+    keep_alive_s: float = 300.0
+    queue_limit: int = 256
+    request_timeout_s: float = 60.0
+    start_timeout_s: float = 120.0
+    retry_after_s: float = 1.0
+    tick_s: float = 0.2
+    drain_grace_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".smss")
+    token: str | None = None
+    demo: bool = False
+    log_level: str = "info"
+    limits: Limits = field(default_factory=Limits)
+    serving: ServingSettings = field(default_factory=ServingSettings)
+
+    def check(self) -> Settings:
+        """Refuse settings that would expose code execution: deploying a model
+        runs its code, so an open deploy route on a network is remote code execution."""
+        if not is_loopback(self.host) and not self.token:
+            raise InvalidSpec(
+                f"refusing to bind {self.host} without a token: deploying a model runs its "
+                "code, so an open admin API on a network is remote code execution. "
+                "Set --token or SMSS_TOKEN, or bind 127.0.0.1."
+            )
+        if not 0 < self.port < 65536 and self.port != 0:
+            raise InvalidSpec(f"invalid port {self.port}")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def env_token() -> str | None:
+    return os.environ.get("SMSS_TOKEN") or None
+
+
+def env_url() -> str:
+    return os.environ.get("SMSS_URL", "http://127.0.0.1:8000")
+
+
+def env_keep_alive() -> float | None:
+    """``SMSS_KEEP_ALIVE_S`` overrides the default keep-alive (tests and demos)."""
+    raw = os.environ.get("SMSS_KEEP_ALIVE_S")
+    return float(raw) if raw else None

@@ -1,0 +1,123 @@
+"""The one exception tree of SMSS.
+
+Every error the platform raises on purpose is a :class:`SmssError` with a
+stable machine-readable ``code`` and a plain ``message`` that is safe to show a
+client (no paths, SQL, tokens or tracebacks: those go to the server log).
+The HTTP status of each type lives in one place, ``smss.api.errors``; nothing
+here knows about HTTP.
+
+::
+
+    SmssError
+    ├── InvalidInput            the request is wrong (shape, datatype, names, JSON)
+    │   └── PayloadTooLarge     the body or a tensor exceeds a size limit
+    ├── InvalidSpec             a model, function or workflow definition is wrong
+    ├── UnsafeArtifact          weights or code refused (pickle, path traversal)
+    ├── NotFound                unknown function, version, run or instance
+    ├── Conflict                a name or idempotency key already used differently
+    ├── AuthError               missing or wrong admin token
+    │   └── Forbidden           a valid caller asked for something not allowed
+    ├── Overloaded              queue full: come back later (429)
+    ├── Unavailable             cannot serve now: starting failed, instance died (503)
+    │   ├── StartFailed         an instance could not be started (load error)
+    │   ├── InstanceLost        an instance died with the request in flight
+    │   └── StorageUnavailable  the store could not durably record an event
+    ├── DeadlineExceeded        the request's deadline passed (504)
+    └── ModelError              the user's predict() raised (500)
+"""
+
+from __future__ import annotations
+
+
+class SmssError(Exception):
+    """Base of every deliberate SMSS error."""
+
+    code: str = "internal"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(SmssError):
+    code = "invalid_input"
+
+
+class PayloadTooLarge(InvalidInput):
+    code = "payload_too_large"
+
+
+class InvalidSpec(SmssError):
+    code = "invalid_spec"
+
+
+class UnsafeArtifact(SmssError):
+    code = "unsafe_artifact"
+
+
+class NotFound(SmssError):
+    code = "not_found"
+
+
+class Conflict(SmssError):
+    code = "conflict"
+
+
+class AuthError(SmssError):
+    code = "unauthorized"
+
+
+class Forbidden(AuthError):
+    code = "forbidden"
+
+
+class Overloaded(SmssError):
+    code = "overloaded"
+
+
+class Unavailable(SmssError):
+    code = "unavailable"
+
+
+class StartFailed(Unavailable):
+    code = "start_failed"
+
+
+class InstanceLost(Unavailable):
+    code = "instance_lost"
+
+
+class StorageUnavailable(Unavailable):
+    code = "storage_unavailable"
+
+
+class DeadlineExceeded(SmssError):
+    code = "deadline_exceeded"
+
+
+class ModelError(SmssError):
+    code = "model_error"
+
+
+__all__ = [
+    "AuthError",
+    "Conflict",
+    "DeadlineExceeded",
+    "Forbidden",
+    "InstanceLost",
+    "InvalidInput",
+    "InvalidSpec",
+    "ModelError",
+    "NotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "SmssError",
+    "StartFailed",
+    "StorageUnavailable",
+    "Unavailable",
+    "UnsafeArtifact",
+]
