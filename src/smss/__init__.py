@@ -4,7 +4,7 @@ The public surface is what ``__all__`` names; everything else is internal.
 """
 
 from smss.errors import SmssError
-from smss.model import model
+from smss._model import model
 from smss.node.weights import Weights
 from smss.spec import Batching, FunctionSpec, Resources, Scaling, TensorSpec
 

@@ -1,0 +1,94 @@
+"""Admin and platform routes under ``/v1``: uploads, deploy, delete, list, status.
+
+Deploying a model runs its code, so every mutating route here checks the
+admin token (when one is configured) before reading the body.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from smss.api.context import AppContext
+from smss.api.http import body_chunks, check_length, client_of, endpoint, json_response, read_json
+from smss.platform import FunctionStatus
+from smss.spec import FunctionSpec
+
+MAX_DEPLOY_BODY = 2 * 1024 * 1024
+
+
+class DeployRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    spec: FunctionSpec
+    source: str
+    weights_sha256: str | None = None
+
+
+def function_json(st: FunctionStatus) -> dict[str, object]:
+    return {
+        "name": st.spec.name,
+        "version": st.spec.version,
+        "generation": st.generation,
+        "runtime": st.spec.runtime,
+        "spec": msgspec.to_builtins(st.spec),
+        "instances": [msgspec.to_builtins(i) for i in st.instances],
+        "starting": st.starting,
+        "queued": st.queued,
+        "cold_starts": st.cold_starts,
+        "last_error": st.last_error,
+    }
+
+
+def routes(ctx: AppContext) -> list[Route]:
+    platform, limits = ctx.platform, ctx.settings.limits
+
+    def admin(request: Request) -> None:
+        ctx.auth.check(request.headers.get("authorization"), client_of(request))
+
+    @endpoint
+    async def upload(request: Request) -> Response:
+        admin(request)
+        check_length(request, limits.max_upload_bytes)
+        sha = request.path_params["sha256"]
+        size = await platform.artifacts.save_upload(sha, body_chunks(request), limits.max_upload_bytes)
+        return json_response({"sha256": sha, "size": size}, 201)
+
+    @endpoint
+    async def deploy(request: Request) -> Response:
+        admin(request)
+        body = await read_json(request, MAX_DEPLOY_BODY, DeployRequest)
+        record = await platform.deploy(body.spec, body.source, body.weights_sha256)
+        return json_response(
+            {"name": record.spec.name, "version": record.spec.version, "generation": record.generation}, 201
+        )
+
+    @endpoint
+    async def list_functions(request: Request) -> Response:
+        return json_response({"functions": [function_json(st) for st in platform.status()]})
+
+    @endpoint
+    async def get_function(request: Request) -> Response:
+        name = request.path_params["name"]
+        platform.function(name)
+        st = next(s for s in platform.status() if s.spec.name == name)
+        return json_response(function_json(st))
+
+    @endpoint
+    async def delete_function(request: Request) -> Response:
+        admin(request)
+        await platform.delete(request.path_params["name"])
+        return json_response({"deleted": request.path_params["name"]})
+
+    @endpoint
+    async def metrics(request: Request) -> Response:
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return [
+        Route("/v1/uploads/{sha256}", upload, methods=["PUT"]),
+        Route("/v1/functions", list_functions, methods=["GET"]),
+        Route("/v1/functions", deploy, methods=["POST"]),
+        Route("/v1/functions/{name}", get_function, methods=["GET"]),
+        Route("/v1/functions/{name}", delete_function, methods=["DELETE"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]

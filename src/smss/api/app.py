@@ -1,0 +1,49 @@
+"""The ASGI app factory: routes, errors, and the platform's lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from smss.api import admin, openapi, v2
+from smss.api.context import AppContext
+from smss.api.errors import error_response
+from smss.api.http import json_response
+from smss.errors import NotFound
+
+
+def create_app(ctx: AppContext) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with ctx.platform.running():
+            ctx.ready = True
+            try:
+                yield
+            finally:
+                ctx.ready = False
+
+    async def spec(request: Request) -> Response:
+        return json_response(openapi.document())
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        return Response(
+            b'{"error":"method not allowed","code":"method_not_allowed"}', 405, media_type="application/json"
+        )
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return error_response(exc)
+
+    routes = [*v2.routes(ctx), *admin.routes(ctx), Route("/openapi.json", spec, methods=["GET"])]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={404: not_found, 405: not_allowed, 500: server_error},
+    )

@@ -1,0 +1,55 @@
+"""The ONE place where SMSS errors become HTTP responses.
+
+Bodies follow the Open Inference Protocol: ``{"error": "<message>"}``, plus a
+stable ``code``. Messages are the error's own plain text; tracebacks, paths
+and SQL never reach a client (unexpected errors are logged and answered with a
+generic 500).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import msgspec
+from starlette.responses import Response
+
+from smss import errors as e
+
+log = logging.getLogger(__name__)
+
+STATUS: tuple[tuple[type[e.SmssError], int], ...] = (
+    # Most specific first: the first match wins.
+    (e.PayloadTooLarge, 413),
+    (e.InvalidInput, 400),
+    (e.InvalidSpec, 400),
+    (e.UnsafeArtifact, 400),
+    (e.NotFound, 404),
+    (e.Conflict, 409),
+    (e.Forbidden, 403),
+    (e.AuthError, 401),
+    (e.Overloaded, 429),
+    (e.Unavailable, 503),
+    (e.DeadlineExceeded, 504),
+    (e.ModelError, 500),
+)
+
+
+def status_of(error: e.SmssError) -> int:
+    return next((status for kind, status in STATUS if isinstance(error, kind)), 500)
+
+
+def error_response(error: Exception) -> Response:
+    if isinstance(error, e.SmssError):
+        status = status_of(error)
+        body = {"error": error.message, "code": error.code}
+        headers = {}
+        if error.retry_after_s is not None or status in (429, 503):
+            headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s or 1)))
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+    else:
+        log.exception("unexpected error while handling a request", exc_info=error)
+        status, headers = 500, {}
+        body = {"error": "internal server error", "code": "internal"}
+    return Response(msgspec.json.encode(body), status, headers, media_type="application/json")

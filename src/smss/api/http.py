@@ -1,0 +1,83 @@
+"""Small HTTP helpers shared by the route modules: error wrapping, bounded bodies, JSON."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from smss.api.errors import error_response
+from smss.errors import InvalidInput, PayloadTooLarge
+
+Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
+
+
+def endpoint(handler: Handler) -> Handler:
+    """Turn every exception a handler raises into the protocol's error body."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as error:
+            return error_response(error)
+
+    return wrapped
+
+
+def json_response(data: object, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(data), status, media_type="application/json")
+
+
+def check_length(request: Request, limit: int) -> None:
+    """413 from the Content-Length header alone, before any of the body is read."""
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return
+    try:
+        length = int(raw)
+    except ValueError:
+        raise InvalidInput("invalid Content-Length header") from None
+    if length > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit} bytes")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    check_length(request, limit)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    async for chunk in request.stream():
+        if chunk:
+            yield chunk
+
+
+async def read_json(request: Request, limit: int, type: type[T]) -> T:
+    body = await read_body(request, limit)
+    try:
+        return msgspec.json.decode(body, type=type)
+    except msgspec.ValidationError as e:
+        raise InvalidInput(f"invalid request body: {e}") from None
+    except (msgspec.DecodeError, RecursionError):
+        raise InvalidInput("request body is not valid JSON") from None
+
+
+def client_of(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def path_param(request: Request, name: str) -> Any:
+    return request.path_params.get(name)

@@ -1,0 +1,79 @@
+"""Prometheus metrics (implements :class:`smss.ports.Metrics`), one registry per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from smss.ports import StartTimings
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
+_START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class PrometheusMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "smss_requests", "Inference requests by outcome", ["function", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "smss_request_seconds",
+            "End-to-end request latency",
+            ["function"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cold_starts = Counter("smss_cold_starts", "Instance starts", ["function"], registry=r)
+        self.start_phase = Histogram(
+            "smss_start_phase_seconds",
+            "Duration of each phase of an instance start",
+            ["function", "phase"],
+            buckets=_START_BUCKETS,
+            registry=r,
+        )
+        self.instance_count = Gauge("smss_instances", "Instances by state", ["function", "state"], registry=r)
+        self.queue = Gauge("smss_queue_length", "Requests waiting for an instance", ["function"], registry=r)
+
+    def request_done(self, function: str, status: str, seconds: float) -> None:
+        self.requests.labels(function, status).inc()
+        self.latency.labels(function).observe(seconds)
+
+    def cold_start(self, function: str, timings: StartTimings) -> None:
+        self.cold_starts.labels(function).inc()
+        for phase, ms in (
+            ("spawn", timings.spawn_ms),
+            ("load", timings.load_ms),
+            ("total", timings.total_ms),
+        ):
+            self.start_phase.labels(function, phase).observe(ms / 1000)
+
+    def instances(self, function: str, state: str, count: int) -> None:
+        self.instance_count.labels(function, state).set(count)
+
+    def queue_length(self, function: str, length: int) -> None:
+        self.queue.labels(function).set(length)
+
+    def forget(self, function: str) -> None:
+        for state in ("ready", "starting"):
+            self.instance_count.labels(function, state).set(0)
+        self.queue.labels(function).set(0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,105 @@
+"""``smss.Client``: call a running platform over HTTP (synchronous, thin)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import numpy as np
+
+from smss import errors
+from smss.packaging import Package, package
+from smss.spec import DATATYPES, datatype_of
+
+_BY_CODE: dict[str, type[errors.SmssError]] = {
+    cls.code: cls
+    for cls in (
+        errors.InvalidInput,
+        errors.PayloadTooLarge,
+        errors.InvalidSpec,
+        errors.UnsafeArtifact,
+        errors.NotFound,
+        errors.Conflict,
+        errors.AuthError,
+        errors.Forbidden,
+        errors.Overloaded,
+        errors.Unavailable,
+        errors.StartFailed,
+        errors.InstanceLost,
+        errors.DeadlineExceeded,
+        errors.ModelError,
+    )
+}
+
+
+class Client:
+    def __init__(
+        self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 300
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                message, code = body.get("error", response.text), body.get("code", "")
+            except ValueError:
+                message, code = response.text, ""
+            kind = _BY_CODE.get(code, errors.SmssError)
+            raise kind(f"HTTP {response.status_code}: {message}")
+        return response.json()
+
+    def deploy(self, target: str, weights: Path | None = None) -> dict[str, Any]:
+        return self.deploy_package(package(target, weights))
+
+    def deploy_package(self, pkg: Package) -> dict[str, Any]:
+        if pkg.weights is not None and pkg.weights_sha256 is not None:
+            with pkg.weights.open("rb") as f:
+                self._check(self._http.put(f"/v1/uploads/{pkg.weights_sha256}", content=f))
+        body = {
+            "spec": msgspec.to_builtins(pkg.spec),
+            "source": pkg.source,
+            "weights_sha256": pkg.weights_sha256,
+        }
+        result: dict[str, Any] = self._check(self._http.post("/v1/functions", json=body))
+        return result
+
+    def functions(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._check(self._http.get("/v1/functions"))["functions"]
+        return result
+
+    def delete(self, name: str) -> None:
+        self._check(self._http.delete(f"/v1/functions/{name}"))
+
+    def infer(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        body = {
+            "inputs": [
+                {
+                    "name": k,
+                    "datatype": datatype_of(v.dtype),
+                    "shape": list(v.shape),
+                    "data": v.ravel().tolist(),
+                }
+                for k, v in inputs.items()
+            ]
+        }
+        result = self._check(self._http.post(f"/v2/models/{name}/infer", json=body))
+        return {
+            o["name"]: np.asarray(o["data"], dtype=DATATYPES[o["datatype"]]).reshape(o["shape"])
+            for o in result["outputs"]
+        }
+
+    def get(self, path: str) -> Any:
+        return self._check(self._http.get(path))

@@ -1,0 +1,215 @@
+"""Admission, queueing and routing of requests for one function, in the gateway.
+
+A request takes a free slot on a ready instance (chosen by
+:func:`smss.control.router.choose`), or waits in a bounded FIFO queue until a
+slot frees or a new instance is ready. Guarantees:
+
+* an instance never holds more than its spec's ``concurrency`` requests;
+* a full queue answers :class:`Overloaded` (429) at once; a request still
+  queued at its deadline gets :class:`Unavailable` (503), both with Retry-After;
+* a request whose instance dies mid-flight is retried once on another
+  instance when the function is idempotent, else answered 503;
+* a request in flight past its deadline gets :class:`DeadlineExceeded` (504);
+* when starting an instance fails and none is left, queued requests get
+  :class:`StartFailed` (503) naming the model, and new ones fail fast while
+  the start back-off runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from smss.config import ServingSettings
+from smss.control.router import Candidate, Ewma, choose
+from smss.control.scaling import InstanceView
+from smss.errors import (
+    DeadlineExceeded,
+    InstanceLost,
+    NotFound,
+    Overloaded,
+    SmssError,
+    StartFailed,
+    Unavailable,
+)
+from smss.ports import Clock, InstanceChannel, InstanceInfo, Tensors
+from smss.spec import FunctionSpec
+
+
+@dataclass(eq=False)
+class Slot:
+    info: InstanceInfo
+    channel: InstanceChannel
+    limit: int
+    idle_since: float | None
+    in_flight: int = 0
+    served: int = 0
+    draining: bool = False
+    ewma: Ewma = field(default_factory=Ewma)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def view(self) -> InstanceView:
+        return InstanceView(self.info.id, self.in_flight, self.idle_since)
+
+
+class FunctionDispatcher:
+    def __init__(
+        self,
+        spec: FunctionSpec,
+        clock: Clock,
+        settings: ServingSettings,
+        on_demand: Callable[[], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.spec = spec
+        self._clock = clock
+        self._settings = settings
+        self._on_demand = on_demand
+        self._rng = rng or random.Random(0)
+        self.slots: dict[str, Slot] = {}
+        self._waiters: deque[asyncio.Future[Slot]] = deque()
+        self.starting = 0
+        self.start_error: StartFailed | None = None
+        self.backoff_until = 0.0
+        self.closed_reason: str | None = None
+
+    # ------------------------------------------------------------ observations
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for w in self._waiters if not w.done())
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.slots.values())
+
+    @property
+    def demand(self) -> int:
+        return self.in_flight + self.queued
+
+    def ready_views(self) -> list[InstanceView]:
+        return [s.view() for s in self.slots.values() if not s.draining]
+
+    # ------------------------------------------------------------ requests
+
+    async def infer(
+        self, inputs: Tensors, outputs: tuple[str, ...], deadline: float
+    ) -> dict[str, np.ndarray]:
+        attempts = 2 if self.spec.idempotent else 1
+        for attempt in range(attempts):
+            slot = await self._acquire(deadline)
+            started = self._clock.monotonic()
+            try:
+                remaining = deadline - started
+                return await asyncio.wait_for(slot.channel.infer(inputs, outputs), max(remaining, 0.001))
+            except InstanceLost:
+                self.remove(slot.info.id)
+                if attempt + 1 < attempts:
+                    continue
+                raise Unavailable(
+                    f"model {self.spec.name!r}: its instance exited while serving the request",
+                    retry_after_s=self._settings.retry_after_s,
+                ) from None
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"model {self.spec.name!r} did not answer before the deadline"
+                ) from None
+            finally:
+                self._release(slot, self._clock.monotonic() - started)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _acquire(self, deadline: float) -> Slot:
+        if self.closed_reason is not None:
+            raise NotFound(self.closed_reason)
+        slot = self._pick()
+        if slot is not None:
+            return slot
+        retry = self._settings.retry_after_s
+        now = self._clock.monotonic()
+        if self.start_error is not None and not self.slots and now < self.backoff_until:
+            raise StartFailed(self.start_error.message, retry_after_s=max(retry, self.backoff_until - now))
+        if self.queued >= self._settings.queue_limit:
+            raise Overloaded(f"model {self.spec.name!r} is overloaded: queue full", retry_after_s=retry)
+        waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._on_demand()
+        await asyncio.wait({waiter}, timeout=max(deadline - now, 0.0))
+        if waiter.done() and not waiter.cancelled():
+            return waiter.result()  # raises the error it was failed with, if any
+        waiter.cancel()
+        raise Unavailable(
+            f"model {self.spec.name!r}: no instance became free before the deadline", retry_after_s=retry
+        )
+
+    def _pick(self) -> Slot | None:
+        live = [s for s in self.slots.values() if not s.draining]
+        chosen = choose(
+            [Candidate(s.info.id, s.in_flight, s.limit, s.ewma.value, s.info.node) for s in live], self._rng
+        )
+        if chosen is None:
+            return None
+        slot = self.slots[chosen]
+        slot.in_flight += 1
+        slot.idle_since = None
+        return slot
+
+    def _release(self, slot: Slot, seconds: float) -> None:
+        slot.in_flight -= 1
+        slot.served += 1
+        slot.ewma.update(seconds)
+        if slot.in_flight == 0:
+            slot.idle_since = self._clock.monotonic()
+            if slot.draining:
+                slot.drained.set()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._waiters:
+            waiter = self._waiters[0]
+            if waiter.done():
+                self._waiters.popleft()
+                continue
+            slot = self._pick()
+            if slot is None:
+                return
+            self._waiters.popleft()
+            waiter.set_result(slot)
+
+    # ------------------------------------------------------------ instances
+
+    def add(self, info: InstanceInfo, channel: InstanceChannel) -> None:
+        self.start_error = None
+        self.slots[info.id] = Slot(info, channel, self.spec.scaling.concurrency, self._clock.monotonic())
+        self._hand_over()
+
+    def drain(self, instance_id: str) -> Slot | None:
+        slot = self.slots.get(instance_id)
+        if slot is not None:
+            slot.draining = True
+            if slot.in_flight == 0:
+                slot.drained.set()
+        return slot
+
+    def remove(self, instance_id: str) -> Slot | None:
+        return self.slots.pop(instance_id, None)
+
+    def start_failed(self, error: StartFailed, backoff_s: float) -> None:
+        self.start_error = error
+        self.backoff_until = self._clock.monotonic() + backoff_s
+        if not self.slots and self.starting == 0:
+            self._fail_waiters(StartFailed(error.message, retry_after_s=backoff_s))
+
+    def close(self, reason: str) -> None:
+        self.closed_reason = reason
+        self._fail_waiters(NotFound(reason))
+
+    def _fail_waiters(self, error: SmssError) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)

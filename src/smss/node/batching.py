@@ -1,0 +1,154 @@
+"""Dynamic batching inside an instance.
+
+Requests queue up; the batcher takes the first, waits at most ``batch_wait_ms``
+for more (up to ``max_batch_size`` rows in all), concatenates compatible
+requests on axis 0, runs one ``predict`` in the instance's compute thread, and
+splits the outputs back. A batch whose predict raises is re-run one request at
+a time, so one bad request cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from smss.errors import InvalidInput, ModelError
+from smss.spec import FunctionSpec
+
+Predict = Callable[[dict[str, np.ndarray]], Mapping[str, object]]
+
+
+@dataclass
+class Pending:
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...]
+    future: asyncio.Future[dict[str, np.ndarray]] = field(repr=False)
+
+    @property
+    def rows(self) -> int:
+        first = next(iter(self.inputs.values()))
+        return int(first.shape[0]) if first.ndim else 1
+
+    def key(self) -> tuple[object, ...]:
+        return tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(self.inputs.items()))
+
+
+class ModelFailure(Exception):
+    """predict() raised; carries the formatted traceback for the log."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.traceback = "".join(traceback.format_exception(error))
+
+
+class Batcher:
+    def __init__(self, spec: FunctionSpec, predict: Predict, executor: ThreadPoolExecutor) -> None:
+        self._spec = spec
+        self._predict = predict
+        self._executor = executor
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self._max_rows = spec.batching.max_batch_size
+        self._wait_s = spec.batching.batch_wait_ms / 1000.0
+        self._batching = self._max_rows > 1
+
+    def submit(self, pending: Pending) -> None:
+        self._queue.put_nowait(pending)
+
+    async def run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            if self._batching:
+                await self._gather(batch)
+            await self._execute(batch)
+
+    async def _gather(self, batch: list[Pending]) -> None:
+        rows = batch[0].rows
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_s
+        key = batch[0].key()
+        while rows < self._max_rows:
+            if self._queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            else:
+                item = self._queue.get_nowait()
+            if item.key() != key or rows + item.rows > self._max_rows:
+                # Incompatible or too big: run what we have, keep this one for the next batch.
+                self._queue.put_nowait(item)
+                break
+            batch.append(item)
+            rows += item.rows
+
+    async def _execute(self, batch: list[Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        live = [p for p in batch if not p.future.done()]
+        if not live:
+            return
+        if len(live) == 1:
+            await self._run_one(live[0], loop)
+            return
+        merged = {n: np.concatenate([p.inputs[n] for p in live]) for n in live[0].inputs}
+        wanted = tuple(dict.fromkeys(o for p in live for o in p.outputs))
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._call, merged, wanted)
+        except (ModelFailure, InvalidInput):
+            for p in live:
+                await self._run_one(p, loop)
+            return
+        offset = 0
+        for p in live:
+            rows = p.rows
+            part = {n: outputs[n][offset : offset + rows] for n in p.outputs}
+            offset += rows
+            if not p.future.done():
+                p.future.set_result(part)
+
+    async def _run_one(self, p: Pending, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._call, p.inputs, p.outputs)
+        except (ModelFailure, InvalidInput) as e:
+            if not p.future.done():
+                p.future.set_exception(e)
+            return
+        if not p.future.done():
+            p.future.set_result({n: outputs[n] for n in p.outputs})
+
+    def _call(self, inputs: dict[str, np.ndarray], wanted: tuple[str, ...]) -> dict[str, np.ndarray]:
+        rows = next(iter(inputs.values())).shape[0] if self._batching else None
+        try:
+            raw = self._predict(inputs)
+        except Exception as e:
+            raise ModelFailure(e) from e
+        return self._check_outputs(raw, wanted, rows)
+
+    def _check_outputs(
+        self, raw: Mapping[str, object], wanted: tuple[str, ...], rows: int | None
+    ) -> dict[str, np.ndarray]:
+        if not isinstance(raw, Mapping):
+            raise ModelFailure(ModelError(f"predict() returned {type(raw).__name__}, not a dict"))
+        out: dict[str, np.ndarray] = {}
+        for name in wanted:
+            decl = next((t for t in self._spec.outputs if t.name == name), None)
+            if decl is None or name not in raw:
+                raise ModelFailure(ModelError(f"predict() did not return output {name!r}"))
+            value = raw[name]
+            if hasattr(value, "detach"):  # a torch tensor
+                value = value.detach().cpu().numpy()  # type: ignore[attr-defined]
+            array = np.ascontiguousarray(np.asarray(value), dtype=decl.dtype)
+            if not decl.accepts(array.shape) or (rows is not None and array.shape[0] != rows):
+                raise ModelFailure(
+                    ModelError(f"output {name!r} has shape {list(array.shape)}, declared {list(decl.shape)}")
+                )
+            out[name] = array
+        return out

@@ -1,0 +1,138 @@
+"""The wire between the gateway and an instance: typed msgpack headers, raw tensor bytes.
+
+One frame is::
+
+    u8 version | u32 header length | u64 payload length | header (msgpack) | payload
+
+The header is a tagged msgspec struct; the payload is the tensors' raw
+little-endian bytes, back to back, in the order the header lists them. Tensor
+bytes are never re-encoded (no JSON, no pickle) between gateway and worker.
+Sizes are checked against hard caps before anything is read, so a corrupt or
+hostile stream cannot make either side allocate without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Mapping, Sequence
+
+import msgspec
+import numpy as np
+
+from smss.errors import InvalidInput
+from smss.spec import DATATYPES, DTYPE_TO_DATATYPE
+
+VERSION = 1
+_PREFIX = struct.Struct("<BIQ")
+MAX_HEADER = 1 << 20
+MAX_PAYLOAD = 1 << 34
+
+
+class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+class Infer(msgspec.Struct, tag="infer", array_like=True, frozen=True):
+    id: int
+    inputs: tuple[TensorMeta, ...]
+    outputs: tuple[str, ...]
+
+
+class Result(msgspec.Struct, tag="result", array_like=True, frozen=True):
+    id: int
+    outputs: tuple[TensorMeta, ...]
+
+
+class Failure(msgspec.Struct, tag="failure", array_like=True, frozen=True):
+    """``kind`` is ``invalid_input`` (the model rejected the input) or ``model_error``."""
+
+    id: int
+    kind: str
+    message: str
+    traceback: str = ""
+
+
+class Ping(msgspec.Struct, tag="ping", array_like=True, frozen=True):
+    id: int
+
+
+class Pong(msgspec.Struct, tag="pong", array_like=True, frozen=True):
+    id: int
+    in_flight: int
+
+
+Message = Infer | Result | Failure | Ping | Pong
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class ProtocolError(Exception):
+    """The byte stream is not a valid SMSS frame: the connection must be dropped."""
+
+
+def tensor_metas(tensors: Mapping[str, np.ndarray]) -> tuple[tuple[TensorMeta, ...], list[memoryview]]:
+    metas = []
+    buffers = []
+    for name, array in tensors.items():
+        dtype_key = array.dtype.str
+        datatype = DTYPE_TO_DATATYPE.get(dtype_key)
+        if datatype is None:
+            raise InvalidInput(f"tensor {name!r} has unsupported dtype {array.dtype}")
+        if not array.flags.c_contiguous or array.dtype.byteorder == ">":
+            array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        metas.append(TensorMeta(name, datatype, tuple(int(d) for d in array.shape), array.nbytes))
+        buffers.append(memoryview(array).cast("B") if array.nbytes else memoryview(b""))
+    return tuple(metas), buffers
+
+
+def write_frame(writer: asyncio.StreamWriter, message: Message, buffers: Sequence[memoryview] = ()) -> None:
+    header = _encoder.encode(message)
+    payload_len = sum(b.nbytes for b in buffers)
+    writer.write(_PREFIX.pack(VERSION, len(header), payload_len) + header)
+    for b in buffers:
+        if b.nbytes:
+            writer.write(b)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[Message, bytes]:
+    """Read one frame; raises ``asyncio.IncompleteReadError`` at EOF, ProtocolError if corrupt."""
+    prefix = await reader.readexactly(_PREFIX.size)
+    version, header_len, payload_len = _PREFIX.unpack(prefix)
+    if version != VERSION or header_len > MAX_HEADER or payload_len > MAX_PAYLOAD:
+        raise ProtocolError(f"bad frame: version={version} header={header_len} payload={payload_len}")
+    header = await reader.readexactly(header_len)
+    payload = await reader.readexactly(payload_len) if payload_len else b""
+    try:
+        message = _decoder.decode(header)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ProtocolError(f"bad frame header: {e}") from None
+    return message, payload
+
+
+def unpack_tensors(metas: Sequence[TensorMeta], payload: bytes) -> dict[str, np.ndarray]:
+    """Zero-copy views of the payload (read-only arrays)."""
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    view = memoryview(payload)
+    for meta in metas:
+        dtype = DATATYPES.get(meta.datatype)
+        if dtype is None:
+            raise ProtocolError(f"unknown datatype {meta.datatype!r}")
+        count = 1
+        for d in meta.shape:
+            if d < 0:
+                raise ProtocolError(f"negative dimension in {meta.name!r}")
+            count *= d
+        if count * dtype.itemsize != meta.nbytes or offset + meta.nbytes > len(payload):
+            raise ProtocolError(f"size mismatch for tensor {meta.name!r}")
+        chunk = view[offset : offset + meta.nbytes]
+        out[meta.name] = np.frombuffer(chunk, dtype=dtype).reshape(meta.shape)
+        offset += meta.nbytes
+    if offset != len(payload):
+        raise ProtocolError("trailing bytes after the last tensor")
+    return out

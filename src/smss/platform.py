@@ -1,0 +1,125 @@
+"""The platform as the API sees it: deploy, delete, list, infer.
+
+Composes the durable registry, the artifact store and the controller. The
+registry is the source of truth: on start every registered function is handed
+to the controller again (at zero instances, or ``min_instances``), so a
+restart of ``smss serve`` keeps every deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from smss.control.controller import Controller, FunctionRuntime
+from smss.errors import NotFound
+from smss.ports import Clock, FunctionRecord, RegistryStore, Tensors
+from smss.spec import FunctionSpec
+from smss.store.artifacts import ArtifactStore
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    id: str
+    node: str
+    pid: int
+    state: str
+    in_flight: int
+    served: int
+
+
+@dataclass(frozen=True)
+class FunctionStatus:
+    spec: FunctionSpec
+    generation: int
+    instances: tuple[InstanceStatus, ...]
+    starting: int
+    queued: int
+    cold_starts: int
+    last_error: str | None
+
+
+class Platform:
+    def __init__(
+        self, registry: RegistryStore, artifacts: ArtifactStore, controller: Controller, clock: Clock
+    ) -> None:
+        self.registry = registry
+        self.artifacts = artifacts
+        self.controller = controller
+        self._clock = clock
+        self._deploy_lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Platform]:
+        async with self.controller.running():
+            for record in self.registry.list_functions():
+                self.controller.deploy(record)
+            yield self
+
+    async def deploy(self, spec: FunctionSpec, source: str, weights_sha256: str | None) -> FunctionRecord:
+        spec = spec.validate()
+        async with self._deploy_lock:
+            previous = self.registry.get_function(spec.name)
+            generation = previous.generation + 1 if previous else 1
+            directory = await asyncio.to_thread(
+                self.artifacts.install, spec, source, weights_sha256, generation
+            )
+            record = self.registry.put_function(
+                FunctionRecord(spec=spec, artifact_dir=str(directory), deployed_at=self._clock.time())
+            )
+            self.controller.deploy(record)
+            await asyncio.to_thread(self.artifacts.prune, spec.name, Path(record.artifact_dir))
+            return record
+
+    async def delete(self, name: str) -> None:
+        async with self._deploy_lock:
+            if not self.registry.delete_function(name):
+                raise NotFound(f"unknown model {name!r}")
+            with contextlib.suppress(NotFound):
+                self.controller.remove(name)
+            await asyncio.to_thread(self.artifacts.remove, name)
+
+    def function(self, name: str, version: str | None = None) -> FunctionRuntime:
+        runtime = self.controller.get(name)
+        if version is not None and version != runtime.record.spec.version:
+            raise NotFound(f"model {name!r} has no version {version!r}")
+        return runtime
+
+    async def infer(
+        self, runtime: FunctionRuntime, inputs: Tensors, outputs: tuple[str, ...], timeout_s: float
+    ) -> dict[str, np.ndarray]:
+        deadline = self._clock.monotonic() + timeout_s
+        return await runtime.dispatcher.infer(inputs, outputs, deadline)
+
+    def status(self) -> list[FunctionStatus]:
+        out = []
+        for rt in self.controller.functions():
+            d = rt.dispatcher
+            instances = tuple(
+                InstanceStatus(
+                    s.info.id,
+                    s.info.node,
+                    s.info.pid,
+                    "draining" if s.draining else ("busy" if s.in_flight else "idle"),
+                    s.in_flight,
+                    s.served,
+                )
+                for s in d.slots.values()
+            )
+            out.append(
+                FunctionStatus(
+                    spec=rt.record.spec,
+                    generation=rt.record.generation,
+                    instances=instances,
+                    starting=d.starting,
+                    queued=d.queued,
+                    cold_starts=rt.cold_starts,
+                    last_error=d.start_error.message if d.start_error else None,
+                )
+            )
+        return out
