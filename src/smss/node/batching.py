@@ -3,7 +3,11 @@
 Requests queue up; the batcher takes the first, waits at most ``batch_wait_ms``
 for more (up to ``max_batch_size`` rows in all), concatenates compatible
 requests on axis 0, runs one ``predict`` in the instance's compute thread, and
-splits the outputs back. A batch whose predict raises is re-run one request at
+splits the outputs back. The wait is adaptive: it is paid only while recent
+batches held more than one request, because under light load (one request at a
+time) nobody else is coming and waiting would only add ``batch_wait_ms`` to
+every request; as soon as requests start to queue, batches grow and waiting
+pays for itself. A batch whose predict raises is re-run one request at
 a time, so one bad request cannot fail its neighbours.
 """
 
@@ -55,6 +59,11 @@ class Batcher:
         self._max_rows = spec.batching.max_batch_size
         self._wait_s = spec.batching.batch_wait_ms / 1000.0
         self._batching = self._max_rows > 1
+        self._recent_requests = 1.0  # EWMA of requests per batch
+
+    @property
+    def should_wait(self) -> bool:
+        return self._wait_s > 0 and self._recent_requests > 1.25
 
     def submit(self, pending: Pending) -> None:
         self._queue.put_nowait(pending)
@@ -74,6 +83,8 @@ class Batcher:
         key = batch[0].key()
         while rows < self._max_rows:
             if self._queue.empty():
+                if not self.should_wait:
+                    break
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -89,6 +100,7 @@ class Batcher:
                 break
             batch.append(item)
             rows += item.rows
+        self._recent_requests += 0.2 * (len(batch) - self._recent_requests)
 
     async def _execute(self, batch: list[Pending]) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,84 @@
+"""The layout's rules, checked: public API pinned, imports point inward."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import smss
+
+SRC = Path(smss.__file__).parent
+
+# package -> smss modules it must not import
+FORBIDDEN = {
+    "control": ("smss.api", "smss.node", "smss.store", "smss.cluster", "smss.server", "smss.cli"),
+    "workflow": ("smss.api", "smss.node", "smss.cluster", "smss.server", "smss.cli"),
+    "api": ("smss.cluster", "smss.store.sqlite", "smss.cli", "smss.server"),
+    "node": ("smss.api", "smss.control", "smss.cluster", "smss.cli", "smss.server"),
+    "store": ("smss.api", "smss.control", "smss.cluster", "smss.cli", "smss.server"),
+}
+FORBIDDEN_LIBS = {
+    "control": ("sqlite3", "socket", "ray", "torch", "starlette", "uvicorn"),
+    "workflow": ("ray", "starlette", "uvicorn"),
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(smss.__all__) == [
+        "Batching",
+        "FunctionSpec",
+        "Resources",
+        "Scaling",
+        "SmssError",
+        "TensorSpec",
+        "Weights",
+        "__version__",
+        "model",
+    ]
+
+
+def test_imports_point_inward() -> None:
+    violations = []
+    for package, banned in FORBIDDEN.items():
+        for path in (SRC / package).rglob("*.py"):
+            for name in _imports(path):
+                if any(name == b or name.startswith(b + ".") for b in banned):
+                    violations.append(f"{path.relative_to(SRC)} imports {name}")
+    assert violations == []
+
+
+def test_pure_packages_do_no_io() -> None:
+    violations = []
+    for package, banned in FORBIDDEN_LIBS.items():
+        for path in (SRC / package).rglob("*.py"):
+            for name in _imports(path):
+                if name.split(".")[0] in banned:
+                    violations.append(f"{path.relative_to(SRC)} imports {name}")
+    assert violations == []
+
+
+def test_only_cluster_imports_ray() -> None:
+    offenders = [
+        str(p.relative_to(SRC))
+        for p in SRC.rglob("*.py")
+        if "cluster" not in p.parts and any(n.split(".")[0] == "ray" for n in _imports(p))
+    ]
+    assert offenders == []
+
+
+def test_nothing_pickles() -> None:
+    offenders = [
+        str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if {"pickle", "cloudpickle", "dill"} & _imports(p)
+    ]
+    assert offenders == []
