@@ -1,0 +1,313 @@
+"""Keep-alive policies: how long an idle instance lives, and when to pre-warm one.
+
+Pure and clock-driven like the autoscaler: the controller reports every arrival with
+:meth:`KeepAlivePolicy.on_invocation` and asks, each tick, :meth:`keep_alive_s` (stop
+an instance once it has been idle that long) and :meth:`prewarm_at` (have an instance
+ready by that time if none is). A function's own ``scaling.keep_alive_s`` overrides
+the policy; that is the controller's business, not the policy's.
+
+Policies, chosen by :func:`parse_policy`:
+
+* ``fixed:SECONDS`` (:class:`FixedKeepAlive`) - the platform default of AWS Lambda
+  (10 min) or Azure Functions (20 min): one TTL for everyone, no pre-warming.
+* ``hybrid`` or ``hybrid:key=value,...`` (:class:`HybridKeepAlive`) - the hybrid
+  histogram policy of "Serverless in the Wild" (Shahrad et al., USENIX ATC 2020),
+  which learns each function's idle times.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from smss.errors import InvalidSpec
+
+
+class KeepAlivePolicy(Protocol):
+    def on_invocation(self, function: str, now: float) -> None:
+        """Record an arrival of ``function`` at ``now`` (monotonic seconds)."""
+        ...
+
+    def keep_alive_s(self, function: str, now: float) -> float:
+        """How long an idle instance of ``function`` may stay idle before it is stopped."""
+        ...
+
+    def prewarm_at(self, function: str, now: float) -> float | None:
+        """When to have an instance of ``function`` ready next; ``None``: no pre-warm."""
+        ...
+
+
+class FixedKeepAlive:
+    """Every idle instance lives ``ttl_s`` seconds; nothing is pre-warmed."""
+
+    def __init__(self, ttl_s: float) -> None:
+        if not math.isfinite(ttl_s) or ttl_s < 0:
+            raise InvalidSpec(f"keep-alive TTL must be a finite number >= 0, got {ttl_s}")
+        self.ttl_s = float(ttl_s)
+
+    def on_invocation(self, function: str, now: float) -> None:
+        pass
+
+    def keep_alive_s(self, function: str, now: float) -> float:
+        return self.ttl_s
+
+    def prewarm_at(self, function: str, now: float) -> float | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"FixedKeepAlive(ttl_s={self.ttl_s})"
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Settings of :class:`HybridKeepAlive`; the defaults and why are in its docstring."""
+
+    bin_s: float = 1.0
+    range_s: float = 600.0
+    head_percentile: float = 5.0
+    tail_percentile: float = 99.0
+    margin: float = 0.10
+    cv_threshold: float = 2.0
+    min_samples: int = 10
+    oob_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> InvalidSpec:
+            return InvalidSpec(f"hybrid keep-alive: {msg}")
+
+        if not math.isfinite(self.bin_s) or self.bin_s <= 0:
+            raise bad(f"bin_s must be > 0, got {self.bin_s}")
+        if not math.isfinite(self.range_s) or self.range_s < self.bin_s:
+            raise bad(f"range_s must be >= bin_s, got {self.range_s}")
+        if self.range_s / self.bin_s > 100_000:
+            raise bad("range_s / bin_s must be at most 100000 bins")
+        if not 0 <= self.head_percentile <= self.tail_percentile <= 100:
+            raise bad("need 0 <= head_percentile <= tail_percentile <= 100")
+        if not 0 <= self.margin < 1:
+            raise bad(f"margin must be in [0, 1), got {self.margin}")
+        if not self.cv_threshold >= 0:
+            raise bad(f"cv_threshold must be >= 0, got {self.cv_threshold}")
+        if self.min_samples < 1:
+            raise bad(f"min_samples must be >= 1, got {self.min_samples}")
+        if not 0 < self.oob_threshold <= 1:
+            raise bad(f"oob_threshold must be in (0, 1], got {self.oob_threshold}")
+
+    @property
+    def bins(self) -> int:
+        return max(1, round(self.range_s / self.bin_s))
+
+
+class _Windows:
+    """A learned decision: pre-warm this long after an arrival (0: never unload), and
+    keep an idle instance this long."""
+
+    __slots__ = ("keep_alive_s", "prewarm_s", "window_end_s")
+
+    def __init__(self, prewarm_s: float, keep_alive_s: float, window_end_s: float) -> None:
+        self.prewarm_s = prewarm_s
+        self.keep_alive_s = keep_alive_s
+        self.window_end_s = window_end_s
+
+
+class _Histogram:
+    """Idle times of one function: counts per bin, out-of-bound count, and the sum of
+    squared counts so that the CV of the bin counts costs O(1)."""
+
+    __slots__ = ("counts", "decision", "dirty", "in_range", "last_arrival", "oob", "sumsq")
+
+    def __init__(self, bins: int) -> None:
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.in_range = 0
+        self.oob = 0
+        self.sumsq = 0
+        self.last_arrival: float | None = None
+        self.dirty = True
+        self.decision: _Windows | None = None
+
+    def add(self, idle_s: float, bin_s: float) -> None:
+        i = int(idle_s // bin_s)
+        if i >= len(self.counts):
+            self.oob += 1
+        else:
+            k = int(self.counts[i])
+            self.counts[i] = k + 1
+            self.sumsq += 2 * k + 1
+            self.in_range += 1
+        self.dirty = True
+
+    def cv(self) -> float:
+        n, b = self.in_range, len(self.counts)
+        if n == 0:
+            return 0.0
+        mean = n / b
+        var = max(self.sumsq / b - mean * mean, 0.0)
+        return math.sqrt(var) / mean
+
+
+class HybridKeepAlive:
+    """The hybrid histogram policy of "Serverless in the Wild" (ATC 2020), per function.
+
+    **What it learns.** For each function, the idle time between consecutive arrivals
+    goes into a range-limited histogram of ``bins = range_s / bin_s`` bins; idle times
+    of ``range_s`` or more are counted as out of bounds (OOB). (The paper measures from
+    the end of one execution; the controller reports arrivals only, so we measure
+    arrival to arrival, which errs on the side of keeping alive a little longer.)
+
+    **Rules**, re-evaluated after each arrival:
+
+    1. Fewer than ``min_samples`` idle times (OOB included): *fixed TTL*
+       (``fallback_ttl_s``), no pre-warm. Ten samples is the fewest at which the
+       5th/99th percentiles are not simply "whatever happened last".
+    2. OOB fraction >= ``oob_threshold``: *fixed TTL*. The paper forecasts such
+       functions' next idle time with ARIMA; we do not (no time-series dependency, and
+       on our traces an idle time over 10 minutes is rare), so they fall back.
+    3. CV (std/mean) of the in-range bin counts < ``cv_threshold``: the idle times are
+       spread too evenly for the histogram to predict anything (the paper's
+       representativeness test, threshold 2): *fixed TTL*.
+    4. Otherwise head = the ``head_percentile`` (5th) and tail = the
+       ``tail_percentile`` (99th) of the in-range idle times, at bin resolution, with
+       the paper's 10 % ``margin``:
+
+       * pre-warm window ``P = lower edge of head's bin x (1 - margin)``;
+       * window end ``E = upper edge of tail's bin x (1 + margin)``;
+       * if ``P == 0`` (the head is in the first bin) there is no pre-warm and
+         ``keep_alive_s = E``;
+       * else ``prewarm_at = last arrival + P`` (until ``last arrival + E`` has passed)
+         and ``keep_alive_s = E - P``, so a pre-warmed instance lives until the tail.
+
+       The paper unloads the serving instance right after its execution when it
+       pre-warms; here every idle instance, the serving one included, may idle
+       ``E - P`` (the interface cannot tell instances apart, and a pre-warmed instance
+       that became ready a little early must not be stopped). That costs at most
+       ``E - P`` extra idle seconds per arrival and is far below a fixed TTL on
+       regular patterns.
+
+    **Defaults and why.** ``bin_s = 1`` and ``range_s = 600`` rather than the paper's
+    1 minute and 4 hours: our traces (``shared/traces``) span 20-30 minutes and their
+    idle times run from 50 ms to a few minutes (median 0.8-3 s, 99th percentile about
+    90 s, 99.9th 2.5-4 min), so minute bins would put nearly every idle time in bin 0
+    and the policy would never pre-warm; 1 s bins resolve second-scale periods, and
+    10 minutes covers the traces' idle times and equals the common 10-minute fixed TTL,
+    so "out of bounds" means "longer than a fixed policy would wait anyway". With 600
+    bins the CV threshold of 2 calls a histogram representative when its idle times
+    concentrate in at most about a fifth of the range (2 minutes). Percentiles,
+    margin and CV threshold are the paper's; it turns to ARIMA when "many" idle times
+    are OOB, which we read as half. Replayed one instance per
+    function over the 30-minute trace, it keeps instances idle about 8 % less than a
+    5-minute fixed TTL for 1.6 % cold starts instead of 0.4 % (cheap here: a start is
+    a fork and an attach); the traces are too short for the paper's larger savings,
+    which come from functions idle for hours. The histogram never forgets; a function
+    whose pattern changes is relearned only as new samples outweigh old ones.
+
+    Cost: ``on_invocation`` O(1); the first query after an arrival O(bins) in numpy
+    (a few microseconds), later ones O(1).
+    """
+
+    def __init__(self, fallback_ttl_s: float, config: HybridConfig | None = None) -> None:
+        self._fallback = FixedKeepAlive(fallback_ttl_s)
+        self.config = config or HybridConfig()
+        self._hists: dict[str, _Histogram] = {}
+
+    @property
+    def fallback_ttl_s(self) -> float:
+        return self._fallback.ttl_s
+
+    def on_invocation(self, function: str, now: float) -> None:
+        h = self._hists.get(function)
+        if h is None:
+            h = self._hists[function] = _Histogram(self.config.bins)
+        last = h.last_arrival
+        if last is None or now > last:
+            if last is not None:
+                h.add(now - last, self.config.bin_s)
+            h.last_arrival = now
+        elif now < last:  # an arrival reported out of order: keep the histogram causal
+            return
+        else:
+            h.add(0.0, self.config.bin_s)
+
+    def keep_alive_s(self, function: str, now: float) -> float:
+        w = self._windows(function)
+        return self._fallback.ttl_s if w is None else w.keep_alive_s
+
+    def prewarm_at(self, function: str, now: float) -> float | None:
+        w = self._windows(function)
+        if w is None or w.prewarm_s <= 0:
+            return None
+        last = self._hists[function].last_arrival
+        if last is None or now > last + w.window_end_s:
+            return None
+        return last + w.prewarm_s
+
+    def forget(self, function: str) -> None:
+        """Drop what was learned about ``function`` (deleted or redeployed)."""
+        self._hists.pop(function, None)
+
+    def _windows(self, function: str) -> _Windows | None:
+        h = self._hists.get(function)
+        if h is None:
+            return None
+        if h.dirty:
+            h.decision = self._decide(h)
+            h.dirty = False
+        return h.decision
+
+    def _decide(self, h: _Histogram) -> _Windows | None:
+        cfg = self.config
+        total = h.in_range + h.oob
+        if total < cfg.min_samples or h.oob >= cfg.oob_threshold * total:
+            return None
+        if h.cv() < cfg.cv_threshold:
+            return None
+        cum = np.cumsum(h.counts)
+        head, tail = np.searchsorted(
+            cum,
+            [h.in_range * cfg.head_percentile / 100, h.in_range * cfg.tail_percentile / 100],
+        )
+        prewarm = int(head) * cfg.bin_s * (1 - cfg.margin)
+        end = (int(tail) + 1) * cfg.bin_s * (1 + cfg.margin)
+        return _Windows(prewarm, end - prewarm, end)
+
+
+def parse_policy(text: str, default_ttl_s: float) -> KeepAlivePolicy:
+    """``"fixed"`` (TTL ``default_ttl_s``), ``"fixed:600"``, ``"hybrid"`` or
+    ``"hybrid:bin_s=1,range_s=600,..."`` (fields of :class:`HybridConfig`; the
+    hybrid policy falls back to ``default_ttl_s``). Anything else: :class:`InvalidSpec`."""
+    usage = "use 'fixed', 'fixed:SECONDS', 'hybrid' or 'hybrid:KEY=VALUE,...'"
+    kind, sep, arg = text.strip().partition(":")
+    kind, arg = kind.strip().lower(), arg.strip()
+    if kind == "fixed":
+        if not sep:
+            return FixedKeepAlive(default_ttl_s)
+        try:
+            ttl = float(arg.removesuffix("s"))
+        except ValueError:
+            raise InvalidSpec(f"keep-alive policy {text!r}: {arg!r} is not seconds; {usage}") from None
+        return FixedKeepAlive(ttl)
+    if kind == "hybrid":
+        return HybridKeepAlive(default_ttl_s, _parse_hybrid(text, arg if sep else "", usage))
+    raise InvalidSpec(f"unknown keep-alive policy {text!r}: {usage}")
+
+
+def _parse_hybrid(text: str, arg: str, usage: str) -> HybridConfig:
+    types = {f.name: f.type for f in fields(HybridConfig)}
+    values: dict[str, float | int] = {}
+    for item in filter(None, (part.strip() for part in arg.split(","))):
+        key, eq, raw = (s.strip() for s in item.partition("="))
+        if not eq or key not in types:
+            raise InvalidSpec(
+                f"keep-alive policy {text!r}: bad option {item!r}; options are {', '.join(types)}; {usage}"
+            )
+        try:
+            values[key] = int(raw) if types[key] == "int" else float(raw)
+        except ValueError:
+            raise InvalidSpec(f"keep-alive policy {text!r}: {key}={raw!r} is not a number") from None
+    return HybridConfig(**values)  # type: ignore[arg-type]
+
+
+if TYPE_CHECKING:  # the policies satisfy the protocol (checked by mypy, never run)
+    _fixed: KeepAlivePolicy = FixedKeepAlive(1.0)
+    _hybrid: KeepAlivePolicy = HybridKeepAlive(1.0)
