@@ -3,8 +3,8 @@
 The public surface is what ``__all__`` names; everything else is internal.
 """
 
-from smss.errors import SmssError
 from smss._model import model
+from smss.errors import SmssError
 from smss.node.weights import Weights
 from smss.spec import Batching, FunctionSpec, Resources, Scaling, TensorSpec
 

@@ -185,6 +185,15 @@ def bench_overhead(
     _print_json(run(requests=requests))
 
 
+@bench_app.command("cold-start")
+def bench_cold_start(as_json: AsJson = True) -> None:
+    """Cold start of cnn and cnn_large: container-style vs fork-and-attach (one JSON object per model)."""
+    from smss.bench.coldstart import run
+
+    for row in run():
+        _print_json(row)
+
+
 def main() -> None:
     try:
         app()

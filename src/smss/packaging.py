@@ -14,8 +14,8 @@ from pathlib import Path
 
 import msgspec
 
-from smss.errors import InvalidSpec, UnsafeArtifact
 from smss._model import spec_of
+from smss.errors import InvalidSpec, UnsafeArtifact
 from smss.spec import FunctionSpec, WeightsFormat
 
 _FORMATS: dict[str, WeightsFormat] = {".safetensors": "safetensors", ".onnx": "onnx"}

@@ -18,7 +18,7 @@ import numpy as np
 
 from smss.control.controller import Controller, FunctionRuntime
 from smss.errors import NotFound
-from smss.ports import Clock, FunctionRecord, RegistryStore, Tensors
+from smss.ports import Clock, ClusterBackend, FunctionRecord, RegistryStore, Tensors
 from smss.spec import FunctionSpec
 from smss.store.artifacts import ArtifactStore
 
@@ -46,9 +46,15 @@ class FunctionStatus:
 
 class Platform:
     def __init__(
-        self, registry: RegistryStore, artifacts: ArtifactStore, controller: Controller, clock: Clock
+        self,
+        registry: RegistryStore,
+        artifacts: ArtifactStore,
+        controller: Controller,
+        backend: ClusterBackend,
+        clock: Clock,
     ) -> None:
         self.registry = registry
+        self.backend = backend
         self.artifacts = artifacts
         self.controller = controller
         self._clock = clock
@@ -83,6 +89,11 @@ class Platform:
             with contextlib.suppress(NotFound):
                 self.controller.remove(name)
             await asyncio.to_thread(self.artifacts.remove, name)
+
+    def evict_weights(self, name: str) -> bool:
+        """Drop a function's weights from the node stores (only where no instance uses them)."""
+        self.function(name)
+        return self.backend.evict_weights(name)
 
     def function(self, name: str, version: str | None = None) -> FunctionRuntime:
         runtime = self.controller.get(name)

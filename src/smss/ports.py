@@ -100,11 +100,18 @@ class InstanceInfo(msgspec.Struct, frozen=True):
 
 
 class StartTimings(msgspec.Struct, frozen=True):
-    """Phases of one instance start, in milliseconds, so a slow cold start can be explained."""
+    """Phases of one instance start, in milliseconds, so a slow cold start can be explained.
+
+    ``phases`` names each step that ran (``weights``: read into the weight store
+    on a miss; ``zygote``: start of a runtime zygote; ``prepare``: fork of the
+    model's template, attach and build; ``warm``: its first call; ``fork``: fork
+    of the instance). ``spawn_ms`` / ``load_ms`` summarise: process creation and
+    model loading."""
 
     spawn_ms: float
     load_ms: float
     total_ms: float
+    phases: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class StartedInstance(msgspec.Struct, frozen=True):
@@ -133,6 +140,14 @@ class ClusterBackend(Protocol):
     def set_exit_callback(self, callback: ExitCallback) -> None: ...
 
     def nodes(self) -> list[str]: ...
+
+    def weight_cache(self) -> dict[str, object]:
+        """What each node's weight store holds: entries, bytes, budget, hits, misses, evictions, models."""
+        ...
+
+    def evict_weights(self, function: str) -> bool:
+        """Drop a function's weights from the stores where no instance uses them."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import uvicorn
@@ -48,7 +49,7 @@ def build(settings: Settings) -> AppContext:
         FixedKeepAlive(settings.serving.keep_alive_s),
     )
     registry = SqliteRegistry(data / "registry.db")
-    platform = Platform(registry, ArtifactStore(data), controller, clock)
+    platform = Platform(registry, ArtifactStore(data), controller, backend, clock)
     return AppContext(platform, settings, metrics, TokenAuth(settings.token, clock))
 
 
@@ -79,8 +80,8 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._ctx = ctx
 
-    async def startup(self, sockets: list[object] | None = None) -> None:
-        await super().startup(sockets)  # type: ignore[arg-type]
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
         if self._ctx.settings.demo and not self.should_exit:
             await deploy_demo(self._ctx.platform, self._ctx.settings.data_dir)
         print(f"smss serving on http://{self._ctx.settings.host}:{self.config.port}", flush=True)

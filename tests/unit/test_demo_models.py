@@ -19,6 +19,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 import smss  # noqa: E402
+from smss._model import spec_of  # noqa: E402
 from smss.demo import models  # noqa: E402
 from smss.demo.generate import (  # noqa: E402
     DEMO_MODELS,
@@ -27,7 +28,6 @@ from smss.demo.generate import (  # noqa: E402
     ensure_demo_artifacts,
     parameter_count,
 )
-from smss._model import spec_of  # noqa: E402
 
 CLASSES: dict[str, type] = {
     "mlp": models.MLP,
@@ -68,9 +68,7 @@ def loaded(artifacts: dict[str, DemoArtifact]) -> dict[str, Any]:
 def sample(name: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     spec = spec_of(CLASSES[name])
-    return {
-        t.name: rng.standard_normal((batch, *t.shape[1:]), dtype=np.float32) for t in spec.inputs
-    }
+    return {t.name: rng.standard_normal((batch, *t.shape[1:]), dtype=np.float32) for t in spec.inputs}
 
 
 def test_demo_artifacts_list_the_three_demo_models(artifacts: dict[str, DemoArtifact]) -> None:

@@ -81,8 +81,19 @@ def routes(ctx: AppContext) -> list[Route]:
         return json_response({"deleted": request.path_params["name"]})
 
     @endpoint
+    async def weights(request: Request) -> Response:
+        return json_response(platform.backend.weight_cache())
+
+    @endpoint
+    async def evict_weights(request: Request) -> Response:
+        admin(request)
+        name = request.path_params["name"]
+        return json_response({"name": name, "evicted": platform.evict_weights(name)})
+
+    @endpoint
     async def metrics(request: Request) -> Response:
-        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+        text = ctx.metrics.render(platform.backend.weight_cache())  # type: ignore[arg-type]
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     return [
         Route("/v1/uploads/{sha256}", upload, methods=["PUT"]),
@@ -90,5 +101,7 @@ def routes(ctx: AppContext) -> list[Route]:
         Route("/v1/functions", deploy, methods=["POST"]),
         Route("/v1/functions/{name}", get_function, methods=["GET"]),
         Route("/v1/functions/{name}", delete_function, methods=["DELETE"]),
+        Route("/v1/weights", weights, methods=["GET"]),
+        Route("/v1/weights/{name}", evict_weights, methods=["DELETE"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]

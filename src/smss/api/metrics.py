@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from smss.ports import StartTimings
@@ -50,6 +52,12 @@ class PrometheusMetrics:
         )
         self.instance_count = Gauge("smss_instances", "Instances by state", ["function", "state"], registry=r)
         self.queue = Gauge("smss_queue_length", "Requests waiting for an instance", ["function"], registry=r)
+        self.store = Gauge(
+            "smss_weight_store",
+            "Node weight store: entries, bytes, budget_bytes, hits, misses, evictions",
+            ["node", "field"],
+            registry=r,
+        )
 
     def request_done(self, function: str, status: str, seconds: float) -> None:
         self.requests.labels(function, status).inc()
@@ -57,11 +65,7 @@ class PrometheusMetrics:
 
     def cold_start(self, function: str, timings: StartTimings) -> None:
         self.cold_starts.labels(function).inc()
-        for phase, ms in (
-            ("spawn", timings.spawn_ms),
-            ("load", timings.load_ms),
-            ("total", timings.total_ms),
-        ):
+        for phase, ms in (*timings.phases.items(), ("total", timings.total_ms)):
             self.start_phase.labels(function, phase).observe(ms / 1000)
 
     def instances(self, function: str, state: str, count: int) -> None:
@@ -75,5 +79,9 @@ class PrometheusMetrics:
             self.instance_count.labels(function, state).set(0)
         self.queue.labels(function).set(0)
 
-    def render(self) -> bytes:
+    def render(self, weight_cache: Mapping[str, Mapping[str, object]] | None = None) -> bytes:
+        for node, stats in (weight_cache or {}).items():
+            for key, value in stats.items():
+                if isinstance(value, int | float):
+                    self.store.labels(node, key).set(value)
         return generate_latest(self.registry)

@@ -44,7 +44,7 @@ def direct_p50_ms(data_dir: Path, calls: int = 2000) -> float:
     _, cls = load_class(f"{art.source}:{art.class_name}")
     model = cls()
     model.load(Weights(art.weights, art.weights_format))
-    x = {"x": np.asarray(BODY["inputs"][0]["data"], dtype=np.float32).reshape(1, 64)}  # type: ignore[index]
+    x = {"x": np.asarray(BODY["inputs"][0]["data"], dtype=np.float32).reshape(1, 64)}
     samples = []
     for _ in range(calls):
         t0 = time.perf_counter()

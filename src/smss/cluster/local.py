@@ -1,16 +1,26 @@
-"""The local cluster backend: instances are worker processes on this machine.
+"""The local cluster backend: one node, this machine; instances are local processes.
 
-Implements :class:`smss.ports.ClusterBackend`. Each instance is a child
-process (``python -m smss.node.worker``) with its own Unix socket under a
-private run directory and its own log file. The backend notices an exit as
-soon as the process ends (one waiter task per process, owned by the backend)
-and reports it through the exit callback, unless the platform asked for it.
+Implements :class:`smss.ports.ClusterBackend`. Two start modes:
+
+* ``fork`` (default): the cold-start path of DESIGN.md. The model's weights are
+  put in the node's :class:`WeightStore` (once; cached across scale-to-zero),
+  the runtime's zygote forks a template that attaches them and builds the
+  model (once per resident model), and each instance is a fork of that
+  template. Exits are watched by pidfd.
+* ``exec``: a fresh ``python -m smss.node.worker`` per instance that imports
+  everything and loads its weights from the file: the container-style start,
+  kept for comparison and for systems without ``fork``.
+
+Either way each instance listens on its own Unix socket in a private run
+directory, and an unexpected exit is reported through the exit callback at
+once, unless the platform itself stopped the instance.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,37 +29,63 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
 from smss.errors import StartFailed
+from smss.node.weightstore import WeightStore
 from smss.node.worker import Ready, WorkerConfig
+from smss.node.zygotes import ZygotePool, watch_exit
 from smss.ports import ExitCallback, InstanceInfo, StartedInstance, StartTimings
 from smss.spec import FunctionSpec
 
 log = logging.getLogger(__name__)
 
 NODE = "local"
+StartMode = Literal["fork", "exec"]
 
 
 @dataclass
-class _Proc:
+class _Instance:
     info: InstanceInfo
-    process: asyncio.subprocess.Process
-    waiter: asyncio.Task[None] | None = None
+    weights_key: str | None
+    exited: asyncio.Event
+    cancel_watch: Callable[[], None]
+    process: asyncio.subprocess.Process | None = None
     stopping: bool = False
 
 
+def default_weight_budget() -> int:
+    """A quarter of physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError):
+        return 4 << 30
+
+
 class LocalBackend:
-    def __init__(self, log_dir: Path, *, start_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        start_timeout_s: float = 120.0,
+        weight_budget_bytes: int | None = None,
+        mode: StartMode = "fork",
+    ) -> None:
         self._log_dir = log_dir
         self._log_dir.mkdir(parents=True, exist_ok=True)
         # Unix socket paths are limited to ~107 bytes, so they live in a short tmp dir.
         self._run_dir = Path(tempfile.mkdtemp(prefix="smss-"))
         self._start_timeout_s = start_timeout_s
-        self._procs: dict[str, _Proc] = {}
+        self.mode = mode
+        self.store = WeightStore(weight_budget_bytes or default_weight_budget(), prefix=self._run_dir.name)
+        self.store.on_evict = self._evicted
+        self.zygotes = ZygotePool(self._run_dir, log_dir, prepare_timeout_s=start_timeout_s)
+        self._instances: dict[str, _Instance] = {}
         self._on_exit: ExitCallback = lambda _id, _code: None
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
@@ -59,21 +95,87 @@ class LocalBackend:
         return [NODE]
 
     def pids(self) -> dict[str, int]:
-        return {iid: p.info.pid for iid, p in self._procs.items()}
+        return {iid: inst.info.pid for iid, inst in self._instances.items()}
+
+    def weight_cache(self) -> dict[str, object]:
+        return {NODE: dataclasses.asdict(self.store.stats())}
+
+    def evict_weights(self, function: str) -> bool:
+        evicted = False
+        for key in list(self.store.keys()):
+            if key.partition("@")[0] == function:
+                evicted = self.store.evict(key) or evicted
+        return evicted
+
+    def _evicted(self, key: str) -> None:
+        self.zygotes.discard(key)
+
+    # ------------------------------------------------------------ start
 
     async def start_instance(self, spec: FunctionSpec, artifact_dir: Path) -> StartedInstance:
         instance_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
-        socket_path = self._run_dir / f"{instance_id}.sock"
         config = WorkerConfig(
             instance_id=instance_id,
             spec=spec,
             artifact_dir=str(artifact_dir),
-            socket_path=str(socket_path),
+            socket_path=str(self._run_dir / f"{instance_id}.sock"),
             threads=max(1, int(spec.resources.cpu)),
         )
+        if self.mode == "exec":
+            return await self._start_exec(config)
+        return await self._start_fork(config, artifact_dir)
+
+    async def _start_fork(self, config: WorkerConfig, artifact_dir: Path) -> StartedInstance:
+        spec = config.spec
+        key = f"{spec.name}@{artifact_dir.name}"
+        phases: dict[str, float] = {}
         t0 = time.perf_counter()
-        log_file = (self._log_dir / f"{instance_id}.log").open("ab")
+        segment = None
+        weights_key = None
+        if spec.weights is not None:
+            source = artifact_dir / spec.weights
+            seg, hit = await asyncio.to_thread(self.store.acquire, key, source)
+            segment, weights_key = seg.path, key
+            if not hit:
+                phases["weights"] = (time.perf_counter() - t0) * 1000
         try:
+            t1 = time.perf_counter()
+            zygote_starts = self.zygotes.zygote_starts
+            template, warm = await self.zygotes.prepare(key, config, segment)
+            if not warm:
+                prepare_ms = (time.perf_counter() - t1) * 1000
+                phases["prepare"] = prepare_ms
+                phases["build"] = template.prepared.build_ms
+                phases["warm"] = template.prepared.warm_ms
+                if self.zygotes.zygote_starts != zygote_starts:
+                    phases["zygote"] = prepare_ms - template.prepared.build_ms - template.prepared.warm_ms
+            t2 = time.perf_counter()
+            try:
+                spawned = await self.zygotes.spawn(template, config)
+            except StartFailed:
+                # The template died since it was prepared: prepare a fresh one once.
+                self.zygotes.discard(key)
+                template, _ = await self.zygotes.prepare(key, config, segment)
+                spawned = await self.zygotes.spawn(template, config)
+            phases["fork"] = spawned.fork_ms
+            phases["spawn_call"] = (time.perf_counter() - t2) * 1000
+        except BaseException:
+            if weights_key is not None:
+                self.store.release(weights_key)
+            raise
+        info = self._info(config, spawned.pid)
+        inst = _Instance(info, weights_key, asyncio.Event(), lambda: None)
+        inst.cancel_watch = watch_exit(spawned.pid, lambda: self._exited(inst, None))
+        self._instances[info.id] = inst
+        total = (time.perf_counter() - t0) * 1000
+        load = phases.get("weights", 0.0) + phases.get("build", 0.0) + phases.get("warm", 0.0)
+        timings = StartTimings(spawn_ms=phases["spawn_call"], load_ms=load, total_ms=total, phases=phases)
+        log.info("instance %s forked in %.1f ms (%s)", info.id, total, _fmt(phases))
+        return StartedInstance(info, timings)
+
+    async def _start_exec(self, config: WorkerConfig) -> StartedInstance:
+        t0 = time.perf_counter()
+        with (self._log_dir / f"{config.instance_id}.log").open("ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -84,28 +186,33 @@ class LocalBackend:
                 stderr=log_file,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(config.threads)},
             )
-        finally:
-            log_file.close()
         spawned = time.perf_counter()
-        ready = await self._await_ready(process, instance_id)
-        info = InstanceInfo(
-            id=instance_id,
-            function=spec.name,
+        ready = await self._await_ready(process, config.instance_id)
+        info = self._info(config, process.pid)
+        inst = _Instance(info, None, asyncio.Event(), lambda: None, process)
+        self._instances[info.id] = inst
+        waiter = asyncio.get_running_loop().create_task(process.wait())
+        waiter.add_done_callback(lambda t: self._exited(inst, t.result() if not t.cancelled() else None))
+        inst.cancel_watch = lambda: None
+        total = (time.perf_counter() - t0) * 1000
+        phases = {"spawn": (spawned - t0) * 1000, "load": ready.load_ms}
+        return StartedInstance(
+            info, StartTimings(spawn_ms=phases["spawn"], load_ms=ready.load_ms, total_ms=total, phases=phases)
+        )
+
+    def _info(self, config: WorkerConfig, pid: int) -> InstanceInfo:
+        return InstanceInfo(
+            id=config.instance_id,
+            function=config.spec.name,
             node=NODE,
-            address=f"unix:{socket_path}",
-            pid=process.pid,
+            address=f"unix:{config.socket_path}",
+            pid=pid,
             started_at=time.time(),
         )
-        proc = _Proc(info, process)
-        self._procs[instance_id] = proc
-        proc.waiter = asyncio.get_running_loop().create_task(self._watch(proc))
-        total = (time.perf_counter() - t0) * 1000
-        timings = StartTimings(spawn_ms=(spawned - t0) * 1000, load_ms=ready.load_ms, total_ms=total)
-        log.info("instance %s ready in %.0f ms (load %.0f ms)", instance_id, total, ready.load_ms)
-        return StartedInstance(info, timings)
 
     async def _await_ready(self, process: asyncio.subprocess.Process, instance_id: str) -> Ready:
-        assert process.stdout is not None
+        if process.stdout is None:
+            raise StartFailed("worker has no stdout")
         try:
             line = await asyncio.wait_for(process.stdout.readline(), self._start_timeout_s)
         except TimeoutError:
@@ -127,35 +234,50 @@ class LocalBackend:
             raise StartFailed(f"instance {instance_id} failed to start: {reason}")
         return ready
 
-    async def _watch(self, proc: _Proc) -> None:
-        code = await proc.process.wait()
-        self._procs.pop(proc.info.id, None)
+    # ------------------------------------------------------------ exit and stop
+
+    def _exited(self, inst: _Instance, code: int | None) -> None:
+        if inst.exited.is_set():
+            return
+        inst.exited.set()
+        self._instances.pop(inst.info.id, None)
+        if inst.weights_key is not None:
+            self.store.release(inst.weights_key)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(proc.info.address.partition(":")[2])
-        if not proc.stopping:
-            log.warning("instance %s exited unexpectedly (code %s)", proc.info.id, code)
-            self._on_exit(proc.info.id, code if code >= 0 else None)
+            os.unlink(inst.info.address.partition(":")[2])
+        if not inst.stopping:
+            log.warning("instance %s exited unexpectedly (code %s)", inst.info.id, code)
+            self._on_exit(inst.info.id, code if code is None or code >= 0 else None)
 
     async def stop_instance(self, instance_id: str, grace_s: float) -> None:
-        proc = self._procs.get(instance_id)
-        if proc is None:
+        inst = self._instances.get(instance_id)
+        if inst is None:
             return
-        proc.stopping = True
-        with contextlib.suppress(ProcessLookupError):
-            proc.process.send_signal(signal.SIGTERM)
+        inst.stopping = True
+        _signal(inst.info.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(proc.process.wait()), grace_s)
+            await asyncio.wait_for(inst.exited.wait(), grace_s)
         except TimeoutError:
-            await _kill(proc.process)
-        if proc.waiter is not None:
-            await proc.waiter
+            _signal(inst.info.pid, signal.SIGKILL)
+            await inst.exited.wait()
 
     async def close(self) -> None:
-        await asyncio.gather(*(self.stop_instance(i, 2.0) for i in list(self._procs)))
+        await asyncio.gather(*(self.stop_instance(i, 2.0) for i in list(self._instances)))
+        await self.zygotes.close()
+        self.store.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 async def _kill(process: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError):
         process.kill()
     await process.wait()
+
+
+def _fmt(phases: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items())

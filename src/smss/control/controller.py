@@ -26,8 +26,16 @@ from smss.control.autoscaler import Autoscaler, AutoscalerConfig
 from smss.control.dispatcher import FunctionDispatcher
 from smss.control.keepalive import KeepAlivePolicy
 from smss.control.scaling import FunctionView, plan
-from smss.errors import NotFound, StartFailed
-from smss.ports import ChannelFactory, Clock, ClusterBackend, FunctionRecord, Metrics
+from smss.errors import InstanceLost, NotFound, StartFailed
+from smss.ports import (
+    ChannelFactory,
+    Clock,
+    ClusterBackend,
+    FunctionRecord,
+    InstanceChannel,
+    InstanceInfo,
+    Metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +147,7 @@ class Controller:
                     runtime.dispatcher.close("the platform is shutting down")
                     self._stop_all(runtime)
         self._group = None
+        await self._backend.close()
 
     async def _loop(self) -> None:
         while True:
@@ -190,7 +199,7 @@ class Controller:
         record = runtime.record
         try:
             started = await self._backend.start_instance(record.spec, Path(record.artifact_dir))
-            channel = await self._channels(started.info)
+            channel = await self._connect(started.info)
         except StartFailed as e:
             runtime.failures += 1
             backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (runtime.failures - 1))
@@ -210,6 +219,15 @@ class Controller:
             return
         d.add(started.info, channel)
         self._metrics.cold_start(record.spec.name, started.timings)
+
+    async def _connect(self, info: InstanceInfo) -> InstanceChannel:
+        try:
+            return await self._channels(info)
+        except InstanceLost as e:
+            # Started but unreachable: a failed start (back-off, 503), not a crash of
+            # the controller's task group, and no instance left running unseen.
+            await self._backend.stop_instance(info.id, 0.0)
+            raise StartFailed(f"instance {info.id} started but is unreachable: {e.message}") from None
 
     async def _stop(self, runtime: FunctionRuntime, instance_id: str) -> None:
         slot = runtime.dispatcher.drain(instance_id)

@@ -138,7 +138,15 @@ class FunctionDispatcher:
         waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._on_demand()
-        await asyncio.wait({waiter}, timeout=max(deadline - now, 0.0))
+        try:
+            await asyncio.wait({waiter}, timeout=max(deadline - now, 0.0))
+        except asyncio.CancelledError:
+            # The caller went away (a client disconnect): a slot handed over meanwhile
+            # goes back, and a waiter nobody awaits must never be handed one.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._free(waiter.result())
+            waiter.cancel()
+            raise
         if waiter.done() and not waiter.cancelled():
             return waiter.result()  # raises the error it was failed with, if any
         waiter.cancel()
@@ -159,9 +167,12 @@ class FunctionDispatcher:
         return slot
 
     def _release(self, slot: Slot, seconds: float) -> None:
-        slot.in_flight -= 1
         slot.served += 1
         slot.ewma.update(seconds)
+        self._free(slot)
+
+    def _free(self, slot: Slot) -> None:
+        slot.in_flight -= 1
         if slot.in_flight == 0:
             slot.idle_since = self._clock.monotonic()
             if slot.draining:

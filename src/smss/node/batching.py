@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import traceback
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,7 +51,7 @@ class ModelFailure(Exception):
 
 
 class Batcher:
-    def __init__(self, spec: FunctionSpec, predict: Predict, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, spec: FunctionSpec, predict: Predict, executor: Executor) -> None:
         self._spec = spec
         self._predict = predict
         self._executor = executor
@@ -140,6 +140,8 @@ class Batcher:
         rows = next(iter(inputs.values())).shape[0] if self._batching else None
         try:
             raw = self._predict(inputs)
+        except InvalidInput:
+            raise
         except Exception as e:
             raise ModelFailure(e) from e
         return self._check_outputs(raw, wanted, rows)
@@ -156,7 +158,7 @@ class Batcher:
                 raise ModelFailure(ModelError(f"predict() did not return output {name!r}"))
             value = raw[name]
             if hasattr(value, "detach"):  # a torch tensor
-                value = value.detach().cpu().numpy()  # type: ignore[attr-defined]
+                value = value.detach().cpu().numpy()
             array = np.ascontiguousarray(np.asarray(value), dtype=decl.dtype)
             if not decl.accepts(array.shape) or (rows is not None and array.shape[0] != rows):
                 raise ModelFailure(

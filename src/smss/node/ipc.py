@@ -79,14 +79,16 @@ def tensor_metas(tensors: Mapping[str, np.ndarray]) -> tuple[tuple[TensorMeta, .
     metas = []
     buffers = []
     for name, array in tensors.items():
-        dtype_key = array.dtype.str
-        datatype = DTYPE_TO_DATATYPE.get(dtype_key)
+        # Look the datatype up by the little-endian dtype: a big-endian array is sent
+        # converted, not refused.
+        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+        datatype = DTYPE_TO_DATATYPE.get(dtype.str)
         if datatype is None:
             raise InvalidInput(f"tensor {name!r} has unsupported dtype {array.dtype}")
-        if not array.flags.c_contiguous or array.dtype.byteorder == ">":
-            array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        if not array.flags.c_contiguous or dtype != array.dtype:
+            array = np.ascontiguousarray(array, dtype=dtype)
         metas.append(TensorMeta(name, datatype, tuple(int(d) for d in array.shape), array.nbytes))
-        buffers.append(memoryview(array).cast("B") if array.nbytes else memoryview(b""))
+        buffers.append(memoryview(array.data).cast("B") if array.nbytes else memoryview(b""))
     return tuple(metas), buffers
 
 
@@ -109,7 +111,8 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Message, bytes]:
     payload = await reader.readexactly(payload_len) if payload_len else b""
     try:
         message = _decoder.decode(header)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+        # msgspec reports a string that is not UTF-8 as UnicodeDecodeError, not DecodeError.
         raise ProtocolError(f"bad frame header: {e}") from None
     return message, payload
 
@@ -131,7 +134,10 @@ def unpack_tensors(metas: Sequence[TensorMeta], payload: bytes) -> dict[str, np.
         if count * dtype.itemsize != meta.nbytes or offset + meta.nbytes > len(payload):
             raise ProtocolError(f"size mismatch for tensor {meta.name!r}")
         chunk = view[offset : offset + meta.nbytes]
-        out[meta.name] = np.frombuffer(chunk, dtype=dtype).reshape(meta.shape)
+        try:
+            out[meta.name] = np.frombuffer(chunk, dtype=dtype).reshape(meta.shape)
+        except ValueError as e:  # more dimensions than numpy allows, or a dimension too large
+            raise ProtocolError(f"bad shape for tensor {meta.name!r}: {e}") from None
         offset += meta.nbytes
     if offset != len(payload):
         raise ProtocolError("trailing bytes after the last tensor")

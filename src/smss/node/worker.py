@@ -17,9 +17,12 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,9 @@ import numpy as np
 
 from smss.errors import InvalidInput, SmssError, StartFailed
 from smss.node import ipc
+from smss.node.attach import Attached, HotCopy
 from smss.node.batching import Batcher, ModelFailure, Pending
+from smss.node.mainthread import MainThreadExecutor
 from smss.node.weights import Weights
 from smss.spec import FunctionSpec
 
@@ -50,8 +55,12 @@ class Ready(msgspec.Struct, frozen=True):
     error: str = ""
 
 
-def load_model(spec: FunctionSpec, artifact_dir: Path) -> Any:
-    """Import the user's class from its file and call ``load(weights)``."""
+def load_model(
+    spec: FunctionSpec, artifact_dir: Path, segment: Path | None = None, *, hot: bool = False
+) -> Any:
+    """Import the user's class from its file and call ``load(weights)``. With a
+    weight-store ``segment`` the weights are zero-copy views of it, or, with
+    ``hot``, of a huge-page copy of it that forked instances share (a template)."""
     file_name, _, class_name = spec.entrypoint.partition(":")
     path = artifact_dir / file_name
     module_spec = importlib.util.spec_from_file_location(f"smss_user_{spec.name}", path)
@@ -66,7 +75,14 @@ def load_model(spec: FunctionSpec, artifact_dir: Path) -> Any:
     instance = cls()
     weights = None
     if spec.weights is not None and spec.weights_format is not None:
-        weights = Weights(artifact_dir / spec.weights, spec.weights_format)
+        attached: Attached | HotCopy | None = None
+        if segment is not None:
+            attached = Attached(segment)
+            if hot:
+                shared = attached
+                attached = HotCopy(shared.data)
+                shared.close()
+        weights = Weights(artifact_dir / spec.weights, spec.weights_format, attached=attached)
     instance.load(weights)
     return instance
 
@@ -137,35 +153,91 @@ class Server:
         await self._idle.wait()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-async def _serve(config: WorkerConfig, model: Any, ready_fd: int, load_ms: float) -> None:
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
+async def serve(
+    config: WorkerConfig,
+    model: Any,
+    listener: socket.socket,
+    executor: Executor,
+    stop: asyncio.Event,
+    on_ready: Callable[[], None],
+) -> None:
+    """Serve ``model`` on an already-bound listening socket until ``stop`` is set, then drain."""
     batcher = Batcher(config.spec, model.predict, executor)
     server = Server(config, batcher)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    listener = await asyncio.start_unix_server(server.handle, path=config.socket_path)
-    os.write(ready_fd, msgspec.json.encode(Ready(True, os.getpid(), load_ms)) + b"\n")
-    os.close(ready_fd)
+    aserver = await asyncio.start_unix_server(server.handle, sock=listener)
+    on_ready()
     async with asyncio.TaskGroup() as group:
         batch_task = group.create_task(batcher.run())
         await stop.wait()
-        listener.close()
+        aserver.close()
         await server.drain()
         batch_task.cancel()
-    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def run_loop(config: WorkerConfig, model: Any, listener: socket.socket, on_ready: Callable[[], None]) -> None:
+    """Compute on this (main) thread, serve I/O on a second one; SIGTERM drains and exits."""
+    executor = MainThreadExecutor()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def io_main() -> None:
+        box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        ready.set()
+        await serve(config, model, listener, executor, box["stop"], on_ready)
+
+    def io_thread() -> None:
+        try:
+            _run_async(io_main())
+        except BaseException:
+            log.exception("instance I/O loop failed")
+        finally:
+            ready.set()
+            executor.shutdown()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if "loop" in box:
+            box["loop"].call_soon_threadsafe(box["stop"].set)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    thread = threading.Thread(target=io_thread, name="io", daemon=True)
+    thread.start()
+    executor.run()
+    thread.join(timeout=5)
+
+
+def _run_async(coro: Any) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+def listen(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(512)
+    return sock
+
+
+def set_threads(config: WorkerConfig) -> None:
+    if config.spec.runtime == "torch":
+        import torch
+
+        torch.set_num_threads(max(1, config.threads))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(args[0], type=WorkerConfig)
-    _die_with_parent()
+    die_with_parent()
     # Keep the real stdout for the one Ready line; user prints go to the log.
     ready_fd = os.dup(1)
     os.dup2(2, 1)
@@ -174,10 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     started = time.perf_counter()
     try:
-        if config.spec.runtime == "torch":
-            import torch
-
-            torch.set_num_threads(max(1, config.threads))
+        set_threads(config)
         model = load_model(config.spec, Path(config.artifact_dir))
         warm_up(config.spec, model)
     except BaseException as e:
@@ -186,12 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         os.write(ready_fd, msgspec.json.encode(Ready(False, os.getpid(), error=reason[:2000])) + b"\n")
         sys.exit(3)
     load_ms = (time.perf_counter() - started) * 1000
-    try:
-        import uvloop
 
-        uvloop.run(_serve(config, model, ready_fd, load_ms))
-    except ImportError:
-        asyncio.run(_serve(config, model, ready_fd, load_ms))
+    def ready() -> None:
+        os.write(ready_fd, msgspec.json.encode(Ready(True, os.getpid(), load_ms)) + b"\n")
+        os.close(ready_fd)
+
+    run_loop(config, model, listen(config.socket_path), ready)
 
 
 if __name__ == "__main__":

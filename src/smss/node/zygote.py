@@ -1,0 +1,233 @@
+"""Zygotes and model templates: instances are forked, never started from scratch.
+
+A *zygote* is a process per runtime kind (torch, onnx, python) that has
+already imported its heavy modules and SMSS's own worker code. For each model
+it forks a *template*: a process that attaches the model's weights from the
+node's weight store, builds the model, warms it with one call, and then waits.
+An instance is a fork of its model's template, so a cold start pays a fork and
+the first request, not an interpreter, ``import torch``, a weight load or a
+lazy first call. Templates live as long as their weights stay in the store.
+
+Fork safety (why forking here is sound):
+
+* neither zygote nor template ever starts a thread: no asyncio loop, no
+  executor, no logging handlers with threads; the control loop is blocking
+  ``socket.recv`` on one connection. The agent starts them with
+  ``OMP_NUM_THREADS=1`` and ``OPENBLAS_NUM_THREADS=1`` and a template runs its
+  warm-up with ``torch.set_num_threads(1)``, so neither OpenMP nor OpenBLAS
+  has a thread pool to lose across ``fork``; the instance sizes its pool after
+  the fork. A template checks ``/proc/self/task`` before each fork and refuses
+  to fork with more than one thread;
+* no sockets cross the fork except the instance's own listening socket: the
+  child closes the control listener and connection first thing;
+* no CUDA context exists in a zygote or template (CPU runtimes only; a CUDA
+  context is created after the fork, by the instance);
+* every process dies with its parent (``PR_SET_PDEATHSIG``): agent -> zygote ->
+  template -> instance, so a killed platform leaves no orphans. Children are
+  reaped automatically (``SIGCHLD`` ignored); the agent watches each instance
+  with a pidfd.
+
+``python -m smss.node.zygote CONFIG_JSON`` runs a zygote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from smss.errors import SmssError
+from smss.node import zygote_proto as proto
+from smss.node.worker import (
+    WorkerConfig,
+    die_with_parent,
+    listen,
+    load_model,
+    run_loop,
+    set_threads,
+    warm_up,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ZygoteConfig(msgspec.Struct, frozen=True):
+    runtime: str
+    control_path: str
+    prepare_timeout_s: float = 120.0
+
+
+def preload(runtime: str) -> None:
+    """Import what instances of this runtime need, once, before any fork."""
+    import concurrent.futures  # noqa: F401
+
+    import numpy  # noqa: F401
+
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401
+    if runtime == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+        torch.zeros(1).add_(1)  # initialise the dispatcher without starting a pool
+    elif runtime == "onnx":
+        import onnxruntime  # noqa: F401
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _serve_control(listener: socket.socket, handle: Any) -> None:
+    """Blocking request/reply loop: one agent connection at a time."""
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            while (request := proto.recv_request(conn)) is not None:
+                conn.sendall(proto.encode(handle(request, listener, conn)))
+
+
+# ------------------------------------------------------------------ zygote
+
+
+def _prepare(
+    config: ZygoteConfig, request: proto.Request, listener: socket.socket, conn: socket.socket
+) -> Any:
+    if not isinstance(request, proto.Prepare):
+        return proto.Failed("a zygote only prepares templates")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # template
+        os.close(read_end)
+        listener.close()
+        conn.close()
+        _template_main(request, write_end)
+        os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], config.prepare_timeout_s)
+        line = os.read(read_end, 1 << 16) if ready else b""
+    finally:
+        os.close(read_end)
+    if not line:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        return proto.Failed("the model template exited or timed out while loading")
+    try:
+        reply: proto.Prepared | proto.Failed = msgspec.json.decode(line, type=proto.Prepared | proto.Failed)
+    except msgspec.DecodeError:
+        reply = proto.Failed("the model template sent a malformed reply")
+    return reply
+
+
+# ------------------------------------------------------------------ template
+
+
+def _template_main(request: proto.Prepare, report_fd: int) -> None:
+    die_with_parent()
+    config = request.config
+    try:
+        t0 = time.perf_counter()
+        segment = Path(request.segment) if request.segment else None
+        model = load_model(config.spec, Path(config.artifact_dir), segment, hot=True)
+        t1 = time.perf_counter()
+        warm_up(config.spec, model)
+        t2 = time.perf_counter()
+        control = listen(request.control_path)
+    except BaseException as e:
+        reason = e.message if isinstance(e, SmssError) else f"{type(e).__name__}: {e}"
+        log.exception("template for %s failed to load", config.spec.name)
+        os.write(report_fd, msgspec.json.encode(proto.Failed(reason[:2000])) + b"\n")
+        os._exit(3)
+    # Attach and build are measured together: load() builds the module on the
+    # shared tensors; the split is reported as attach 0 when weights are views.
+    # Objects that exist now are never collected in instances: without this, the
+    # first collection in each instance would write to (and so copy) every page
+    # of the template's heap that holds a tracked object.
+    gc.freeze()
+    report = proto.Prepared(os.getpid(), attach_ms=0.0, build_ms=(t1 - t0) * 1000, warm_ms=(t2 - t1) * 1000)
+    os.write(report_fd, msgspec.json.encode(report) + b"\n")
+    os.close(report_fd)
+
+    def handle(req: proto.Request, listener: socket.socket, conn: socket.socket) -> Any:
+        if not isinstance(req, proto.Spawn):
+            return proto.Failed("a template only spawns instances")
+        return _spawn(req.config, model, listener, conn)
+
+    _serve_control(control, handle)
+
+
+def _spawn(config: WorkerConfig, model: Any, listener: socket.socket, conn: socket.socket) -> Any:
+    threads = thread_count()
+    if threads != 1:
+        return proto.Failed(f"refusing to fork: the template has {threads} threads")
+    t0 = time.perf_counter()
+    try:
+        instance_listener = listen(config.socket_path)
+    except OSError as e:
+        return proto.Failed(f"cannot listen on the instance socket: {e.strerror}")
+    pid = os.fork()
+    if pid == 0:  # instance
+        listener.close()
+        conn.close()
+        _instance_main(config, model, instance_listener)
+        os._exit(0)
+    instance_listener.close()
+    return proto.Spawned(pid, fork_ms=(time.perf_counter() - t0) * 1000)
+
+
+def _instance_main(config: WorkerConfig, model: Any, sock: socket.socket) -> None:
+    die_with_parent()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {config.instance_id} %(levelname)s %(message)s",
+        force=True,
+    )
+    set_threads(config)
+    try:
+        run_loop(config, model, sock, lambda: None)
+    except BaseException:
+        log.exception("instance %s crashed", config.instance_id)
+        os._exit(1)
+    os._exit(0)
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    config = msgspec.json.decode(args[0], type=ZygoteConfig)
+    die_with_parent()
+    ready_fd = os.dup(1)
+    os.dup2(2, 1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s zygote %(levelname)s %(message)s")
+    t0 = time.perf_counter()
+    preload(config.runtime)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    listener = listen(config.control_path)
+    preload_ms = (time.perf_counter() - t0) * 1000
+    os.write(
+        ready_fd, msgspec.json.encode({"ok": True, "pid": os.getpid(), "preload_ms": preload_ms}) + b"\n"
+    )
+    os.close(ready_fd)
+
+    def handle(req: proto.Request, lst: socket.socket, conn: socket.socket) -> Any:
+        return _prepare(config, req, lst, conn)
+
+    _serve_control(listener, handle)
+
+
+if __name__ == "__main__":
+    main()

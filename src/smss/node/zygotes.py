@@ -1,0 +1,232 @@
+"""The agent's side of zygotes and templates: start, restart, prepare, spawn, watch.
+
+One zygote per runtime kind, started on first use and restarted when it dies.
+One template per resident model (keyed like its weight-store segment). Each
+control connection carries one request at a time (a lock per connection).
+Instances are not the agent's children (they are forked by templates), so
+their exits are watched through pidfds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from smss.errors import StartFailed
+from smss.node import zygote_proto as proto
+from smss.node.worker import WorkerConfig
+from smss.node.zygote import ZygoteConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Control:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def call(self, request: proto.Request) -> proto.Reply:
+        async with self.lock:
+            try:
+                return await proto.call(self.reader, self.writer, request)
+            except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError) as e:
+                raise StartFailed(f"lost the control connection: {e}") from None
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass
+class Template:
+    key: str
+    pid: int
+    control: _Control
+    prepared: proto.Prepared
+    control_path: Path
+
+
+@dataclass
+class _Zygote:
+    process: asyncio.subprocess.Process
+    control: _Control
+
+
+class ZygotePool:
+    def __init__(self, run_dir: Path, log_dir: Path, *, prepare_timeout_s: float = 120.0) -> None:
+        self._run_dir = run_dir
+        self._log_dir = log_dir
+        self._prepare_timeout_s = prepare_timeout_s
+        self._zygotes: dict[str, _Zygote] = {}
+        self._templates: dict[str, Template] = {}
+        self._starting: dict[str, asyncio.Lock] = {}
+        self.zygote_starts = 0
+        self._serial = itertools.count(1)
+
+    def zygote_pid(self, runtime: str) -> int | None:
+        z = self._zygotes.get(runtime)
+        return z.process.pid if z is not None and z.process.returncode is None else None
+
+    def template(self, key: str) -> Template | None:
+        return self._templates.get(key)
+
+    async def _zygote(self, runtime: str) -> _Zygote:
+        lock = self._starting.setdefault(runtime, asyncio.Lock())
+        async with lock:
+            z = self._zygotes.get(runtime)
+            if z is not None and z.process.returncode is None:
+                return z
+            if z is not None:
+                log.warning("zygote for %s died (code %s); restarting", runtime, z.process.returncode)
+                self._forget_templates_of_dead_zygote()
+            z = await self._start_zygote(runtime)
+            self._zygotes[runtime] = z
+            return z
+
+    async def _start_zygote(self, runtime: str) -> _Zygote:
+        path = self._run_dir / f"zygote-{runtime}.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        config = ZygoteConfig(
+            runtime=runtime, control_path=str(path), prepare_timeout_s=self._prepare_timeout_s
+        )
+        with (self._log_dir / f"zygote-{runtime}.log").open("ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "smss.node.zygote",
+                msgspec.json.encode(config).decode(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                env={**os.environ, **_SINGLE_THREADED},
+            )
+        if process.stdout is None:
+            raise StartFailed("zygote has no stdout")
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), self._prepare_timeout_s)
+        except TimeoutError:
+            line = b""
+        if not line:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise StartFailed(f"the {runtime} zygote failed to start (see zygote-{runtime}.log)")
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        self.zygote_starts += 1
+        log.info("zygote for %s ready (pid %d)", runtime, process.pid)
+        return _Zygote(process, _Control(reader, writer))
+
+    def _forget_templates_of_dead_zygote(self) -> None:
+        # Templates die with their zygote (PDEATHSIG); drop the ones whose process is gone.
+        for key, t in list(self._templates.items()):
+            if not _alive(t.pid):
+                t.control.close()
+                del self._templates[key]
+
+    async def prepare(self, key: str, config: WorkerConfig, segment: Path | None) -> tuple[Template, bool]:
+        """The template for ``key``, forked from the runtime's zygote if missing.
+        Returns (template, already_prepared)."""
+        existing = self._templates.get(key)
+        if existing is not None and _alive(existing.pid):
+            return existing, True
+        if existing is not None:
+            self.discard(key)
+        zygote = await self._zygote(config.spec.runtime)
+        control_path = self._run_dir / f"tpl-{next(self._serial)}.sock"
+        reply = await zygote.control.call(
+            proto.Prepare(config, str(segment) if segment else None, str(control_path))
+        )
+        if isinstance(reply, proto.Failed):
+            raise StartFailed(reply.message)
+        if not isinstance(reply, proto.Prepared):
+            raise StartFailed("unexpected reply from the zygote")
+        reader, writer = await asyncio.open_unix_connection(str(control_path))
+        template = Template(key, reply.pid, _Control(reader, writer), reply, control_path)
+        self._templates[key] = template
+        return template, False
+
+    async def spawn(self, template: Template, config: WorkerConfig) -> proto.Spawned:
+        reply = await template.control.call(proto.Spawn(config))
+        if isinstance(reply, proto.Failed):
+            raise StartFailed(reply.message)
+        if not isinstance(reply, proto.Spawned):
+            raise StartFailed("unexpected reply from the template")
+        return reply
+
+    def discard(self, key: str) -> None:
+        """Stop a template (its weights are being evicted)."""
+        template = self._templates.pop(key, None)
+        if template is not None:
+            template.control.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(template.pid, signal.SIGKILL)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(template.control_path)
+
+    async def close(self) -> None:
+        for key in list(self._templates):
+            self.discard(key)
+        for z in self._zygotes.values():
+            z.control.close()
+            with contextlib.suppress(ProcessLookupError):
+                z.process.kill()
+            await z.process.wait()
+        self._zygotes.clear()
+
+
+_SINGLE_THREADED = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def watch_exit(pid: int, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` once when process ``pid`` exits (pidfd); returns a cancel function."""
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        loop.call_soon(callback)
+        return lambda: None
+    done = False
+
+    def fire() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            loop.remove_reader(fd)
+            os.close(fd)
+            callback()
+
+    def cancel() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    loop.add_reader(fd, fire)
+    return cancel
