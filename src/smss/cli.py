@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -49,6 +50,10 @@ def serve(
     demo: Annotated[bool, typer.Option("--demo", help="Deploy the demo models")] = False,
     token: Token = None,
     keep_alive: Annotated[float, typer.Option(help="Seconds an idle instance stays up")] = 300.0,
+    weight_cache: Annotated[
+        str | None, typer.Option(help="Weight store budget per node, e.g. 4G [default: RAM/4]")
+    ] = None,
+    start_mode: Annotated[str, typer.Option(help="fork (zygote, fast) or exec (new interpreter)")] = "fork",
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
     """Run the platform: gateway, controller and a local node."""
@@ -65,8 +70,11 @@ def serve(
         demo=demo,
         log_level=log_level,
         serving=config.ServingSettings(keep_alive_s=config.env_keep_alive() or keep_alive),
+        start_mode=start_mode,
     )
     try:
+        if weight_cache is not None:
+            settings = dataclasses.replace(settings, weight_cache_bytes=config.parse_size(weight_cache))
         settings.check()
     except SmssError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
@@ -148,6 +156,22 @@ def status(url: Url = None, as_json: AsJson = False) -> None:
                 str(i["served"]),
             )
     console.print(table)
+    with _client(url, None) as client:
+        stores = client.get("/v1/weights")
+    store_table = Table(
+        "node", "models", "resident", "budget", "hits", "misses", "evictions", title="weight store"
+    )
+    for node, st in stores.items():
+        store_table.add_row(
+            node,
+            ", ".join(st["models"]) or "-",
+            f"{st['bytes'] / 2**20:.1f} MiB",
+            f"{st['budget_bytes'] / 2**20:.0f} MiB",
+            str(st["hits"]),
+            str(st["misses"]),
+            str(st["evictions"]),
+        )
+    console.print(store_table)
 
 
 @app.command()

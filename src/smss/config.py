@@ -43,6 +43,10 @@ class Settings:
     token: str | None = None
     demo: bool = False
     log_level: str = "info"
+    #: Budget of each node's weight store; None = a quarter of physical memory.
+    weight_cache_bytes: int | None = None
+    #: "fork" (zygote + template, the fast path) or "exec" (a new interpreter per instance).
+    start_mode: str = "fork"
     limits: Limits = field(default_factory=Limits)
     serving: ServingSettings = field(default_factory=ServingSettings)
 
@@ -57,6 +61,8 @@ class Settings:
             )
         if not 0 < self.port < 65536 and self.port != 0:
             raise InvalidSpec(f"invalid port {self.port}")
+        if self.start_mode not in ("fork", "exec"):
+            raise InvalidSpec(f"start mode must be 'fork' or 'exec', not {self.start_mode!r}")
         return self
 
 
@@ -67,6 +73,22 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"4G"``, ``"1073741824"`` -> bytes."""
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = raw[-1:] if raw[-1:] in _UNITS else ""
+    try:
+        value = float(raw[: len(raw) - len(unit)])
+    except ValueError:
+        raise InvalidSpec(f"invalid size {text!r}: use e.g. 512M or 4G") from None
+    if value <= 0:
+        raise InvalidSpec(f"size must be positive, not {text!r}")
+    return int(value * _UNITS[unit])
 
 
 def env_token() -> str | None:

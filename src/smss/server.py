@@ -39,7 +39,12 @@ def build(settings: Settings) -> AppContext:
     data.mkdir(parents=True, exist_ok=True)
     clock = SystemClock()
     metrics = PrometheusMetrics()
-    backend = LocalBackend(data / "logs", start_timeout_s=settings.serving.start_timeout_s)
+    backend = LocalBackend(
+        data / "logs",
+        start_timeout_s=settings.serving.start_timeout_s,
+        weight_budget_bytes=settings.weight_cache_bytes,
+        mode="exec" if settings.start_mode == "exec" else "fork",
+    )
     controller = Controller(
         backend,
         UnixChannel.connect,

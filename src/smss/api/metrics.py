@@ -82,6 +82,6 @@ class PrometheusMetrics:
     def render(self, weight_cache: Mapping[str, Mapping[str, object]] | None = None) -> bytes:
         for node, stats in (weight_cache or {}).items():
             for key, value in stats.items():
-                if isinstance(value, int | float):
+                if isinstance(value, int | float) and not isinstance(value, bool):
                     self.store.labels(node, key).set(value)
         return generate_latest(self.registry)

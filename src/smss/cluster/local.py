@@ -98,7 +98,16 @@ class LocalBackend:
         return {iid: inst.info.pid for iid, inst in self._instances.items()}
 
     def weight_cache(self) -> dict[str, object]:
-        return {NODE: dataclasses.asdict(self.store.stats())}
+        stats = dataclasses.asdict(self.store.stats())
+        stats["templates"] = {
+            t.key: {
+                "pid": t.pid,
+                "weights_address": t.prepared.weights_address,
+                "weights_bytes": t.prepared.weights_bytes,
+            }
+            for t in self.zygotes.templates()
+        }
+        return {NODE: stats}
 
     def evict_weights(self, function: str) -> bool:
         evicted = False

@@ -84,6 +84,8 @@ def load_model(
                 shared.close()
         weights = Weights(artifact_dir / spec.weights, spec.weights_format, attached=attached)
     instance.load(weights)
+    with contextlib.suppress(AttributeError, TypeError):
+        instance.__smss_weights__ = weights  # keeps the mapping alive, and lets the agent report it
     return instance
 
 

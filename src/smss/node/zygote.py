@@ -155,7 +155,15 @@ def _template_main(request: proto.Prepare, report_fd: int) -> None:
     # first collection in each instance would write to (and so copy) every page
     # of the template's heap that holds a tracked object.
     gc.freeze()
-    report = proto.Prepared(os.getpid(), attach_ms=0.0, build_ms=(t1 - t0) * 1000, warm_ms=(t2 - t1) * 1000)
+    hot = getattr(getattr(model, "__smss_weights__", None), "attached", None)
+    report = proto.Prepared(
+        os.getpid(),
+        attach_ms=0.0,
+        build_ms=(t1 - t0) * 1000,
+        warm_ms=(t2 - t1) * 1000,
+        weights_address=getattr(hot, "address", 0),
+        weights_bytes=len(hot.data) if hot is not None else 0,
+    )
     os.write(report_fd, msgspec.json.encode(report) + b"\n")
     os.close(report_fd)
 

@@ -28,10 +28,15 @@ class Prepare(msgspec.Struct, tag="prepare", frozen=True):
 
 
 class Prepared(msgspec.Struct, tag="prepared", frozen=True):
+    """``weights_address`` / ``weights_bytes``: where the template's shared copy of the
+    weights lives; every instance forked from it sees the same pages there."""
+
     pid: int
     attach_ms: float
     build_ms: float
     warm_ms: float
+    weights_address: int = 0
+    weights_bytes: int = 0
 
 
 class Spawn(msgspec.Struct, tag="spawn", frozen=True):

@@ -80,6 +80,9 @@ class ZygotePool:
     def template(self, key: str) -> Template | None:
         return self._templates.get(key)
 
+    def templates(self) -> list[Template]:
+        return list(self._templates.values())
+
     async def _zygote(self, runtime: str) -> _Zygote:
         lock = self._starting.setdefault(runtime, asyncio.Lock())
         async with lock:
