@@ -7,6 +7,8 @@ from smss._model import model
 from smss.errors import SmssError
 from smss.node.weights import Weights
 from smss.spec import Batching, FunctionSpec, Resources, Scaling, TensorSpec
+from smss.workflow.builder import Workflow
+from smss.workflow.spec import StageSpec, WorkflowSpec
 
 __version__ = "0.1.0"
 
@@ -16,8 +18,11 @@ __all__ = [
     "Resources",
     "Scaling",
     "SmssError",
+    "StageSpec",
     "TensorSpec",
     "Weights",
+    "Workflow",
+    "WorkflowSpec",
     "__version__",
     "model",
 ]

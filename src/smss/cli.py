@@ -27,6 +27,8 @@ from smss.spec import DATATYPES
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="SMSS: serverless model serving.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints one JSON object.")
 app.add_typer(bench_app, name="bench")
+runs_app = typer.Typer(no_args_is_help=True, help="Workflow runs: list, show, resume, replay.")
+app.add_typer(runs_app, name="runs")
 console = Console()
 
 Url = Annotated[str | None, typer.Option("--url", help="Platform URL [default: $SMSS_URL or :8000]")]
@@ -54,6 +56,10 @@ def serve(
         str | None, typer.Option(help="Weight store budget per node, e.g. 4G [default: RAM/4]")
     ] = None,
     start_mode: Annotated[str, typer.Option(help="fork (zygote, fast) or exec (new interpreter)")] = "fork",
+    keep_alive_policy: Annotated[
+        str | None, typer.Option(help="fixed:SECONDS or hybrid [default: fixed:--keep-alive]")
+    ] = None,
+    prices: Annotated[Path | None, typer.Option(help="TOML price table for `smss cost`")] = None,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
     """Run the platform: gateway, controller and a local node."""
@@ -71,6 +77,8 @@ def serve(
         log_level=log_level,
         serving=config.ServingSettings(keep_alive_s=config.env_keep_alive() or keep_alive),
         start_mode=start_mode,
+        keep_alive_policy=keep_alive_policy,
+        prices_path=prices,
     )
     try:
         if weight_cache is not None:
@@ -90,8 +98,16 @@ def deploy(
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Deploy (or replace) a model as a function."""
+    """Deploy (or replace) a model (FILE.py:Class) or a workflow (FILE.yaml, or FILE.py:var
+    holding a smss.Workflow)."""
     with _client(url, token) as client:
+        if _is_workflow(target):
+            result = client.deploy_workflow(Path(target))
+            if as_json:
+                _print_json(result)
+            else:
+                console.print(f"deployed workflow {result['name']} (stages: {', '.join(result['stages'])})")
+            return
         result = client.deploy(target, weights)
     if as_json:
         _print_json(result)
@@ -99,6 +115,17 @@ def deploy(
         console.print(
             f"deployed {result['name']} (version {result['version']}, generation {result['generation']})"
         )
+
+
+def _is_workflow(target: str) -> bool:
+    if target.endswith((".yaml", ".yml")):
+        return True
+    from smss.packaging import load_attribute
+    from smss.workflow.builder import Workflow
+    from smss.workflow.spec import WorkflowSpec
+
+    _, obj = load_attribute(target)
+    return isinstance(obj, Workflow | WorkflowSpec)
 
 
 @app.command()
@@ -198,6 +225,102 @@ def invoke(
             console.print(f"{k} {list(v.shape)} {v.dtype}:\n{v}")
 
 
+@app.command()
+def cost(url: Url = None, as_json: AsJson = False) -> None:
+    """Cost per function and in total since metering began, beside always-on containers for the peak."""
+    with _client(url, None) as client:
+        rep = client.get("/v1/cost")
+    if as_json:
+        _print_json(rep)
+        return
+    table = Table(
+        "function", "invocations", "alive s", "busy s", "GB-s", "cost $", "containers", "container $", "ratio"
+    )
+    rows = [*rep["functions"].items(), ("TOTAL", rep["total"])]
+    for name, f in rows:
+        ratio = f.get("cost_ratio")
+        table.add_row(
+            name,
+            str(f["invocations"]),
+            f"{f['alive_s']:.1f}",
+            f"{f['busy_s']:.1f}",
+            f"{f['memory_gb_s']:.2f}",
+            f"{f['cost_usd']:.6f}",
+            str(f["containers"]),
+            f"{f['container_cost_usd']:.6f}",
+            "-" if ratio is None else f"{ratio:.3f}",
+        )
+    console.print(f"period {rep['period_s']:.0f} s")
+    console.print(table)
+
+
+@runs_app.command("list")
+def runs_list(
+    status: Annotated[str | None, typer.Option(help="running | completed | failed | parked")] = None,
+    workflow: Annotated[str | None, typer.Option(help="Only runs of this workflow")] = None,
+    limit: Annotated[int, typer.Option(help="Most recent N")] = 50,
+    url: Url = None,
+    as_json: AsJson = False,
+) -> None:
+    """Recent runs, newest first."""
+    params = "&".join(f"{k}={v}" for k, v in (("status", status), ("workflow", workflow)) if v)
+    with _client(url, None) as client:
+        runs = client.get(f"/v1/runs?limit={limit}&{params}")["runs"]
+    if as_json:
+        _print_json(runs)
+        return
+    table = Table("run", "workflow", "session", "status", "created", "updated")
+    for r in runs:
+        table.add_row(
+            r["run_id"], r["workflow"], r["session"] or "-", r["status"], _ts(r["created"]), _ts(r["updated"])
+        )
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, url: Url = None, as_json: AsJson = False) -> None:
+    """A run's timeline: every event, per-stage durations, and where and why it failed."""
+    from smss.timeline import render_run
+
+    with _client(url, None) as client:
+        run = client.get(f"/v1/runs/{run_id}")
+    if as_json:
+        _print_json(run)
+        return
+    render_run(console, run)
+
+
+@runs_app.command("resume")
+def runs_resume(run_id: str, url: Url = None, token: Token = None) -> None:
+    """Resume a failed (or orphaned) run: completed stages are kept, the rest run again."""
+    with _client(url, token) as client:
+        result = client.post(f"/v1/runs/{run_id}/resume")
+    console.print(f"run {result['run_id']}: {result['status']}")
+
+
+@runs_app.command("replay")
+def runs_replay(
+    run_id: str,
+    from_stage: Annotated[str, typer.Option("--from", help="Re-execute from this stage")],
+    url: Url = None,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Re-execute a run from a stage with its logged inputs, as a new run."""
+    with _client(url, token) as client:
+        result = client.post(f"/v1/runs/{run_id}/replay", {"from": from_stage, "wait": True})
+    if as_json:
+        _print_json(result)
+    else:
+        console.print(f"new run {result['run_id']}: {result['status']}")
+
+
+def _ts(t: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
 @bench_app.command("overhead")
 def bench_overhead(
     as_json: AsJson = True,
@@ -216,6 +339,17 @@ def bench_cold_start(as_json: AsJson = True) -> None:
 
     for row in run():
         _print_json(row)
+
+
+@bench_app.command("workflow")
+def bench_workflow(
+    as_json: AsJson = True,
+    runs: Annotated[int, typer.Option(help="Runs per sequential measurement")] = 200,
+) -> None:
+    """The behavior pipeline with the durable log vs direct stage calls, and recovery after kill -9."""
+    from smss.bench.workflow import run
+
+    _print_json(run(runs=runs))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import msgspec
 import numpy as np
 
 from smss import errors
-from smss.packaging import Package, package
+from smss.packaging import Package, load_attribute, package
 from smss.spec import DATATYPES, datatype_of
 
 _BY_CODE: dict[str, type[errors.SmssError]] = {
@@ -84,17 +84,7 @@ class Client:
         self._check(self._http.delete(f"/v1/functions/{name}"))
 
     def infer(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        body = {
-            "inputs": [
-                {
-                    "name": k,
-                    "datatype": datatype_of(v.dtype),
-                    "shape": list(v.shape),
-                    "data": v.ravel().tolist(),
-                }
-                for k, v in inputs.items()
-            ]
-        }
+        body = {"inputs": _tensors_json(inputs)}
         result = self._check(self._http.post(f"/v2/models/{name}/infer", json=body))
         return {
             o["name"]: np.asarray(o["data"], dtype=DATATYPES[o["datatype"]]).reshape(o["shape"])
@@ -103,3 +93,35 @@ class Client:
 
     def get(self, path: str) -> Any:
         return self._check(self._http.get(path))
+
+    def post(self, path: str, body: object | None = None) -> Any:
+        return self._check(self._http.post(path, json=body))
+
+    def deploy_workflow(self, source: Path) -> dict[str, Any]:
+        """Deploy a workflow from a YAML file, or from ``file.py:variable`` holding a smss.Workflow."""
+        text = str(source)
+        if text.endswith((".yaml", ".yml")):
+            body = source.read_bytes()
+            headers = {"Content-Type": "application/yaml"}
+        else:
+            from smss.workflow.builder import Workflow
+
+            _, obj = load_attribute(text)
+            spec = obj.spec() if isinstance(obj, Workflow) else obj
+            body, headers = msgspec.json.encode(spec), {"Content-Type": "application/json"}
+        result: dict[str, Any] = self._check(self._http.post("/v1/workflows", content=body, headers=headers))
+        return result
+
+    def run(
+        self, workflow: str, inputs: dict[str, np.ndarray], session: str | None = None, wait: bool = True
+    ) -> dict[str, Any]:
+        body = {"session": session, "wait": wait, "inputs": _tensors_json(inputs)}
+        result: dict[str, Any] = self._check(self._http.post(f"/v1/workflows/{workflow}/runs", json=body))
+        return result
+
+
+def _tensors_json(inputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    return [
+        {"name": k, "datatype": datatype_of(v.dtype), "shape": list(v.shape), "data": v.ravel().tolist()}
+        for k, v in inputs.items()
+    ]

@@ -47,6 +47,10 @@ class Settings:
     weight_cache_bytes: int | None = None
     #: "fork" (zygote + template, the fast path) or "exec" (a new interpreter per instance).
     start_mode: str = "fork"
+    #: Keep-alive policy of every function without its own keep_alive_s: "fixed:SECONDS" or "hybrid".
+    keep_alive_policy: str | None = None
+    #: A TOML price table overriding the defaults (see smss.control.cost).
+    prices_path: Path | None = None
     limits: Limits = field(default_factory=Limits)
     serving: ServingSettings = field(default_factory=ServingSettings)
 

@@ -46,10 +46,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_class(target: str) -> tuple[Path, type]:
-    file_part, sep, class_name = target.rpartition(":")
-    if not sep or not file_part.endswith(".py") or not class_name.isidentifier():
-        raise InvalidSpec(f"expected FILE.py:ClassName, got {target!r}")
+def load_attribute(target: str) -> tuple[Path, object]:
+    """Import ``FILE.py`` and return its attribute ``NAME`` from ``FILE.py:NAME``."""
+    file_part, sep, attr = target.rpartition(":")
+    if not sep or not file_part.endswith(".py") or not attr.isidentifier():
+        raise InvalidSpec(f"expected FILE.py:NAME, got {target!r}")
     path = Path(file_part)
     if not path.is_file():
         raise InvalidSpec(f"no such file {file_part!r}")
@@ -60,9 +61,15 @@ def load_class(target: str) -> tuple[Path, type]:
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
     module_spec.loader.exec_module(module)
-    cls = getattr(module, class_name, None)
+    if not hasattr(module, attr):
+        raise InvalidSpec(f"{file_part} has no attribute {attr}")
+    return path, getattr(module, attr)
+
+
+def load_class(target: str) -> tuple[Path, type]:
+    path, cls = load_attribute(target)
     if not isinstance(cls, type):
-        raise InvalidSpec(f"{file_part} has no class {class_name}")
+        raise InvalidSpec(f"{target.rpartition(':')[0]} has no class {target.rpartition(':')[2]}")
     return path, cls
 
 

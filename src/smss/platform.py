@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from smss.control.controller import Controller, FunctionRuntime
-from smss.errors import NotFound
-from smss.ports import Clock, ClusterBackend, FunctionRecord, RegistryStore, Tensors
+from smss.errors import Conflict, NotFound
+from smss.ports import Clock, ClusterBackend, EventLog, FunctionRecord, RegistryStore, Tensors
 from smss.spec import FunctionSpec
 from smss.store.artifacts import ArtifactStore
+from smss.workflow.engine import Engine
+from smss.workflows import WorkflowRegistry
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,15 @@ class Platform:
         controller: Controller,
         backend: ClusterBackend,
         clock: Clock,
+        workflows: WorkflowRegistry,
+        engine: Engine,
+        log: EventLog,
     ) -> None:
         self.registry = registry
         self.backend = backend
+        self.workflows = workflows
+        self.engine = engine
+        self.log = log
         self.artifacts = artifacts
         self.controller = controller
         self._clock = clock
@@ -65,10 +73,13 @@ class Platform:
         async with self.controller.running():
             for record in self.registry.list_functions():
                 self.controller.deploy(record)
-            yield self
+            async with self.engine.running():
+                yield self
 
     async def deploy(self, spec: FunctionSpec, source: str, weights_sha256: str | None) -> FunctionRecord:
         spec = spec.validate()
+        if self.workflows.find(spec.name) is not None:
+            raise Conflict(f"{spec.name!r} is already the name of a workflow")
         async with self._deploy_lock:
             previous = self.registry.get_function(spec.name)
             generation = previous.generation + 1 if previous else 1
@@ -84,6 +95,9 @@ class Platform:
 
     async def delete(self, name: str) -> None:
         async with self._deploy_lock:
+            users = [w.name for w in self.workflows.list() if any(s.function == name for s in w.stages)]
+            if users:
+                raise Conflict(f"function {name!r} is used by workflows {users}; delete them first")
             if not self.registry.delete_function(name):
                 raise NotFound(f"unknown model {name!r}")
             with contextlib.suppress(NotFound):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +28,7 @@ import msgspec
 import numpy as np
 
 from smss.spec import FunctionSpec
+from smss.workflow.events import Event, Record, RunStarted, RunSummary, SessionState, StateWrite
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -170,6 +171,95 @@ class InstanceChannel(Protocol):
 
 class ChannelFactory(Protocol):
     async def __call__(self, info: InstanceInfo) -> InstanceChannel: ...
+
+
+# ---------------------------------------------------------------- functions, as workflows see them
+
+
+class CallResult(msgspec.Struct, frozen=True):
+    outputs: dict[str, np.ndarray]
+    instance: str = ""
+    node: str = ""
+
+
+class FunctionCaller(Protocol):
+    """How the workflow engine reaches functions: through the same dispatchers
+    (queue, router, retries) as inference requests. A failure raises the
+    SmssError of the call, with ``instance`` / ``node`` attributes when known."""
+
+    def spec_of(self, function: str) -> FunctionSpec: ...
+
+    async def call(
+        self, function: str, inputs: Tensors, outputs: tuple[str, ...], timeout_s: float
+    ) -> CallResult: ...
+
+    def prewarm(self, function: str) -> None:
+        """Start an instance of ``function`` now if it has none (a next stage is coming)."""
+        ...
+
+
+# ---------------------------------------------------------------- workflow log
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    """``seqs[i]`` is the sequence number of event i, or 0 when the log dropped it
+    (a second StageCompleted for a stage). ``state_conflict`` is True when the
+    accompanying state write did not match the stored version: then nothing of
+    the batch was written."""
+
+    seqs: tuple[int, ...]
+    state_conflict: bool = False
+
+
+class EventLog(Protocol):
+    """The durable, append-only workflow log, its blobs and session state.
+
+    Write-ahead: ``start_run`` and ``append`` return only after the events,
+    their blobs and the optional state write are durable (one fsync shared by
+    every append that arrived meanwhile: group commit). A storage failure
+    raises :class:`smss.errors.StorageUnavailable` and leaves nothing
+    acknowledged; an fsync failure is fatal to the writer (every later append
+    fails too). Blobs are content-addressed: ``blobs`` maps sha256 hex of the
+    bytes to the bytes, and storing one twice is a no-op.
+    """
+
+    async def start_run(
+        self, run_id: str, started: RunStarted, blobs: Mapping[str, bytes]
+    ) -> tuple[str, bool]:
+        """Record a new run. With an idempotency key already used, nothing is
+        written and the existing run's id is returned with ``False``."""
+        ...
+
+    async def append(
+        self,
+        run_id: str,
+        events: Sequence[Event],
+        *,
+        blobs: Mapping[str, bytes] | None = None,
+        state: StateWrite | None = None,
+    ) -> AppendResult: ...
+
+    def read_run(self, run_id: str) -> list[Record]: ...
+
+    def run_summary(self, run_id: str) -> RunSummary | None: ...
+
+    def list_runs(
+        self, status: str | None = None, workflow: str | None = None, limit: int = 100
+    ) -> list[RunSummary]: ...
+
+    def unfinished_runs(self) -> list[str]: ...
+
+    def get_blob(self, ref: str) -> bytes: ...
+
+    def get_state(self, workflow: str, session: str) -> SessionState:
+        """Version 0 with no tensors when the session has none yet."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters: appends, events, commits (one fsync each), dropped_completions, state_conflicts."""
+        ...
+
+    def close(self) -> None: ...
 
 
 # ---------------------------------------------------------------- metrics

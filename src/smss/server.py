@@ -11,8 +11,10 @@ import logging
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
+import msgspec
 import uvicorn
 
 from smss.api.app import create_app
@@ -22,15 +24,46 @@ from smss.api.metrics import PrometheusMetrics
 from smss.cluster.local import LocalBackend
 from smss.config import Settings
 from smss.control.controller import Controller
-from smss.control.keepalive import FixedKeepAlive
+from smss.control.cost import load_prices
+from smss.control.keepalive import parse_policy
+from smss.control.metering import Meter, UsageSnapshot, decode_snapshot
+from smss.errors import SmssError
 from smss.node.channel import UnixChannel
 from smss.packaging import package_class
 from smss.platform import Platform
 from smss.ports import SystemClock
 from smss.store.artifacts import ArtifactStore
 from smss.store.sqlite import SqliteRegistry
+from smss.store.sqlite_log import SqliteEventLog
+from smss.store.sqlite_workflows import SqliteWorkflows
+from smss.workflow.engine import Engine
+from smss.workflow.spec import spec_hash, validate_workflow
+from smss.workflows import PlatformCaller, WorkflowRegistry
 
 log = logging.getLogger(__name__)
+
+
+def _load_usage(path: Path) -> UsageSnapshot | None:
+    """Usage metered before the last shutdown, so `smss cost` spans restarts."""
+    try:
+        return decode_snapshot(path.read_bytes())
+    except (OSError, SmssError, msgspec.MsgspecError):
+        return None
+
+
+def _load_period(path: Path) -> float:
+    try:
+        return float(path.read_text())
+    except (OSError, ValueError):
+        return 0.0
+
+
+def save_usage(ctx: AppContext) -> None:
+    snapshot = ctx.platform.controller.meter.snapshot(time.monotonic())
+    tmp = ctx.settings.data_dir / "usage.json.tmp"
+    tmp.write_bytes(snapshot.to_json())
+    os.replace(tmp, ctx.settings.data_dir / "usage.json")
+    (ctx.settings.data_dir / "usage_period").write_text(str(ctx.metered_period_s()))
 
 
 def build(settings: Settings) -> AppContext:
@@ -51,19 +84,37 @@ def build(settings: Settings) -> AppContext:
         clock,
         settings.serving,
         metrics,
-        FixedKeepAlive(settings.serving.keep_alive_s),
+        parse_policy(
+            settings.keep_alive_policy or f"fixed:{settings.serving.keep_alive_s}",
+            settings.serving.keep_alive_s,
+        ),
+        Meter(_load_usage(data / "usage.json")),
     )
     registry = SqliteRegistry(data / "registry.db")
-    platform = Platform(registry, ArtifactStore(data), controller, backend, clock)
-    return AppContext(platform, settings, metrics, TokenAuth(settings.token, clock))
+    workflows = WorkflowRegistry(SqliteWorkflows(data / "workflows.db"), controller)
+    event_log = SqliteEventLog(data / "log.db")
+    engine = Engine(event_log, PlatformCaller(controller, clock, settings.serving), workflows.get, clock)
+    platform = Platform(
+        registry, ArtifactStore(data), controller, backend, clock, workflows, engine, event_log
+    )
+    return AppContext(
+        platform,
+        settings,
+        metrics,
+        TokenAuth(settings.token, clock),
+        prices=load_prices(settings.prices_path),
+        previous_period_s=_load_period(data / "usage_period"),
+    )
 
 
 async def deploy_demo(platform: Platform, data_dir: Path) -> None:
     """Deploy the demo models (generated deterministically on first use) unless already deployed."""
-    from smss.demo.generate import ensure_demo_artifacts
+    from smss.demo.behavior import behavior_workflow
+    from smss.demo.generate import ensure_behavior_artifacts, ensure_demo_artifacts
     from smss.packaging import load_class
 
     artifacts = await asyncio.to_thread(ensure_demo_artifacts, data_dir / "demo")
+    artifacts += await asyncio.to_thread(ensure_behavior_artifacts, data_dir / "demo")
     for art in artifacts:
         _, cls = load_class(f"{art.source}:{art.class_name}")
         pkg = package_class(art.source, cls, art.weights)
@@ -76,6 +127,13 @@ async def deploy_demo(platform: Platform, data_dir: Path) -> None:
                 shutil.copyfile(pkg.weights, upload)
         await platform.deploy(pkg.spec, pkg.source, pkg.weights_sha256)
         log.info("deployed demo model %s", pkg.spec.name)
+    workflow = behavior_workflow()
+    existing_wf = platform.workflows.find(workflow.name)
+    if existing_wf is None or spec_hash(existing_wf) != spec_hash(
+        validate_workflow(workflow, platform.workflows.functions())
+    ):
+        platform.workflows.deploy(workflow)
+        log.info("deployed demo workflow %s", workflow.name)
 
 
 class _Server(uvicorn.Server):
@@ -111,4 +169,6 @@ def serve(settings: Settings) -> None:
     try:
         _Server(config, ctx).run()
     finally:
+        save_usage(ctx)
         ctx.platform.registry.close()
+        ctx.platform.log.close()

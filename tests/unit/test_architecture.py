@@ -41,8 +41,11 @@ def test_public_api_is_pinned() -> None:
         "Resources",
         "Scaling",
         "SmssError",
+        "StageSpec",
         "TensorSpec",
         "Weights",
+        "Workflow",
+        "WorkflowSpec",
         "__version__",
         "model",
     ]

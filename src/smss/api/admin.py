@@ -6,6 +6,8 @@ admin token (when one is configured) before reading the body.
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,6 +15,7 @@ from starlette.routing import Route
 
 from smss.api.context import AppContext
 from smss.api.http import body_chunks, check_length, client_of, endpoint, json_response, read_json
+from smss.control.cost import report as cost_report
 from smss.platform import FunctionStatus
 from smss.spec import FunctionSpec
 
@@ -91,6 +94,13 @@ def routes(ctx: AppContext) -> list[Route]:
         return json_response({"name": name, "evicted": platform.evict_weights(name)})
 
     @endpoint
+    async def cost(request: Request) -> Response:
+        usage = platform.controller.meter.usage(time.monotonic())
+        specs = {rt.name: rt.record.spec for rt in platform.controller.functions()}
+        result = cost_report(usage, ctx.prices, ctx.metered_period_s(), specs)
+        return json_response(result.to_builtins())
+
+    @endpoint
     async def metrics(request: Request) -> Response:
         text = ctx.metrics.render(platform.backend.weight_cache())  # type: ignore[arg-type]
         return Response(text, media_type="text/plain; version=0.0.4")
@@ -102,6 +112,7 @@ def routes(ctx: AppContext) -> list[Route]:
         Route("/v1/functions/{name}", get_function, methods=["GET"]),
         Route("/v1/functions/{name}", delete_function, methods=["DELETE"]),
         Route("/v1/weights", weights, methods=["GET"]),
+        Route("/v1/cost", cost, methods=["GET"]),
         Route("/v1/weights/{name}", evict_weights, methods=["DELETE"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from smss.api import admin, openapi, v2
+from smss.api import admin, openapi, v2, workflows
 from smss.api.context import AppContext
 from smss.api.errors import error_response
 from smss.api.http import json_response
@@ -41,7 +41,12 @@ def create_app(ctx: AppContext) -> Starlette:
     async def server_error(request: Request, exc: Exception) -> Response:
         return error_response(exc)
 
-    routes = [*v2.routes(ctx), *admin.routes(ctx), Route("/openapi.json", spec, methods=["GET"])]
+    routes = [
+        *v2.routes(ctx),
+        *admin.routes(ctx),
+        *workflows.routes(ctx),
+        Route("/openapi.json", spec, methods=["GET"]),
+    ]
     return Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from smss.api.auth import TokenAuth
 from smss.api.metrics import PrometheusMetrics
 from smss.config import Settings
+from smss.control.cost import PriceTable
 from smss.platform import Platform
 
 
@@ -16,7 +18,14 @@ class AppContext:
     settings: Settings
     metrics: PrometheusMetrics
     auth: TokenAuth
+    prices: PriceTable = field(default_factory=PriceTable)
+    previous_period_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
     ready: bool = False
+
+    def metered_period_s(self) -> float:
+        """Seconds of metering behind the cost report: earlier runs of the platform and this one."""
+        return self.previous_period_s + time.monotonic() - self.started
 
     def known_functions(self) -> set[str]:
         return {rt.name for rt in self.platform.controller.functions()}

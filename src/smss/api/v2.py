@@ -15,10 +15,12 @@ from starlette.routing import Route
 from smss import __version__
 from smss.api import codec
 from smss.api.context import AppContext
+from smss.api.errors import status_of
 from smss.api.http import client_of, endpoint, json_response, read_body
 from smss.control.controller import FunctionRuntime
-from smss.errors import InvalidInput, SmssError
-from smss.spec import TensorSpec
+from smss.errors import InvalidInput, ModelError, SmssError, Unavailable
+from smss.spec import FunctionSpec, TensorSpec
+from smss.workflow.spec import WorkflowSpec
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -29,10 +31,14 @@ def _tensor_meta(t: TensorSpec) -> dict[str, object]:
 
 def model_metadata(rt: FunctionRuntime) -> dict[str, object]:
     spec = rt.record.spec
+    return spec_metadata(spec, {"torch": "pytorch", "onnx": "onnxruntime", "python": "python"}[spec.runtime])
+
+
+def spec_metadata(spec: FunctionSpec, platform: str) -> dict[str, object]:
     return {
         "name": spec.name,
         "versions": [spec.version],
-        "platform": {"torch": "pytorch", "onnx": "onnxruntime", "python": "python"}[spec.runtime],
+        "platform": platform,
         "inputs": [_tensor_meta(t) for t in spec.inputs],
         "outputs": [_tensor_meta(t) for t in spec.outputs],
     }
@@ -60,10 +66,15 @@ def routes(ctx: AppContext) -> list[Route]:
 
     @endpoint
     async def metadata(request: Request) -> Response:
+        wf = platform.workflows.find(request.path_params["name"])
+        if wf is not None:
+            return json_response(spec_metadata(platform.workflows.as_function_spec(wf), "workflow"))
         return json_response(model_metadata(runtime_of(request)))
 
     @endpoint
     async def model_ready(request: Request) -> Response:
+        if platform.workflows.find(request.path_params["name"]) is not None:
+            return json_response({"name": request.path_params["name"], "ready": True})
         rt = runtime_of(request)
         d = rt.dispatcher
         ok = bool(d.slots) or not (d.start_error is not None and time.monotonic() < d.backoff_until)
@@ -75,6 +86,11 @@ def routes(ctx: AppContext) -> list[Route]:
         name = request.path_params["name"]
         status = "500"
         try:
+            wf = platform.workflows.find(name)
+            if wf is not None:
+                response = await infer_workflow(request, wf)
+                status = "200"
+                return response
             rt = runtime_of(request)
             spec = rt.record.spec
             body = await read_body(request, limits.max_body_bytes)
@@ -85,13 +101,33 @@ def routes(ctx: AppContext) -> list[Route]:
             status = "200"
             return Response(payload, 200, headers)
         except SmssError as e:
-            from smss.api.errors import status_of
-
             status = str(status_of(e))
             raise
         finally:
             if name in ctx.known_functions():
                 ctx.metrics.request_done(name, status, time.perf_counter() - started)
+
+    async def infer_workflow(request: Request, wf: WorkflowSpec) -> Response:
+        spec = platform.workflows.as_function_spec(wf)
+        body = await read_body(request, limits.max_body_bytes)
+        decoded = codec.decode_request(body, _header_length(request), spec, limits)
+        outcome = await platform.engine.submit(
+            wf.name,
+            decoded.inputs,
+            session=request.headers.get("smss-session"),
+            idempotency_key=request.headers.get("idempotency-key"),
+            wait=True,
+            timeout_s=serving.request_timeout_s,
+        )
+        if outcome.status != "completed" or outcome.outputs is None:
+            raise (ModelError if outcome.status == "failed" else Unavailable)(
+                f"workflow run {outcome.run_id} {outcome.status}: {outcome.error or 'not finished in time'}"
+            )
+        wanted = {o.name for o in decoded.outputs} or set(outcome.outputs)
+        outputs = {k: v for k, v in outcome.outputs.items() if k in wanted}
+        payload, headers = codec.encode_response(spec.name, spec.version, decoded.id, outputs, decoded)
+        headers["SMSS-Run-Id"] = outcome.run_id
+        return Response(payload, 200, headers)
 
     @endpoint
     async def repository_index(request: Request) -> Response:

@@ -162,8 +162,11 @@ class LocalBackend:
             try:
                 spawned = await self.zygotes.spawn(template, config)
             except StartFailed:
-                # The template died since it was prepared: prepare a fresh one once.
+                # The template died since it was prepared: prepare a fresh one once. It may
+                # have bound the instance's socket before dying, which would fail the retry.
                 self.zygotes.discard(key)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(config.socket_path)
                 template, _ = await self.zygotes.prepare(key, config, segment)
                 spawned = await self.zygotes.spawn(template, config)
             phases["fork"] = spawned.fork_ms

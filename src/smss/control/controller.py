@@ -23,8 +23,9 @@ from pathlib import Path
 
 from smss.config import ServingSettings
 from smss.control.autoscaler import Autoscaler, AutoscalerConfig
-from smss.control.dispatcher import FunctionDispatcher
+from smss.control.dispatcher import DispatchHooks, FunctionDispatcher
 from smss.control.keepalive import KeepAlivePolicy
+from smss.control.metering import Meter
 from smss.control.scaling import FunctionView, plan
 from smss.errors import InstanceLost, NotFound, StartFailed
 from smss.ports import (
@@ -49,6 +50,8 @@ class FunctionRuntime:
     autoscaler: Autoscaler
     failures: int = 0
     cold_starts: int = 0
+    prewarms: int = 0
+    start_estimate_s: float = 1.0
     stopping: set[str] = field(default_factory=set)
 
     @property
@@ -77,7 +80,9 @@ class Controller:
         settings: ServingSettings,
         metrics: Metrics,
         keep_alive: KeepAlivePolicy,
+        meter: Meter | None = None,
     ) -> None:
+        self.meter = meter or Meter()
         self._backend = backend
         self._channels = channels
         self._clock = clock
@@ -103,7 +108,13 @@ class Controller:
     def deploy(self, record: FunctionRecord) -> None:
         """Register or replace a function; instances of a replaced one are drained."""
         old = self._functions.get(record.spec.name)
-        dispatcher = FunctionDispatcher(record.spec, self._clock, self._settings, self.wake)
+        name = record.spec.name
+        hooks = DispatchHooks(
+            on_arrival=lambda: self._keep_alive.on_invocation(name, self._clock.monotonic()),
+            on_start=lambda iid: self.meter.request_started(name, iid, self._clock.monotonic()),
+            on_finish=lambda iid: self.meter.request_finished(name, iid, self._clock.monotonic()),
+        )
+        dispatcher = FunctionDispatcher(record.spec, self._clock, self._settings, self.wake, hooks=hooks)
         self._functions[record.spec.name] = FunctionRuntime(record, dispatcher, autoscaler_for(record))
         if old is not None:
             old.dispatcher.close(f"model {record.spec.name!r} was redeployed")
@@ -180,7 +191,11 @@ class Controller:
                 backoff_until=d.backoff_until,
             )
         )
-        for _ in range(scale.start):
+        start = scale.start
+        if start == 0 and not ready and d.starting == 0 and self._prewarm_due(runtime, now):
+            start = 1  # the keep-alive policy expects an invocation soon: be ready for it
+            runtime.prewarms += 1
+        for _ in range(start):
             d.starting += 1
             self._spawn(self._start(runtime))
         for instance_id in scale.stop:
@@ -188,6 +203,12 @@ class Controller:
         self._metrics.instances(spec.name, "ready", len(ready) - len(scale.stop))
         self._metrics.instances(spec.name, "starting", d.starting)
         self._metrics.queue_length(spec.name, d.queued)
+
+    def _prewarm_due(self, runtime: FunctionRuntime, now: float) -> bool:
+        if runtime.record.spec.scaling.keep_alive_s is not None or runtime.dispatcher.backoff_until > now:
+            return False
+        at = self._keep_alive.prewarm_at(runtime.name, now)
+        return at is not None and now >= at - runtime.start_estimate_s
 
     def _spawn(self, coro: object) -> None:
         if self._group is None:
@@ -213,11 +234,15 @@ class Controller:
         d.starting -= 1
         runtime.failures = 0
         runtime.cold_starts += 1
+        runtime.start_estimate_s += 0.3 * (started.timings.total_ms / 1000 - runtime.start_estimate_s)
         if d.closed_reason is not None:  # deleted or redeployed while starting
             await channel.close()
             await self._backend.stop_instance(started.info.id, 0.0)
             return
         d.add(started.info, channel)
+        self.meter.instance_started(
+            started.info.id, record.spec.name, record.spec.resources, self._clock.monotonic()
+        )
         self._metrics.cold_start(record.spec.name, started.timings)
 
     async def _connect(self, info: InstanceInfo) -> InstanceChannel:
@@ -245,6 +270,7 @@ class Controller:
         finally:
             runtime.dispatcher.remove(instance_id)
             runtime.stopping.discard(instance_id)
+            self.meter.instance_stopped(instance_id, self._clock.monotonic())
 
     def _stop_all(self, runtime: FunctionRuntime) -> None:
         for instance_id in list(runtime.dispatcher.slots):
@@ -255,6 +281,7 @@ class Controller:
         for runtime in self._functions.values():
             slot = runtime.dispatcher.remove(instance_id)
             if slot is not None:
+                self.meter.instance_stopped(instance_id, self._clock.monotonic())
                 log.warning("instance %s of %s exited (code %s)", instance_id, runtime.name, code)
                 self._spawn(slot.channel.close())
         self.wake()

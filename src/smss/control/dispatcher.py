@@ -41,6 +41,17 @@ from smss.ports import Clock, InstanceChannel, InstanceInfo, Tensors
 from smss.spec import FunctionSpec
 
 
+@dataclass(frozen=True)
+class DispatchHooks:
+    """What the controller learns from the data path: arrivals (keep-alive
+    policies learn from them) and each request's start and end on an instance
+    (metering of busy time and invocations)."""
+
+    on_arrival: Callable[[], None] = lambda: None
+    on_start: Callable[[str], None] = lambda _instance: None
+    on_finish: Callable[[str], None] = lambda _instance: None
+
+
 @dataclass(eq=False)
 class Slot:
     info: InstanceInfo
@@ -65,7 +76,9 @@ class FunctionDispatcher:
         settings: ServingSettings,
         on_demand: Callable[[], None],
         rng: random.Random | None = None,
+        hooks: DispatchHooks | None = None,
     ) -> None:
+        self._hooks = hooks or DispatchHooks()
         self.spec = spec
         self._clock = clock
         self._settings = settings
@@ -100,26 +113,44 @@ class FunctionDispatcher:
     async def infer(
         self, inputs: Tensors, outputs: tuple[str, ...], deadline: float
     ) -> dict[str, np.ndarray]:
+        result, _ = await self.infer_traced(inputs, outputs, deadline)
+        return result
+
+    async def infer_traced(
+        self, inputs: Tensors, outputs: tuple[str, ...], deadline: float
+    ) -> tuple[dict[str, np.ndarray], InstanceInfo]:
+        """Like :meth:`infer`, also naming the instance that answered. An error
+        raised from an instance carries its ``instance`` and ``node`` attributes."""
         attempts = 2 if self.spec.idempotent else 1
+        self._hooks.on_arrival()
         for attempt in range(attempts):
             slot = await self._acquire(deadline)
             started = self._clock.monotonic()
+            self._hooks.on_start(slot.info.id)
             try:
                 remaining = deadline - started
-                return await asyncio.wait_for(slot.channel.infer(inputs, outputs), max(remaining, 0.001))
+                result = await asyncio.wait_for(slot.channel.infer(inputs, outputs), max(remaining, 0.001))
+                return result, slot.info
             except InstanceLost:
                 self.remove(slot.info.id)
                 if attempt + 1 < attempts:
                     continue
-                raise Unavailable(
-                    f"model {self.spec.name!r}: its instance exited while serving the request",
-                    retry_after_s=self._settings.retry_after_s,
+                raise _located(
+                    Unavailable(
+                        f"model {self.spec.name!r}: its instance exited while serving the request",
+                        retry_after_s=self._settings.retry_after_s,
+                    ),
+                    slot.info,
                 ) from None
             except TimeoutError:
-                raise DeadlineExceeded(
-                    f"model {self.spec.name!r} did not answer before the deadline"
+                raise _located(
+                    DeadlineExceeded(f"model {self.spec.name!r} did not answer before the deadline"),
+                    slot.info,
                 ) from None
+            except SmssError as e:
+                raise _located(e, slot.info) from None
             finally:
+                self._hooks.on_finish(slot.info.id)
                 self._release(slot, self._clock.monotonic() - started)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -224,3 +255,10 @@ class FunctionDispatcher:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
+
+
+def _located(error: SmssError, info: InstanceInfo) -> SmssError:
+    """Attach where an error happened (for the workflow log's error location)."""
+    error.instance = info.id  # type: ignore[attr-defined]
+    error.node = info.node  # type: ignore[attr-defined]
+    return error

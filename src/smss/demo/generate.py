@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 #: The models ``ensure_demo_artifacts`` prepares; ``cnn_large`` (400 MB) only on request.
 DEMO_MODELS = ("mlp", "cnn", "mlp_onnx")
+#: The stages of the "behavior" workflow (:mod:`smss.demo.behavior`).
+BEHAVIOR_MODELS = ("behavior_perceive", "behavior_track", "behavior_respond")
 #: Bumped when a recipe changes; recorded in each file (provenance, not checked).
 RECIPE_VERSION = "1"
 ONNX_OPSET = 17
@@ -67,6 +69,11 @@ class _Recipe:
 def ensure_demo_artifacts(dest: Path) -> list[DemoArtifact]:
     """Generate (or reuse) the weights of every model in :data:`DEMO_MODELS`."""
     return [ensure_artifact(dest, name) for name in DEMO_MODELS]
+
+
+def ensure_behavior_artifacts(dest: Path) -> list[DemoArtifact]:
+    """Generate (or reuse) the weights of every model in :data:`BEHAVIOR_MODELS`."""
+    return [ensure_artifact(dest, name) for name in BEHAVIOR_MODELS]
 
 
 def ensure_artifact(dest: Path, name: str) -> DemoArtifact:
@@ -134,6 +141,9 @@ def _meta_module(name: str) -> nn.Module:
         "mlp": models.build_mlp,
         "cnn": models.build_cnn,
         "cnn_large": lambda: models.build_cnn(models.CNN_LARGE_HEAD),
+        "behavior_perceive": models.build_perceive,
+        "behavior_track": models.build_track,
+        "behavior_respond": models.build_respond,
     }
     if name not in builders:
         raise ValueError(f"{name!r} is not a torch demo model; one of {', '.join(builders)}")
@@ -165,8 +175,9 @@ class _Draw:
 
 
 def _init_arrays(module: nn.Module, seed: int) -> Arrays:
-    """Kaiming-normal conv and linear weights; BatchNorm scales, shifts and running
-    statistics drawn near their trained ranges so outputs vary but stay bounded."""
+    """Kaiming-normal conv and linear weights; GRU cells as torch initialises them;
+    BatchNorm scales, shifts and running statistics drawn near their trained
+    ranges so outputs vary but stay bounded."""
     from torch import nn
 
     draw = _Draw(seed)
@@ -189,6 +200,13 @@ def _init_arrays(module: nn.Module, seed: int) -> Arrays:
             draw.normal(p + "running_mean", (c,), 0.0, 0.1)
             draw.uniform(p + "running_var", (c,), 0.5, 1.5)
             draw.arrays[p + "num_batches_tracked"] = np.zeros((), dtype=np.int64)
+        elif isinstance(mod, nn.GRUCell):
+            # torch's own GRU init: every tensor uniform in +-1/sqrt(hidden).
+            bound = 1.0 / math.sqrt(mod.hidden_size)
+            for key in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                param = getattr(mod, key)
+                if param is not None:
+                    draw.uniform(p + key, tuple(param.shape), -bound, bound)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     got = {k: a.shape for k, a in draw.arrays.items()}
     if got != expected:
@@ -254,5 +272,8 @@ _RECIPES: dict[str, _Recipe] = {
         # The same seed and builder as "mlp": the ONNX graph carries mlp's exact tensors.
         _Recipe("mlp_onnx", "MLPOnnx", "mlp.onnx", 1, _write_mlp_onnx),
         _Recipe("cnn_large", "CNNLarge", "cnn_large.safetensors", 3, _write_safetensors),
+        _Recipe("behavior_perceive", "Perceive", "behavior_perceive.safetensors", 4, _write_safetensors),
+        _Recipe("behavior_track", "Track", "behavior_track.safetensors", 5, _write_safetensors),
+        _Recipe("behavior_respond", "Respond", "behavior_respond.safetensors", 6, _write_safetensors),
     )
 }

@@ -229,3 +229,113 @@ class MLPOnnx:
         x = np.ascontiguousarray(inputs["x"], dtype=np.float32)
         (y,) = self.session.run(["y"], {"x": x})
         return {"y": np.ascontiguousarray(y, dtype=np.float32)}
+
+
+# -- the "behavior" pipeline: perceive -> track (per-session state) -> respond ---------------------
+#
+# The paper's setting: predict a person's next action in a virtual scene from
+# what they see. One run sees one frame of one session; ``Track`` carries the
+# session's recurrent hidden state ``h`` between runs (see smss.demo.behavior).
+
+PERCEIVE_WIDTHS = (3, 32, 64, 128)
+FEATURES = 128
+HIDDEN = 64
+ACTIONS = 8
+
+
+def build_perceive() -> nn.Module:
+    """3x64x64 -> 128 features: three stride-2 3x3 convs with ReLU (64 -> 8 pixels a
+    side, ~10 MMAC a frame), global average pooling, a linear layer.
+    State-dict keys ``{0,2,4,8}.{weight,bias}``."""
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    for c_in, c_out in itertools.pairwise(PERCEIVE_WIDTHS):
+        layers += [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(PERCEIVE_WIDTHS[-1], FEATURES)]
+    return nn.Sequential(*layers)
+
+
+def build_track() -> nn.Module:
+    """A GRU cell, 128 features -> 64 hidden; keys ``{weight,bias}_{ih,hh}``."""
+    from torch import nn
+
+    return nn.GRUCell(FEATURES, HIDDEN)
+
+
+def build_respond() -> nn.Module:
+    """64 hidden -> probabilities of 8 actions; keys ``0.{weight,bias}``."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(HIDDEN, ACTIONS), nn.Softmax(dim=-1))
+
+
+def _as_tensor(x: npt.NDArray[Any]) -> Any:
+    import torch
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not x.flags.writeable:
+        x = x.copy()  # torch.from_numpy warns on read-only arrays
+    return torch.from_numpy(x)
+
+
+@smss.model(
+    name="behavior_perceive",
+    inputs={"frame": ("FP32", [-1, 3, 64, 64])},
+    outputs={"features": ("FP32", [-1, FEATURES])},
+    runtime="torch",
+    max_batch_size=8,
+    batch_wait_ms=2,
+    concurrency=16,
+    cpu=1,
+    memory=256,
+)
+class Perceive(_TorchModel):
+    input_name, output_name = "frame", "features"
+
+    def build(self) -> nn.Module:
+        return build_perceive()
+
+
+@smss.model(
+    name="behavior_track",
+    inputs={"features": ("FP32", [-1, FEATURES]), "h": ("FP32", [-1, HIDDEN])},
+    outputs={"h": ("FP32", [-1, HIDDEN])},
+    runtime="torch",
+    max_batch_size=1,  # the state is per session: one session's step per call
+    concurrency=8,
+    cpu=1,
+    memory=256,
+)
+class Track(_TorchModel):
+    """One step of a session's GRU: ``h' = GRUCell(features, h)``."""
+
+    def build(self) -> nn.Module:
+        return build_track()
+
+    def predict(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, F32]:
+        import torch
+
+        with torch.inference_mode():
+            h = self.module(_as_tensor(inputs["features"]), _as_tensor(inputs["h"]))
+        return {"h": np.ascontiguousarray(h.numpy(), dtype=np.float32)}
+
+
+@smss.model(
+    name="behavior_respond",
+    inputs={"h": ("FP32", [-1, HIDDEN])},
+    outputs={"action": ("FP32", [-1, ACTIONS])},
+    runtime="torch",
+    max_batch_size=8,
+    batch_wait_ms=1,
+    concurrency=16,
+    cpu=1,
+    memory=256,
+)
+class Respond(_TorchModel):
+    """Probabilities of the person's next action (softmax over 8)."""
+
+    input_name, output_name = "h", "action"
+
+    def build(self) -> nn.Module:
+        return build_respond()

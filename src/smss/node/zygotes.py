@@ -91,6 +91,7 @@ class ZygotePool:
                 return z
             if z is not None:
                 log.warning("zygote for %s died (code %s); restarting", runtime, z.process.returncode)
+                z.control.close()
                 self._forget_templates_of_dead_zygote()
             z = await self._start_zygote(runtime)
             self._zygotes[runtime] = z

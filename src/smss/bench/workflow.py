@@ -1,0 +1,160 @@
+"""``smss bench workflow``: what the durable log costs the ``behavior`` pipeline.
+
+Runs the demo pipeline (perceive -> track (stateful) -> respond) against a
+platform started for the benchmark:
+
+* durable runs (the engine, write-ahead log with group commit, synchronous=FULL)
+  and, for comparison, the same three stages called through the dispatchers
+  with no engine and no log (``durable: false``), both over the same HTTP route,
+  sequentially and with 16 concurrent sessions;
+* ``log_overhead_ms_per_stage`` = (durable p50 - direct p50) / 3 and
+  ``overhead_pct`` = (durable p50 - direct p50) / direct p50, sequential;
+* ``fsyncs_per_run``: commits of the log (one fsync each) per durable run;
+* ``recovery_s``: 100 runs submitted without waiting, the platform killed with
+  SIGKILL right after the last was acknowledged, then restarted: seconds from
+  the restart to every interrupted run completed; ``interrupted`` says how
+  many were unfinished at the kill.
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from smss.testing.server import ServerProcess, start_server
+
+STAGES = 3
+
+
+def _frame(rng: np.random.Generator) -> list[dict[str, Any]]:
+    x = rng.standard_normal((1, 3, 64, 64), dtype=np.float32)
+    return [{"name": "frame", "datatype": "FP32", "shape": [1, 3, 64, 64], "data": x.ravel().tolist()}]
+
+
+def _runs(url: str, sessions: int, per_session: int, durable: bool, wait: bool = True) -> list[float]:
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        rng = np.random.default_rng(i)
+        with httpx.Client(base_url=url, timeout=120) as http:
+            for _ in range(per_session):
+                body = {"session": f"user-{i}", "inputs": _frame(rng), "wait": wait, "durable": durable}
+                t0 = time.perf_counter()
+                r = http.post("/v1/workflows/behavior/runs", json=body)
+                elapsed = (time.perf_counter() - t0) * 1000
+                with lock:
+                    if r.status_code >= 400 or (wait and r.json().get("status") != "completed"):
+                        errors.append(r.text[:200])
+                    latencies.append(elapsed)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} runs failed, e.g. {errors[0]}")
+    return latencies
+
+
+def _summary(latencies: list[float]) -> dict[str, float]:
+    a = np.asarray(latencies)
+    return {
+        "runs": len(latencies),
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+    }
+
+
+def _commits(server: ServerProcess) -> int:
+    return int(httpx.get(f"{server.url}/v1/log/stats").json().get("commits", 0))
+
+
+def measure_overhead(server: ServerProcess, runs: int) -> dict[str, Any]:
+    _runs(server.url, 1, 20, durable=True)  # warm every instance
+    _runs(server.url, 1, 20, durable=False)
+    c0 = _commits(server)
+    seq_log = _runs(server.url, 1, runs, durable=True)
+    fsyncs = (_commits(server) - c0) / runs
+    seq_direct = _runs(server.url, 1, runs, durable=False)
+    conc_log = _runs(server.url, 16, max(1, runs // 16) * 2, durable=True)
+    conc_direct = _runs(server.url, 16, max(1, runs // 16) * 2, durable=False)
+    log_p50, direct_p50 = statistics.median(seq_log), statistics.median(seq_direct)
+    return {
+        "sequential": {"log": _summary(seq_log), "direct": _summary(seq_direct)},
+        "concurrent_16": {"log": _summary(conc_log), "direct": _summary(conc_direct)},
+        "log_overhead_ms_per_stage": round((log_p50 - direct_p50) / STAGES, 3),
+        "overhead_pct": round((log_p50 - direct_p50) / direct_p50 * 100, 2),
+        "fsyncs_per_run": round(fsyncs, 2),
+    }
+
+
+def measure_recovery(data: Path, runs: int = 100) -> dict[str, Any]:
+    server = start_server(data, ["--demo", "--log-level", "warning"])
+    server.wait_for_model("behavior")
+    _runs(server.url, 1, 3, durable=True)
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def submit(i: int) -> None:
+        rng = np.random.default_rng(1000 + i)
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for _ in range(runs // 10):
+                body = {"session": f"crash-{i}", "inputs": _frame(rng), "wait": False}
+                r = http.post("/v1/workflows/behavior/runs", json=body)
+                with lock:
+                    ids.append(r.json()["run_id"])
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    t0 = time.perf_counter()
+    server = start_server(data, ["--log-level", "warning"], port=None)
+    try:
+        unfinished = -1
+        deadline = time.monotonic() + 300
+        interrupted = None
+        while time.monotonic() < deadline:
+            statuses = [httpx.get(f"{server.url}/v1/runs/{rid}").json()["status"] for rid in ids]
+            if interrupted is None:
+                interrupted = sum(1 for s in statuses if s == "running")
+            unfinished = sum(1 for s in statuses if s != "completed")
+            if unfinished == 0:
+                break
+            time.sleep(0.05)
+        recovery = time.perf_counter() - t0
+    finally:
+        server.stop()
+    return {
+        "recovery_s": round(recovery, 2),
+        "submitted": len(ids),
+        "interrupted": interrupted,
+        "unfinished_after": unfinished,
+    }
+
+
+def run(runs: int = 200) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="smss-bench-") as tmp:
+        data = Path(tmp)
+        server = start_server(data / "a", ["--demo", "--log-level", "warning"])
+        try:
+            server.wait_for_model("behavior")
+            result = measure_overhead(server, runs)
+        finally:
+            server.stop()
+        result.update(measure_recovery(data / "b"))
+    return {"workflow": "behavior", **result}

@@ -1,0 +1,478 @@
+"""Discrete-event simulator: a trace replayed through the real control objects.
+
+Per function it drives the same objects as the live controller and dispatcher:
+:class:`~smss.control.autoscaler.Autoscaler`, the keep-alive policy of
+:func:`~smss.control.keepalive.parse_policy`, :func:`~smss.control.scaling.plan`,
+:func:`~smss.control.router.choose` and the :class:`~smss.control.metering.Meter`,
+on a virtual clock (an event heap; nothing sleeps). Instances are simulated: one
+becomes ready ``cold_start_ms`` after it is asked for and serves up to ``concurrency``
+requests at once, each for the trace's ``duration_ms``.
+
+What happens, as in the live platform:
+
+* an arrival is reported to the keep-alive policy and takes a free slot chosen by the
+  router; if there is none it waits in the function's FIFO queue and the function is
+  reconciled at once (the dispatcher's wake-up), which is how scale-from-zero starts;
+* a reconcile is the controller's: observe demand (in flight + queued), ask the
+  autoscaler for the desired count and the policy for the keep-alive time, apply
+  :func:`plan` (start instances; stop idle ones);
+* a new instance takes queued requests first: each such request is a *cold start*
+  (it found no free instance and waited for one to start); a request that waited for
+  a busy instance to finish only queued;
+* pre-warm: when the policy's ``prewarm_at`` names a time and the function has no
+  instance ready or starting, one is started ``cold_start_ms`` earlier so that it is
+  ready then (what ``Controller.ensure_instance`` does), once per named time.
+
+Differences from the live controller, for speed and on purpose:
+
+* the live controller reconciles every function every ``tick_s``; here a function is
+  reconciled every ``tick_s`` only while it has demand or its autoscaler panics, and
+  otherwise exactly when something can change: an arrival that finds no free slot,
+  the keep-alive expiry of its longest-idle instance, a pre-warm time. An idle
+  function's tick changes nothing in :func:`plan` (with no demand it only stops
+  instances past their keep-alive), so this is the same decision, made at the
+  expiry instead of at the first tick after it (up to ``tick_s`` sooner);
+* the autoscaler observes demand at every change (arrival, start of service,
+  completion), not a sample per tick: the exact time-weighted signal that tick
+  sampling approximates;
+* control actions take no time (a wake-up reconciles at once) and starts never fail.
+
+The run ends when the last request completes; instances still alive then are metered
+up to that time, which is also the period the always-on containers are priced for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from smss.control.autoscaler import Autoscaler, AutoscalerConfig
+from smss.control.cost import ContainerSize, PriceTable, load_prices, report
+from smss.control.keepalive import KeepAlivePolicy, parse_policy
+from smss.control.metering import Meter
+from smss.control.router import Candidate, Ewma, choose
+from smss.control.scaling import FunctionView, InstanceView, plan
+from smss.errors import InvalidSpec, SmssError
+from smss.sim.trace import Trace, peak_concurrency, read_trace
+from smss.spec import Resources
+
+_DONE, _READY, _WAKE = 0, 1, 2
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Settings of one simulation. Every function of the trace gets the same instance
+    size and scaling settings (the trace's functions are synthetic)."""
+
+    policy: str = "hybrid"
+    #: TTL of ``fixed`` without seconds, and the fallback of ``hybrid``.
+    default_ttl_s: float = 600.0
+    memory_mb: int = 512
+    cpu: float = 1.0
+    gpu: float = 0.0
+    concurrency: int = 1
+    #: None: the controller's default, max(1, 0.7 x concurrency).
+    target_concurrency: float | None = None
+    min_instances: int = 0
+    max_instances: int = 1000
+    cold_start_ms: float = 500.0
+    tick_s: float = 1.0
+    seed: int = 0
+    prices: PriceTable = field(default_factory=PriceTable)
+
+    def __post_init__(self) -> None:
+        if self.memory_mb <= 0 or not self.cpu > 0 or not self.gpu >= 0:
+            raise InvalidSpec("need memory_mb > 0, cpu > 0 and gpu >= 0")
+        if not 1 <= self.concurrency <= 4096:
+            raise InvalidSpec(f"concurrency must be 1-4096, got {self.concurrency}")
+        if not (math.isfinite(self.cold_start_ms) and self.cold_start_ms >= 0):
+            raise InvalidSpec(f"cold_start_ms must be >= 0, got {self.cold_start_ms}")
+        if not (math.isfinite(self.tick_s) and self.tick_s > 0):
+            raise InvalidSpec(f"tick_s must be > 0, got {self.tick_s}")
+        self.autoscaler_config()  # validates the scaling bounds
+
+    def autoscaler_config(self) -> AutoscalerConfig:
+        target = self.target_concurrency or max(1.0, 0.7 * self.concurrency)
+        return AutoscalerConfig(
+            target_concurrency=target, min_instances=self.min_instances, max_instances=self.max_instances
+        )
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpu=self.cpu, memory_mb=self.memory_mb, gpu=self.gpu)
+
+
+class _Inst:
+    __slots__ = ("ewma", "fn", "id", "idle_since", "in_flight")
+
+    def __init__(self, fn: _Fn, instance_id: str, now: float) -> None:
+        self.fn = fn
+        self.id = instance_id
+        self.in_flight = 0
+        self.idle_since = now
+        self.ewma = Ewma()
+
+
+class _Fn:
+    __slots__ = (
+        "autoscaler",
+        "free",
+        "idle",
+        "in_flight",
+        "name",
+        "next_wake",
+        "prewarmed_for",
+        "queue",
+        "ready",
+        "started",
+        "starting",
+    )
+
+    def __init__(self, name: str, autoscaler: Autoscaler) -> None:
+        self.name = name
+        self.autoscaler = autoscaler
+        self.ready: dict[str, _Inst] = {}  # ready instances, in start order
+        self.free: dict[str, _Inst] = {}  # ready with a free slot
+        self.idle: dict[str, _Inst] = {}  # ready with nothing in flight, longest idle first
+        self.queue: deque[int] = deque()  # waiting requests (trace rows)
+        self.in_flight = 0
+        self.starting = 0
+        self.started = 0
+        self.next_wake = math.inf
+        self.prewarmed_for = -math.inf
+
+
+class Simulation:
+    """One replay of a trace; :meth:`run` returns the figures of :func:`simulate`."""
+
+    def __init__(self, trace: Trace, config: SimConfig) -> None:
+        self.trace = trace
+        self.config = config
+        self.policy: KeepAlivePolicy = parse_policy(config.policy, config.default_ttl_s)
+        self.meter = Meter()
+        self.rng = random.Random(config.seed)
+        self._fns = [_Fn(name, Autoscaler(config.autoscaler_config())) for name in trace.functions]
+        self._heap: list[tuple[float, int, int, object, int]] = []
+        self._seq = 0
+        self._t = (trace.t_ms / 1000.0).tolist()
+        self._d = (trace.duration_ms / 1000.0).tolist()
+        self._added = [0.0] * len(trace)
+        self._cold_s = config.cold_start_ms / 1000.0
+        self._resources = config.resources
+        self._limit = config.concurrency
+        self.cold_starts = 0
+        self.prewarm_starts = 0
+        self.outstanding = 0
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, object]:
+        heap, fns, ts = self._heap, self._fns, self._t
+        fidx = self.trace.function.tolist()
+        pop, done, ready, wake, arrive = heapq.heappop, self._done, self._ready, self._wake, self._arrive
+        now = 0.0
+        for k, t in enumerate(ts):
+            while heap and heap[0][0] <= t:
+                at, _, kind, obj, arg = pop(heap)
+                if kind == _DONE:
+                    done(obj, arg, at)  # type: ignore[arg-type]
+                elif kind == _READY:
+                    ready(obj, at)  # type: ignore[arg-type]
+                else:
+                    wake(obj, at)  # type: ignore[arg-type]
+            arrive(fns[fidx[k]], k, t)
+            now = t
+        while self.outstanding > 0:
+            at, _, kind, obj, arg = pop(heap)
+            now = at
+            if kind == _DONE:
+                done(obj, arg, at)  # type: ignore[arg-type]
+            elif kind == _READY:
+                ready(obj, at)  # type: ignore[arg-type]
+            else:
+                wake(obj, at)  # type: ignore[arg-type]
+        return self._results(now)
+
+    def _push(self, at: float, kind: int, obj: object, arg: int = 0) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (at, self._seq, kind, obj, arg))
+
+    def _wake(self, fn: _Fn, at: float) -> None:
+        if at == fn.next_wake:  # else superseded by an earlier wake-up
+            fn.next_wake = math.inf
+            self._reconcile(fn, at)
+            self._schedule(fn, at)
+
+    # ------------------------------------------------------------ requests
+
+    def _arrive(self, fn: _Fn, k: int, t: float) -> None:
+        self.policy.on_invocation(fn.name, t)
+        self.outstanding += 1
+        inst = self._pick(fn)
+        if inst is not None:
+            self._serve(fn, inst, k, t)
+            fn.autoscaler.observe(t, fn.in_flight + len(fn.queue))
+        else:
+            fn.queue.append(k)
+            self._reconcile(fn, t)
+        self._schedule(fn, t)
+
+    def _pick(self, fn: _Fn) -> _Inst | None:
+        """The router's choice among the free instances. choose() compares a uniformly
+        random pair of them; to keep an arrival O(1) however many instances are free,
+        the pair is drawn here and handed to it (the same distribution of choices)."""
+        free = fn.free
+        n = len(free)
+        if n <= 1:  # what choose() answers for zero or one free instance
+            return next(iter(free.values()), None)
+        if n == 2:
+            pair: Sequence[_Inst] = list(free.values())
+        else:
+            insts = list(free.values())
+            rand = self.rng.random
+            i = int(rand() * n)
+            j = int(rand() * (n - 1))
+            pair = (insts[i], insts[j + 1 if j >= i else j])
+        limit = self._limit
+        chosen = choose([Candidate(i.id, i.in_flight, limit, i.ewma.value) for i in pair], self.rng)
+        return None if chosen is None else free[chosen]
+
+    def _serve(self, fn: _Fn, inst: _Inst, k: int, now: float) -> None:
+        inst.in_flight += 1
+        if inst.in_flight == 1:
+            del fn.idle[inst.id]
+        if inst.in_flight >= self._limit:
+            del fn.free[inst.id]
+        fn.in_flight += 1
+        self._added[k] = now - self._t[k]
+        self.meter.request_started(fn.name, inst.id, now)
+        self._seq += 1
+        heapq.heappush(self._heap, (now + self._d[k], self._seq, _DONE, inst, k))
+
+    def _done(self, inst: _Inst, k: int, now: float) -> None:
+        fn = inst.fn
+        self.outstanding -= 1
+        fn.in_flight -= 1
+        inst.in_flight -= 1
+        inst.ewma.update(self._d[k])
+        self.meter.request_finished(fn.name, inst.id, now)
+        if inst.in_flight == self._limit - 1:
+            fn.free[inst.id] = inst
+        if inst.in_flight == 0:
+            inst.idle_since = now
+            fn.idle[inst.id] = inst
+        queue = fn.queue
+        if queue:  # the freed slot goes to the longest-waiting request: demand unchanged
+            nxt = self._pick(fn)
+            if nxt is not None:
+                self._serve(fn, nxt, queue.popleft(), now)
+                return
+        fn.autoscaler.observe(now, fn.in_flight + len(queue))
+        if fn.in_flight == 0 and not queue:
+            self._schedule(fn, now)
+
+    # ------------------------------------------------------------ instances
+
+    def _start(self, fn: _Fn, now: float) -> None:
+        fn.starting += 1
+        fn.started += 1
+        instance_id = f"{fn.name}#{fn.started}"
+        self.meter.instance_started(instance_id, fn.name, self._resources, now)
+        self._seq += 1
+        heapq.heappush(self._heap, (now + self._cold_s, self._seq, _READY, (fn, instance_id), 0))
+
+    def _ready(self, started: tuple[_Fn, str], now: float) -> None:
+        fn, instance_id = started
+        fn.starting -= 1
+        inst = _Inst(fn, instance_id, now)
+        fn.ready[instance_id] = fn.free[instance_id] = fn.idle[instance_id] = inst
+        queue = fn.queue
+        while queue:
+            nxt = self._pick(fn)
+            if nxt is None:
+                break
+            if nxt is inst:
+                self.cold_starts += 1
+            self._serve(fn, nxt, queue.popleft(), now)
+        self._schedule(fn, now)
+
+    def _stop(self, fn: _Fn, instance_id: str, now: float) -> None:
+        inst = fn.ready.pop(instance_id)
+        fn.free.pop(instance_id, None)
+        fn.idle.pop(instance_id, None)
+        if inst.in_flight:  # plan() stops idle instances only
+            raise AssertionError(f"stopping busy instance {instance_id}")
+        self.meter.instance_stopped(instance_id, now)
+
+    # ------------------------------------------------------------ control
+
+    def _reconcile(self, fn: _Fn, now: float) -> None:
+        """The controller's reconcile of one function, then the pre-warm check."""
+        demand = fn.in_flight + len(fn.queue)
+        fn.autoscaler.observe(now, demand)
+        views = [
+            InstanceView(i.id, i.in_flight, i.idle_since if i.in_flight == 0 else None)
+            for i in fn.ready.values()
+        ]
+        cfg = self.config
+        scale = plan(
+            FunctionView(
+                now=now,
+                demand=demand,
+                ready=views,
+                starting=fn.starting,
+                min_instances=cfg.min_instances,
+                max_instances=cfg.max_instances,
+                desired=fn.autoscaler.desired(now, len(views)),
+                keep_alive_s=self.policy.keep_alive_s(fn.name, now),
+            )
+        )
+        for _ in range(scale.start):
+            self._start(fn, now)
+        for instance_id in scale.stop:
+            self._stop(fn, instance_id, now)
+        if not fn.ready and fn.starting == 0:
+            at = self.policy.prewarm_at(fn.name, now)
+            if at is not None and at != fn.prewarmed_for and now < at <= now + self._cold_s + _EPS:
+                fn.prewarmed_for = at
+                self.prewarm_starts += 1
+                self._start(fn, now)
+
+    def _schedule(self, fn: _Fn, now: float) -> None:
+        """Make sure the function is reconciled when something can next change."""
+        if fn.in_flight or fn.queue or fn.autoscaler.panicking:
+            wake = now + self.config.tick_s
+        else:
+            wake = math.inf
+            if fn.idle and len(fn.ready) > self.config.min_instances:
+                first = next(iter(fn.idle.values()))
+                wake = first.idle_since + self.policy.keep_alive_s(fn.name, now) + _EPS
+            if not fn.ready and fn.starting == 0:
+                at = self.policy.prewarm_at(fn.name, now)
+                if at is not None and at != fn.prewarmed_for and at - self._cold_s > now:
+                    wake = min(wake, at - self._cold_s)
+            if wake <= now:
+                wake = now + self.config.tick_s
+        if wake < fn.next_wake:
+            fn.next_wake = wake
+            self._push(wake, _WAKE, fn)
+
+    # ------------------------------------------------------------ results
+
+    def _results(self, end: float) -> dict[str, object]:
+        # Containers are sized for the concurrency the trace offers, not the peak the
+        # meter saw: that one depends on the policy (queueing lowers it, requests
+        # released together by a cold start raise it).
+        offered = dict(zip(self.trace.functions, peak_concurrency(self.trace).tolist(), strict=True))
+        usage = {
+            name: msgspec.structs.replace(u, peak_concurrency=offered.get(name, u.peak_concurrency))
+            for name, u in self.meter.usage(end).items()
+        }
+        size = ContainerSize(self._resources, self._limit)
+        cost = report(usage, self.config.prices, end, dict.fromkeys(usage, size)).total
+        n = len(self.trace)
+        added_ms = np.asarray(self._added, dtype=np.float64) * 1000.0
+        p50, p99 = (float(x) for x in np.percentile(added_ms, [50, 99])) if n else (0.0, 0.0)
+        return {
+            "policy": self.config.policy,
+            "invocations": n,
+            "cold_starts": self.cold_starts,
+            "cold_start_pct": round(100.0 * self.cold_starts / n, 4) if n else 0.0,
+            "instance_seconds": round(cost.alive_s, 3),
+            "idle_instance_seconds": round(cost.alive_s - cost.busy_s, 3),
+            "memory_gb_seconds": round(cost.memory_gb_s, 3),
+            "cost_usd": round(cost.cost_usd, 6),
+            "container_cost_usd": round(cost.container_cost_usd, 6),
+            "cost_ratio": None if cost.cost_ratio is None else round(cost.cost_ratio, 4),
+            "containers": cost.containers,
+            "p50_added_ms": round(p50, 3),
+            "p99_added_ms": round(p99, 3),
+            "instances_started": sum(f.started for f in self._fns),
+            "prewarm_starts": self.prewarm_starts,
+            "functions": len(self._fns),
+            "period_s": round(end, 3),
+        }
+
+
+def simulate(trace: Path | str | Trace, config: SimConfig | None = None) -> dict[str, object]:
+    """Replay a trace (a CSV file or a :class:`Trace`) and return the figures as one
+    JSON-ready dict: see :class:`Simulation` and the module docstring. ``wall_s`` and
+    ``invocations_per_min_wall`` include reading the file."""
+    config = config or SimConfig()
+    started = time.perf_counter()
+    if not isinstance(trace, Trace):
+        trace = read_trace(trace)
+    out = Simulation(trace, config).run()
+    wall = time.perf_counter() - started
+    out["wall_s"] = round(wall, 3)
+    out["invocations_per_min_wall"] = round(len(trace) / wall * 60.0) if wall > 0 else None
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smss simulate", description=__doc__.split("\n")[0] if __doc__ else None)
+    d = SimConfig()
+    p.add_argument("trace", type=Path, help="CSV trace: t_ms,function,duration_ms[,cluster]")
+    p.add_argument("--policy", default=d.policy, help="fixed:SECONDS | hybrid | hybrid:key=value,...")
+    p.add_argument(
+        "--default-ttl-s", type=float, default=d.default_ttl_s, help="fixed's / hybrid's fallback TTL"
+    )
+    p.add_argument("--memory-mb", type=int, default=d.memory_mb)
+    p.add_argument("--cpu", type=float, default=d.cpu)
+    p.add_argument("--gpu", type=float, default=d.gpu)
+    p.add_argument(
+        "--concurrency", type=int, default=d.concurrency, help="requests one instance serves at once"
+    )
+    p.add_argument("--max-instances", type=int, default=d.max_instances)
+    p.add_argument("--cold-start-ms", type=float, default=d.cold_start_ms)
+    p.add_argument("--tick-s", type=float, default=d.tick_s)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--prices", type=Path, default=None, help="TOML price table overriding the defaults")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = SimConfig(
+            policy=args.policy,
+            default_ttl_s=args.default_ttl_s,
+            memory_mb=args.memory_mb,
+            cpu=args.cpu,
+            gpu=args.gpu,
+            concurrency=args.concurrency,
+            max_instances=args.max_instances,
+            cold_start_ms=args.cold_start_ms,
+            tick_s=args.tick_s,
+            seed=args.seed,
+            prices=load_prices(args.prices),
+        )
+        out = simulate(args.trace, config)
+    except SmssError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        width = max(len(k) for k in out)
+        for key, value in out.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,684 @@
+"""The workflow log in one SQLite file: WAL mode, ``synchronous=FULL``, one writer
+thread with group commit. Implements :class:`smss.ports.EventLog`.
+
+Guarantees:
+
+* **Write-ahead.** ``start_run`` and ``append`` return only after the COMMIT of the
+  transaction holding their events, blobs and state write (and so its fsync of the
+  ``-wal`` file) has returned. Whatever was acknowledged survives a killed process.
+* **Group commit.** One thread owns the write connection. It takes every queued
+  request, applies each in its own SAVEPOINT inside one ``BEGIN IMMEDIATE``
+  transaction (one request's conflict or error leaves the others intact) and
+  commits once: one fsync for all of them.
+* **All or nothing.** A request is one savepoint, so a batch of events with its
+  blobs and state write is never partly present, before or after a crash.
+* **Failures are not acknowledged.** A failed write fails every request of its
+  batch with :class:`StorageUnavailable`. A failed COMMIT or checkpoint (where the
+  fsyncs are) is fatal: after an fsync error the kernel may have dropped the dirty
+  pages and cleared the error, so a retry that "succeeds" proves nothing. Every later
+  write fails at once; reopening recovers from what is on disk.
+* **Order from seq.** ``events.seq`` is assigned by the single writer in commit
+  order; runs are ordered by the seq of their ``RunStarted``, never by wall time.
+* **A damaged file is refused, never half-read.** Opening runs ``PRAGMA
+  integrity_check`` (``quick_check`` above :data:`FULL_CHECK_MAX_BYTES`) and
+  checks the ``-wal`` file for intact commits past a damaged frame, which SQLite's
+  recovery would silently drop (see :mod:`smss.store._wal`). A torn tail of the last,
+  unacknowledged transaction is recovered from, as SQLite does. Each event body
+  carries a CRC-32, and a blob is checked against its sha256 when read.
+
+The log checkpoints itself (``wal_checkpoint(TRUNCATE)``, once the ``-wal`` file
+passes ``checkpoint_bytes``) instead of SQLite's auto-checkpoint, so the ``-wal``
+file never holds frames already copied into the database beyond the instant of a
+checkpoint: a lost ``-wal`` tail then loses only a suffix of transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import logging
+import sqlite3
+import threading
+import typing
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from smss.errors import Conflict, NotFound, SmssError, StorageUnavailable
+from smss.ports import AppendResult, Clock, SystemClock
+from smss.store._wal import page_size, wal_damage
+from smss.workflow.events import (
+    Event,
+    Record,
+    RunStarted,
+    RunSummary,
+    SessionState,
+    StateWrite,
+    status_of,
+)
+
+logger = logging.getLogger(__name__)
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY,
+            workflow TEXT NOT NULL,
+            session TEXT,
+            status TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            idempotency_key TEXT UNIQUE,
+            started_seq INTEGER NOT NULL  -- seq of its RunStarted: the order of runs
+        )""",
+        "CREATE INDEX runs_by_status ON runs (status, started_seq)",
+        "CREATE INDEX runs_by_workflow ON runs (workflow, started_seq)",
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL,
+            type TEXT NOT NULL,
+            stage TEXT,
+            attempt INTEGER,
+            ts REAL NOT NULL,
+            body BLOB NOT NULL,  -- msgpack of the tagged Event union, never pickle
+            crc INTEGER NOT NULL  -- zlib.crc32 of body
+        )""",
+        "CREATE INDEX events_by_run ON events (run_id, seq)",
+        # The first StageCompleted of a stage wins; INSERT OR IGNORE drops later ones.
+        "CREATE UNIQUE INDEX one_completion ON events (run_id, stage) WHERE type = 'StageCompleted'",
+        "CREATE TABLE blobs (ref TEXT PRIMARY KEY, data BLOB NOT NULL)",
+        """CREATE TABLE session_state (
+            workflow TEXT NOT NULL,
+            session TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            tensors BLOB NOT NULL,  -- msgpack of name -> blob ref
+            PRIMARY KEY (workflow, session)
+        ) WITHOUT ROWID""",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+#: Files up to this size get ``PRAGMA integrity_check`` at open; larger ones ``quick_check``.
+FULL_CHECK_MAX_BYTES = 256 * 1024 * 1024
+#: A batch closes at this many requests or this many bytes of bodies and blobs.
+MAX_BATCH_ITEMS = 1024
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+_BUSY_TIMEOUT_S = 10.0
+
+_encode = msgspec.msgpack.encode
+_event_decoder = msgspec.msgpack.Decoder(Event)
+_refs_decoder = msgspec.msgpack.Decoder(dict[str, str])
+_EVENT_TYPES: tuple[type, ...] = typing.get_args(Event)
+
+
+@dataclass(frozen=True)
+class FaultHooks:
+    """Named fault points, for tests only (``smss.testing.faults`` builds them from a
+    spec string). Each runs on the writer thread; an exception it raises counts as a
+    failure of the step it is attached to (a failed COMMIT or checkpoint: fatal)."""
+
+    before_commit: Callable[[], None] | None = None
+    after_commit: Callable[[], None] | None = None
+    before_checkpoint: Callable[[], None] | None = None
+    #: Called only when a checkpoint completed (the ``-wal`` file was emptied).
+    after_checkpoint: Callable[[], None] | None = None
+
+
+# ---------------------------------------------------------------- queued requests
+
+
+@dataclass(frozen=True)
+class _Row:
+    type: str
+    stage: str | None
+    attempt: int | None
+    body: bytes
+    status: str | None
+
+
+@dataclass(frozen=True)
+class _StartRun:
+    run_id: str
+    started: RunStarted
+    row: _Row
+    blobs: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class _Append:
+    run_id: str
+    rows: list[_Row]
+    blobs: list[tuple[str, bytes]]
+    state: StateWrite | None
+
+
+@dataclass
+class _Item:
+    op: _StartRun | _Append
+    size: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class _Counts:
+    appends: int = 0
+    events: int = 0
+    dropped_completions: int = 0
+    state_conflicts: int = 0
+    runs_started: int = 0
+
+
+@dataclass
+class _Outcome:
+    result: Any = None
+    error: BaseException | None = None
+    counts: _Counts = field(default_factory=_Counts)
+
+
+class SqliteEventLog:
+    """:class:`smss.ports.EventLog` on an SQLite file, created if missing.
+
+    Opening raises :class:`StorageUnavailable` when the file is corrupt, unreadable,
+    newer than this code, or its ``-wal`` file holds intact commits that SQLite
+    would drop. Reads are synchronous and use their own connection: under WAL they
+    run beside the writer and see every acknowledged write. ``close`` lets queued
+    writes finish, then stops the writer and closes both connections.
+
+    A cancelled ``append`` may still be written (it was queued): like a crash after
+    the commit and before the answer, which the engine's replay handles anyway.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        fault: FaultHooks | None = None,
+        clock: Clock | None = None,
+        checkpoint_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.path = Path(path)
+        self._faults = fault or FaultHooks()
+        self._clock: Clock = clock or SystemClock()
+        self._checkpoint_bytes = checkpoint_bytes
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._closing = False
+        self._failure: str | None = None  # set once a COMMIT or checkpoint failed
+        self._counters = dict.fromkeys(
+            ("appends", "events", "commits", "dropped_completions", "state_conflicts", "runs_started"), 0
+        )
+        self._read_lock = threading.Lock()
+        self._wdb = self._connect()
+        try:
+            _prepare(self._wdb, self.path)
+            # What a crash left in the -wal file goes into the database now, once.
+            self._checkpoint()
+            self._rdb = self._connect()
+        except BaseException as e:
+            self._wdb.close()
+            if isinstance(e, sqlite3.Error | OSError):
+                raise _unavailable(self.path, "the workflow log could not be opened", e) from None
+            raise
+        try:
+            self._rdb.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as e:
+            self._rdb.close()
+            self._wdb.close()
+            raise _unavailable(self.path, "the workflow log could not be opened", e) from None
+        self._writer = threading.Thread(target=self._writer_main, name="smss-log-writer", daemon=True)
+        self._writer.start()
+
+    # ------------------------------------------------------------ writes
+
+    async def start_run(
+        self, run_id: str, started: RunStarted, blobs: Mapping[str, bytes]
+    ) -> tuple[str, bool]:
+        if not isinstance(started, RunStarted):
+            raise TypeError(f"start_run needs a RunStarted, not {type(started).__name__}")
+        row = _row(started)
+        blob_rows = _blob_rows(blobs)
+        op = _StartRun(run_id, started, row, blob_rows)
+        result: tuple[str, bool] = await self._submit(op, len(row.body) + _size(blob_rows))
+        return result
+
+    async def append(
+        self,
+        run_id: str,
+        events: Sequence[Event],
+        *,
+        blobs: Mapping[str, bytes] | None = None,
+        state: StateWrite | None = None,
+    ) -> AppendResult:
+        rows = []
+        for event in events:
+            if isinstance(event, RunStarted) or not isinstance(event, _EVENT_TYPES):
+                raise TypeError(f"cannot append {type(event).__name__}: RunStarted is written by start_run")
+            rows.append(_row(event))
+        blob_rows = _blob_rows(blobs or {})
+        op = _Append(run_id, rows, blob_rows, state)
+        result: AppendResult = await self._submit(op, sum(len(r.body) for r in rows) + _size(blob_rows))
+        return result
+
+    async def _submit(self, op: _StartRun | _Append, size: int) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._cond:
+            if self._failure is not None:
+                raise StorageUnavailable(self._failure)
+            if self._closing:
+                raise StorageUnavailable("the workflow log is closed")
+            self._queue.append(_Item(op, size, loop, future))
+            self._cond.notify()
+        return await future
+
+    # ------------------------------------------------------------ reads
+
+    def read_run(self, run_id: str) -> list[Record]:
+        """The run's records in seq order; empty for an unknown run."""
+        rows = self._read(
+            lambda db: db.execute(
+                "SELECT seq, ts, CAST(body AS BLOB), crc FROM events WHERE run_id = ? ORDER BY seq", (run_id,)
+            ).fetchall()
+        )
+        return [Record(seq, run_id, ts, _decode_event(seq, body, crc)) for seq, ts, body, crc in rows]
+
+    def run_summary(self, run_id: str) -> RunSummary | None:
+        row = self._read(lambda db: db.execute(f"{_SUMMARY} WHERE run_id = ?", (run_id,)).fetchone())
+        return None if row is None else RunSummary(*row)
+
+    def list_runs(
+        self, status: str | None = None, workflow: str | None = None, limit: int = 100
+    ) -> list[RunSummary]:
+        """Newest first (by the seq of each run's RunStarted)."""
+        where = " AND ".join(
+            c for c, v in (("status = :status", status), ("workflow = :workflow", workflow)) if v is not None
+        )
+        sql = f"{_SUMMARY} {'WHERE ' + where if where else ''} ORDER BY started_seq DESC LIMIT :limit"
+        args = {"status": status, "workflow": workflow, "limit": max(0, limit)}
+        return [RunSummary(*r) for r in self._read(lambda db: db.execute(sql, args).fetchall())]
+
+    def unfinished_runs(self) -> list[str]:
+        """Runs still ``running``, oldest first."""
+        rows = self._read(
+            lambda db: db.execute(
+                "SELECT run_id FROM runs WHERE status = 'running' ORDER BY started_seq"
+            ).fetchall()
+        )
+        return [r[0] for r in rows]
+
+    def get_blob(self, ref: str) -> bytes:
+        row = self._read(lambda db: db.execute("SELECT data FROM blobs WHERE ref = ?", (ref,)).fetchone())
+        if row is None:
+            raise NotFound(f"unknown blob {ref[:12]}")
+        data = bytes(row[0])
+        if hashlib.sha256(data).hexdigest() != ref:
+            logger.error("blob %s in %s does not match its sha256", ref, self.path)
+            raise StorageUnavailable(f"blob {ref[:12]} is corrupt (content hash mismatch)")
+        return data
+
+    def get_state(self, workflow: str, session: str) -> SessionState:
+        row = self._read(
+            lambda db: db.execute(
+                "SELECT version, tensors FROM session_state WHERE workflow = ? AND session = ?",
+                (workflow, session),
+            ).fetchone()
+        )
+        if row is None:
+            return SessionState(0, {})
+        try:
+            return SessionState(row[0], _refs_decoder.decode(row[1]))
+        except msgspec.DecodeError:
+            raise StorageUnavailable(f"the session state of {workflow}/{session} is unreadable") from None
+
+    def stats(self) -> dict[str, int]:
+        """Since this object was opened: appends (acknowledged ``append`` calls), events
+        (written), commits (one fsync each), dropped_completions, state_conflicts,
+        runs_started; and queued (requests waiting for the writer now)."""
+        with self._cond:
+            return {**self._counters, "queued": len(self._queue)}
+
+    def close(self) -> None:
+        """Finish queued writes (each is acknowledged or fails), then release everything.
+        Idempotent. Safe to call from the event loop: the writer never waits for it."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        with self._read_lock:
+            self._rdb.close()
+        # The writer closes its connection last, which checkpoints and removes the -wal file.
+        self._writer.join()
+
+    # ------------------------------------------------------------ the writer thread
+
+    def _writer_main(self) -> None:
+        try:
+            while (items := self._take()) is not None:
+                if self._failure is not None:
+                    self._settle_all(items, _Outcome(error=StorageUnavailable(self._failure)))
+                else:
+                    self._write_batch(items)
+        except BaseException as e:  # a bug here must not leave callers waiting forever
+            logger.exception("workflow log writer crashed")
+            self._fatal("the workflow log writer stopped", e)
+            while (items := self._take()) is not None:
+                self._settle_all(items, _Outcome(error=StorageUnavailable(self._failure or "")))
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._wdb.close()
+
+    def _take(self) -> list[_Item] | None:
+        """Every queued request up to the batch limits; None once closing and drained."""
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            items = [self._queue.popleft()]
+            size = items[0].size
+            while (
+                self._queue and len(items) < MAX_BATCH_ITEMS and size + self._queue[0].size <= MAX_BATCH_BYTES
+            ):
+                items.append(self._queue.popleft())
+                size += items[-1].size
+            return items
+
+    def _write_batch(self, items: list[_Item]) -> None:
+        db = self._wdb
+        now = self._clock.time()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            outcomes = [self._apply(db, item.op, now) for item in items]
+        except Exception as e:  # the transaction is lost; nothing was fsynced, so not fatal
+            self._rollback()
+            self._settle_all(items, _Outcome(error=self._storage_error("could not be written", e)))
+            return
+        try:
+            _call(self._faults.before_commit)
+            db.execute("COMMIT")
+            _call(self._faults.after_commit)
+        except BaseException as e:
+            self._fatal("the workflow log could not be written", e)
+            self._rollback()
+            self._settle_all(items, _Outcome(error=StorageUnavailable(self._failure or "")))
+            return
+        with self._cond:
+            self._counters["commits"] += 1
+            for outcome in outcomes:
+                for name, value in vars(outcome.counts).items():
+                    self._counters[name] += value
+        for item, outcome in zip(items, outcomes, strict=True):
+            _settle(item, outcome)
+        self._maybe_checkpoint()
+
+    def _apply(self, db: sqlite3.Connection, op: _StartRun | _Append, now: float) -> _Outcome:
+        """One request in its own savepoint. Its own errors (unknown run, used id) undo
+        it alone; a database error propagates and loses the batch."""
+        db.execute("SAVEPOINT request")
+        try:
+            outcome = _start_run(db, op, now) if isinstance(op, _StartRun) else _append(db, op, now)
+        except SmssError as e:
+            db.execute("ROLLBACK TO request")
+            db.execute("RELEASE request")
+            return _Outcome(error=e)
+        db.execute("RELEASE request")
+        return outcome
+
+    def _maybe_checkpoint(self) -> None:
+        try:
+            size = Path(f"{self.path}-wal").stat().st_size
+        except FileNotFoundError:
+            return
+        if size < self._checkpoint_bytes:
+            return
+        try:
+            self._checkpoint()
+        except BaseException as e:
+            self._fatal("the workflow log could not be checkpointed", e)
+
+    def _checkpoint(self) -> None:
+        """Copy the -wal file into the database (fsynced) and empty it."""
+        _call(self._faults.before_checkpoint)
+        busy, _, _ = self._wdb.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy:  # busy: a reader held an old snapshot; try after a later commit
+            _call(self._faults.after_checkpoint)
+
+    def _fatal(self, message: str, cause: BaseException) -> None:
+        logger.error("%s: %s (%r); no more writes until it is reopened", message, self.path, cause)
+        with self._cond:
+            if self._failure is None:
+                self._failure = f"{message}: {_reason(cause)}; it must be reopened"
+
+    def _rollback(self) -> None:
+        if self._wdb.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._wdb.execute("ROLLBACK")
+
+    def _settle_all(self, items: list[_Item], outcome: _Outcome) -> None:
+        for item in items:
+            # One exception object per waiter: each gets its own traceback.
+            error = outcome.error
+            if isinstance(error, SmssError):
+                error = type(error)(error.message)
+            _settle(item, _Outcome(error=error))
+
+    def _storage_error(self, what: str, cause: BaseException) -> StorageUnavailable:
+        logger.error("the workflow log %s: %s (%r)", what, self.path, cause)
+        return StorageUnavailable(f"the workflow log {what}: {_reason(cause)}")
+
+    # ------------------------------------------------------------ internals
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            return sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_S
+            )
+        except sqlite3.Error as e:
+            raise _unavailable(self.path, "the workflow log could not be opened", e) from None
+
+    def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        with self._read_lock:
+            if self._closing:
+                raise StorageUnavailable("the workflow log is closed")
+            try:
+                return fn(self._rdb)
+            except sqlite3.Error as e:
+                raise _unavailable(self.path, "the workflow log could not be read", e) from None
+
+
+_SUMMARY = "SELECT run_id, workflow, session, status, created, updated FROM runs"
+
+
+# ---------------------------------------------------------------- requests, applied on the writer
+
+
+def _start_run(db: sqlite3.Connection, op: _StartRun, now: float) -> _Outcome:
+    key = op.started.idempotency_key
+    if key is not None:
+        row = db.execute("SELECT run_id FROM runs WHERE idempotency_key = ?", (key,)).fetchone()
+        if row is not None:
+            return _Outcome(result=(row[0], False))
+    if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)).fetchone():
+        raise Conflict(f"run id {op.run_id!r} is already used")
+    _put_blobs(db, op.blobs)
+    seq = _insert(db, op.run_id, op.row, now)
+    db.execute(
+        "INSERT INTO runs (run_id, workflow, session, status, created, updated, idempotency_key, "
+        "started_seq) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+        (op.run_id, op.started.workflow, op.started.session, now, now, key, seq),
+    )
+    return _Outcome(result=(op.run_id, True), counts=_Counts(events=1, runs_started=1))
+
+
+def _append(db: sqlite3.Connection, op: _Append, now: float) -> _Outcome:
+    if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)).fetchone() is None:
+        raise NotFound(f"unknown run {op.run_id!r}")
+    if op.state is not None:
+        s = op.state
+        row = db.execute(
+            "SELECT version FROM session_state WHERE workflow = ? AND session = ?", (s.workflow, s.session)
+        ).fetchone()
+        if (row[0] if row else 0) != s.expected:  # checked first: nothing of the batch is written
+            conflict = AppendResult(tuple(0 for _ in op.rows), state_conflict=True)
+            return _Outcome(result=conflict, counts=_Counts(appends=1, state_conflicts=1))
+        db.execute(
+            "INSERT INTO session_state (workflow, session, version, tensors) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (workflow, session) "
+            "DO UPDATE SET version = excluded.version, tensors = excluded.tensors",
+            (s.workflow, s.session, s.expected + 1, _encode(dict(s.tensors))),
+        )
+    _put_blobs(db, op.blobs)
+    seqs = [_insert(db, op.run_id, row, now) for row in op.rows]
+    status = next((r.status for r in reversed(op.rows) if r.status is not None), None)
+    db.execute(
+        "UPDATE runs SET updated = ?, status = coalesce(?, status) WHERE run_id = ?", (now, status, op.run_id)
+    )
+    dropped = seqs.count(0)
+    counts = _Counts(appends=1, events=len(seqs) - dropped, dropped_completions=dropped)
+    return _Outcome(result=AppendResult(tuple(seqs)), counts=counts)
+
+
+def _insert(db: sqlite3.Connection, run_id: str, row: _Row, now: float) -> int:
+    """The new event's seq, or 0 when it was a second StageCompleted (dropped)."""
+    cur = db.execute(
+        "INSERT OR IGNORE INTO events (run_id, type, stage, attempt, ts, body, crc) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (run_id, row.type, row.stage, row.attempt, now, row.body, zlib.crc32(row.body)),
+    )
+    return int(cur.lastrowid or 0) if cur.rowcount == 1 else 0
+
+
+def _put_blobs(db: sqlite3.Connection, blobs: list[tuple[str, bytes]]) -> None:
+    if blobs:
+        db.executemany("INSERT OR IGNORE INTO blobs (ref, data) VALUES (?, ?)", blobs)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _row(event: Event) -> _Row:
+    stage = getattr(event, "stage", None)
+    attempt = getattr(event, "attempt", None)
+    tag = event.__struct_config__.tag
+    return _Row(str(tag), stage, attempt, _encode(event), status_of(event))
+
+
+def _blob_rows(blobs: Mapping[str, bytes]) -> list[tuple[str, bytes]]:
+    # A copy: the caller may reuse a bytearray before the writer gets to it.
+    return [(ref, bytes(data)) for ref, data in blobs.items()]
+
+
+def _size(blobs: list[tuple[str, bytes]]) -> int:
+    return sum(len(data) for _, data in blobs)
+
+
+def _decode_event(seq: int, body: bytes, crc: int) -> Event:
+    try:
+        if zlib.crc32(body) != crc:
+            raise ValueError("checksum mismatch")
+        event: Event = _event_decoder.decode(body)
+    except (ValueError, msgspec.DecodeError) as e:
+        logger.error("workflow log record seq %d is unreadable: %s", seq, e)
+        raise StorageUnavailable(f"the workflow log record seq {seq} is corrupt or unreadable") from None
+    return event
+
+
+def _call(hook: Callable[[], None] | None) -> None:
+    if hook is not None:
+        hook()
+
+
+def _settle(item: _Item, outcome: _Outcome) -> None:
+    def settle() -> None:
+        if item.future.done():  # the caller was cancelled
+            return
+        if outcome.error is not None:
+            item.future.set_exception(outcome.error)
+        else:
+            item.future.set_result(outcome.result)
+
+    with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody waits
+        item.loop.call_soon_threadsafe(settle)
+
+
+def _reason(e: BaseException) -> str:
+    """Words safe to show a client: SQLite's or the OS's, without paths."""
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    return str(e) or type(e).__name__
+
+
+def _unavailable(path: Path, message: str, cause: object) -> StorageUnavailable:
+    # The message may reach clients, so the path and SQLite's words go to the log only.
+    logger.error("%s: %s (%s)", message, path, cause)
+    return StorageUnavailable(message)
+
+
+# ---------------------------------------------------------------- opening
+
+
+def _prepare(db: sqlite3.Connection, path: Path) -> None:
+    """Pragmas, the damage checks and the schema; raises StorageUnavailable."""
+    try:
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer checkpoints itself
+        db.execute("BEGIN IMMEDIATE")  # no other writer may touch the -wal file while it is read
+        try:
+            damage = wal_damage(Path(f"{path}-wal"), page_size(path))
+        finally:
+            db.execute("ROLLBACK")
+        big = path.stat().st_size > FULL_CHECK_MAX_BYTES
+        problems = [r[0] for r in db.execute(f"PRAGMA {'quick' if big else 'integrity'}_check").fetchall()]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    except (sqlite3.Error, OSError) as e:
+        raise _unavailable(
+            path, f"the workflow log file is corrupt or unreadable ({_reason(e)})", e
+        ) from None
+    if damage:
+        raise _unavailable(
+            path,
+            f"the workflow log's -wal file is damaged: {damage} committed transaction(s) after a "
+            "damaged frame would be silently lost, so it is not opened. Restore it from a copy, or "
+            "accept the loss: `sqlite3 <file> 'PRAGMA wal_checkpoint(TRUNCATE)'` keeps what precedes "
+            "the damage",
+            damage,
+        )
+    if problems != ["ok"]:
+        raise _unavailable(
+            path,
+            "the workflow log file is corrupt (integrity check failed)",
+            "; ".join(map(str, problems[:5])),
+        )
+    if str(mode).lower() != "wal":
+        raise _unavailable(path, "the workflow log cannot use WAL mode", mode)
+    if version > SCHEMA_VERSION:
+        raise _unavailable(
+            path,
+            f"the workflow log has schema version {version}, newer than this SMSS supports "
+            f"({SCHEMA_VERSION}); upgrade SMSS",
+            version,
+        )
+    for v in range(version, SCHEMA_VERSION):
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for statement in _MIGRATIONS[v]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {v + 1}")
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise _unavailable(path, "the workflow log schema could not be created", e) from None
+
+
+if TYPE_CHECKING:  # SqliteEventLog satisfies the port (checked by mypy, never run)
+    from smss.ports import EventLog
+
+    _check: EventLog = SqliteEventLog("log.db")

@@ -1,0 +1,267 @@
+"""The workflow engine against the in-memory log and a fake function caller: no processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from smss.errors import Conflict, InvalidInput, ModelError, SmssError
+from smss.ports import CallResult, Tensors
+from smss.spec import FunctionSpec, TensorSpec
+from smss.testing.clock import FakeClock
+from smss.testing.memlog import MemoryEventLog
+from smss.workflow.builder import Workflow
+from smss.workflow.engine import Engine
+from smss.workflow.events import RunFailed, RunParked, StageCompleted, StageFailed
+from smss.workflow.spec import WorkflowSpec, validate_workflow
+
+
+def fn(name: str, inputs: dict[str, list[int]], outputs: dict[str, list[int]]) -> FunctionSpec:
+    return FunctionSpec(
+        name=name,
+        inputs=tuple(TensorSpec(k, "FP32", tuple(v)) for k, v in inputs.items()),
+        outputs=tuple(TensorSpec(k, "FP32", tuple(v)) for k, v in outputs.items()),
+        entrypoint="m.py:M",
+    )
+
+
+FUNCTIONS = {
+    "double": fn("double", {"x": [1, 4]}, {"y": [1, 4]}),
+    "inc": fn("inc", {"x": [1, 4]}, {"y": [1, 4]}),
+    "acc": fn("acc", {"x": [1, 4], "h": [1, 4]}, {"h": [1, 4]}),
+}
+
+BEHAVIOUR: dict[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] = {
+    "double": lambda i: {"y": i["x"] * 2},
+    "inc": lambda i: {"y": i["x"] + 1},
+    "acc": lambda i: {"h": i["h"] + i["x"]},
+}
+
+
+class FakeCaller:
+    """Calls functions in-process; counts calls; can fail or block a function."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.failures: dict[str, int] = {}
+        self.gate: dict[str, asyncio.Event] = {}
+        self.prewarmed: list[str] = []
+
+    def spec_of(self, function: str) -> FunctionSpec:
+        return FUNCTIONS[function]
+
+    async def call(self, function: str, inputs: Tensors, outputs: tuple[str, ...], timeout_s: float) -> CallResult:
+        self.calls[function] += 1
+        await asyncio.sleep(0)
+        if function in self.gate:
+            await self.gate[function].wait()
+        if self.failures.get(function, 0) > 0:
+            self.failures[function] -= 1
+            err = ModelError(f"{function} exploded")
+            err.instance = f"{function}-1"  # type: ignore[attr-defined]
+            raise err
+        return CallResult(BEHAVIOUR[function](dict(inputs)), f"{function}-1", "local")
+
+    def prewarm(self, function: str) -> None:
+        self.prewarmed.append(function)
+
+
+def chain() -> WorkflowSpec:
+    wf = (
+        Workflow("chain")
+        .stage("a", "double", inputs={"x": "request.x"}, retries=1)
+        .stage("b", "inc", inputs={"x": "a.y"})
+        .stage("c", "acc", inputs={"x": "b.y"}, state=True)
+        .output("out", "c.h")
+    )
+    return validate_workflow(wf.spec(), FUNCTIONS)
+
+
+X = np.ones((1, 4), np.float32)
+
+
+def engine(log: MemoryEventLog, caller: FakeCaller, spec: WorkflowSpec | None = None) -> Engine:
+    specs = {"chain": spec or chain()}
+    return Engine(log, caller, lambda name: specs[name], FakeClock())
+
+
+def completions(log: MemoryEventLog, run_id: str) -> Counter[str]:
+    return Counter(r.event.stage for r in log.read_run(run_id) if isinstance(r.event, StageCompleted))
+
+
+def test_a_run_completes_with_each_stage_recorded_once() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        async with engine(log, caller).running() as e:
+            outcome = await e.submit("chain", {"x": X}, session="s1")
+        assert outcome.status == "completed"
+        assert outcome.outputs is not None
+        np.testing.assert_array_equal(outcome.outputs["out"], X * 2 + 1)
+        assert completions(log, outcome.run_id) == {"a": 1, "b": 1, "c": 1}
+        assert log.get_state("chain", "s1").version == 1
+        assert "inc" in caller.prewarmed  # a's start pre-warms b's function
+
+    asyncio.run(main())
+
+
+def test_session_state_carries_and_no_update_is_lost_under_concurrency() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        async with engine(log, caller).running() as e:
+            outcomes = await asyncio.gather(*(e.submit("chain", {"x": X}, session="s") for _ in range(20)))
+        assert all(o.status == "completed" for o in outcomes)
+        state = log.get_state("chain", "s")
+        assert state.version == 20
+        final = np.frombuffer(log.blobs[state.tensors["h"]][-16:], np.float32)
+        np.testing.assert_array_equal(final, np.full(4, 20 * 3.0, np.float32))
+
+    asyncio.run(main())
+
+
+def test_a_failing_stage_is_retried_then_the_run_fails_with_its_location() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        caller.failures["double"] = 5
+        async with engine(log, caller).running() as e:
+            outcome = await e.submit("chain", {"x": X})
+        assert outcome.status == "failed"
+        events = [r.event for r in log.read_run(outcome.run_id)]
+        failed = [ev for ev in events if isinstance(ev, StageFailed)]
+        assert [(f.stage, f.attempt, f.instance, f.error_type) for f in failed] == [
+            ("a", 1, "double-1", "ModelError"),
+            ("a", 2, "double-1", "ModelError"),
+        ]
+        assert isinstance(events[-1], RunFailed)
+        assert events[-1].stage == "a"
+        assert caller.calls["inc"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_crashed_engine_resumes_without_rerunning_completed_stages() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        caller.gate["inc"] = asyncio.Event()  # b hangs: the "crash" happens while it is in flight
+        async with engine(log, caller).running() as e:
+            outcome = await e.submit("chain", {"x": X}, session="s", wait=False)
+            while caller.calls["inc"] == 0:
+                await asyncio.sleep(0)
+        # The engine is gone (its tasks cancelled) with stage b in flight.
+        assert completions(log, outcome.run_id) == {"a": 1}
+        caller.gate.clear()
+        async with engine(log, caller).running() as e2:
+            result = await e2.submit("chain", {"x": X}, session="other")  # the engine is live
+            while log.run_summary(outcome.run_id).status == "running":  # type: ignore[union-attr]
+                await asyncio.sleep(0)
+        assert result.status == "completed"
+        assert log.run_summary(outcome.run_id).status == "completed"  # type: ignore[union-attr]
+        assert completions(log, outcome.run_id) == {"a": 1, "b": 1, "c": 1}
+        assert caller.calls["double"] == 2  # once per run: never re-run for the recovered one
+        assert log.get_state("chain", "s").version == 1
+
+    asyncio.run(main())
+
+
+def test_a_second_completion_of_a_stage_is_dropped() -> None:
+    async def main() -> None:
+        log = MemoryEventLog()
+        async with engine(log, FakeCaller()).running() as e:
+            outcome = await e.submit("chain", {"x": X})
+        result = await log.append(outcome.run_id, [StageCompleted("a", 9, {})])
+        assert result.seqs == (0,)
+        assert completions(log, outcome.run_id)["a"] == 1
+
+    asyncio.run(main())
+
+
+def test_idempotency_key_gives_one_run_and_a_conflict_for_a_different_payload() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        async with engine(log, caller).running() as e:
+            runs = await asyncio.gather(*(e.submit("chain", {"x": X}, idempotency_key="k") for _ in range(10)))
+            assert len({r.run_id for r in runs}) == 1
+            with pytest.raises(Conflict):
+                await e.submit("chain", {"x": X * 3}, idempotency_key="k")
+        assert caller.calls["double"] == 1
+
+    asyncio.run(main())
+
+
+def test_a_changed_definition_parks_unfinished_runs_at_recovery() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        caller.gate["inc"] = asyncio.Event()
+        async with engine(log, caller).running() as e:
+            outcome = await e.submit("chain", {"x": X}, wait=False)
+            while caller.calls["inc"] == 0:
+                await asyncio.sleep(0)
+        changed = validate_workflow(
+            Workflow("chain").stage("a", "double", inputs={"x": "request.x"}).output("out", "a.y").spec(),
+            FUNCTIONS,
+        )
+        async with engine(log, caller, changed).running():
+            pass
+        assert log.run_summary(outcome.run_id).status == "parked"  # type: ignore[union-attr]
+        assert isinstance(log.read_run(outcome.run_id)[-1].event, RunParked)
+
+    asyncio.run(main())
+
+
+def test_resume_of_a_failed_run_keeps_completed_stages() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        caller.failures["inc"] = 10
+        async with engine(log, caller).running() as e:
+            failed = await e.submit("chain", {"x": X})
+            assert failed.status == "failed"
+            caller.failures.clear()
+            await e.resume(failed.run_id)
+            while log.run_summary(failed.run_id).status != "completed":  # type: ignore[union-attr]
+                await asyncio.sleep(0)
+        assert caller.calls["double"] == 1
+        assert completions(log, failed.run_id) == {"a": 1, "b": 1, "c": 1}
+
+    asyncio.run(main())
+
+
+def test_replay_from_a_stage_reruns_it_and_what_follows_only() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        async with engine(log, caller).running() as e:
+            first = await e.submit("chain", {"x": X}, session="s")
+            again = await e.replay_from(first.run_id, "b")
+        assert again.status == "completed"
+        assert again.outputs is not None and first.outputs is not None
+        np.testing.assert_array_equal(again.outputs["out"], first.outputs["out"])
+        assert caller.calls == {"double": 1, "inc": 2, "acc": 2}
+        assert log.get_state("chain", "s").version == 1  # a replay leaves the session alone
+
+    asyncio.run(main())
+
+
+def test_bad_inputs_are_rejected_before_anything_is_logged() -> None:
+    async def main() -> None:
+        log = MemoryEventLog()
+        async with engine(log, FakeCaller()).running() as e:
+            for bad in ({"x": np.ones((1, 5), np.float32)}, {"y": X}, {"x": X.astype(np.float64)}, {}):
+                with pytest.raises(InvalidInput):
+                    await e.submit("chain", bad)
+        assert log.records == []
+
+    asyncio.run(main())
+
+
+def test_a_log_that_cannot_write_refuses_the_run() -> None:
+    async def main() -> None:
+        log = MemoryEventLog()
+        log.fail_appends = True
+        async with engine(log, FakeCaller()).running() as e:
+            with pytest.raises(SmssError):
+                await e.submit("chain", {"x": X})
+        assert log.records == []
+
+    asyncio.run(main())
