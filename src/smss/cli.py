@@ -225,6 +225,18 @@ def invoke(
             console.print(f"{k} {list(v.shape)} {v.dtype}:\n{v}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def simulate(ctx: typer.Context) -> None:
+    """Replay a trace through the real autoscaler, keep-alive and router on a virtual clock.
+
+    Usage: smss simulate TRACE.csv --policy fixed:600|hybrid [--memory-mb N] [--cold-start-ms N]
+    [--concurrency N] [--tick-s S] [--prices FILE] [--json]
+    """
+    from smss.sim.simulator import main as simulate_main
+
+    raise typer.Exit(simulate_main(list(ctx.args)))
+
+
 @app.command()
 def cost(url: Url = None, as_json: AsJson = False) -> None:
     """Cost per function and in total since metering began, beside always-on containers for the peak."""

@@ -1,4 +1,6 @@
-"""Cost: metered usage priced, next to always-on containers sized for the peak. Pure.
+"""Cost: metered usage priced, next to always-on containers sized for the peak.
+
+Pure, except :func:`load_prices`, which reads the one file it is given.
 
 :func:`report` turns the :class:`~smss.control.metering.FunctionUsage` of each function
 into money with a :class:`PriceTable`:

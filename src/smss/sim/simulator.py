@@ -32,13 +32,24 @@ Differences from the live controller, for speed and on purpose:
   function's tick changes nothing in :func:`plan` (with no demand it only stops
   instances past their keep-alive), so this is the same decision, made at the
   expiry instead of at the first tick after it (up to ``tick_s`` sooner);
-* the autoscaler observes demand at every change (arrival, start of service,
-  completion), not a sample per tick: the exact time-weighted signal that tick
-  sampling approximates;
+* the autoscaler observes demand at every change (arrival, completion), not a sample
+  per tick: the exact time-weighted signal that tick sampling approximates;
+* ``tick_s`` defaults to 1 s (the live default is 0.2 s): it only paces the
+  autoscaler's re-evaluation under load, and a finer tick costs run time on busy
+  traces for little change in the figures;
+* with more than two free instances the router is handed a uniformly random pair of
+  them rather than all (it compares a random pair anyway), so an arrival is O(1);
 * control actions take no time (a wake-up reconciles at once) and starts never fail.
 
 The run ends when the last request completes; instances still alive then are metered
 up to that time, which is also the period the always-on containers are priced for.
+Those containers are sized for the concurrency the trace offers (each invocation
+running from its arrival for its duration, :func:`~smss.sim.trace.peak_concurrency`),
+so the baseline is the same for every policy.
+
+Cost: about 25 us of CPU an invocation (two heap operations, a few autoscaler and
+meter calls, a reconcile only when an arrival finds no free slot or a timer fires):
+over two million invocations a minute on one core.
 """
 
 from __future__ import annotations
@@ -176,35 +187,42 @@ class Simulation:
         self.cold_starts = 0
         self.prewarm_starts = 0
         self.outstanding = 0
+        self._ran = False
 
     # ------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, object]:
+        """Replay the whole trace (once) and return the figures."""
+        if self._ran:
+            raise RuntimeError("a Simulation runs once")
+        self._ran = True
         heap, fns, ts = self._heap, self._fns, self._t
         fidx = self.trace.function.tolist()
-        pop, done, ready, wake, arrive = heapq.heappop, self._done, self._ready, self._wake, self._arrive
+        pop, step, arrive = heapq.heappop, self._step, self._arrive
+        if self.config.min_instances > 0:  # the controller's first tick starts them
+            for fn in fns:
+                self._reconcile(fn, 0.0)
+                self._schedule(fn, 0.0)
         now = 0.0
         for k, t in enumerate(ts):
             while heap and heap[0][0] <= t:
-                at, _, kind, obj, arg = pop(heap)
-                if kind == _DONE:
-                    done(obj, arg, at)  # type: ignore[arg-type]
-                elif kind == _READY:
-                    ready(obj, at)  # type: ignore[arg-type]
-                else:
-                    wake(obj, at)  # type: ignore[arg-type]
+                step(pop(heap))
             arrive(fns[fidx[k]], k, t)
             now = t
         while self.outstanding > 0:
-            at, _, kind, obj, arg = pop(heap)
-            now = at
-            if kind == _DONE:
-                done(obj, arg, at)  # type: ignore[arg-type]
-            elif kind == _READY:
-                ready(obj, at)  # type: ignore[arg-type]
-            else:
-                wake(obj, at)  # type: ignore[arg-type]
+            entry = pop(heap)
+            now = entry[0]
+            step(entry)
         return self._results(now)
+
+    def _step(self, entry: tuple[float, int, int, object, int]) -> None:
+        at, _, kind, obj, arg = entry
+        if kind == _DONE:
+            self._done(obj, arg, at)  # type: ignore[arg-type]
+        elif kind == _READY:
+            self._ready(obj, at)  # type: ignore[arg-type]
+        else:
+            self._wake(obj, at)  # type: ignore[arg-type]
 
     def _push(self, at: float, kind: int, obj: object, arg: int = 0) -> None:
         self._seq += 1
