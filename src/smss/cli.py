@@ -51,7 +51,10 @@ def serve(
     data_dir: Annotated[Path | None, typer.Option(help="Data directory [default: ~/.smss]")] = None,
     demo: Annotated[bool, typer.Option("--demo", help="Deploy the demo models")] = False,
     token: Token = None,
-    keep_alive: Annotated[float, typer.Option(help="Seconds an idle instance stays up")] = 300.0,
+    keep_alive: Annotated[
+        float | None,
+        typer.Option(help="Seconds an idle instance stays up [default: $SMSS_KEEP_ALIVE_S or 300]"),
+    ] = None,
     weight_cache: Annotated[
         str | None, typer.Option(help="Weight store budget per node, e.g. 4G [default: RAM/4]")
     ] = None,
@@ -75,7 +78,9 @@ def serve(
         token=token or config.env_token(),
         demo=demo,
         log_level=log_level,
-        serving=config.ServingSettings(keep_alive_s=config.env_keep_alive() or keep_alive),
+        serving=config.ServingSettings(
+            keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0)
+        ),
         start_mode=start_mode,
         keep_alive_policy=keep_alive_policy,
         prices_path=prices,

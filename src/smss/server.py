@@ -147,6 +147,7 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self._ctx.settings.demo and not self.should_exit:
             await deploy_demo(self._ctx.platform, self._ctx.settings.data_dir)
+            self._ctx.ready = True
         print(f"smss serving on http://{self._ctx.settings.host}:{self.config.port}", flush=True)
 
 

@@ -54,7 +54,9 @@ class FakeCaller:
     def spec_of(self, function: str) -> FunctionSpec:
         return FUNCTIONS[function]
 
-    async def call(self, function: str, inputs: Tensors, outputs: tuple[str, ...], timeout_s: float) -> CallResult:
+    async def call(
+        self, function: str, inputs: Tensors, outputs: tuple[str, ...], timeout_s: float
+    ) -> CallResult:
         self.calls[function] += 1
         await asyncio.sleep(0)
         if function in self.gate:
@@ -87,6 +89,15 @@ X = np.ones((1, 4), np.float32)
 def engine(log: MemoryEventLog, caller: FakeCaller, spec: WorkflowSpec | None = None) -> Engine:
     specs = {"chain": spec or chain()}
     return Engine(log, caller, lambda name: specs[name], FakeClock())
+
+
+async def eventually(predicate: Callable[[], bool], steps: int = 100_000) -> None:
+    """Let the engine's tasks run until ``predicate`` holds (bounded, no wall-clock sleeps)."""
+    for _ in range(steps):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
 
 
 def completions(log: MemoryEventLog, run_id: str) -> Counter[str]:
@@ -148,15 +159,13 @@ def test_a_crashed_engine_resumes_without_rerunning_completed_stages() -> None:
         caller.gate["inc"] = asyncio.Event()  # b hangs: the "crash" happens while it is in flight
         async with engine(log, caller).running() as e:
             outcome = await e.submit("chain", {"x": X}, session="s", wait=False)
-            while caller.calls["inc"] == 0:
-                await asyncio.sleep(0)
+            await eventually(lambda: caller.calls["inc"] > 0)
         # The engine is gone (its tasks cancelled) with stage b in flight.
         assert completions(log, outcome.run_id) == {"a": 1}
         caller.gate.clear()
         async with engine(log, caller).running() as e2:
             result = await e2.submit("chain", {"x": X}, session="other")  # the engine is live
-            while log.run_summary(outcome.run_id).status == "running":  # type: ignore[union-attr]
-                await asyncio.sleep(0)
+            await eventually(lambda: log.run_summary(outcome.run_id).status != "running")  # type: ignore[union-attr]
         assert result.status == "completed"
         assert log.run_summary(outcome.run_id).status == "completed"  # type: ignore[union-attr]
         assert completions(log, outcome.run_id) == {"a": 1, "b": 1, "c": 1}
@@ -182,7 +191,9 @@ def test_idempotency_key_gives_one_run_and_a_conflict_for_a_different_payload() 
     async def main() -> None:
         log, caller = MemoryEventLog(), FakeCaller()
         async with engine(log, caller).running() as e:
-            runs = await asyncio.gather(*(e.submit("chain", {"x": X}, idempotency_key="k") for _ in range(10)))
+            runs = await asyncio.gather(
+                *(e.submit("chain", {"x": X}, idempotency_key="k") for _ in range(10))
+            )
             assert len({r.run_id for r in runs}) == 1
             with pytest.raises(Conflict):
                 await e.submit("chain", {"x": X * 3}, idempotency_key="k")
@@ -197,8 +208,7 @@ def test_a_changed_definition_parks_unfinished_runs_at_recovery() -> None:
         caller.gate["inc"] = asyncio.Event()
         async with engine(log, caller).running() as e:
             outcome = await e.submit("chain", {"x": X}, wait=False)
-            while caller.calls["inc"] == 0:
-                await asyncio.sleep(0)
+            await eventually(lambda: caller.calls["inc"] > 0)
         changed = validate_workflow(
             Workflow("chain").stage("a", "double", inputs={"x": "request.x"}).output("out", "a.y").spec(),
             FUNCTIONS,
@@ -220,8 +230,7 @@ def test_resume_of_a_failed_run_keeps_completed_stages() -> None:
             assert failed.status == "failed"
             caller.failures.clear()
             await e.resume(failed.run_id)
-            while log.run_summary(failed.run_id).status != "completed":  # type: ignore[union-attr]
-                await asyncio.sleep(0)
+            await eventually(lambda: log.run_summary(failed.run_id).status == "completed")  # type: ignore[union-attr]
         assert caller.calls["double"] == 1
         assert completions(log, failed.run_id) == {"a": 1, "b": 1, "c": 1}
 
@@ -235,7 +244,8 @@ def test_replay_from_a_stage_reruns_it_and_what_follows_only() -> None:
             first = await e.submit("chain", {"x": X}, session="s")
             again = await e.replay_from(first.run_id, "b")
         assert again.status == "completed"
-        assert again.outputs is not None and first.outputs is not None
+        assert again.outputs is not None
+        assert first.outputs is not None
         np.testing.assert_array_equal(again.outputs["out"], first.outputs["out"])
         assert caller.calls == {"double": 1, "inc": 2, "acc": 2}
         assert log.get_state("chain", "s").version == 1  # a replay leaves the session alone

@@ -93,6 +93,8 @@ def _checked_shape(wire: InputWire, spec: TensorSpec | None, limits: Limits) -> 
         )
     # Zero-size tensors count too: numpy refuses shapes whose non-zero dims overflow.
     span = element_count(tuple(max(dim, 1) for dim in shape))  # exact: Python ints
+    if span >= 2**63:
+        raise InvalidInput(f"input {show(wire.name)}: shape {_show_shape(shape)} overflows a 64-bit size")
     if span > limits.max_tensor_elements:
         raise PayloadTooLarge(
             f"input {show(wire.name)}: shape {_show_shape(shape)} has more than "

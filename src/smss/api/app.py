@@ -21,7 +21,7 @@ def create_app(ctx: AppContext) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with ctx.platform.running():
-            ctx.ready = True
+            ctx.ready = not ctx.settings.demo  # with --demo: once the demo models are deployed
             try:
                 yield
             finally:

@@ -77,7 +77,7 @@ def routes(ctx: AppContext) -> list[Route]:
             return json_response({"name": request.path_params["name"], "ready": True})
         rt = runtime_of(request)
         d = rt.dispatcher
-        ok = bool(d.slots) or not (d.start_error is not None and time.monotonic() < d.backoff_until)
+        ok = bool(d.slots) or d.start_error is None
         return json_response({"name": rt.record.spec.name, "ready": ok}, 200 if ok else 503)
 
     @endpoint

@@ -221,7 +221,8 @@ class Controller:
         try:
             started = await self._backend.start_instance(record.spec, Path(record.artifact_dir))
             channel = await self._connect(started.info)
-        except StartFailed as e:
+        except StartFailed as failure:
+            e = StartFailed(f"model {record.spec.name!r} failed to start: {failure.message}")
             runtime.failures += 1
             backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (runtime.failures - 1))
             log.error("model %s failed to start (%d in a row): %s", record.spec.name, runtime.failures, e)

@@ -79,13 +79,19 @@ class UnixChannel:
     async def _call(
         self, make: Callable[[int], ipc.Message], buffers: list[memoryview]
     ) -> tuple[ipc.Message, bytes]:
-        if self._closed:
+        if self._closed or self._writer.is_closing():
+            self._fail_all()
             raise InstanceLost(f"instance {self.info.id} is gone")
         rid = next(self._ids)
         future: asyncio.Future[tuple[ipc.Message, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
-            ipc.write_frame(self._writer, make(rid), buffers)
+            try:
+                ipc.write_frame(self._writer, make(rid), buffers)
+            except (ConnectionError, RuntimeError):
+                # The transport closed before the reader noticed: the instance is gone.
+                self._fail_all()
+                raise InstanceLost(f"instance {self.info.id} is gone") from None
             return await future
         finally:
             self._pending.pop(rid, None)

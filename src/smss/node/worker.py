@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from smss.errors import InvalidInput, SmssError, StartFailed
+from smss.errors import InvalidInput, StartFailed
 from smss.node import ipc
 from smss.node.attach import Attached, HotCopy
 from smss.node.batching import Batcher, ModelFailure, Pending
@@ -155,10 +155,15 @@ class Server:
         await self._idle.wait()
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
+    """Be killed when the parent dies. ``parent`` is the pid the parent had before
+    it forked us: if it died in between, the death signal was never armed for
+    it, so exit now rather than live on as an orphan."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 async def serve(
@@ -252,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(config.spec, Path(config.artifact_dir))
         warm_up(config.spec, model)
     except BaseException as e:
-        reason = e.message if isinstance(e, SmssError) else f"{type(e).__name__}: {e}"
+        from smss.node.zygote import public_reason
+
+        reason = public_reason(e)
         log.exception("instance failed to load")
         os.write(ready_fd, msgspec.json.encode(Ready(False, os.getpid(), error=reason[:2000])) + b"\n")
         sys.exit(3)

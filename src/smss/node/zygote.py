@@ -36,6 +36,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -84,6 +85,16 @@ def preload(runtime: str) -> None:
         import onnxruntime  # noqa: F401
 
 
+_PATH = re.compile(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)")
+
+
+def public_reason(error: BaseException) -> str:
+    """Why a model failed to load, fit for a client: the error type and message
+    with file paths cut to their last part (full paths stay in the log)."""
+    text = error.message if isinstance(error, SmssError) else f"{type(error).__name__}: {error}"
+    return _PATH.sub(r"\1", text)
+
+
 def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
@@ -106,12 +117,13 @@ def _prepare(
     if not isinstance(request, proto.Prepare):
         return proto.Failed("a zygote only prepares templates")
     read_end, write_end = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # template
         os.close(read_end)
         listener.close()
         conn.close()
-        _template_main(request, write_end)
+        _template_main(request, write_end, parent)
         os._exit(0)
     os.close(write_end)
     try:
@@ -133,8 +145,8 @@ def _prepare(
 # ------------------------------------------------------------------ template
 
 
-def _template_main(request: proto.Prepare, report_fd: int) -> None:
-    die_with_parent()
+def _template_main(request: proto.Prepare, report_fd: int, parent: int) -> None:
+    die_with_parent(parent)
     config = request.config
     try:
         t0 = time.perf_counter()
@@ -145,7 +157,7 @@ def _template_main(request: proto.Prepare, report_fd: int) -> None:
         t2 = time.perf_counter()
         control = listen(request.control_path)
     except BaseException as e:
-        reason = e.message if isinstance(e, SmssError) else f"{type(e).__name__}: {e}"
+        reason = public_reason(e)
         log.exception("template for %s failed to load", config.spec.name)
         os.write(report_fd, msgspec.json.encode(proto.Failed(reason[:2000])) + b"\n")
         os._exit(3)
@@ -184,18 +196,19 @@ def _spawn(config: WorkerConfig, model: Any, listener: socket.socket, conn: sock
         instance_listener = listen(config.socket_path)
     except OSError as e:
         return proto.Failed(f"cannot listen on the instance socket: {e.strerror}")
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # instance
         listener.close()
         conn.close()
-        _instance_main(config, model, instance_listener)
+        _instance_main(config, model, instance_listener, parent)
         os._exit(0)
     instance_listener.close()
     return proto.Spawned(pid, fork_ms=(time.perf_counter() - t0) * 1000)
 
 
-def _instance_main(config: WorkerConfig, model: Any, sock: socket.socket) -> None:
-    die_with_parent()
+def _instance_main(config: WorkerConfig, model: Any, sock: socket.socket, parent: int) -> None:
+    die_with_parent(parent)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     logging.basicConfig(
         level=logging.INFO,

@@ -146,11 +146,16 @@ class ZygotePool:
             return existing, True
         if existing is not None:
             self.discard(key)
-        zygote = await self._zygote(config.spec.runtime)
         control_path = self._run_dir / f"tpl-{next(self._serial)}.sock"
-        reply = await zygote.control.call(
-            proto.Prepare(config, str(segment) if segment else None, str(control_path))
-        )
+        request = proto.Prepare(config, str(segment) if segment else None, str(control_path))
+        zygote = await self._zygote(config.spec.runtime)
+        try:
+            reply = await zygote.control.call(request)
+        except StartFailed:
+            # The zygote died and asyncio has not reported it yet: replace it, once.
+            await self._kill_zygote(config.spec.runtime, zygote)
+            zygote = await self._zygote(config.spec.runtime)
+            reply = await zygote.control.call(request)
         if isinstance(reply, proto.Failed):
             raise StartFailed(reply.message)
         if not isinstance(reply, proto.Prepared):
@@ -167,6 +172,15 @@ class ZygotePool:
         if not isinstance(reply, proto.Spawned):
             raise StartFailed("unexpected reply from the template")
         return reply
+
+    async def _kill_zygote(self, runtime: str, zygote: _Zygote) -> None:
+        zygote.control.close()
+        with contextlib.suppress(ProcessLookupError):
+            zygote.process.kill()
+        await zygote.process.wait()
+        if self._zygotes.get(runtime) is zygote:
+            del self._zygotes[runtime]
+        self._forget_templates_of_dead_zygote()
 
     def discard(self, key: str) -> None:
         """Stop a template (its weights are being evicted)."""
@@ -198,13 +212,13 @@ _SINGLE_THREADED = {
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as dead)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
 def watch_exit(pid: int, callback: Callable[[], None]) -> Callable[[], None]:

@@ -26,10 +26,11 @@ Guarantees:
   unacknowledged transaction is recovered from, as SQLite does. Each event body
   carries a CRC-32, and a blob is checked against its sha256 when read.
 
-The log checkpoints itself (``wal_checkpoint(TRUNCATE)``, once the ``-wal`` file
-passes ``checkpoint_bytes``) instead of SQLite's auto-checkpoint, so the ``-wal``
-file never holds frames already copied into the database beyond the instant of a
-checkpoint: a lost ``-wal`` tail then loses only a suffix of transactions.
+The log checkpoints itself (``wal_checkpoint(TRUNCATE)``: at open, and after a
+commit once the ``-wal`` file passes ``checkpoint_bytes``) instead of SQLite's
+auto-checkpoint, so the ``-wal`` file holds frames already copied into the database
+only while a checkpoint runs (or when a reader kept one from completing): a ``-wal``
+tail lost after a crash then costs a suffix of transactions, never consistency.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class _Append:
     rows: list[_Row]
     blobs: list[tuple[str, bytes]]
     state: StateWrite | None
+    state_tensors: bytes  # msgpack of state.tensors
 
 
 @dataclass
@@ -215,9 +217,10 @@ class SqliteEventLog:
             ("appends", "events", "commits", "dropped_completions", "state_conflicts", "runs_started"), 0
         )
         self._read_lock = threading.Lock()
+        _refuse_damaged(self.path)
         self._wdb = self._connect()
         try:
-            _prepare(self._wdb, self.path)
+            _setup(self._wdb, self.path)
             # What a crash left in the -wal file goes into the database now, once.
             self._checkpoint()
             self._rdb = self._connect()
@@ -261,8 +264,10 @@ class SqliteEventLog:
             if isinstance(event, RunStarted) or not isinstance(event, _EVENT_TYPES):
                 raise TypeError(f"cannot append {type(event).__name__}: RunStarted is written by start_run")
             rows.append(_row(event))
+        if state is not None and not isinstance(state, StateWrite):
+            raise TypeError(f"state must be a StateWrite, not {type(state).__name__}")
         blob_rows = _blob_rows(blobs or {})
-        op = _Append(run_id, rows, blob_rows, state)
+        op = _Append(run_id, rows, blob_rows, state, _encode(dict(state.tensors)) if state else b"")
         result: AppendResult = await self._submit(op, sum(len(r.body) for r in rows) + _size(blob_rows))
         return result
 
@@ -413,17 +418,20 @@ class SqliteEventLog:
             for outcome in outcomes:
                 for name, value in vars(outcome.counts).items():
                     self._counters[name] += value
-        for item, outcome in zip(items, outcomes, strict=True):
-            _settle(item, outcome)
+        _settle(list(zip(items, outcomes, strict=True)))
         self._maybe_checkpoint()
 
     def _apply(self, db: sqlite3.Connection, op: _StartRun | _Append, now: float) -> _Outcome:
-        """One request in its own savepoint. Its own errors (unknown run, used id) undo
-        it alone; a database error propagates and loses the batch."""
+        """One request in its own savepoint: its own error undoes it alone; a database
+        error propagates and loses the batch."""
         db.execute("SAVEPOINT request")
         try:
             outcome = _start_run(db, op, now) if isinstance(op, _StartRun) else _append(db, op, now)
-        except SmssError as e:
+        except (sqlite3.Error, OSError):
+            raise  # the database is in trouble: the whole batch is lost
+        except Exception as e:  # this request's own: unknown run, run id used, a bug
+            if not isinstance(e, SmssError):
+                logger.exception("workflow log request failed")
             db.execute("ROLLBACK TO request")
             db.execute("RELEASE request")
             return _Outcome(error=e)
@@ -461,12 +469,14 @@ class SqliteEventLog:
                 self._wdb.execute("ROLLBACK")
 
     def _settle_all(self, items: list[_Item], outcome: _Outcome) -> None:
+        answers = []
         for item in items:
             # One exception object per waiter: each gets its own traceback.
             error = outcome.error
             if isinstance(error, SmssError):
                 error = type(error)(error.message)
-            _settle(item, _Outcome(error=error))
+            answers.append((item, _Outcome(error=error)))
+        _settle(answers)
 
     def _storage_error(self, what: str, cause: BaseException) -> StorageUnavailable:
         logger.error("the workflow log %s: %s (%r)", what, self.path, cause)
@@ -531,7 +541,7 @@ def _append(db: sqlite3.Connection, op: _Append, now: float) -> _Outcome:
             "INSERT INTO session_state (workflow, session, version, tensors) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (workflow, session) "
             "DO UPDATE SET version = excluded.version, tensors = excluded.tensors",
-            (s.workflow, s.session, s.expected + 1, _encode(dict(s.tensors))),
+            (s.workflow, s.session, s.expected + 1, op.state_tensors),
         )
     _put_blobs(db, op.blobs)
     seqs = [_insert(db, op.run_id, row, now) for row in op.rows]
@@ -594,17 +604,24 @@ def _call(hook: Callable[[], None] | None) -> None:
         hook()
 
 
-def _settle(item: _Item, outcome: _Outcome) -> None:
-    def settle() -> None:
+def _settle(answers: list[tuple[_Item, _Outcome]]) -> None:
+    """Answer the waiters: one wake-up of each event loop for the whole batch."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, _Outcome]]] = {}
+    for item, outcome in answers:
+        by_loop.setdefault(item.loop, []).append((item, outcome))
+    for loop, mine in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody waits
+            loop.call_soon_threadsafe(_answer, mine)
+
+
+def _answer(answers: list[tuple[_Item, _Outcome]]) -> None:
+    for item, outcome in answers:
         if item.future.done():  # the caller was cancelled
-            return
+            continue
         if outcome.error is not None:
             item.future.set_exception(outcome.error)
         else:
             item.future.set_result(outcome.result)
-
-    with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody waits
-        item.loop.call_soon_threadsafe(settle)
 
 
 def _reason(e: BaseException) -> str:
@@ -623,20 +640,26 @@ def _unavailable(path: Path, message: str, cause: object) -> StorageUnavailable:
 # ---------------------------------------------------------------- opening
 
 
-def _prepare(db: sqlite3.Connection, path: Path) -> None:
-    """Pragmas, the damage checks and the schema; raises StorageUnavailable."""
+def _refuse_damaged(path: Path) -> None:
+    """Refuse a damaged file before anything writes to it. A read-write connection must
+    not be opened first: closing it would checkpoint what SQLite recovered and delete
+    the -wal file, evidence and intact later commits with it. So the -wal file is read
+    directly and the database through a read-only connection, which leaves both as
+    they are. (The log has one writer; another process writing meanwhile could make an
+    intact -wal file look damaged, never the reverse.)"""
+    if not path.exists() or path.stat().st_size == 0:
+        return
     try:
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer checkpoints itself
-        db.execute("BEGIN IMMEDIATE")  # no other writer may touch the -wal file while it is read
+        damage = wal_damage(Path(f"{path}-wal"), page_size(path))
+        probe = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S)
         try:
-            damage = wal_damage(Path(f"{path}-wal"), page_size(path))
+            big = path.stat().st_size > FULL_CHECK_MAX_BYTES
+            problems = [
+                r[0] for r in probe.execute(f"PRAGMA {'quick' if big else 'integrity'}_check").fetchall()
+            ]
+            version = probe.execute("PRAGMA user_version").fetchone()[0]
         finally:
-            db.execute("ROLLBACK")
-        big = path.stat().st_size > FULL_CHECK_MAX_BYTES
-        problems = [r[0] for r in db.execute(f"PRAGMA {'quick' if big else 'integrity'}_check").fetchall()]
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+            probe.close()
     except (sqlite3.Error, OSError) as e:
         raise _unavailable(
             path, f"the workflow log file is corrupt or unreadable ({_reason(e)})", e
@@ -656,8 +679,6 @@ def _prepare(db: sqlite3.Connection, path: Path) -> None:
             "the workflow log file is corrupt (integrity check failed)",
             "; ".join(map(str, problems[:5])),
         )
-    if str(mode).lower() != "wal":
-        raise _unavailable(path, "the workflow log cannot use WAL mode", mode)
     if version > SCHEMA_VERSION:
         raise _unavailable(
             path,
@@ -665,12 +686,28 @@ def _prepare(db: sqlite3.Connection, path: Path) -> None:
             f"({SCHEMA_VERSION}); upgrade SMSS",
             version,
         )
+
+
+def _setup(db: sqlite3.Connection, path: Path) -> None:
+    """Pragmas and the schema, on the checked file; raises StorageUnavailable."""
+    try:
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer checkpoints itself
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as e:
+        raise _unavailable(
+            path, f"the workflow log file is corrupt or unreadable ({_reason(e)})", e
+        ) from None
+    if str(mode).lower() != "wal":
+        raise _unavailable(path, "the workflow log cannot use WAL mode", mode)
     for v in range(version, SCHEMA_VERSION):
         try:
             db.execute("BEGIN IMMEDIATE")
-            for statement in _MIGRATIONS[v]:
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {v + 1}")
+            if db.execute("PRAGMA user_version").fetchone()[0] == v:  # not done by another process meanwhile
+                for statement in _MIGRATIONS[v]:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {v + 1}")
             db.execute("COMMIT")
         except sqlite3.Error as e:
             if db.in_transaction:
