@@ -81,8 +81,7 @@ class Platform:
         if self.workflows.find(spec.name) is not None:
             raise Conflict(f"{spec.name!r} is already the name of a workflow")
         async with self._deploy_lock:
-            previous = self.registry.get_function(spec.name)
-            generation = previous.generation + 1 if previous else 1
+            generation = self.registry.next_generation(spec.name)
             directory = await asyncio.to_thread(
                 self.artifacts.install, spec, source, weights_sha256, generation
             )

@@ -35,6 +35,10 @@ class KeepAlivePolicy(Protocol):
         """How long an idle instance of ``function`` may stay idle before it is stopped."""
         ...
 
+    def surplus_keep_alive_s(self, function: str, now: float) -> float:
+        """How long an idle instance of ``function`` that is not its last may stay idle."""
+        ...
+
     def prewarm_at(self, function: str, now: float) -> float | None:
         """When to have an instance of ``function`` ready next; ``None``: no pre-warm."""
         ...
@@ -52,6 +56,9 @@ class FixedKeepAlive:
         pass
 
     def keep_alive_s(self, function: str, now: float) -> float:
+        return self.ttl_s
+
+    def surplus_keep_alive_s(self, function: str, now: float) -> float:
         return self.ttl_s
 
     def prewarm_at(self, function: str, now: float) -> float | None:
@@ -73,6 +80,8 @@ class HybridConfig:
     cv_threshold: float = 2.0
     min_samples: int = 10
     oob_threshold: float = 0.5
+    surplus_s: float = 60.0
+    cap_surplus: int = 1
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> InvalidSpec:
@@ -232,6 +241,11 @@ class HybridKeepAlive:
     def keep_alive_s(self, function: str, now: float) -> float:
         w = self._windows(function)
         return self._fallback.ttl_s if w is None else w.keep_alive_s
+
+    def surplus_keep_alive_s(self, function: str, now: float) -> float:
+        if self.config.cap_surplus:
+            return min(self.config.surplus_s, self.keep_alive_s(function, now))
+        return self.config.surplus_s
 
     def prewarm_at(self, function: str, now: float) -> float | None:
         w = self._windows(function)

@@ -356,6 +356,9 @@ class Simulation:
                 max_instances=cfg.max_instances,
                 desired=fn.autoscaler.desired(now, len(views)),
                 keep_alive_s=self.policy.keep_alive_s(fn.name, now),
+                queued=len(fn.queue),
+                concurrency=self._limit,
+                surplus_keep_alive_s=self.policy.surplus_keep_alive_s(fn.name, now),
             )
         )
         for _ in range(scale.start):
@@ -377,7 +380,11 @@ class Simulation:
             wake = math.inf
             if fn.idle and len(fn.ready) > self.config.min_instances:
                 first = next(iter(fn.idle.values()))
-                wake = first.idle_since + self.policy.keep_alive_s(fn.name, now) + _EPS
+                if len(fn.ready) == 1:  # the last instance: the function's keep-alive
+                    window = self.policy.keep_alive_s(fn.name, now)
+                else:
+                    window = self.policy.surplus_keep_alive_s(fn.name, now)
+                wake = first.idle_since + window + _EPS
             if not fn.ready and fn.starting == 0:
                 at = self.policy.prewarm_at(fn.name, now)
                 if at is not None and at != fn.prewarmed_for and at - self._cold_s > now:

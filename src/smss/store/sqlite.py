@@ -87,6 +87,13 @@ class SqliteRegistry:
 
         return self._run(put, write=True)
 
+    def next_generation(self, name: str) -> int:
+        def next_(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT generation FROM functions WHERE name = ?", (name,)).fetchone()
+            return int(row[0]) + 1 if row else 1
+
+        return self._run(next_)
+
     def get_function(self, name: str) -> FunctionRecord | None:
         def get(db: sqlite3.Connection) -> FunctionRecord | None:
             row = db.execute(

@@ -36,6 +36,11 @@ class MemoryRegistry:
             self._records[name] = stored
             return stored
 
+    def next_generation(self, name: str) -> int:
+        with self._lock:
+            self._check_open()
+            return self._generations.get(name, 0) + 1
+
     def get_function(self, name: str) -> FunctionRecord | None:
         with self._lock:
             self._check_open()
