@@ -143,7 +143,11 @@ class LocalBackend:
         weights_key = None
         if spec.weights is not None:
             source = artifact_dir / spec.weights
-            seg, hit = await asyncio.to_thread(self.store.acquire, key, source)
+            cached = self.store.get(key)
+            if cached is not None and cached.path.exists():  # a hit: no thread hop on the cold path
+                seg, hit = self.store.acquire(key, source)
+            else:
+                seg, hit = await asyncio.to_thread(self.store.acquire, key, source)
             segment, weights_key = seg.path, key
             if not hit:
                 phases["weights"] = (time.perf_counter() - t0) * 1000

@@ -155,13 +155,18 @@ class Server:
         await self._idle.wait()
 
 
+_libc: ctypes.CDLL | None = None
+
+
 def die_with_parent(parent: int | None = None) -> None:
     """Be killed when the parent dies. ``parent`` is the pid the parent had before
     it forked us: if it died in between, the death signal was never armed for
     it, so exit now rather than live on as an orphan."""
+    global _libc
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if _libc is None:  # loaded once in a zygote, inherited by every fork
+            _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if parent is not None and os.getppid() != parent:
         os._exit(1)
 
