@@ -175,9 +175,12 @@ class Controller:
         demand = d.demand
         runtime.autoscaler.observe(now, float(demand))
         ready = d.ready_views()
-        keep_alive = spec.scaling.keep_alive_s
-        if keep_alive is None:
+        override = spec.scaling.keep_alive_s  # the function's own TTL, for every instance
+        if override is None:
             keep_alive = self._keep_alive.keep_alive_s(spec.name, now)
+            surplus = self._keep_alive.surplus_keep_alive_s(spec.name, now)
+        else:
+            keep_alive = surplus = override
         scale = plan(
             FunctionView(
                 now=now,
@@ -189,6 +192,9 @@ class Controller:
                 desired=runtime.autoscaler.desired(now, len(ready)),
                 keep_alive_s=keep_alive,
                 backoff_until=d.backoff_until,
+                queued=d.queued,
+                concurrency=spec.scaling.concurrency,
+                surplus_keep_alive_s=surplus,
             )
         )
         start = scale.start

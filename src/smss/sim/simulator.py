@@ -14,8 +14,9 @@ What happens, as in the live platform:
   router; if there is none it waits in the function's FIFO queue and the function is
   reconciled at once (the dispatcher's wake-up), which is how scale-from-zero starts;
 * a reconcile is the controller's: observe demand (in flight + queued), ask the
-  autoscaler for the desired count and the policy for the keep-alive time, apply
-  :func:`plan` (start instances; stop idle ones);
+  autoscaler for the desired count and the policy for the keep-alive windows (the
+  last instance's and the others'), apply :func:`plan` (start instances, at once for
+  requests queued beyond the free and starting capacity; stop idle ones);
 * a new instance takes queued requests first: each such request is a *cold start*
   (it found no free instance and waited for one to start); a request that waited for
   a busy instance to finish only queued;
@@ -40,6 +41,13 @@ Differences from the live controller, for speed and on purpose:
 * with more than two free instances the router is handed a uniformly random pair of
   them rather than all (it compares a random pair anyway), so an arrival is O(1);
 * control actions take no time (a wake-up reconciles at once) and starts never fail.
+
+``speedup`` K replays the trace K times faster, as ``smss bench replay --speedup K``
+does against a live platform: arrival times and durations are divided by K, and so
+is every duration of the keep-alive policy (:func:`~smss.control.keepalive.scale_policy`,
+what the replay passes to the platform), while the platform's own constants (the
+autoscaler's windows, ``tick_s``, ``cold_start_ms``) are not, as on the live platform.
+Figures are in the compressed time.
 
 The run ends when the last request completes; instances still alive then are metered
 up to that time, which is also the period the always-on containers are priced for.
@@ -71,7 +79,7 @@ import numpy as np
 
 from smss.control.autoscaler import Autoscaler, AutoscalerConfig
 from smss.control.cost import ContainerSize, PriceTable, load_prices, report
-from smss.control.keepalive import KeepAlivePolicy, parse_policy
+from smss.control.keepalive import KeepAlivePolicy, parse_policy, scale_policy
 from smss.control.metering import Meter
 from smss.control.router import Candidate, Ewma, choose
 from smss.control.scaling import FunctionView, InstanceView, plan
@@ -102,6 +110,8 @@ class SimConfig:
     cold_start_ms: float = 500.0
     tick_s: float = 1.0
     seed: int = 0
+    #: Replay K times faster (trace times, durations and the policy's windows / K).
+    speedup: float = 1.0
     prices: PriceTable = field(default_factory=PriceTable)
 
     def __post_init__(self) -> None:
@@ -113,6 +123,8 @@ class SimConfig:
             raise InvalidSpec(f"cold_start_ms must be >= 0, got {self.cold_start_ms}")
         if not (math.isfinite(self.tick_s) and self.tick_s > 0):
             raise InvalidSpec(f"tick_s must be > 0, got {self.tick_s}")
+        if not (math.isfinite(self.speedup) and self.speedup > 0):
+            raise InvalidSpec(f"speedup must be > 0, got {self.speedup}")
         self.autoscaler_config()  # validates the scaling bounds
 
     def autoscaler_config(self) -> AutoscalerConfig:
@@ -172,14 +184,15 @@ class Simulation:
     def __init__(self, trace: Trace, config: SimConfig) -> None:
         self.trace = trace
         self.config = config
-        self.policy: KeepAlivePolicy = parse_policy(config.policy, config.default_ttl_s)
+        policy, ttl = scale_policy(config.policy, config.default_ttl_s, 1.0 / config.speedup)
+        self.policy: KeepAlivePolicy = parse_policy(policy, ttl)
         self.meter = Meter()
         self.rng = random.Random(config.seed)
         self._fns = [_Fn(name, Autoscaler(config.autoscaler_config())) for name in trace.functions]
         self._heap: list[tuple[float, int, int, object, int]] = []
         self._seq = 0
-        self._t = (trace.t_ms / 1000.0).tolist()
-        self._d = (trace.duration_ms / 1000.0).tolist()
+        self._t = (trace.t_ms / (1000.0 * config.speedup)).tolist()
+        self._d = (trace.duration_ms / (1000.0 * config.speedup)).tolist()
         self._added = [0.0] * len(trace)
         self._cold_s = config.cold_start_ms / 1000.0
         self._resources = config.resources
@@ -413,6 +426,7 @@ class Simulation:
         p50, p99 = (float(x) for x in np.percentile(added_ms, [50, 99])) if n else (0.0, 0.0)
         return {
             "policy": self.config.policy,
+            "speedup": self.config.speedup,
             "invocations": n,
             "cold_starts": self.cold_starts,
             "cold_start_pct": round(100.0 * self.cold_starts / n, 4) if n else 0.0,
@@ -465,6 +479,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-start-ms", type=float, default=d.cold_start_ms)
     p.add_argument("--tick-s", type=float, default=d.tick_s)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=d.speedup,
+        help="replay K times faster: times, durations and the policy's windows / K (as bench replay)",
+    )
     p.add_argument("--prices", type=Path, default=None, help="TOML price table overriding the defaults")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -484,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cold_start_ms=args.cold_start_ms,
             tick_s=args.tick_s,
             seed=args.seed,
+            speedup=args.speedup,
             prices=load_prices(args.prices),
         )
         out = simulate(args.trace, config)

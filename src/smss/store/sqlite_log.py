@@ -529,6 +529,11 @@ def _start_run(db: sqlite3.Connection, op: _StartRun, now: float) -> _Outcome:
 def _append(db: sqlite3.Connection, op: _Append, now: float) -> _Outcome:
     if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)).fetchone() is None:
         raise NotFound(f"unknown run {op.run_id!r}")
+    if op.state is not None and _completion_recorded(db, op):
+        # The stage's effect is already recorded (by an earlier attempt or a fenced-off
+        # worker): its state write must not apply a second time. Nothing is written.
+        dropped = len(op.rows)
+        return _Outcome(result=AppendResult((0,) * dropped), counts=_Counts(appends=1, dropped_completions=1))
     if op.state is not None:
         s = op.state
         row = db.execute(
@@ -552,6 +557,18 @@ def _append(db: sqlite3.Connection, op: _Append, now: float) -> _Outcome:
     dropped = seqs.count(0)
     counts = _Counts(appends=1, events=len(seqs) - dropped, dropped_completions=dropped)
     return _Outcome(result=AppendResult(tuple(seqs)), counts=counts)
+
+
+def _completion_recorded(db: sqlite3.Connection, op: _Append) -> bool:
+    stages = [r.stage for r in op.rows if r.type == "StageCompleted"]
+    return any(
+        db.execute(
+            "SELECT 1 FROM events WHERE run_id = ? AND stage = ? AND type = 'StageCompleted'",
+            (op.run_id, stage),
+        ).fetchone()
+        is not None
+        for stage in stages
+    )
 
 
 def _insert(db: sqlite3.Connection, run_id: str, row: _Row, now: float) -> int:

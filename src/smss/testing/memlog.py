@@ -76,6 +76,10 @@ class MemoryEventLog:
             raise NotFound(f"unknown run {run_id!r}")
         self.counters["appends"] += 1
         self.counters["commits"] += 1
+        completions = [e.stage for e in events if isinstance(e, StageCompleted)]
+        if state is not None and any((run_id, stage) in self._completed for stage in completions):
+            self.counters["dropped_completions"] += 1  # recorded already: no second state write
+            return AppendResult(tuple(0 for _ in events))
         if state is not None:
             current = self.get_state(state.workflow, state.session)
             if current.version != state.expected:

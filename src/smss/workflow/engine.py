@@ -420,6 +420,11 @@ class Engine:
             # Another writer moved the session on: this attempt's effect is void; run it again.
             log.info("run %s stage %s: state version conflict, re-running", run_id, stage.name)
             return [*starting]
+        if outcome.seqs and outcome.seqs[0] == 0:
+            # The stage's effect was already recorded: the recorded completion is the truth.
+            recorded = replay(self._log.read_run(run_id)).stages[stage.name].completed
+            if recorded is not None:
+                return [*starting, recorded]
         for ref, blob in blobs.items():
             run.blobs[ref] = decode_tensor(blob)
         return [*starting, completed]
