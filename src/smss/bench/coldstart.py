@@ -137,12 +137,18 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
-def shared_segments(pid: int) -> set[str]:
-    return {
-        line.split()[-1]
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-        if "/dev/shm/smss-" in line
-    }
+def vma_of(pid: int, address: int) -> dict[str, int]:
+    """The smaps fields (kB) of the mapping of ``pid`` that contains ``address``."""
+    fields: dict[str, int] = {}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.split()[-1] == "kB":
+            fields[head.rstrip(":")] = int(line.split()[1])
+    return fields
 
 
 def measure_platform(p: _Platform, name: str, x: np.ndarray) -> dict[str, Any]:
@@ -228,7 +234,9 @@ def measure_pss(p: _Platform, art: Any, x: np.ndarray) -> dict[str, Any]:
     for _ in range(8):
         p.infer_ms(name, body, headers)
     pids = [i["pid"] for i in instances]
-    segments = [shared_segments(pid) for pid in pids]
+    templates = p.http.get("/v1/weights").json()["local"]["templates"]
+    template = next(t for key, t in templates.items() if key.startswith(f"{name}@"))
+    weights = [vma_of(pid, template["weights_address"]) for pid in pids]
     pss = [pss_kb(pid) for pid in pids]
     weights_mb = art.weights.stat().st_size / 2**20
     return {
@@ -236,7 +244,13 @@ def measure_pss(p: _Platform, art: Any, x: np.ndarray) -> dict[str, Any]:
         "weights_mb": round(weights_mb, 1),
         "pss_mb": [round(k / 1024, 1) for k in pss],
         "pss_total_mb": round(sum(pss) / 1024, 1),
-        "one_shared_segment": len(set().union(*segments)) == 1 and all(segments),
+        # The weights' mapping in each instance: PSS is its fair share of the one copy
+        # that the template and every instance map (5 sharers -> about weights_mb / 5).
+        "weights_pss_mb": [round(w.get("Pss", 0) / 1024, 1) for w in weights],
+        "weights_private_mb": [
+            round((w.get("Private_Clean", 0) + w.get("Private_Dirty", 0)) / 1024, 1) for w in weights
+        ],
+        "one_shared_copy": all(w.get("Private_Clean", 0) + w.get("Private_Dirty", 0) == 0 for w in weights),
     }
 
 

@@ -11,6 +11,7 @@ Weights come from :mod:`smss.demo.generate`, which builds the same modules
 
 from __future__ import annotations
 
+import abc
 import functools
 import itertools
 from collections.abc import Callable
@@ -119,14 +120,15 @@ def _resnet_class() -> Callable[[tuple[int, ...]], nn.Module]:
     return ResNet
 
 
-class _TorchModel:
+class _TorchModel(abc.ABC):
     """load(): build on ``meta`` (no random init), then adopt the file's tensors."""
 
     input_name: str
     output_name: str
 
+    @abc.abstractmethod
     def build(self) -> nn.Module:
-        raise NotImplementedError
+        """The module, on the current default device (``meta`` during load)."""
 
     def load(self, weights: smss.Weights | None) -> None:
         import torch
