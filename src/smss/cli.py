@@ -369,6 +369,37 @@ def bench_workflow(
     _print_json(run(runs=runs))
 
 
+@bench_app.command("replay")
+def bench_replay(
+    trace: Annotated[Path, typer.Argument(help="CSV trace: t_ms,function,duration_ms[,cluster]")],
+    speedup: Annotated[
+        float, typer.Option(help="Replay K times faster (times, durations, windows / K)")
+    ] = 10.0,
+    policy: Annotated[
+        str, typer.Option(help="Keep-alive policy: fixed:SECONDS or hybrid[:k=v,...]")
+    ] = "hybrid",
+    memory_mb: Annotated[int, typer.Option(help="Declared memory of each instance (MiB)")] = 512,
+    max_instances: Annotated[int, typer.Option(help="Instances per function at most")] = 8,
+    default_ttl_s: Annotated[
+        float, typer.Option(help="fixed's / hybrid's fallback TTL before scaling")
+    ] = 600.0,
+    as_json: AsJson = True,
+) -> None:
+    """Replay a trace open loop against a live platform, beside `smss simulate` on the same settings."""
+    from smss.bench.replay import run
+
+    _print_json(
+        run(
+            trace,
+            speedup=speedup,
+            policy=policy,
+            memory_mb=memory_mb,
+            max_instances=max_instances,
+            default_ttl_s=default_ttl_s,
+        )
+    )
+
+
 def main() -> None:
     try:
         app()

@@ -355,7 +355,15 @@ def test_integers_out_of_range_or_fractional(datatype: str, value: Any) -> None:
         decode_request(body, None, spec_for(datatype), LIMITS)
 
 
-@pytest.mark.parametrize("shape", [[2**32, 2**32], [2**70], [0, 2**40], [0, 2**26, 2**26, 2**26, 2**26]])
+@pytest.mark.parametrize("shape", [[2**32, 2**32], [2**70], [0, 2**26, 2**26, 2**26, 2**26]])
+def test_overflowing_shapes_are_invalid_input(shape: list[int]) -> None:
+    body = request_json([{"name": "t", "datatype": "FP64", "shape": shape, "data": []}])
+    with pytest.raises(InvalidInput, match="'t'") as caught:
+        decode_tensor_list(json.loads(body)["inputs"], None, LIMITS, None)
+    assert not isinstance(caught.value, PayloadTooLarge)  # 400 naming the input, not 413
+
+
+@pytest.mark.parametrize("shape", [[0, 2**40], [2**20, 2**20]])
 def test_huge_shapes_are_refused_before_allocation(shape: list[int]) -> None:
     body = request_json([{"name": "t", "datatype": "FP64", "shape": shape, "data": []}])
     with pytest.raises(PayloadTooLarge, match="'t'"):

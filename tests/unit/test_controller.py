@@ -283,3 +283,28 @@ def test_idle_instance_is_stopped_after_its_keep_alive() -> None:
             assert len(w.backend.starts) == 2
 
     run(main())
+
+
+def test_a_burst_behind_a_busy_instance_starts_instances_at_once() -> None:
+    """After a minute of steady load the autoscaler's windows average a sudden burst
+    away (it still wants one instance); the requests queued behind the busy instance
+    start one instance each at once instead of waiting for it."""
+
+    async def main() -> None:
+        w = World(blocked)
+        async with w.controller.running():
+            w.controller.deploy(make_record(concurrency=1, max_instances=8))
+            first = w.request(0.0)
+            await eventually(lambda: len(w.held()) == 1)
+            w.clock.advance(60.0)  # a minute with one request in flight
+            await quiet()
+            assert w.controller.get("m").autoscaler.desired(w.clock.monotonic(), 1) == 1
+            burst = [w.request(float(k)) for k in range(1, 4)]
+            await eventually(lambda: len(w.held()) == 4)
+            assert len(w.backend.starts) == 4
+            for call in w.held():
+                call.release()
+            results = [value_of(await t) for t in (first, *burst)]
+            assert results == [0.0, 1.0, 2.0, 3.0]
+
+    run(main())

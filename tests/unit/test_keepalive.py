@@ -14,6 +14,7 @@ from smss.control.keepalive import (
     HybridKeepAlive,
     KeepAlivePolicy,
     parse_policy,
+    scale_policy,
 )
 from smss.errors import InvalidSpec
 
@@ -173,3 +174,44 @@ def test_parse_errors(text: str, words: str) -> None:
     with pytest.raises(InvalidSpec) as info:
         parse_policy(text, default_ttl_s=99.0)
     assert words in str(info.value)
+
+
+def test_hybrid_extra_instances_have_their_own_window() -> None:
+    """The learned windows are the function's (its last instance); any other instance
+    is the autoscaler's capacity and idles ``surplus_s``, learned or not."""
+    policy = HybridKeepAlive(LONG_TTL, HybridConfig(surplus_s=42.0))
+    assert policy.surplus_keep_alive_s("f", 0.0) == 42.0
+    rng = random.Random(3)
+    t = 0.0
+    for _ in range(500):
+        t += rng.uniform(0.05, 0.9)
+        policy.on_invocation("f", t)
+    assert policy.keep_alive_s("f", t) == pytest.approx(1.1)
+    assert policy.surplus_keep_alive_s("f", t) == 42.0
+    fixed = FixedKeepAlive(30.0)
+    assert fixed.surplus_keep_alive_s("f", 0.0) == fixed.keep_alive_s("f", 0.0) == 30.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("fixed:600", "fixed:60.0"), ("fixed", "fixed:30.0"), ("fixed:0", "fixed:0.0")],
+)
+def test_scale_policy_fixed(text: str, expected: str) -> None:
+    assert scale_policy(text, 300.0, 0.1) == (expected, pytest.approx(30.0))
+
+
+def test_scale_policy_hybrid_scales_durations_only() -> None:
+    text, ttl = scale_policy("hybrid:bin_s=2,min_samples=5", 600.0, 0.1)
+    assert ttl == pytest.approx(60.0)
+    policy = parse_policy(text, ttl)
+    assert isinstance(policy, HybridKeepAlive)
+    cfg = policy.config
+    assert (cfg.bin_s, cfg.range_s, cfg.surplus_s) == pytest.approx((0.2, 60.0, 6.0))
+    assert cfg.min_samples == 5
+    d = HybridConfig()
+    unscaled = ("head_percentile", "tail_percentile", "margin", "cv_threshold", "oob_threshold")
+    assert all(getattr(cfg, name) == getattr(d, name) for name in unscaled)
+    with pytest.raises(InvalidSpec):
+        scale_policy("hybrid", 600.0, 0.0)
+    with pytest.raises(InvalidSpec):
+        scale_policy("lru", 600.0, 1.0)

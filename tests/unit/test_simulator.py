@@ -150,3 +150,35 @@ def test_main_reports_bad_input_without_a_traceback(
     assert main([str(path), "--json"]) == 2
     assert "lacks column(s) t_ms" in capsys.readouterr().err
     assert main([str(path), "--policy", "lru"]) == 2
+
+
+def test_speedup_divides_trace_times_and_the_policy_windows() -> None:
+    """fixed:10 on a 60 s period starts every time; 10x faster it is fixed:1 on a 6 s
+    period: the same decisions, every duration a tenth (with a start a tenth too)."""
+    trace = periodic(60.0, 30)
+    slow = run(trace, policy="fixed:10", cold_start_ms=500.0)
+    fast = run(trace, policy="fixed:10", cold_start_ms=50.0, speedup=10.0)
+    assert fast["speedup"] == 10.0
+    assert fast["cold_starts"] == slow["cold_starts"] == 30
+    for key in ("instance_seconds", "idle_instance_seconds", "period_s"):
+        assert fast[key] == pytest.approx(slow[key] / 10, rel=1e-6)  # type: ignore[operator]
+    assert fast["p99_added_ms"] == pytest.approx(50.0)
+
+
+def test_speedup_scales_the_hybrid_policy_too() -> None:
+    trace = periodic(60.0, 120, jitter_s=0.2)
+    slow = run(trace, policy="hybrid", cold_start_ms=500.0)
+    fast = run(trace, policy="hybrid", cold_start_ms=50.0, speedup=10.0)
+    assert slow["prewarm_starts"] > 0  # type: ignore[operator]
+    for key in ("cold_starts", "prewarm_starts", "instances_started"):
+        assert fast[key] == slow[key]
+
+
+def test_main_takes_a_speedup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("t_ms,function,duration_ms\n0,f,100\n")
+    assert main([str(path), "--speedup", "4", "--cold-start-ms", "10", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["speedup"] == 4.0
+    assert out["instance_seconds"] == pytest.approx(0.035)  # 10 ms start + 25 ms request
+    assert main([str(path), "--speedup", "0"]) == 2

@@ -85,6 +85,9 @@ class LocalBackend:
         self.store = WeightStore(weight_budget_bytes or default_weight_budget(), prefix=self._run_dir.name)
         self.store.on_evict = self._evicted
         self.zygotes = ZygotePool(self._run_dir, log_dir, prepare_timeout_s=start_timeout_s)
+        # The store is not thread-safe: misses load one at a time, or two concurrent cold
+        # starts of one model both load it and the first segment is orphaned in /dev/shm.
+        self._store_misses = asyncio.Lock()
         self._instances: dict[str, _Instance] = {}
         self._on_exit: ExitCallback = lambda _id, _code: None
 
@@ -147,7 +150,8 @@ class LocalBackend:
             if cached is not None and cached.path.exists():  # a hit: no thread hop on the cold path
                 seg, hit = self.store.acquire(key, source)
             else:
-                seg, hit = await asyncio.to_thread(self.store.acquire, key, source)
+                async with self._store_misses:
+                    seg, hit = await asyncio.to_thread(self.store.acquire, key, source)
             segment, weights_key = seg.path, key
             if not hit:
                 phases["weights"] = (time.perf_counter() - t0) * 1000

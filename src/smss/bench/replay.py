@@ -1,0 +1,343 @@
+"""``smss bench replay``: a trace replayed against a live platform, beside the simulator.
+
+Starts ``smss serve`` as a subprocess with the keep-alive policy under test, deploys
+one synthetic python-runtime function per function of the trace (concurrency 1,
+``max_instances`` instances at most, 1 CPU, ``memory_mb``), and replays the trace
+open loop, ``speedup`` (K) times faster than recorded: the request of row ``t_ms``
+is sent at ``t_ms / K`` after the start whether or not earlier ones were answered,
+and asks its function to spend ``duration_ms / K`` of wall time (a busy loop).
+
+**Time scaling.** With speedup K the platform sees every idle gap K times shorter,
+so every duration of the keep-alive policy is divided by K too
+(:func:`~smss.control.keepalive.scale_policy`: ``fixed:600`` runs as ``fixed:60``,
+``hybrid`` with its bins, range and surplus window / K, the fallback TTL / K); the
+platform's own constants (autoscaler windows, tick, start time) stay what they are.
+The simulator is then run in-process on the same compressed trace with the same
+settings (``speedup=K``, the live tick, the same instance limits) and the *measured*
+start time as ``cold_start_ms``, and both results are reported side by side
+(``simulate``, ``cold_starts_diff_pct``, ``instance_starts_diff_pct``). A second run
+(``simulate_with_overhead``) also holds each instance for the platform's measured
+per-request overhead (``warm_overhead_p50_ms``), which trace durations leave out and
+which matters when durations are divided by K: it shows how much of a live/simulated
+difference that accounts for.
+
+**What is measured.**
+
+* ``cold_starts``: requests that waited for an instance to start, the simulator's
+  definition. Each answer names its instance's fork time and how many requests that
+  instance served before; a request is a cold start when it was its instance's first
+  and was sent before that instance was ready: its fork time plus the mean time from
+  the agent's spawn call to a ready instance (``fork_to_ready_ms``, from /metrics).
+  Requests that waited only for a busy instance, or that found an instance a
+  pre-warm or an earlier burst had started, are not.
+* ``instance_starts``: every instance start the platform counted
+  (``GET /v1/functions`` ``cold_starts``: starts for demand and pre-warms alike);
+  compare with the simulator's ``instances_started``.
+* usage and money from ``GET /v1/cost``: ``instance_seconds`` (alive),
+  ``idle_instance_seconds`` (alive - busy), ``memory_gb_seconds``, ``cost_usd``.
+  ``container_cost_usd`` is recomputed as the simulator does it: containers for the
+  concurrency the trace offers, over the replay's period (first arrival to last
+  answer), so ``cost_ratio`` compares like with like; the platform's own ratio
+  (containers for the peak it metered, over its whole uptime) is
+  ``platform_cost_ratio``.
+* ``p50_added_ms`` / ``p99_added_ms``: client latency minus ``duration_ms / K``
+  (``cold_added_p50_ms``: of the cold starts; ``warm_overhead_p50_ms``: of the rest).
+* ``start_ms``: the mean instance start the platform measured (``total`` phase: ask
+  to ready, a model's first start including its template); the simulator beside the
+  replay runs with it as ``cold_start_ms``.
+* ``errors``: answers other than 200 and failed requests, by reason.
+
+The small trace (3,096 invocations, 20 minutes) at K = 10 takes about two minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import numpy as np
+
+from smss.client import Client
+from smss.control.cost import PriceTable
+from smss.control.keepalive import scale_policy
+from smss.errors import InvalidSpec
+from smss.packaging import load_class, package_class
+from smss.sim.simulator import SimConfig, simulate
+from smss.sim.trace import Trace, peak_concurrency, read_trace
+from smss.testing.server import running_server
+
+#: The live controller's tick (ServingSettings.tick_s), for the simulator beside it.
+LIVE_TICK_S = 0.2
+
+MODEL_SOURCE = '''\
+"""A synthetic function for trace replay: spends the requested wall time busy."""
+
+import os
+import time
+
+import numpy as np
+
+import smss
+
+# Wall time this process began: reset in every process forked from the template.
+_BORN = [time.time()]
+os.register_at_fork(after_in_child=lambda: _BORN.__setitem__(0, time.time()))
+
+
+@smss.model(
+    name="replay",
+    inputs={"ms": ("FP32", [-1, 1])},
+    outputs={"ok": ("FP32", [-1, 1]), "born": ("FP64", [-1, 1]), "served": ("INT64", [-1, 1])},
+    concurrency=1,
+    max_instances=MAX_INSTANCES,
+    cpu=1.0,
+    memory=MEMORY_MB,
+)
+class Busy:
+    def load(self, weights):
+        self._pid = 0
+        self._served = 0
+
+    def predict(self, inputs):
+        ms = inputs["ms"]
+        if os.getpid() != self._pid:  # the template's warm-up call does not count
+            self._pid = os.getpid()
+            self._served = 0
+        end = time.perf_counter() + float(ms.sum()) / 1000.0
+        while time.perf_counter() < end:
+            pass
+        served = self._served
+        self._served += 1
+        n = ms.shape[0]
+        return {
+            "ok": np.ones((n, 1), np.float32),
+            "born": np.full((n, 1), _BORN[0], np.float64),
+            "served": np.full((n, 1), served, np.int64),
+        }
+'''
+
+
+@dataclasses.dataclass
+class _Result:
+    sent: float = 0.0  # wall time it was sent
+    latency_s: float = math.nan
+    born: float = math.nan  # its instance's fork time (wall)
+    served: int = -1  # requests its instance served before it
+    error: str | None = None
+
+
+def _body(ms: float) -> bytes:
+    return msgspec.json.encode(
+        {"inputs": [{"name": "ms", "datatype": "FP32", "shape": [1, 1], "data": [ms]}]}
+    )
+
+
+async def _send(http: httpx.AsyncClient, name: str, body: bytes, out: _Result) -> None:
+    out.sent = time.time()
+    t0 = time.perf_counter()
+    try:
+        response = await http.post(f"/v2/models/{name}/infer", content=body)
+    except httpx.HTTPError as e:
+        out.error = type(e).__name__
+        return
+    out.latency_s = time.perf_counter() - t0
+    if response.status_code != 200:
+        out.error = f"HTTP {response.status_code}"
+        return
+    outputs = {o["name"]: o["data"] for o in response.json()["outputs"]}
+    out.born = float(outputs["born"][0])
+    out.served = int(outputs["served"][0])
+
+
+async def _replay(url: str, trace: Trace, speedup: float) -> tuple[list[_Result], float]:
+    """Send every row at its scaled time (open loop); the results and the replay's
+    period in seconds (start to last answer)."""
+    names = [trace.functions[i] for i in trace.function.tolist()]
+    at = (trace.t_ms / (1000.0 * speedup)).tolist()
+    ms = (trace.duration_ms / speedup).tolist()
+    results = [_Result() for _ in at]
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300.0) as http:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with asyncio.TaskGroup() as group:
+            for k, t in enumerate(at):
+                delay = start + t - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                group.create_task(_send(http, names[k], _body(ms[k]), results[k]))
+        period = loop.time() - start
+    return results, period
+
+
+def _phase_ms(metrics: str, phase: str) -> float:
+    """Mean duration of one phase of the instance starts, in ms, from /metrics."""
+    total = count = 0.0
+    pattern = rf'^smss_start_phase_seconds_(sum|count)\{{[^}}]*phase="{phase}"[^}}]*\}} ([0-9.eE+-]+)$'
+    for kind, value in re.findall(pattern, metrics, flags=re.MULTILINE):
+        if kind == "sum":
+            total += float(value)
+        else:
+            count += float(value)
+    return 1000.0 * total / count if count else 0.0
+
+
+def _deploy(client: Client, source: Path, functions: tuple[str, ...]) -> None:
+    _, cls = load_class(f"{source}:Busy")
+    pkg = package_class(source, cls, None)
+    for name in functions:
+        spec = msgspec.structs.replace(pkg.spec, name=name)
+        client.deploy_package(dataclasses.replace(pkg, spec=spec))
+
+
+def _figures(
+    trace: Trace,
+    speedup: float,
+    results: list[_Result],
+    period_s: float,
+    start_ms: float,
+    ready_ms: float,
+    cost: dict[str, Any],
+    functions: list[dict[str, Any]],
+    prices: PriceTable,
+    memory_mb: int,
+) -> dict[str, object]:
+    ok = [r for r in results if r.error is None]
+    ready_after_s = ready_ms / 1000.0
+    cold = [r for r in ok if r.served == 0 and r.sent < r.born + ready_after_s]
+    duration_s = trace.duration_ms / (1000.0 * speedup)
+    added = np.asarray(
+        [
+            (r.latency_s - d) * 1000.0
+            for r, d in zip(results, duration_s.tolist(), strict=True)
+            if r.error is None
+        ]
+    )
+    p50, p99 = (float(x) for x in np.percentile(added, [50, 99])) if len(added) else (0.0, 0.0)
+    cold_ids = {id(r) for r in cold}
+    cold_added: list[float] = []
+    warm_added: list[float] = []
+    for r, d in zip(results, duration_s.tolist(), strict=True):
+        if r.error is None:
+            (cold_added if id(r) in cold_ids else warm_added).append((r.latency_s - d) * 1000.0)
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.error is not None:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    total = cost["total"]
+    per_container_s = prices.usd_per_vcpu_second + memory_mb / 1024 * prices.usd_per_gb_second
+    containers = int(peak_concurrency(trace).sum())
+    container_cost = containers * period_s * per_container_s
+    n = len(trace)
+    return {
+        "invocations": n,
+        "answered": len(ok),
+        "errors": sum(errors.values()),
+        "errors_by_reason": errors,
+        "cold_starts": len(cold),
+        "cold_start_pct": round(100.0 * len(cold) / n, 4) if n else 0.0,
+        "instance_starts": sum(int(f["cold_starts"]) for f in functions),
+        "instance_seconds": round(total["alive_s"], 3),
+        "idle_instance_seconds": round(total["alive_s"] - total["busy_s"], 3),
+        "memory_gb_seconds": round(total["memory_gb_s"], 3),
+        "cost_usd": round(total["cost_usd"], 6),
+        "container_cost_usd": round(container_cost, 6),
+        "cost_ratio": round(total["cost_usd"] / container_cost, 4) if container_cost > 0 else None,
+        "containers": containers,
+        "platform_cost_ratio": None if total["cost_ratio"] is None else round(total["cost_ratio"], 4),
+        "metered_invocations": total["invocations"],
+        "p50_added_ms": round(p50, 3),
+        "p99_added_ms": round(p99, 3),
+        "start_ms": round(start_ms, 3),
+        "fork_to_ready_ms": round(ready_ms, 3),
+        "cold_added_p50_ms": round(float(np.median(cold_added)), 3) if cold_added else None,
+        "warm_overhead_p50_ms": round(float(np.median(warm_added)), 3) if warm_added else 0.0,
+        "period_s": round(period_s, 3),
+    }
+
+
+def run(
+    trace_path: Path,
+    speedup: float = 10.0,
+    policy: str = "hybrid",
+    memory_mb: int = 512,
+    max_instances: int = 8,
+    default_ttl_s: float = 600.0,
+) -> dict[str, object]:
+    """Replay ``trace_path`` live and in the simulator; one JSON-ready dict."""
+    if not (math.isfinite(speedup) and speedup > 0):
+        raise InvalidSpec(f"speedup must be > 0, got {speedup}")
+    trace = read_trace(trace_path)
+    live_policy, live_ttl = scale_policy(policy, default_ttl_s, 1.0 / speedup)
+    prices = PriceTable()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="smss-replay-") as tmp:
+        data = Path(tmp)
+        source = data / "replay_model.py"
+        source.write_text(
+            MODEL_SOURCE.replace("MAX_INSTANCES", str(max_instances)).replace("MEMORY_MB", str(memory_mb))
+        )
+        args = ["--keep-alive-policy", live_policy, "--keep-alive", repr(live_ttl), "--log-level", "warning"]
+        with running_server(data / "platform", args) as server, Client(server.url) as client:
+            _deploy(client, source, trace.functions)
+            for name in trace.functions:
+                server.wait_for_model(name)
+            results, period = asyncio.run(_replay(server.url, trace, speedup))
+            cost = client.get("/v1/cost")
+            functions = client.functions()
+            metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    start_ms, ready_ms = _phase_ms(metrics, "total"), _phase_ms(metrics, "spawn_call")
+    live = _figures(trace, speedup, results, period, start_ms, ready_ms, cost, functions, prices, memory_mb)
+    config = SimConfig(
+        policy=policy,
+        default_ttl_s=default_ttl_s,
+        memory_mb=memory_mb,
+        concurrency=1,
+        max_instances=max_instances,
+        cold_start_ms=start_ms,
+        tick_s=LIVE_TICK_S,
+        speedup=speedup,
+        prices=prices,
+    )
+    sim = simulate(trace, config)
+    # The same with each request holding its instance for the platform's measured
+    # per-request overhead too (HTTP, dispatch, IPC: the warm requests' median added
+    # latency), which the trace's durations leave out: how much of a difference
+    # between live and simulated figures that accounts for.
+    overhead_ms = float(live["warm_overhead_p50_ms"])  # type: ignore[arg-type]
+    held = dataclasses.replace(trace, duration_ms=trace.duration_ms + overhead_ms * speedup)
+    sim_held = simulate(held, config)
+    sim_cold = int(sim["cold_starts"])  # type: ignore[call-overload]
+    sim_starts = int(sim["instances_started"])  # type: ignore[call-overload]
+    live_cold = int(live["cold_starts"])  # type: ignore[call-overload]
+    live_starts = int(live["instance_starts"])  # type: ignore[call-overload]
+    return {
+        "trace": str(trace_path),
+        "policy": policy,
+        "platform_policy": live_policy,
+        "platform_keep_alive_s": live_ttl,
+        "speedup": speedup,
+        "memory_mb": memory_mb,
+        "max_instances": max_instances,
+        **live,
+        "simulate": sim,
+        "cold_starts_diff_pct": _diff_pct(live_cold, sim_cold),
+        "instance_starts_diff_pct": _diff_pct(live_starts, sim_starts),
+        "simulate_with_overhead": {
+            key: sim_held[key] for key in ("cold_starts", "instances_started", "memory_gb_seconds")
+        },
+        "cold_starts_diff_with_overhead_pct": _diff_pct(live_cold, int(sim_held["cold_starts"])),  # type: ignore[call-overload]
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def _diff_pct(live: int, sim: int) -> float | None:
+    return round(100.0 * (live - sim) / sim, 2) if sim else None
