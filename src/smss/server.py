@@ -97,7 +97,7 @@ def build(settings: Settings) -> AppContext:
     platform = Platform(
         registry, ArtifactStore(data), controller, backend, clock, workflows, engine, event_log
     )
-    return AppContext(
+    ctx = AppContext(
         platform,
         settings,
         metrics,
@@ -105,6 +105,8 @@ def build(settings: Settings) -> AppContext:
         prices=load_prices(settings.prices_path),
         previous_period_s=_load_period(data / "usage_period"),
     )
+    ctx.on_shutdown += [lambda: save_usage(ctx), registry.close, workflows.close, event_log.close]
+    return ctx
 
 
 async def deploy_demo(platform: Platform, data_dir: Path) -> None:
@@ -167,9 +169,4 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=int(settings.serving.drain_grace_s),
     )
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        _Server(config, ctx).run()
-    finally:
-        save_usage(ctx)
-        ctx.platform.registry.close()
-        ctx.platform.log.close()
+    _Server(config, ctx).run()

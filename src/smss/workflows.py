@@ -47,6 +47,9 @@ class WorkflowRegistry:
         self._controller = controller
         self._specs = {s.name: s for s in store.list()}
 
+    def close(self) -> None:
+        self._store.close()
+
     def get(self, name: str) -> WorkflowSpec:
         spec = self._specs.get(name)
         if spec is None:

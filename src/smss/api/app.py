@@ -20,12 +20,18 @@ from smss.errors import NotFound
 def create_app(ctx: AppContext) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with ctx.platform.running():
-            ctx.ready = not ctx.settings.demo  # with --demo: once the demo models are deployed
-            try:
-                yield
-            finally:
-                ctx.ready = False
+        try:
+            async with ctx.platform.running():
+                ctx.ready = not ctx.settings.demo  # with --demo: once the demo models are deployed
+                try:
+                    yield
+                finally:
+                    ctx.ready = False
+        finally:
+            # Here, not after uvicorn returns: on SIGTERM uvicorn re-raises the signal
+            # once the lifespan has ended, so code after it would never run.
+            for hook in ctx.on_shutdown:
+                hook()
 
     async def spec(request: Request) -> Response:
         return json_response(openapi.document())

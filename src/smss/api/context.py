@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from smss.api.auth import TokenAuth
@@ -22,6 +23,8 @@ class AppContext:
     previous_period_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
+    #: Run after the platform stopped, in order (persist usage, close stores).
+    on_shutdown: list[Callable[[], None]] = field(default_factory=list)
 
     def metered_period_s(self) -> float:
         """Seconds of metering behind the cost report: earlier runs of the platform and this one."""

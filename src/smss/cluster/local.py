@@ -79,7 +79,9 @@ class LocalBackend:
         self._log_dir = log_dir
         self._log_dir.mkdir(parents=True, exist_ok=True)
         # Unix socket paths are limited to ~107 bytes, so they live in a short tmp dir.
+        reap_orphans()
         self._run_dir = Path(tempfile.mkdtemp(prefix="smss-"))
+        (self._run_dir / "owner").write_text(str(os.getpid()))
         self._start_timeout_s = start_timeout_s
         self.mode = mode
         self.store = WeightStore(weight_budget_bytes or default_weight_budget(), prefix=self._run_dir.name)
@@ -286,6 +288,38 @@ class LocalBackend:
         await self.zygotes.close()
         self.store.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
+
+
+def reap_orphans(tmp: Path | None = None, shm: Path = Path("/dev/shm")) -> list[str]:
+    """Remove what a killed node left: run directories whose owner process is gone,
+    and the weight segments named after them. (kill -9 runs no cleanup; the next
+    start does it.) Returns the run directories removed."""
+    removed = []
+    for run_dir in (tmp or Path(tempfile.gettempdir())).glob("smss-*"):
+        try:
+            owner = int((run_dir / "owner").read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being set up
+        if _process_alive(owner):
+            continue
+        for segment in shm.glob(f"{run_dir.name}-*"):
+            with contextlib.suppress(OSError):
+                segment.unlink()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        removed.append(run_dir.name)
+    if removed:
+        log.info("removed %d run directories left by killed nodes", len(removed))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -28,8 +28,9 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -64,6 +65,7 @@ from smss.workflow.spec import StageSpec, WorkflowSpec, dependencies, spec_hash,
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 5.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,13 @@ class _Run:
     spec: WorkflowSpec
     done: asyncio.Future[RunOutcome]
     blobs: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Appends not awaited where they were made; all must be durable before the run's end is.
+    pending: list[asyncio.Future[Any]] = field(default_factory=list)
+
+    def write(self, append: Awaitable[T]) -> asyncio.Future[T]:
+        future = asyncio.ensure_future(append)
+        self.pending.append(future)
+        return future
 
 
 class Engine:
@@ -146,8 +155,10 @@ class Engine:
             log.info("recovered %d unfinished runs", resumed)
         return resumed
 
-    def _adopt(self, view: RunView, spec: WorkflowSpec) -> _Run:
+    def _adopt(self, view: RunView, spec: WorkflowSpec, start: Awaitable[Any] | None = None) -> _Run:
         run = _Run(view, spec, asyncio.get_running_loop().create_future())
+        if start is not None:
+            run.write(start)
         self._runs[view.run_id] = run
         self._spawn_driver(run)
         return run
@@ -168,7 +179,15 @@ class Engine:
         _check_inputs(spec, inputs)
         refs, blobs = to_blobs(inputs)
         started = RunStarted(workflow, spec_hash(spec), session, refs, idempotency_key)
-        run_id, created = await self._log.start_run(uuid.uuid4().hex, started, blobs)
+        run_id = uuid.uuid4().hex
+        if wait and idempotency_key is None:
+            # Nothing to decide from the log: drive the run while its start is committed.
+            # Every later append of the run is queued behind it, and the outputs are
+            # returned only once the run's end (so its start too) is durable.
+            run = self._adopt(RunView(run_id, started), spec, self._log.start_run(run_id, started, blobs))
+            run.blobs.update({refs[name]: array for name, array in inputs.items()})
+            return await self._await(run, timeout_s)
+        run_id, created = await self._log.start_run(run_id, started, blobs)
         if not created:
             existing = replay(self._log.read_run(run_id)).started
             if (existing.workflow, existing.session, existing.inputs) != (workflow, session, refs):
@@ -314,8 +333,10 @@ class Engine:
         except asyncio.CancelledError:
             for t in tasks.values():
                 t.cancel()
+            await asyncio.gather(*run.pending, return_exceptions=True)
             raise
         except Exception as e:
+            await asyncio.gather(*run.pending, return_exceptions=True)
             # A run that cannot continue (the log failed) stops; the engine and other runs go on.
             log.error("run %s stopped: %s", run_id, e, exc_info=not isinstance(e, SmssError))
             if not run.done.done():
@@ -324,6 +345,8 @@ class Engine:
             self._runs.pop(run_id, None)
 
     async def _finish(self, run: _Run, events: list[Event]) -> None:
+        await asyncio.gather(*run.pending)  # a failed earlier append fails the run here
+        run.pending.clear()
         await self._log.append(run.view.run_id, events)
         for event in events:
             apply(run.view, event)
@@ -376,13 +399,14 @@ class Engine:
         ]
         # Not awaited before the call: the start is a record for error location;
         # correctness rests on the completion, which is appended after it (one writer, in order).
-        start_write = asyncio.ensure_future(self._log.append(run_id, starting, blobs=state_blobs))
+        # Not awaited: the start is a record for error location; the completion is
+        # queued behind it (one writer, in order) and the run's end waits for both.
+        run.write(self._log.append(run_id, starting, blobs=state_blobs))
         t0 = self._clock.monotonic()
         wanted = tuple(t.name for t in fn.outputs)
         try:
             result = await self._caller.call(stage.function, inputs, wanted, stage.timeout_s)
         except Exception as e:
-            await start_write
             if not isinstance(e, SmssError):
                 log.exception("run %s stage %s: unexpected error", run_id, stage.name)
             failed = StageFailed(
@@ -400,7 +424,6 @@ class Engine:
             if failed.retryable and failures <= stage.retries:
                 await asyncio.sleep(min(MAX_BACKOFF_S, 0.05 * 2**failures))
             return [*starting, failed]
-        await start_write
         out_refs, blobs = to_blobs(result.outputs)
         state_write = None
         if stage.state and session is not None and state_version is not None:
@@ -415,6 +438,14 @@ class Engine:
             None if state_write is None else state_version + 1,  # type: ignore[operator]
             (self._clock.monotonic() - t0) * 1000,
         )
+        for ref, array in result.outputs.items():
+            run.blobs[out_refs[ref]] = array
+        if state_write is None:
+            # Stateless: the next stage may start at once. Its own completion is queued
+            # behind this one, so a crash can never keep its effect and lose this one.
+            run.write(self._log.append(run_id, [completed], blobs=blobs))
+            return [*starting, completed]
+        # Stateful: the session's next turn must see this state, so wait for it.
         outcome = await self._log.append(run_id, [completed], blobs=blobs, state=state_write)
         if outcome.state_conflict:
             # Another writer moved the session on: this attempt's effect is void; run it again.
@@ -425,8 +456,6 @@ class Engine:
             recorded = replay(self._log.read_run(run_id)).stages[stage.name].completed
             if recorded is not None:
                 return [*starting, recorded]
-        for ref, blob in blobs.items():
-            run.blobs[ref] = decode_tensor(blob)
         return [*starting, completed]
 
     def _replayed_state(self, run: _Run, stage: StageSpec) -> TensorRefs | None:
