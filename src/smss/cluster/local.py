@@ -39,7 +39,7 @@ import msgspec
 from smss.errors import StartFailed
 from smss.node.weightstore import WeightStore
 from smss.node.worker import Ready, WorkerConfig
-from smss.node.zygotes import ZygotePool, watch_exit
+from smss.node.zygotes import ZygotePool, process_alive, watch_exit
 from smss.ports import ExitCallback, InstanceInfo, StartedInstance, StartTimings
 from smss.spec import FunctionSpec
 
@@ -300,7 +300,7 @@ def reap_orphans(tmp: Path | None = None, shm: Path = Path("/dev/shm")) -> list[
             owner = int((run_dir / "owner").read_text())
         except (OSError, ValueError):
             continue  # not ours, or still being set up
-        if _process_alive(owner):
+        if process_alive(owner):
             continue
         for segment in shm.glob(f"{run_dir.name}-*"):
             with contextlib.suppress(OSError):
@@ -310,16 +310,6 @@ def reap_orphans(tmp: Path | None = None, shm: Path = Path("/dev/shm")) -> list[
     if removed:
         log.info("removed %d run directories left by killed nodes", len(removed))
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -134,7 +134,7 @@ class ZygotePool:
     def _forget_templates_of_dead_zygote(self) -> None:
         # Templates die with their zygote (PDEATHSIG); drop the ones whose process is gone.
         for key, t in list(self._templates.items()):
-            if not _alive(t.pid):
+            if not process_alive(t.pid):
                 t.control.close()
                 del self._templates[key]
 
@@ -142,7 +142,7 @@ class ZygotePool:
         """The template for ``key``, forked from the runtime's zygote if missing.
         Returns (template, already_prepared)."""
         existing = self._templates.get(key)
-        if existing is not None and _alive(existing.pid):
+        if existing is not None and process_alive(existing.pid):
             return existing, True
         if existing is not None:
             self.discard(key)
@@ -211,7 +211,7 @@ _SINGLE_THREADED = {
 }
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Running (a zombie waiting to be reaped counts as dead)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
