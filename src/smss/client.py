@@ -13,25 +13,16 @@ from smss import errors
 from smss.packaging import Package, load_attribute, package
 from smss.spec import DATATYPES, datatype_of
 
-_BY_CODE: dict[str, type[errors.SmssError]] = {
-    cls.code: cls
-    for cls in (
-        errors.InvalidInput,
-        errors.PayloadTooLarge,
-        errors.InvalidSpec,
-        errors.UnsafeArtifact,
-        errors.NotFound,
-        errors.Conflict,
-        errors.AuthError,
-        errors.Forbidden,
-        errors.Overloaded,
-        errors.Unavailable,
-        errors.StartFailed,
-        errors.InstanceLost,
-        errors.DeadlineExceeded,
-        errors.ModelError,
-    )
-}
+
+def _error_types(root: type[errors.SmssError]) -> dict[str, type[errors.SmssError]]:
+    """Every error type of the tree by its wire ``code``, so a client raises what the server did."""
+    found = {root.code: root}
+    for sub in root.__subclasses__():
+        found.update(_error_types(sub))
+    return found
+
+
+_BY_CODE = _error_types(errors.SmssError)
 
 
 class Client:

@@ -29,6 +29,3 @@ class AppContext:
     def metered_period_s(self) -> float:
         """Seconds of metering behind the cost report: earlier runs of the platform and this one."""
         return self.previous_period_s + time.monotonic() - self.started
-
-    def known_functions(self) -> set[str]:
-        return {rt.name for rt in self.platform.controller.functions()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -77,7 +77,3 @@ async def read_json(request: Request, limit: int, type: type[T]) -> T:
 
 def client_of(request: Request) -> str:
     return request.client.host if request.client else "unknown"
-
-
-def path_param(request: Request, name: str) -> Any:
-    return request.path_params.get(name)
