@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 from smss.errors import Conflict, InvalidSpec, NotFound, StorageUnavailable
 from smss.ports import AppendResult
 from smss.store import _wal
-from smss.store.sqlite_log import SCHEMA_VERSION, FaultHooks, SqliteEventLog
+from smss.store._log_schema import SCHEMA_VERSION
+from smss.store.sqlite_log import FaultHooks, SqliteEventLog
 from smss.testing.faults import log_faults, on_pass
 from smss.workflow.blobs import ref_of
 from smss.workflow.events import (

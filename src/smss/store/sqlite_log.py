@@ -20,7 +20,7 @@ Guarantees:
 * **Order from seq.** ``events.seq`` is assigned by the single writer in commit
   order; runs are ordered by the seq of their ``RunStarted``, never by wall time.
 * **A damaged file is refused, never half-read.** Opening runs ``PRAGMA
-  integrity_check`` (``quick_check`` above :data:`FULL_CHECK_MAX_BYTES`) and
+  integrity_check`` (``quick_check`` above ``_log_schema.FULL_CHECK_MAX_BYTES``) and
   checks the ``-wal`` file for intact commits past a damaged frame, which SQLite's
   recovery would silently drop (see :mod:`smss.store._wal`). A torn tail of the last,
   unacknowledged transaction is recovered from, as SQLite does. Each event body
@@ -31,6 +31,10 @@ commit once the ``-wal`` file passes ``checkpoint_bytes``) instead of SQLite's
 auto-checkpoint, so the ``-wal`` file holds frames already copied into the database
 only while a checkpoint runs (or when a reader kept one from completing): a ``-wal``
 tail lost after a crash then costs a suffix of transactions, never consistency.
+
+Three modules, one per concern: this one (the queue, the writer thread and group
+commit, reads), :mod:`smss.store._log_ops` (what one request writes, in its
+savepoint) and :mod:`smss.store._log_schema` (refusing a damaged file, the schema).
 """
 
 from __future__ import annotations
@@ -43,17 +47,23 @@ import logging
 import sqlite3
 import threading
 import typing
-import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from smss.errors import Conflict, NotFound, SmssError, StorageUnavailable
+from smss.errors import NotFound, SmssError, StorageUnavailable
 from smss.ports import AppendResult, Clock, SystemClock
-from smss.store._wal import page_size, wal_damage
+from smss.store import _log_ops as ops
+from smss.store._log_schema import (
+    BUSY_TIMEOUT_S,
+    reason,
+    refuse_damaged,
+    unavailable,
+)
+from smss.store._log_schema import setup as setup_schema
 from smss.workflow.events import (
     Event,
     Record,
@@ -61,59 +71,14 @@ from smss.workflow.events import (
     RunSummary,
     SessionState,
     StateWrite,
-    status_of,
 )
 
 logger = logging.getLogger(__name__)
 
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE runs (
-            run_id TEXT PRIMARY KEY,
-            workflow TEXT NOT NULL,
-            session TEXT,
-            status TEXT NOT NULL,
-            created REAL NOT NULL,
-            updated REAL NOT NULL,
-            idempotency_key TEXT UNIQUE,
-            started_seq INTEGER NOT NULL  -- seq of its RunStarted: the order of runs
-        )""",
-        "CREATE INDEX runs_by_status ON runs (status, started_seq)",
-        "CREATE INDEX runs_by_workflow ON runs (workflow, started_seq)",
-        """CREATE TABLE events (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            run_id TEXT NOT NULL,
-            type TEXT NOT NULL,
-            stage TEXT,
-            attempt INTEGER,
-            ts REAL NOT NULL,
-            body BLOB NOT NULL,  -- msgpack of the tagged Event union, never pickle
-            crc INTEGER NOT NULL  -- zlib.crc32 of body
-        )""",
-        "CREATE INDEX events_by_run ON events (run_id, seq)",
-        # The first StageCompleted of a stage wins; INSERT OR IGNORE drops later ones.
-        "CREATE UNIQUE INDEX one_completion ON events (run_id, stage) WHERE type = 'StageCompleted'",
-        "CREATE TABLE blobs (ref TEXT PRIMARY KEY, data BLOB NOT NULL)",
-        """CREATE TABLE session_state (
-            workflow TEXT NOT NULL,
-            session TEXT NOT NULL,
-            version INTEGER NOT NULL,
-            tensors BLOB NOT NULL,  -- msgpack of name -> blob ref
-            PRIMARY KEY (workflow, session)
-        ) WITHOUT ROWID""",
-    ),
-)
-SCHEMA_VERSION = len(_MIGRATIONS)
-
-#: Files up to this size get ``PRAGMA integrity_check`` at open; larger ones ``quick_check``.
-FULL_CHECK_MAX_BYTES = 256 * 1024 * 1024
 #: A batch closes at this many requests or this many bytes of bodies and blobs.
 MAX_BATCH_ITEMS = 1024
 MAX_BATCH_BYTES = 64 * 1024 * 1024
-_BUSY_TIMEOUT_S = 10.0
 
-_encode = msgspec.msgpack.encode
-_event_decoder = msgspec.msgpack.Decoder(Event)
 _refs_decoder = msgspec.msgpack.Decoder(dict[str, str])
 _EVENT_TYPES: tuple[type, ...] = typing.get_args(Event)
 
@@ -134,54 +99,12 @@ class FaultHooks:
 # ---------------------------------------------------------------- queued requests
 
 
-@dataclass(frozen=True)
-class _Row:
-    type: str
-    stage: str | None
-    attempt: int | None
-    body: bytes
-    status: str | None
-
-
-@dataclass(frozen=True)
-class _StartRun:
-    run_id: str
-    started: RunStarted
-    row: _Row
-    blobs: list[tuple[str, bytes]]
-
-
-@dataclass(frozen=True)
-class _Append:
-    run_id: str
-    rows: list[_Row]
-    blobs: list[tuple[str, bytes]]
-    state: StateWrite | None
-    state_tensors: bytes  # msgpack of state.tensors
-
-
 @dataclass
 class _Item:
-    op: _StartRun | _Append
+    op: ops.StartRun | ops.Append
     size: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
-
-
-@dataclass
-class _Counts:
-    appends: int = 0
-    events: int = 0
-    dropped_completions: int = 0
-    state_conflicts: int = 0
-    runs_started: int = 0
-
-
-@dataclass
-class _Outcome:
-    result: Any = None
-    error: BaseException | None = None
-    counts: _Counts = field(default_factory=_Counts)
 
 
 class SqliteEventLog:
@@ -217,24 +140,24 @@ class SqliteEventLog:
             ("appends", "events", "commits", "dropped_completions", "state_conflicts", "runs_started"), 0
         )
         self._read_lock = threading.Lock()
-        _refuse_damaged(self.path)
+        refuse_damaged(self.path)
         self._wdb = self._connect()
         try:
-            _setup(self._wdb, self.path)
+            setup_schema(self._wdb, self.path)
             # What a crash left in the -wal file goes into the database now, once.
             self._checkpoint()
             self._rdb = self._connect()
         except BaseException as e:
             self._wdb.close()
             if isinstance(e, sqlite3.Error | OSError):
-                raise _unavailable(self.path, "the workflow log could not be opened", e) from None
+                raise unavailable(self.path, "the workflow log could not be opened", e) from None
             raise
         try:
             self._rdb.execute("PRAGMA query_only = ON")
         except sqlite3.Error as e:
             self._rdb.close()
             self._wdb.close()
-            raise _unavailable(self.path, "the workflow log could not be opened", e) from None
+            raise unavailable(self.path, "the workflow log could not be opened", e) from None
         self._writer = threading.Thread(target=self._writer_main, name="smss-log-writer", daemon=True)
         self._writer.start()
 
@@ -245,10 +168,10 @@ class SqliteEventLog:
     ) -> tuple[str, bool]:
         if not isinstance(started, RunStarted):
             raise TypeError(f"start_run needs a RunStarted, not {type(started).__name__}")
-        row = _row(started)
-        blob_rows = _blob_rows(blobs)
-        op = _StartRun(run_id, started, row, blob_rows)
-        result: tuple[str, bool] = await self._submit(op, len(row.body) + _size(blob_rows))
+        row = ops.row_of(started)
+        blob_rows = ops.blob_rows(blobs)
+        op = ops.StartRun(run_id, started, row, blob_rows)
+        result: tuple[str, bool] = await self._submit(op, len(row.body) + ops.size_of(blob_rows))
         return result
 
     async def append(
@@ -263,15 +186,15 @@ class SqliteEventLog:
         for event in events:
             if isinstance(event, RunStarted) or not isinstance(event, _EVENT_TYPES):
                 raise TypeError(f"cannot append {type(event).__name__}: RunStarted is written by start_run")
-            rows.append(_row(event))
+            rows.append(ops.row_of(event))
         if state is not None and not isinstance(state, StateWrite):
             raise TypeError(f"state must be a StateWrite, not {type(state).__name__}")
-        blob_rows = _blob_rows(blobs or {})
-        op = _Append(run_id, rows, blob_rows, state, _encode(dict(state.tensors)) if state else b"")
-        result: AppendResult = await self._submit(op, sum(len(r.body) for r in rows) + _size(blob_rows))
+        blob_rows = ops.blob_rows(blobs or {})
+        op = ops.Append(run_id, rows, blob_rows, state, ops.encode(dict(state.tensors)) if state else b"")
+        result: AppendResult = await self._submit(op, sum(len(r.body) for r in rows) + ops.size_of(blob_rows))
         return result
 
-    async def _submit(self, op: _StartRun | _Append, size: int) -> Any:
+    async def _submit(self, op: ops.StartRun | ops.Append, size: int) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
@@ -292,7 +215,7 @@ class SqliteEventLog:
                 "SELECT seq, ts, CAST(body AS BLOB), crc FROM events WHERE run_id = ? ORDER BY seq", (run_id,)
             ).fetchall()
         )
-        return [Record(seq, run_id, ts, _decode_event(seq, body, crc)) for seq, ts, body, crc in rows]
+        return [Record(seq, run_id, ts, ops.decode_event(seq, body, crc)) for seq, ts, body, crc in rows]
 
     def run_summary(self, run_id: str) -> RunSummary | None:
         row = self._read(lambda db: db.execute(f"{_SUMMARY} WHERE run_id = ?", (run_id,)).fetchone())
@@ -366,14 +289,14 @@ class SqliteEventLog:
         try:
             while (items := self._take()) is not None:
                 if self._failure is not None:
-                    self._settle_all(items, _Outcome(error=StorageUnavailable(self._failure)))
+                    self._settle_all(items, ops.Outcome(error=StorageUnavailable(self._failure)))
                 else:
                     self._write_batch(items)
         except BaseException as e:  # a bug here must not leave callers waiting forever
             logger.exception("workflow log writer crashed")
             self._fatal("the workflow log writer stopped", e)
             while (items := self._take()) is not None:
-                self._settle_all(items, _Outcome(error=StorageUnavailable(self._failure or "")))
+                self._settle_all(items, ops.Outcome(error=StorageUnavailable(self._failure or "")))
         finally:
             with contextlib.suppress(sqlite3.Error):
                 self._wdb.close()
@@ -402,7 +325,7 @@ class SqliteEventLog:
             outcomes = [self._apply(db, item.op, now) for item in items]
         except Exception as e:  # the transaction is lost; nothing was fsynced, so not fatal
             self._rollback()
-            self._settle_all(items, _Outcome(error=self._storage_error("could not be written", e)))
+            self._settle_all(items, ops.Outcome(error=self._storage_error("could not be written", e)))
             return
         try:
             _call(self._faults.before_commit)
@@ -411,7 +334,7 @@ class SqliteEventLog:
         except BaseException as e:
             self._fatal("the workflow log could not be written", e)
             self._rollback()
-            self._settle_all(items, _Outcome(error=StorageUnavailable(self._failure or "")))
+            self._settle_all(items, ops.Outcome(error=StorageUnavailable(self._failure or "")))
             return
         with self._cond:
             self._counters["commits"] += 1
@@ -421,12 +344,12 @@ class SqliteEventLog:
         _settle(list(zip(items, outcomes, strict=True)))
         self._maybe_checkpoint()
 
-    def _apply(self, db: sqlite3.Connection, op: _StartRun | _Append, now: float) -> _Outcome:
+    def _apply(self, db: sqlite3.Connection, op: ops.StartRun | ops.Append, now: float) -> ops.Outcome:
         """One request in its own savepoint: its own error undoes it alone; a database
         error propagates and loses the batch."""
         db.execute("SAVEPOINT request")
         try:
-            outcome = _start_run(db, op, now) if isinstance(op, _StartRun) else _append(db, op, now)
+            outcome = ops.start_run(db, op, now) if isinstance(op, ops.StartRun) else ops.append(db, op, now)
         except (sqlite3.Error, OSError):
             raise  # the database is in trouble: the whole batch is lost
         except Exception as e:  # this request's own: unknown run, run id used, a bug
@@ -434,7 +357,7 @@ class SqliteEventLog:
                 logger.exception("workflow log request failed")
             db.execute("ROLLBACK TO request")
             db.execute("RELEASE request")
-            return _Outcome(error=e)
+            return ops.Outcome(error=e)
         db.execute("RELEASE request")
         return outcome
 
@@ -461,36 +384,36 @@ class SqliteEventLog:
         logger.error("%s: %s (%r); no more writes until it is reopened", message, self.path, cause)
         with self._cond:
             if self._failure is None:
-                self._failure = f"{message}: {_reason(cause)}; it must be reopened"
+                self._failure = f"{message}: {reason(cause)}; it must be reopened"
 
     def _rollback(self) -> None:
         if self._wdb.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 self._wdb.execute("ROLLBACK")
 
-    def _settle_all(self, items: list[_Item], outcome: _Outcome) -> None:
+    def _settle_all(self, items: list[_Item], outcome: ops.Outcome) -> None:
         answers = []
         for item in items:
             # One exception object per waiter: each gets its own traceback.
             error = outcome.error
             if isinstance(error, SmssError):
                 error = type(error)(error.message)
-            answers.append((item, _Outcome(error=error)))
+            answers.append((item, ops.Outcome(error=error)))
         _settle(answers)
 
     def _storage_error(self, what: str, cause: BaseException) -> StorageUnavailable:
         logger.error("the workflow log %s: %s (%r)", what, self.path, cause)
-        return StorageUnavailable(f"the workflow log {what}: {_reason(cause)}")
+        return StorageUnavailable(f"the workflow log {what}: {reason(cause)}")
 
     # ------------------------------------------------------------ internals
 
     def _connect(self) -> sqlite3.Connection:
         try:
             return sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_S
+                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
             )
         except sqlite3.Error as e:
-            raise _unavailable(self.path, "the workflow log could not be opened", e) from None
+            raise unavailable(self.path, "the workflow log could not be opened", e) from None
 
     def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         with self._read_lock:
@@ -499,121 +422,10 @@ class SqliteEventLog:
             try:
                 return fn(self._rdb)
             except sqlite3.Error as e:
-                raise _unavailable(self.path, "the workflow log could not be read", e) from None
+                raise unavailable(self.path, "the workflow log could not be read", e) from None
 
 
 _SUMMARY = "SELECT run_id, workflow, session, status, created, updated FROM runs"
-
-
-# ---------------------------------------------------------------- requests, applied on the writer
-
-
-def _start_run(db: sqlite3.Connection, op: _StartRun, now: float) -> _Outcome:
-    key = op.started.idempotency_key
-    if key is not None:
-        row = db.execute("SELECT run_id FROM runs WHERE idempotency_key = ?", (key,)).fetchone()
-        if row is not None:
-            return _Outcome(result=(row[0], False))
-    if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)).fetchone():
-        raise Conflict(f"run id {op.run_id!r} is already used")
-    _put_blobs(db, op.blobs)
-    seq = _insert(db, op.run_id, op.row, now)
-    db.execute(
-        "INSERT INTO runs (run_id, workflow, session, status, created, updated, idempotency_key, "
-        "started_seq) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
-        (op.run_id, op.started.workflow, op.started.session, now, now, key, seq),
-    )
-    return _Outcome(result=(op.run_id, True), counts=_Counts(events=1, runs_started=1))
-
-
-def _append(db: sqlite3.Connection, op: _Append, now: float) -> _Outcome:
-    if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)).fetchone() is None:
-        raise NotFound(f"unknown run {op.run_id!r}")
-    if op.state is not None and _completion_recorded(db, op):
-        # The stage's effect is already recorded (by an earlier attempt or a fenced-off
-        # worker): its state write must not apply a second time. Nothing is written.
-        dropped = len(op.rows)
-        return _Outcome(result=AppendResult((0,) * dropped), counts=_Counts(appends=1, dropped_completions=1))
-    if op.state is not None:
-        s = op.state
-        row = db.execute(
-            "SELECT version FROM session_state WHERE workflow = ? AND session = ?", (s.workflow, s.session)
-        ).fetchone()
-        if (row[0] if row else 0) != s.expected:  # checked first: nothing of the batch is written
-            conflict = AppendResult(tuple(0 for _ in op.rows), state_conflict=True)
-            return _Outcome(result=conflict, counts=_Counts(appends=1, state_conflicts=1))
-        db.execute(
-            "INSERT INTO session_state (workflow, session, version, tensors) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (workflow, session) "
-            "DO UPDATE SET version = excluded.version, tensors = excluded.tensors",
-            (s.workflow, s.session, s.expected + 1, op.state_tensors),
-        )
-    _put_blobs(db, op.blobs)
-    seqs = [_insert(db, op.run_id, row, now) for row in op.rows]
-    status = next((r.status for r in reversed(op.rows) if r.status is not None), None)
-    db.execute(
-        "UPDATE runs SET updated = ?, status = coalesce(?, status) WHERE run_id = ?", (now, status, op.run_id)
-    )
-    dropped = seqs.count(0)
-    counts = _Counts(appends=1, events=len(seqs) - dropped, dropped_completions=dropped)
-    return _Outcome(result=AppendResult(tuple(seqs)), counts=counts)
-
-
-def _completion_recorded(db: sqlite3.Connection, op: _Append) -> bool:
-    stages = [r.stage for r in op.rows if r.type == "StageCompleted"]
-    return any(
-        db.execute(
-            "SELECT 1 FROM events WHERE run_id = ? AND stage = ? AND type = 'StageCompleted'",
-            (op.run_id, stage),
-        ).fetchone()
-        is not None
-        for stage in stages
-    )
-
-
-def _insert(db: sqlite3.Connection, run_id: str, row: _Row, now: float) -> int:
-    """The new event's seq, or 0 when it was a second StageCompleted (dropped)."""
-    cur = db.execute(
-        "INSERT OR IGNORE INTO events (run_id, type, stage, attempt, ts, body, crc) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (run_id, row.type, row.stage, row.attempt, now, row.body, zlib.crc32(row.body)),
-    )
-    return int(cur.lastrowid or 0) if cur.rowcount == 1 else 0
-
-
-def _put_blobs(db: sqlite3.Connection, blobs: list[tuple[str, bytes]]) -> None:
-    if blobs:
-        db.executemany("INSERT OR IGNORE INTO blobs (ref, data) VALUES (?, ?)", blobs)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _row(event: Event) -> _Row:
-    stage = getattr(event, "stage", None)
-    attempt = getattr(event, "attempt", None)
-    tag = event.__struct_config__.tag
-    return _Row(str(tag), stage, attempt, _encode(event), status_of(event))
-
-
-def _blob_rows(blobs: Mapping[str, bytes]) -> list[tuple[str, bytes]]:
-    # A copy: the caller may reuse a bytearray before the writer gets to it.
-    return [(ref, bytes(data)) for ref, data in blobs.items()]
-
-
-def _size(blobs: list[tuple[str, bytes]]) -> int:
-    return sum(len(data) for _, data in blobs)
-
-
-def _decode_event(seq: int, body: bytes, crc: int) -> Event:
-    try:
-        if zlib.crc32(body) != crc:
-            raise ValueError("checksum mismatch")
-        event: Event = _event_decoder.decode(body)
-    except (ValueError, msgspec.DecodeError) as e:
-        logger.error("workflow log record seq %d is unreadable: %s", seq, e)
-        raise StorageUnavailable(f"the workflow log record seq {seq} is corrupt or unreadable") from None
-    return event
 
 
 def _call(hook: Callable[[], None] | None) -> None:
@@ -621,9 +433,9 @@ def _call(hook: Callable[[], None] | None) -> None:
         hook()
 
 
-def _settle(answers: list[tuple[_Item, _Outcome]]) -> None:
+def _settle(answers: list[tuple[_Item, ops.Outcome]]) -> None:
     """Answer the waiters: one wake-up of each event loop for the whole batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, _Outcome]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, ops.Outcome]]] = {}
     for item, outcome in answers:
         by_loop.setdefault(item.loop, []).append((item, outcome))
     for loop, mine in by_loop.items():
@@ -631,7 +443,7 @@ def _settle(answers: list[tuple[_Item, _Outcome]]) -> None:
             loop.call_soon_threadsafe(_answer, mine)
 
 
-def _answer(answers: list[tuple[_Item, _Outcome]]) -> None:
+def _answer(answers: list[tuple[_Item, ops.Outcome]]) -> None:
     for item, outcome in answers:
         if item.future.done():  # the caller was cancelled
             continue
@@ -639,97 +451,6 @@ def _answer(answers: list[tuple[_Item, _Outcome]]) -> None:
             item.future.set_exception(outcome.error)
         else:
             item.future.set_result(outcome.result)
-
-
-def _reason(e: BaseException) -> str:
-    """Words safe to show a client: SQLite's or the OS's, without paths."""
-    if isinstance(e, OSError):
-        return e.strerror or type(e).__name__
-    return str(e) or type(e).__name__
-
-
-def _unavailable(path: Path, message: str, cause: object) -> StorageUnavailable:
-    # The message may reach clients, so the path and SQLite's words go to the log only.
-    logger.error("%s: %s (%s)", message, path, cause)
-    return StorageUnavailable(message)
-
-
-# ---------------------------------------------------------------- opening
-
-
-def _refuse_damaged(path: Path) -> None:
-    """Refuse a damaged file before anything writes to it. A read-write connection must
-    not be opened first: closing it would checkpoint what SQLite recovered and delete
-    the -wal file, evidence and intact later commits with it. So the -wal file is read
-    directly and the database through a read-only connection, which leaves both as
-    they are. (The log has one writer; another process writing meanwhile could make an
-    intact -wal file look damaged, never the reverse.)"""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    try:
-        damage = wal_damage(Path(f"{path}-wal"), page_size(path))
-        probe = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S)
-        try:
-            big = path.stat().st_size > FULL_CHECK_MAX_BYTES
-            problems = [
-                r[0] for r in probe.execute(f"PRAGMA {'quick' if big else 'integrity'}_check").fetchall()
-            ]
-            version = probe.execute("PRAGMA user_version").fetchone()[0]
-        finally:
-            probe.close()
-    except (sqlite3.Error, OSError) as e:
-        raise _unavailable(
-            path, f"the workflow log file is corrupt or unreadable ({_reason(e)})", e
-        ) from None
-    if damage:
-        raise _unavailable(
-            path,
-            f"the workflow log's -wal file is damaged: {damage} committed transaction(s) after a "
-            "damaged frame would be silently lost, so it is not opened. Restore it from a copy, or "
-            "accept the loss: `sqlite3 <file> 'PRAGMA wal_checkpoint(TRUNCATE)'` keeps what precedes "
-            "the damage",
-            damage,
-        )
-    if problems != ["ok"]:
-        raise _unavailable(
-            path,
-            "the workflow log file is corrupt (integrity check failed)",
-            "; ".join(map(str, problems[:5])),
-        )
-    if version > SCHEMA_VERSION:
-        raise _unavailable(
-            path,
-            f"the workflow log has schema version {version}, newer than this SMSS supports "
-            f"({SCHEMA_VERSION}); upgrade SMSS",
-            version,
-        )
-
-
-def _setup(db: sqlite3.Connection, path: Path) -> None:
-    """Pragmas and the schema, on the checked file; raises StorageUnavailable."""
-    try:
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer checkpoints itself
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-    except sqlite3.Error as e:
-        raise _unavailable(
-            path, f"the workflow log file is corrupt or unreadable ({_reason(e)})", e
-        ) from None
-    if str(mode).lower() != "wal":
-        raise _unavailable(path, "the workflow log cannot use WAL mode", mode)
-    for v in range(version, SCHEMA_VERSION):
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            if db.execute("PRAGMA user_version").fetchone()[0] == v:  # not done by another process meanwhile
-                for statement in _MIGRATIONS[v]:
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {v + 1}")
-            db.execute("COMMIT")
-        except sqlite3.Error as e:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise _unavailable(path, "the workflow log schema could not be created", e) from None
 
 
 if TYPE_CHECKING:  # SqliteEventLog satisfies the port (checked by mypy, never run)

@@ -1,0 +1,170 @@
+"""What one request of the workflow log writes, inside its savepoint on the writer
+thread: the SQL of a run's start and of an append, and the encoding of rows.
+(Part of :mod:`smss.store.sqlite_log`.)"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from smss.errors import Conflict, NotFound, StorageUnavailable
+from smss.ports import AppendResult
+from smss.workflow.events import Event, RunStarted, StateWrite, status_of
+
+logger = logging.getLogger("smss.store.sqlite_log")
+
+encode = msgspec.msgpack.encode
+_event_decoder = msgspec.msgpack.Decoder(Event)
+
+
+@dataclass(frozen=True)
+class Row:
+    type: str
+    stage: str | None
+    attempt: int | None
+    body: bytes
+    status: str | None
+
+
+@dataclass(frozen=True)
+class StartRun:
+    run_id: str
+    started: RunStarted
+    row: Row
+    blobs: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Append:
+    run_id: str
+    rows: list[Row]
+    blobs: list[tuple[str, bytes]]
+    state: StateWrite | None
+    state_tensors: bytes  # msgpack of state.tensors
+
+
+@dataclass
+class Counts:
+    appends: int = 0
+    events: int = 0
+    dropped_completions: int = 0
+    state_conflicts: int = 0
+    runs_started: int = 0
+
+
+@dataclass
+class Outcome:
+    result: Any = None
+    error: BaseException | None = None
+    counts: Counts = field(default_factory=Counts)
+
+
+def start_run(db: sqlite3.Connection, op: StartRun, now: float) -> Outcome:
+    key = op.started.idempotency_key
+    if key is not None:
+        row = db.execute("SELECT run_id FROM runs WHERE idempotency_key = ?", (key,)).fetchone()
+        if row is not None:
+            return Outcome(result=(row[0], False))
+    if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)).fetchone():
+        raise Conflict(f"run id {op.run_id!r} is already used")
+    _put_blobs(db, op.blobs)
+    seq = _insert(db, op.run_id, op.row, now)
+    db.execute(
+        "INSERT INTO runs (run_id, workflow, session, status, created, updated, idempotency_key, "
+        "started_seq) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+        (op.run_id, op.started.workflow, op.started.session, now, now, key, seq),
+    )
+    return Outcome(result=(op.run_id, True), counts=Counts(events=1, runs_started=1))
+
+
+def append(db: sqlite3.Connection, op: Append, now: float) -> Outcome:
+    if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)).fetchone() is None:
+        raise NotFound(f"unknown run {op.run_id!r}")
+    if op.state is not None and _completion_recorded(db, op):
+        # The stage's effect is already recorded (by an earlier attempt or a fenced-off
+        # worker): its state write must not apply a second time. Nothing is written.
+        dropped = len(op.rows)
+        return Outcome(result=AppendResult((0,) * dropped), counts=Counts(appends=1, dropped_completions=1))
+    if op.state is not None:
+        s = op.state
+        row = db.execute(
+            "SELECT version FROM session_state WHERE workflow = ? AND session = ?", (s.workflow, s.session)
+        ).fetchone()
+        if (row[0] if row else 0) != s.expected:  # checked first: nothing of the batch is written
+            conflict = AppendResult(tuple(0 for _ in op.rows), state_conflict=True)
+            return Outcome(result=conflict, counts=Counts(appends=1, state_conflicts=1))
+        db.execute(
+            "INSERT INTO session_state (workflow, session, version, tensors) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (workflow, session) "
+            "DO UPDATE SET version = excluded.version, tensors = excluded.tensors",
+            (s.workflow, s.session, s.expected + 1, op.state_tensors),
+        )
+    _put_blobs(db, op.blobs)
+    seqs = [_insert(db, op.run_id, row, now) for row in op.rows]
+    status = next((r.status for r in reversed(op.rows) if r.status is not None), None)
+    db.execute(
+        "UPDATE runs SET updated = ?, status = coalesce(?, status) WHERE run_id = ?", (now, status, op.run_id)
+    )
+    dropped = seqs.count(0)
+    counts = Counts(appends=1, events=len(seqs) - dropped, dropped_completions=dropped)
+    return Outcome(result=AppendResult(tuple(seqs)), counts=counts)
+
+
+def _completion_recorded(db: sqlite3.Connection, op: Append) -> bool:
+    stages = [r.stage for r in op.rows if r.type == "StageCompleted"]
+    return any(
+        db.execute(
+            "SELECT 1 FROM events WHERE run_id = ? AND stage = ? AND type = 'StageCompleted'",
+            (op.run_id, stage),
+        ).fetchone()
+        is not None
+        for stage in stages
+    )
+
+
+def _insert(db: sqlite3.Connection, run_id: str, row: Row, now: float) -> int:
+    """The new event's seq, or 0 when it was a second StageCompleted (dropped)."""
+    cur = db.execute(
+        "INSERT OR IGNORE INTO events (run_id, type, stage, attempt, ts, body, crc) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (run_id, row.type, row.stage, row.attempt, now, row.body, zlib.crc32(row.body)),
+    )
+    return int(cur.lastrowid or 0) if cur.rowcount == 1 else 0
+
+
+def _put_blobs(db: sqlite3.Connection, blobs: list[tuple[str, bytes]]) -> None:
+    if blobs:
+        db.executemany("INSERT OR IGNORE INTO blobs (ref, data) VALUES (?, ?)", blobs)
+
+
+def row_of(event: Event) -> Row:
+    stage = getattr(event, "stage", None)
+    attempt = getattr(event, "attempt", None)
+    tag = event.__struct_config__.tag
+    return Row(str(tag), stage, attempt, encode(event), status_of(event))
+
+
+def blob_rows(blobs: Mapping[str, bytes]) -> list[tuple[str, bytes]]:
+    # A copy: the caller may reuse a bytearray before the writer gets to it.
+    return [(ref, bytes(data)) for ref, data in blobs.items()]
+
+
+def size_of(blobs: list[tuple[str, bytes]]) -> int:
+    return sum(len(data) for _, data in blobs)
+
+
+def decode_event(seq: int, body: bytes, crc: int) -> Event:
+    try:
+        if zlib.crc32(body) != crc:
+            raise ValueError("checksum mismatch")
+        event: Event = _event_decoder.decode(body)
+    except (ValueError, msgspec.DecodeError) as e:
+        logger.error("workflow log record seq %d is unreadable: %s", seq, e)
+        raise StorageUnavailable(f"the workflow log record seq {seq} is corrupt or unreadable") from None
+    return event
