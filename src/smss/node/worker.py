@@ -16,6 +16,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -29,7 +30,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from smss.errors import InvalidInput, StartFailed
+from smss.errors import InvalidInput, SmssError, StartFailed
 from smss.node import ipc
 from smss.node.attach import Attached, HotCopy
 from smss.node.batching import Batcher, ModelFailure, Pending
@@ -239,6 +240,27 @@ def listen(path: str) -> socket.socket:
     return sock
 
 
+_PATH = re.compile(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)")
+
+
+def public_reason(error: BaseException) -> str:
+    """Why a model failed to load, fit for a client: the error type and message
+    with file paths cut to their last part (full paths stay in the log)."""
+    text = error.message if isinstance(error, SmssError) else f"{type(error).__name__}: {error}"
+    return _PATH.sub(r"\1", text)
+
+
+def start_child_process(label: str) -> int:
+    """Common start of a process the agent spawns (worker or zygote): die with the
+    agent, keep the real stdout for the one readiness line (returned as an fd) and
+    send everything else, user prints included, to stderr, the process's log."""
+    die_with_parent()
+    ready_fd = os.dup(1)
+    os.dup2(2, 1)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {label} %(levelname)s %(name)s: %(message)s")
+    return ready_fd
+
+
 def set_threads(config: WorkerConfig) -> None:
     if config.spec.runtime == "torch":
         import torch
@@ -249,21 +271,13 @@ def set_threads(config: WorkerConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(args[0], type=WorkerConfig)
-    die_with_parent()
-    # Keep the real stdout for the one Ready line; user prints go to the log.
-    ready_fd = os.dup(1)
-    os.dup2(2, 1)
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s {config.instance_id} %(levelname)s %(message)s"
-    )
+    ready_fd = start_child_process(config.instance_id)
     started = time.perf_counter()
     try:
         set_threads(config)
         model = load_model(config.spec, Path(config.artifact_dir))
         warm_up(config.spec, model)
     except BaseException as e:
-        from smss.node.zygote import public_reason
-
         reason = public_reason(e)
         log.exception("instance failed to load")
         os.write(ready_fd, msgspec.json.encode(Ready(False, os.getpid(), error=reason[:2000])) + b"\n")

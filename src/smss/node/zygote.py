@@ -37,7 +37,6 @@ import ctypes
 import gc
 import logging
 import os
-import re
 import select
 import signal
 import socket
@@ -48,15 +47,16 @@ from typing import Any
 
 import msgspec
 
-from smss.errors import SmssError
 from smss.node import zygote_proto as proto
 from smss.node.worker import (
     WorkerConfig,
     die_with_parent,
     listen,
     load_model,
+    public_reason,
     run_loop,
     set_threads,
+    start_child_process,
     warm_up,
 )
 
@@ -84,16 +84,6 @@ def preload(runtime: str) -> None:
         torch.zeros(1).add_(1)  # initialise the dispatcher without starting a pool
     elif runtime == "onnx":
         import onnxruntime  # noqa: F401
-
-
-_PATH = re.compile(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)")
-
-
-def public_reason(error: BaseException) -> str:
-    """Why a model failed to load, fit for a client: the error type and message
-    with file paths cut to their last part (full paths stay in the log)."""
-    text = error.message if isinstance(error, SmssError) else f"{type(error).__name__}: {error}"
-    return _PATH.sub(r"\1", text)
 
 
 def thread_count() -> int:
@@ -232,12 +222,7 @@ def _instance_main(config: WorkerConfig, model: Any, sock: socket.socket, parent
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(args[0], type=ZygoteConfig)
-    die_with_parent()
-    ready_fd = os.dup(1)
-    os.dup2(2, 1)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s pid %(process)d %(levelname)s %(name)s: %(message)s"
-    )
+    ready_fd = start_child_process("pid %(process)d")
     t0 = time.perf_counter()
     preload(config.runtime)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
