@@ -8,8 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +16,7 @@ import httpx
 import numpy as np
 from safetensors.numpy import save_file
 
-from smss.testing.server import ServerProcess, start_server
+from smss.testing.server import ServerProcess, start_server, wait_until
 
 T = TypeVar("T")
 
@@ -57,18 +56,6 @@ def seed_demo(source: Path, data_dir: Path) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, data_dir / "demo", dirs_exist_ok=True)
     return data_dir
-
-
-def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
-    """Poll until ``predicate()`` is truthy and return it; fail after a generous bound."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def functions(url: str) -> dict[str, dict[str, Any]]:

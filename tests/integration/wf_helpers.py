@@ -18,9 +18,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +28,7 @@ import httpx
 import msgspec
 import numpy as np
 
-from smss.testing.server import ServerProcess, free_port, start_server
+from smss.testing.server import ServerProcess, free_port, start_server, wait_until
 from smss.workflow.builder import Workflow
 
 T = TypeVar("T")
@@ -54,18 +53,6 @@ SHM = Path("/dev/shm")
 
 
 # ------------------------------------------------------------------ polling
-
-
-def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
-    """Poll until ``predicate()`` is truthy and return it; fail after a generous bound."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 # ------------------------------------------------------------------ processes
