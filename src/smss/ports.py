@@ -28,7 +28,15 @@ import msgspec
 import numpy as np
 
 from smss.spec import FunctionSpec
-from smss.workflow.events import Event, Record, RunStarted, RunSummary, SessionState, StateWrite
+from smss.workflow.events import (
+    Event,
+    Record,
+    RunStarted,
+    RunSummary,
+    SessionState,
+    StageCompleted,
+    StateWrite,
+)
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -208,11 +216,18 @@ class FunctionCaller(Protocol):
 class AppendResult(msgspec.Struct, frozen=True):
     """``seqs[i]`` is the sequence number of event i, or 0 when the log dropped it
     (a second StageCompleted for a stage). ``state_conflict`` is True when the
-    accompanying state write did not match the stored version: then nothing of
-    the batch was written."""
+    accompanying state write did not match the stored state, ``void`` when a
+    completion the append ``requires`` is not the one recorded: in both cases
+    nothing of the batch was written."""
 
     seqs: tuple[int, ...]
     state_conflict: bool = False
+    void: bool = False
+
+    @property
+    def clean(self) -> bool:
+        """Everything was written as asked: nothing refused, nothing dropped."""
+        return not (self.state_conflict or self.void) and 0 not in self.seqs
 
 
 class EventLog(Protocol):
@@ -228,10 +243,11 @@ class EventLog(Protocol):
     """
 
     async def start_run(
-        self, run_id: str, started: RunStarted, blobs: Mapping[str, bytes]
+        self, run_id: str, started: RunStarted, blobs: Mapping[str, bytes], *, lazy: bool = False
     ) -> tuple[str, bool]:
         """Record a new run. With an idempotency key already used, nothing is
-        written and the existing run's id is returned with ``False``."""
+        written and the existing run's id is returned with ``False``. ``lazy``: as
+        for :meth:`append`."""
         ...
 
     async def append(
@@ -241,7 +257,19 @@ class EventLog(Protocol):
         *,
         blobs: Mapping[str, bytes] | None = None,
         state: StateWrite | None = None,
-    ) -> AppendResult: ...
+        requires: Sequence[StageCompleted] = (),
+        lazy: bool = False,
+    ) -> AppendResult:
+        """Append ``events`` (with their blobs and the optional conditional state
+        write) as one all-or-nothing request. ``requires``: completions the events
+        were computed from; unless each is exactly the completion recorded for its
+        stage of this run, nothing is written and the result is ``void``. This lets
+        the engine queue a stage's records before the records it depends on are
+        durable: a dependency that never takes effect voids its dependents.
+        ``lazy``: the caller is in no hurry (it will wait for a later append that is
+        not lazy): the log may hold this one back, for a bounded time, to share that
+        append's commit. It is acknowledged, as always, only once durable."""
+        ...
 
     def read_run(self, run_id: str) -> list[Record]: ...
 

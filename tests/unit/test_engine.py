@@ -14,9 +14,10 @@ from smss.ports import CallResult, Tensors
 from smss.spec import FunctionSpec, TensorSpec
 from smss.testing.clock import FakeClock
 from smss.testing.memlog import MemoryEventLog
+from smss.workflow.blobs import to_blobs
 from smss.workflow.builder import Workflow
 from smss.workflow.engine import Engine
-from smss.workflow.events import RunFailed, RunParked, StageCompleted, StageFailed
+from smss.workflow.events import RunFailed, RunParked, SessionState, StageCompleted, StageFailed
 from smss.workflow.spec import WorkflowSpec, validate_workflow
 
 
@@ -273,5 +274,75 @@ def test_a_log_that_cannot_write_refuses_the_run() -> None:
             with pytest.raises(SmssError):
                 await e.submit("chain", {"x": X})
         assert log.records == []
+
+    asyncio.run(main())
+
+
+def _external_state(log: MemoryEventLog, value: float) -> np.ndarray:
+    """Another writer (another process) moves session ``s`` of ``chain`` on to version 1."""
+    h = np.full((1, 4), value, np.float32)
+    refs, blobs = to_blobs({"h": h})
+    log.blobs.update(blobs)
+    log.states[("chain", "s")] = SessionState(1, refs)
+    return h
+
+
+def test_a_state_write_refused_by_the_log_reruns_the_stage_on_the_state_it_holds() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        caller.gate["acc"] = asyncio.Event()
+        async with engine(log, caller).running() as e:
+            pending = asyncio.ensure_future(e.submit("chain", {"x": X}, session="s"))
+            await eventually(lambda: caller.calls["acc"] == 1)  # c read version 0 and is running
+            h = _external_state(log, 100.0)
+            caller.gate["acc"].set()
+            outcome = await pending
+        assert outcome.status == "completed"
+        assert outcome.outputs is not None
+        np.testing.assert_array_equal(outcome.outputs["out"], h + X * 2 + 1)  # on the log's state
+        assert caller.calls["acc"] == 2
+        assert log.get_state("chain", "s").version == 2
+        assert completions(log, outcome.run_id) == {"a": 1, "b": 1, "c": 1}
+        assert log.counters["state_conflicts"] == 1
+
+    asyncio.run(main())
+
+
+def test_a_turn_that_read_a_refused_write_is_refused_too() -> None:
+    """Run B reads run A's state before it is durable; A's write is refused, so B's
+    (computed from it) must be refused as well, even though the version matches."""
+
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        caller.gate["acc"] = asyncio.Event()
+        async with engine(log, caller).running() as e:
+            a = asyncio.ensure_future(e.submit("chain", {"x": X}, session="s"))
+            await eventually(lambda: caller.calls["acc"] == 1)
+            b = asyncio.ensure_future(e.submit("chain", {"x": X}, session="s"))
+            await eventually(lambda: caller.calls["inc"] == 2)  # B waits for the session
+            log.gate = asyncio.Event()  # writes stay on their way
+            caller.gate["acc"].set()
+            await eventually(lambda: caller.calls["acc"] == 2)  # B's turn runs on A's queued state
+            h = _external_state(log, 100.0)
+            log.gate.set()
+            outcomes = await asyncio.gather(a, b)
+        assert [o.status for o in outcomes] == ["completed", "completed"]
+        state = log.get_state("chain", "s")
+        assert state.version == 3  # the other writer's turn and one per run: none lost
+        final = np.frombuffer(log.blobs[state.tensors["h"]][-16:], np.float32)
+        np.testing.assert_array_equal(final, (h + 2 * (X * 2 + 1)).ravel())
+        for o in outcomes:
+            assert completions(log, o.run_id) == {"a": 1, "b": 1, "c": 1}
+        assert log.counters["state_conflicts"] >= 2
+
+    asyncio.run(main())
+
+
+def test_a_runs_records_share_one_commit_with_its_end() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        async with engine(log, caller).running() as e:
+            await e.submit("chain", {"x": X}, session="s")
+        assert log.eager == 1  # only the run's end was waited for
 
     asyncio.run(main())

@@ -209,6 +209,94 @@ def test_state_write_is_conditional_and_all_or_nothing(open_log: Callable[..., S
     assert log.get_state("wf", "other").tensors == {}
 
 
+def test_a_state_write_computed_from_other_tensors_conflicts(open_log: Callable[..., SqliteEventLog]) -> None:
+    """``base``: the version alone cannot tell two writers' states apart."""
+    log = open_log()
+
+    async def scenario() -> tuple[AppendResult, AppendResult]:
+        await log.start_run("r1", started(session="u"), {})
+        await log.append(
+            "r1", [StageScheduled("a", 1)], state=StateWrite("wf", "u", 0, {"h": "x" * 64}, base={})
+        )
+        wrong = await log.append(
+            "r1",
+            [StageScheduled("b", 1)],
+            state=StateWrite("wf", "u", 1, {"h": "y" * 64}, base={"h": "z" * 64}),
+        )
+        right = await log.append(
+            "r1",
+            [StageScheduled("c", 1)],
+            state=StateWrite("wf", "u", 1, {"h": "y" * 64}, base={"h": "x" * 64}),
+        )
+        return wrong, right
+
+    wrong, right = run(scenario())
+    assert wrong.state_conflict
+    assert not wrong.clean
+    assert right.clean
+    assert log.get_state("wf", "u").tensors == {"h": "y" * 64}
+
+
+def test_an_append_requiring_a_completion_not_recorded_is_void(
+    open_log: Callable[..., SqliteEventLog],
+) -> None:
+    log = open_log()
+    ours = StageCompleted("a", 1, {"y": "1" * 64}, "i-1")
+    theirs = StageCompleted("a", 1, {"y": "2" * 64}, "i-2")
+
+    async def scenario() -> tuple[AppendResult, ...]:
+        await log.start_run("r1", started(), {})
+        missing = await log.append("r1", [StageCompleted("b", 1, {})], requires=[ours])
+        first = await log.append("r1", [theirs])
+        other = await log.append("r1", [StageStarted("b", 1, "fn", {"x": "1" * 64})], requires=[ours])
+        met = await log.append("r1", [StageStarted("b", 1, "fn", {"x": "2" * 64})], requires=[theirs])
+        return missing, first, other, met
+
+    missing, first, other, met = run(scenario())
+    assert missing == AppendResult((0,), void=True)
+    assert first.clean
+    assert other.void  # a completion of that stage is recorded, but not the one relied on
+    assert met.clean
+    assert [type(r.event).__name__ for r in log.read_run("r1")] == [
+        "RunStarted",
+        "StageCompleted",
+        "StageStarted",
+    ]
+    assert log.stats()["voided"] == 2
+
+
+def test_lazy_appends_share_the_next_eager_commit(open_log: Callable[..., SqliteEventLog]) -> None:
+    log = open_log(lazy_delay_s=60.0)
+
+    async def scenario() -> None:
+        await log.start_run("r1", started(), {})
+        commits = log.stats()["commits"]
+        lazy = [
+            asyncio.ensure_future(log.append("r1", [StageScheduled(f"s{i}", 1)], lazy=True)) for i in range(5)
+        ]
+        await asyncio.sleep(0.05)
+        assert not any(f.done() for f in lazy)  # held back: nothing waits for them yet
+        end = await log.append("r1", [RunCompleted({})])
+        results = await asyncio.gather(*lazy)
+        assert all(r.clean for r in results)
+        assert end.seqs[0] > max(r.seqs[0] for r in results)  # in order
+        assert log.stats()["commits"] == commits + 1
+
+    run(scenario())
+
+
+def test_a_lazy_append_is_durable_within_its_delay(open_log: Callable[..., SqliteEventLog]) -> None:
+    log = open_log(lazy_delay_s=0.01)
+
+    async def scenario() -> None:
+        await log.start_run("r1", started(), {})
+        result = await asyncio.wait_for(log.append("r1", [StageScheduled("a", 1)], lazy=True), 10)
+        assert result.clean
+
+    run(scenario())
+    assert [type(r.event).__name__ for r in log.read_run("r1")] == ["RunStarted", "StageScheduled"]
+
+
 def test_blobs_are_content_addressed_and_verified(
     open_log: Callable[..., SqliteEventLog], tmp_path: Path
 ) -> None:

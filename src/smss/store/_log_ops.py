@@ -21,6 +21,7 @@ logger = logging.getLogger("smss.store.sqlite_log")
 
 encode = msgspec.msgpack.encode
 _event_decoder = msgspec.msgpack.Decoder(Event)
+_refs_decoder = msgspec.msgpack.Decoder(dict[str, str])
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Append:
     blobs: list[tuple[str, bytes]]
     state: StateWrite | None
     state_tensors: bytes  # msgpack of state.tensors
+    #: (stage, body) of each completion the request relies on: each must be the one recorded.
+    requires: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Counts:
     dropped_completions: int = 0
     state_conflicts: int = 0
     runs_started: int = 0
+    voided: int = 0
 
 
 @dataclass
@@ -86,6 +90,10 @@ def start_run(db: sqlite3.Connection, op: StartRun, now: float) -> Outcome:
 def append(db: sqlite3.Connection, op: Append, now: float) -> Outcome:
     if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)).fetchone() is None:
         raise NotFound(f"unknown run {op.run_id!r}")
+    if not all(_recorded_as(db, op.run_id, stage, body) for stage, body in op.requires):
+        # Computed from a completion that never took effect (or lost to another): void.
+        void = AppendResult(tuple(0 for _ in op.rows), void=True)
+        return Outcome(result=void, counts=Counts(appends=1, voided=1))
     if op.state is not None and _completion_recorded(db, op):
         # The stage's effect is already recorded (by an earlier attempt or a fenced-off
         # worker): its state write must not apply a second time. Nothing is written.
@@ -94,9 +102,10 @@ def append(db: sqlite3.Connection, op: Append, now: float) -> Outcome:
     if op.state is not None:
         s = op.state
         row = db.execute(
-            "SELECT version FROM session_state WHERE workflow = ? AND session = ?", (s.workflow, s.session)
+            "SELECT version, tensors FROM session_state WHERE workflow = ? AND session = ?",
+            (s.workflow, s.session),
         ).fetchone()
-        if (row[0] if row else 0) != s.expected:  # checked first: nothing of the batch is written
+        if not _state_is(row, s):  # checked first: nothing of the batch is written
             conflict = AppendResult(tuple(0 for _ in op.rows), state_conflict=True)
             return Outcome(result=conflict, counts=Counts(appends=1, state_conflicts=1))
         db.execute(
@@ -114,6 +123,29 @@ def append(db: sqlite3.Connection, op: Append, now: float) -> Outcome:
     dropped = seqs.count(0)
     counts = Counts(appends=1, events=len(seqs) - dropped, dropped_completions=dropped)
     return Outcome(result=AppendResult(tuple(seqs)), counts=counts)
+
+
+def _state_is(row: tuple[int, bytes] | None, write: StateWrite) -> bool:
+    """Whether the stored state is the one ``write`` was computed from."""
+    version, tensors = row if row is not None else (0, None)
+    if version != write.expected:
+        return False
+    if write.base is None:
+        return True
+    try:
+        stored = {} if tensors is None else _refs_decoder.decode(tensors)
+    except msgspec.DecodeError:
+        raise StorageUnavailable(
+            f"the session state of {write.workflow}/{write.session} is unreadable"
+        ) from None
+    return stored == write.base
+
+
+def _recorded_as(db: sqlite3.Connection, run_id: str, stage: str, body: bytes) -> bool:
+    row = db.execute(
+        "SELECT body FROM events WHERE run_id = ? AND stage = ? AND type = 'StageCompleted'", (run_id, stage)
+    ).fetchone()
+    return row is not None and bytes(row[0]) == body
 
 
 def _completion_recorded(db: sqlite3.Connection, op: Append) -> bool:

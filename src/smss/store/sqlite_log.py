@@ -9,7 +9,10 @@ Guarantees:
 * **Group commit.** One thread owns the write connection. It takes every queued
   request, applies each in its own SAVEPOINT inside one ``BEGIN IMMEDIATE``
   transaction (one request's conflict or error leaves the others intact) and
-  commits once: one fsync for all of them.
+  commits once: one fsync for all of them. A *lazy* request (``lazy=True``: its
+  caller will wait for a later request of its own anyway) does not start a commit:
+  it waits up to ``lazy_delay_s`` for one that is not lazy, so a run's records
+  share the commit of its end instead of costing a commit each.
 * **All or nothing.** A request is one savepoint, so a batch of events with its
   blobs and state write is never partly present, before or after a crash.
 * **Failures are not acknowledged.** A failed write fails every request of its
@@ -46,6 +49,7 @@ import hashlib
 import logging
 import sqlite3
 import threading
+import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,11 +74,17 @@ from smss.workflow.events import (
     RunStarted,
     RunSummary,
     SessionState,
+    StageCompleted,
     StateWrite,
 )
 
 logger = logging.getLogger(__name__)
 
+#: How long a lazy request may wait for a commit to share: its records become durable
+#: this long after it was made at the latest, or with the next request that is not lazy.
+LAZY_DELAY_S = 0.02
+#: A request larger than this is never held back (see ``_submit``).
+LAZY_MAX_BYTES = 16 * 1024
 #: A batch closes at this many requests or this many bytes of bodies and blobs.
 MAX_BATCH_ITEMS = 1024
 MAX_BATCH_BYTES = 64 * 1024 * 1024
@@ -105,6 +115,8 @@ class _Item:
     size: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    lazy: bool
+    queued_at: float
 
 
 class SqliteEventLog:
@@ -127,17 +139,29 @@ class SqliteEventLog:
         fault: FaultHooks | None = None,
         clock: Clock | None = None,
         checkpoint_bytes: int = 4 * 1024 * 1024,
+        lazy_delay_s: float = LAZY_DELAY_S,
     ) -> None:
         self.path = Path(path)
         self._faults = fault or FaultHooks()
         self._clock: Clock = clock or SystemClock()
         self._checkpoint_bytes = checkpoint_bytes
+        self._lazy_delay_s = lazy_delay_s
+        self._eager = 0  # queued requests that are not lazy
         self._cond = threading.Condition()
         self._queue: collections.deque[_Item] = collections.deque()
         self._closing = False
         self._failure: str | None = None  # set once a COMMIT or checkpoint failed
         self._counters = dict.fromkeys(
-            ("appends", "events", "commits", "dropped_completions", "state_conflicts", "runs_started"), 0
+            (
+                "appends",
+                "events",
+                "commits",
+                "dropped_completions",
+                "state_conflicts",
+                "voided",
+                "runs_started",
+            ),
+            0,
         )
         self._read_lock = threading.Lock()
         refuse_damaged(self.path)
@@ -164,14 +188,14 @@ class SqliteEventLog:
     # ------------------------------------------------------------ writes
 
     async def start_run(
-        self, run_id: str, started: RunStarted, blobs: Mapping[str, bytes]
+        self, run_id: str, started: RunStarted, blobs: Mapping[str, bytes], *, lazy: bool = False
     ) -> tuple[str, bool]:
         if not isinstance(started, RunStarted):
             raise TypeError(f"start_run needs a RunStarted, not {type(started).__name__}")
         row = ops.row_of(started)
         blob_rows = ops.blob_rows(blobs)
         op = ops.StartRun(run_id, started, row, blob_rows)
-        result: tuple[str, bool] = await self._submit(op, len(row.body) + ops.size_of(blob_rows))
+        result: tuple[str, bool] = await self._submit(op, len(row.body) + ops.size_of(blob_rows), lazy)
         return result
 
     async def append(
@@ -181,6 +205,8 @@ class SqliteEventLog:
         *,
         blobs: Mapping[str, bytes] | None = None,
         state: StateWrite | None = None,
+        requires: Sequence[StageCompleted] = (),
+        lazy: bool = False,
     ) -> AppendResult:
         rows = []
         for event in events:
@@ -189,12 +215,23 @@ class SqliteEventLog:
             rows.append(ops.row_of(event))
         if state is not None and not isinstance(state, StateWrite):
             raise TypeError(f"state must be a StateWrite, not {type(state).__name__}")
+        needed = []
+        for completion in requires:
+            if not isinstance(completion, StageCompleted):
+                raise TypeError(f"requires holds StageCompleted events, not {type(completion).__name__}")
+            needed.append((completion.stage, ops.encode(completion)))
         blob_rows = ops.blob_rows(blobs or {})
-        op = ops.Append(run_id, rows, blob_rows, state, ops.encode(dict(state.tensors)) if state else b"")
-        result: AppendResult = await self._submit(op, sum(len(r.body) for r in rows) + ops.size_of(blob_rows))
+        op = ops.Append(
+            run_id, rows, blob_rows, state, ops.encode(dict(state.tensors)) if state else b"", needed
+        )
+        size = sum(len(r.body) for r in rows) + ops.size_of(blob_rows)
+        result: AppendResult = await self._submit(op, size, lazy)
         return result
 
-    async def _submit(self, op: ops.StartRun | ops.Append, size: int) -> Any:
+    async def _submit(self, op: ops.StartRun | ops.Append, size: int, lazy: bool) -> Any:
+        # Large blobs are committed at once, in the background: the commit that ends a
+        # run then holds only small rows, and its fsync has little to flush.
+        lazy = lazy and size <= LAZY_MAX_BYTES
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
@@ -202,8 +239,12 @@ class SqliteEventLog:
                 raise StorageUnavailable(self._failure)
             if self._closing:
                 raise StorageUnavailable("the workflow log is closed")
-            self._queue.append(_Item(op, size, loop, future))
-            self._cond.notify()
+            self._queue.append(_Item(op, size, loop, future, lazy, time.monotonic()))
+            if not lazy:
+                self._eager += 1
+            # A lazy request wakes the writer only to start its clock (the queue was empty).
+            if not lazy or len(self._queue) == 1:
+                self._cond.notify()
         return await future
 
     # ------------------------------------------------------------ reads
@@ -268,7 +309,8 @@ class SqliteEventLog:
     def stats(self) -> dict[str, int]:
         """Since this object was opened: appends (acknowledged ``append`` calls), events
         (written), commits (one fsync each), dropped_completions, state_conflicts,
-        runs_started; and queued (requests waiting for the writer now)."""
+        voided (appends refused for a ``requires`` not met), runs_started; and queued
+        (requests waiting for the writer now)."""
         with self._cond:
             return {**self._counters, "queued": len(self._queue)}
 
@@ -302,12 +344,22 @@ class SqliteEventLog:
                 self._wdb.close()
 
     def _take(self) -> list[_Item] | None:
-        """Every queued request up to the batch limits; None once closing and drained."""
+        """Every queued request up to the batch limits, once one of them is not lazy,
+        the oldest has waited ``lazy_delay_s`` or the queue is full; None once closing
+        and drained."""
         with self._cond:
-            while not self._queue:
-                if self._closing:
-                    return None
-                self._cond.wait()
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                if self._eager or self._closing or len(self._queue) >= MAX_BATCH_ITEMS:
+                    break
+                left = self._queue[0].queued_at + self._lazy_delay_s - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
             items = [self._queue.popleft()]
             size = items[0].size
             while (
@@ -315,6 +367,7 @@ class SqliteEventLog:
             ):
                 items.append(self._queue.popleft())
                 size += items[-1].size
+            self._eager -= sum(1 for item in items if not item.lazy)
             return items
 
     def _write_batch(self, items: list[_Item]) -> None:

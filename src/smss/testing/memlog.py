@@ -1,9 +1,10 @@
 """An in-memory :class:`smss.ports.EventLog` with the real log's rules, for engine tests.
 
 Same semantics as the SQLite log: one StageCompleted per stage (later ones
-dropped), state writes conditional on the version and all-or-nothing with
-their batch, idempotency keys, run status from terminal events. ``fail_appends``
-makes appends raise :class:`StorageUnavailable`, like a log whose fsync failed.
+dropped), state writes conditional on the version (and base tensors) and
+all-or-nothing with their batch, ``requires`` voiding a batch, idempotency
+keys, run status from terminal events. ``fail_appends`` makes appends raise
+:class:`StorageUnavailable`, like a log whose fsync failed.
 """
 
 from __future__ import annotations
@@ -35,20 +36,28 @@ class MemoryEventLog:
         self.states: dict[tuple[str, str], SessionState] = {}
         self.keys: dict[str, str] = {}
         self.fail_appends = False
+        #: While set and not open, appends wait (in order): writes "on their way".
+        self.gate: asyncio.Event | None = None
+        self._tail: asyncio.Future[None] | None = None
         self.counters = {
             "appends": 0,
             "events": 0,
             "commits": 0,
             "dropped_completions": 0,
             "state_conflicts": 0,
+            "voided": 0,
         }
+        #: Requests not marked lazy (those a caller waits for at once).
+        self.eager = 0
         self._completed: set[tuple[str, str]] = set()
+        self._recorded: dict[tuple[str, str], StageCompleted] = {}
 
     async def start_run(
-        self, run_id: str, started: RunStarted, blobs: Mapping[str, bytes]
+        self, run_id: str, started: RunStarted, blobs: Mapping[str, bytes], *, lazy: bool = False
     ) -> tuple[str, bool]:
         await asyncio.sleep(0)
         self._check()
+        self.eager += not lazy
         key = started.idempotency_key
         if key is not None and key in self.keys:
             return self.keys[key], False
@@ -68,21 +77,48 @@ class MemoryEventLog:
         *,
         blobs: Mapping[str, bytes] | None = None,
         state: StateWrite | None = None,
+        requires: Sequence[StageCompleted] = (),
+        lazy: bool = False,
     ) -> AppendResult:
-        await asyncio.sleep(0)
+        # Appends take effect in the order they were made, as with the real log's queue.
+        previous, self._tail = self._tail, asyncio.get_running_loop().create_future()
+        mine = self._tail
+        try:
+            await asyncio.sleep(0)
+            if previous is not None:
+                await asyncio.wait([previous])
+            if self.gate is not None:
+                await self.gate.wait()
+            return self._append(run_id, events, blobs, state, requires, lazy)
+        finally:
+            mine.set_result(None)
+
+    def _append(
+        self,
+        run_id: str,
+        events: Sequence[Event],
+        blobs: Mapping[str, bytes] | None,
+        state: StateWrite | None,
+        requires: Sequence[StageCompleted],
+        lazy: bool,
+    ) -> AppendResult:
         self._check()
+        self.eager += not lazy
         summary = self.runs.get(run_id)
         if summary is None:
             raise NotFound(f"unknown run {run_id!r}")
         self.counters["appends"] += 1
         self.counters["commits"] += 1
+        if any(self._recorded.get((run_id, c.stage)) != c for c in requires):
+            self.counters["voided"] += 1
+            return AppendResult(tuple(0 for _ in events), void=True)
         completions = [e.stage for e in events if isinstance(e, StageCompleted)]
         if state is not None and any((run_id, stage) in self._completed for stage in completions):
             self.counters["dropped_completions"] += 1  # recorded already: no second state write
             return AppendResult(tuple(0 for _ in events))
         if state is not None:
             current = self.get_state(state.workflow, state.session)
-            if current.version != state.expected:
+            if current.version != state.expected or state.base not in (None, current.tensors):
                 self.counters["state_conflicts"] += 1
                 return AppendResult(tuple(0 for _ in events), state_conflict=True)
             self.states[(state.workflow, state.session)] = SessionState(
@@ -97,6 +133,7 @@ class MemoryEventLog:
                     seqs.append(0)
                     continue
                 self._completed.add((run_id, event.stage))
+                self._recorded[(run_id, event.stage)] = event
             seqs.append(self._add(run_id, event))
             status = status_of(event)
             summary = self.runs[run_id]

@@ -110,12 +110,16 @@ class Record(msgspec.Struct, frozen=True):
 
 class StateWrite(msgspec.Struct, frozen=True):
     """A conditional write of a session's state, committed atomically with the
-    event it accompanies: it applies only if the stored version is ``expected``."""
+    event it accompanies: it applies only if the stored version is ``expected``
+    and, when ``base`` is given, the stored tensors are ``base`` (the state the
+    write was computed from: a version number alone cannot tell two writers'
+    states apart once one of them read a write that never took effect)."""
 
     workflow: str
     session: str
     expected: int
     tensors: TensorRefs
+    base: TensorRefs | None = None
 
 
 class SessionState(msgspec.Struct, frozen=True):
