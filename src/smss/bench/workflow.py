@@ -6,10 +6,12 @@ platform started for the benchmark:
 * durable runs (the engine, write-ahead log with group commit, synchronous=FULL)
   and, for comparison, the same three stages called through the dispatchers
   with no engine and no log (``durable: false``), both over the same HTTP route,
-  sequentially and with 16 concurrent sessions;
+  sequentially and with 16 concurrent sessions; each session alternates a durable
+  and a direct run, so that both meet the same machine at the same moments;
 * ``log_overhead_ms_per_stage`` = (durable p50 - direct p50) / 3 and
   ``overhead_pct`` = (durable p50 - direct p50) / direct p50, sequential;
-* ``fsyncs_per_run``: commits of the log (one fsync each) per durable run;
+* ``fsyncs_per_run``: commits of the log (one fsync each) per durable run, over
+  sequential durable runs alone;
 * ``recovery_s``: 100 runs of two sessions submitted without waiting, the
   platform killed with SIGKILL right after the last was acknowledged, then
   restarted: seconds from the restart (process start included) to every
@@ -41,7 +43,15 @@ def _frame(rng: np.random.Generator) -> list[dict[str, Any]]:
 
 
 def _runs(url: str, sessions: int, per_session: int, durable: bool, wait: bool = True) -> list[float]:
-    latencies: list[float] = []
+    return _mixed(url, sessions, per_session, (durable,), wait)[durable]
+
+
+def _mixed(
+    url: str, sessions: int, per_session: int, modes: tuple[bool, ...], wait: bool = True
+) -> dict[bool, list[float]]:
+    """Each session sends ``per_session`` runs of each mode in ``modes`` (durable or
+    not), alternating, so that both modes meet the same machine at the same time."""
+    latencies: dict[bool, list[float]] = {m: [] for m in modes}
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -49,14 +59,15 @@ def _runs(url: str, sessions: int, per_session: int, durable: bool, wait: bool =
         rng = np.random.default_rng(i)
         with httpx.Client(base_url=url, timeout=120) as http:
             for _ in range(per_session):
-                body = {"session": f"user-{i}", "inputs": _frame(rng), "wait": wait, "durable": durable}
-                t0 = time.perf_counter()
-                r = http.post("/v1/workflows/behavior/runs", json=body)
-                elapsed = (time.perf_counter() - t0) * 1000
-                with lock:
-                    if r.status_code >= 400 or (wait and r.json().get("status") != "completed"):
-                        errors.append(r.text[:200])
-                    latencies.append(elapsed)
+                for durable in modes:
+                    body = {"session": f"user-{i}", "inputs": _frame(rng), "wait": wait, "durable": durable}
+                    t0 = time.perf_counter()
+                    r = http.post("/v1/workflows/behavior/runs", json=body)
+                    elapsed = (time.perf_counter() - t0) * 1000
+                    with lock:
+                        if r.status_code >= 400 or (wait and r.json().get("status") != "completed"):
+                            errors.append(r.text[:200])
+                        latencies[durable].append(elapsed)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(sessions)]
     for t in threads:
@@ -82,14 +93,15 @@ def _commits(server: ServerProcess) -> int:
 
 
 def measure_overhead(server: ServerProcess, runs: int) -> dict[str, Any]:
-    _runs(server.url, 1, 20, durable=True)  # warm every instance
-    _runs(server.url, 1, 20, durable=False)
+    _mixed(server.url, 1, 20, (True, False))  # warm every instance
     c0 = _commits(server)
-    seq_log = _runs(server.url, 1, runs, durable=True)
-    fsyncs = (_commits(server) - c0) / runs
-    seq_direct = _runs(server.url, 1, runs, durable=False)
-    conc_log = _runs(server.url, 16, max(1, runs // 16) * 2, durable=True)
-    conc_direct = _runs(server.url, 16, max(1, runs // 16) * 2, durable=False)
+    seq_log = _runs(server.url, 1, runs // 4, durable=True)
+    fsyncs = (_commits(server) - c0) / (runs // 4)
+    # Latencies: durable and direct runs alternate, so both see the same conditions.
+    seq = _mixed(server.url, 1, runs, (True, False))
+    seq_log, seq_direct = seq[True], seq[False]
+    conc = _mixed(server.url, 16, max(1, runs // 16) * 2, (True, False))
+    conc_log, conc_direct = conc[True], conc[False]
     log_p50, direct_p50 = statistics.median(seq_log), statistics.median(seq_direct)
     return {
         "sequential": {"log": _summary(seq_log), "direct": _summary(seq_direct)},
