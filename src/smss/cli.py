@@ -59,6 +59,9 @@ def serve(
         str | None, typer.Option(help="Weight store budget per node, e.g. 4G [default: RAM/4]")
     ] = None,
     start_mode: Annotated[str, typer.Option(help="fork (zygote, fast) or exec (new interpreter)")] = "fork",
+    spares: Annotated[
+        bool, typer.Option(help="Each model template keeps a forked, rehearsed spare instance")
+    ] = True,
     keep_alive_policy: Annotated[
         str | None, typer.Option(help="fixed:SECONDS or hybrid [default: fixed:--keep-alive]")
     ] = None,
@@ -82,6 +85,7 @@ def serve(
             keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0)
         ),
         start_mode=start_mode,
+        spares=spares,
         keep_alive_policy=keep_alive_policy,
         prices_path=prices,
     )

@@ -47,6 +47,8 @@ class Settings:
     weight_cache_bytes: int | None = None
     #: "fork" (zygote + template, the fast path) or "exec" (a new interpreter per instance).
     start_mode: str = "fork"
+    #: Each model template keeps its next instance forked and rehearsed (smss.node.spare).
+    spares: bool = True
     #: Keep-alive policy of every function without its own keep_alive_s: "fixed:SECONDS" or "hybrid".
     keep_alive_policy: str | None = None
     #: A TOML price table overriding the defaults (see smss.control.cost).

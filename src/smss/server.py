@@ -77,6 +77,7 @@ def build(settings: Settings) -> AppContext:
         start_timeout_s=settings.serving.start_timeout_s,
         weight_budget_bytes=settings.weight_cache_bytes,
         mode="exec" if settings.start_mode == "exec" else "fork",
+        spares=settings.spares,
     )
     controller = Controller(
         backend,

@@ -412,6 +412,95 @@ def test_a_killed_zygote_is_replaced_and_the_next_cold_start_works(
     asyncio.run(scenario())
 
 
+# ------------------------------------------------------------------ spares
+
+
+def children_of(pid: int) -> set[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return set()
+    return {int(p) for p in text.split()}
+
+
+def spare_of(backend: LocalBackend, function: Function) -> int | None:
+    """The template's child that is not an instance of the backend (its spare), if any."""
+    template = template_of(backend, function)["pid"]
+    spares = children_of(template) - set(backend.pids().values())
+    assert len(spares) <= 1, spares
+    return next(iter(spares), None)
+
+
+def test_a_cold_start_hands_the_request_to_the_templates_rehearsed_spare(
+    tmp_path: Path, demo: dict[str, Function], reference: dict[str, Predict]
+) -> None:
+    cnn = demo["cnn"]
+    x = sample(cnn.spec, 1, seed=7)
+
+    async def scenario() -> None:
+        async with local_backend(tmp_path / "logs") as (backend, run):
+            first = await backend.start_instance(cnn.spec, cnn.artifact_dir)
+            run.note()
+            assert first.timings.phases["spare"] == 0.0  # the template was just made: a fork
+            await until(lambda: spare_of(backend, cnn) is not None, "the template to fork a spare when idle")
+            spare = spare_of(backend, cnn)
+            assert spare is not None
+            run.note(spare)
+            await backend.stop_instance(first.info.id, 1.0)
+            # A spare that is still rehearsing is passed over, so wait for its first own call to end
+            # (a spare is ready once its private I/O loop has drained: it then has no other thread).
+            await until(lambda: len(os.listdir(f"/proc/{spare}/task")) == 1, "the spare to rehearse")
+            second = await backend.start_instance(cnn.spec, cnn.artifact_dir)
+            run.note()
+            assert second.info.pid == spare
+            assert second.timings.phases["spare"] == 1.0
+            assert second.timings.phases["fork"] == 0.0
+            assert np.array_equal(await predict(cnn, second.info, x), reference["cnn"](x))
+            await run.close_and_check()
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_spare_is_passed_over_and_replaced(
+    tmp_path: Path, demo: dict[str, Function], reference: dict[str, Predict]
+) -> None:
+    mlp = demo["mlp"]
+    x = sample(mlp.spec, 2, seed=8)
+
+    async def scenario() -> None:
+        async with local_backend(tmp_path / "logs") as (backend, run):
+            first = await backend.start_instance(mlp.spec, mlp.artifact_dir)
+            run.note()
+            await until(lambda: spare_of(backend, mlp) is not None, "a spare")
+            spare = spare_of(backend, mlp)
+            assert spare is not None
+            os.kill(spare, signal.SIGKILL)
+            await until(lambda: not alive(spare), "the spare to die")
+            second = await backend.start_instance(mlp.spec, mlp.artifact_dir)
+            run.note()
+            assert second.timings.phases["spare"] == 0.0  # forked, as without spares
+            assert np.array_equal(await predict(mlp, second.info, x), reference["mlp"](x))
+            await until(lambda: spare_of(backend, mlp) not in (None, spare), "a new spare")
+            assert alive(first.info.pid)  # the other instance never noticed
+            await run.close_and_check()
+
+    asyncio.run(scenario())
+
+
+def test_without_spares_a_template_forks_only_instances(tmp_path: Path, demo: dict[str, Function]) -> None:
+    mlp = demo["mlp"]
+
+    async def scenario() -> None:
+        async with local_backend(tmp_path / "logs", spares=False) as (backend, run):
+            started = await backend.start_instance(mlp.spec, mlp.artifact_dir)
+            run.note()
+            await asyncio.sleep(1.0)  # well past the template's idle time
+            assert children_of(template_of(backend, mlp)["pid"]) == {started.info.pid}
+            await run.close_and_check()
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------------ cleanup
 
 

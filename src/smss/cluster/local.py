@@ -38,8 +38,8 @@ import msgspec
 
 from smss.errors import StartFailed
 from smss.node.weightstore import WeightStore
-from smss.node.worker import Ready, WorkerConfig
-from smss.node.zygotes import ZygotePool, process_alive, watch_exit
+from smss.node.worker import Ready, WorkerConfig, process_alive
+from smss.node.zygotes import ZygotePool, watch_exit
 from smss.ports import ExitCallback, InstanceInfo, StartedInstance, StartTimings
 from smss.spec import FunctionSpec
 
@@ -75,6 +75,7 @@ class LocalBackend:
         start_timeout_s: float = 120.0,
         weight_budget_bytes: int | None = None,
         mode: StartMode = "fork",
+        spares: bool = True,
     ) -> None:
         self._log_dir = log_dir
         self._log_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,8 @@ class LocalBackend:
         self.mode = mode
         self.store = WeightStore(weight_budget_bytes or default_weight_budget(), prefix=self._run_dir.name)
         self.store.on_evict = self._evicted
-        self.zygotes = ZygotePool(self._run_dir, log_dir, prepare_timeout_s=start_timeout_s)
+        # spares: each template keeps its next instance forked and rehearsed (smss.node.spare).
+        self.zygotes = ZygotePool(self._run_dir, log_dir, prepare_timeout_s=start_timeout_s, spares=spares)
         # The store is not thread-safe: misses load one at a time, or two concurrent cold
         # starts of one model both load it and the first segment is orphaned in /dev/shm.
         self._store_misses = asyncio.Lock()
@@ -180,6 +182,7 @@ class LocalBackend:
                 template, _ = await self.zygotes.prepare(key, config, segment)
                 spawned = await self.zygotes.spawn(template, config)
             phases["fork"] = spawned.fork_ms
+            phases["spare"] = 1.0 if spawned.spare else 0.0
             phases["spawn_call"] = (time.perf_counter() - t2) * 1000
         except BaseException:
             if weights_key is not None:

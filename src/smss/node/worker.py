@@ -159,6 +159,16 @@ class Server:
 _libc: ctypes.CDLL | None = None
 
 
+def process_alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
+
+
 def die_with_parent(parent: int | None = None) -> None:
     """Be killed when the parent dies. ``parent`` is the pid the parent had before
     it forked us: if it died in between, the death signal was never armed for
@@ -193,16 +203,46 @@ async def serve(
         batch_task.cancel()
 
 
-def run_loop(config: WorkerConfig, model: Any, listener: socket.socket, on_ready: Callable[[], None]) -> None:
-    """Compute on this (main) thread, serve I/O on a second one; SIGTERM drains and exits."""
+class LoopControl:
+    """Stops a :func:`run_loop` from any thread, or from a signal handler: it drains
+    and returns. Lock-free (a handler must not wait for a lock its own thread
+    holds): a stop requested before the loop exists is applied when it attaches."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._requested = False
+
+    def attach(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+        """On the loop's thread, before it serves."""
+        self._stop = stop
+        self._loop = loop
+        if self._requested:
+            stop.set()
+
+    def request_stop(self) -> None:
+        self._requested = True
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            loop.call_soon_threadsafe(stop.set)
+
+
+def run_loop(
+    config: WorkerConfig,
+    model: Any,
+    listener: socket.socket,
+    on_ready: Callable[[], None],
+    control: LoopControl | None = None,
+) -> None:
+    """Compute on this (main) thread, serve I/O on a second one; SIGTERM (or
+    ``control.request_stop()``) drains and returns."""
     executor = MainThreadExecutor()
-    ready = threading.Event()
-    box: dict[str, Any] = {}
+    control = control or LoopControl()
 
     async def io_main() -> None:
-        box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        ready.set()
-        await serve(config, model, listener, executor, box["stop"], on_ready)
+        stop = asyncio.Event()
+        control.attach(asyncio.get_running_loop(), stop)
+        await serve(config, model, listener, executor, stop, on_ready)
 
     def io_thread() -> None:
         try:
@@ -210,18 +250,65 @@ def run_loop(config: WorkerConfig, model: Any, listener: socket.socket, on_ready
         except BaseException:
             log.exception("instance I/O loop failed")
         finally:
-            ready.set()
             executor.shutdown()
 
     def on_sigterm(signum: int, frame: object) -> None:
-        if "loop" in box:
-            box["loop"].call_soon_threadsafe(box["stop"].set)
+        control.request_stop()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     thread = threading.Thread(target=io_thread, name="io", daemon=True)
-    thread.start()
+    _start_without_sigterm(thread)
     executor.run()
     thread.join(timeout=5)
+
+
+def rehearse(config: WorkerConfig, model: Any) -> None:
+    """Serve one request on zeros over a private socket, then drain and return: the
+    path an instance's first request takes (I/O thread, event loop, batcher, model)
+    run once, so that the pages it writes are this process's own before any real
+    request arrives (see :mod:`smss.node.spare`)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"\0smss-rehearsal-{os.getpid()}")  # abstract: nothing on disk
+    listener.listen(1)
+    address = listener.getsockname()
+    inputs = {t.name: np.zeros([1 if d == -1 else d for d in t.shape], t.dtype) for t in config.spec.inputs}
+    outputs = tuple(t.name for t in config.spec.outputs)
+    control = LoopControl()
+
+    async def ask() -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(address)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        metas, buffers = ipc.tensor_metas(inputs)
+        ipc.write_frame(writer, ipc.Infer(1, metas, outputs), buffers)
+        await writer.drain()
+        await ipc.read_frame(reader)
+        writer.close()
+
+    def client() -> None:
+        try:
+            asyncio.run(ask())
+        except Exception:
+            log.info("rehearsal of %s failed", config.spec.name, exc_info=True)
+        control.request_stop()
+
+    thread = threading.Thread(target=client, name="rehearsal", daemon=True)
+    _start_without_sigterm(thread)
+    run_loop(config, model, listener, lambda: None, control)
+    thread.join()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _start_without_sigterm(thread: threading.Thread) -> None:
+    """Start ``thread`` (and so every thread it starts) with SIGTERM blocked. A
+    process-directed signal goes to any thread that does not block it; the main
+    thread, which alone runs Python signal handlers, may be asleep in the
+    executor's queue, and only a signal delivered to it wakes it (EINTR)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _run_async(coro: Any) -> None:

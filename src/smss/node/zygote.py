@@ -42,17 +42,20 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from smss.node import zygote_proto as proto
+from smss.node.spare import Spare, fork_spare
 from smss.node.worker import (
     WorkerConfig,
     die_with_parent,
     listen,
     load_model,
+    process_alive,
     public_reason,
     run_loop,
     set_threads,
@@ -61,6 +64,10 @@ from smss.node.worker import (
 )
 
 log = logging.getLogger(__name__)
+
+
+#: A template forks its spare once no request came for this long.
+IDLE_S = 0.2
 
 
 class ZygoteConfig(msgspec.Struct, frozen=True):
@@ -90,13 +97,29 @@ def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def _serve_control(listener: socket.socket, handle: Any) -> None:
-    """Blocking request/reply loop: one agent connection at a time."""
+def _serve_control(
+    listener: socket.socket,
+    handle: Any,
+    on_idle: Callable[[socket.socket, socket.socket | None], None] | None = None,
+) -> None:
+    """Blocking request/reply loop: one agent connection at a time. ``on_idle`` runs
+    once whenever no request came for ``IDLE_S`` (with the sockets a fork must close)."""
     while True:
+        if on_idle is not None and not _readable(listener, IDLE_S):
+            on_idle(listener, None)
         conn, _ = listener.accept()
         with conn:
-            while (request := proto.recv_request(conn)) is not None:
+            while True:
+                if on_idle is not None and not _readable(conn, IDLE_S):
+                    on_idle(listener, conn)
+                if (request := proto.recv_request(conn)) is None:
+                    break
                 conn.sendall(proto.encode(handle(request, listener, conn)))
+
+
+def _readable(sock: socket.socket, timeout_s: float) -> bool:
+    readable, _, _ = select.select([sock], [], [], timeout_s)
+    return bool(readable)
 
 
 # ------------------------------------------------------------------ zygote
@@ -174,12 +197,31 @@ def _template_main(request: proto.Prepare, report_fd: int, parent: int) -> None:
     os.write(report_fd, msgspec.json.encode(report) + b"\n")
     os.close(report_fd)
 
+    spares: list[Spare] = []  # at most one
+
     def handle(req: proto.Request, listener: socket.socket, conn: socket.socket) -> Any:
         if not isinstance(req, proto.Spawn):
             return proto.Failed("a template only spawns instances")
+        if spares and spares[0].is_ready():
+            spare = spares.pop()
+            if spare.hand_over(req.config):
+                spare.close()
+                return proto.Spawned(spare.pid, fork_ms=0.0, spare=True)
+            spare.discard()  # it died: fork as without spares
+        # No spare, or one still rehearsing (kept for the next start): fork.
         return _spawn(req.config, model, listener, conn)
 
-    _serve_control(control, handle)
+    def on_idle(listener: socket.socket, conn: socket.socket | None) -> None:
+        if spares and process_alive(spares[0].pid) and not spares[0].overdue():
+            return
+        for dead in spares:
+            dead.discard()
+        spares.clear()
+        if thread_count() == 1:
+            inherited = [listener] if conn is None else [listener, conn]
+            spares.append(fork_spare(config, model, inherited, _instance_main))
+
+    _serve_control(control, handle, on_idle if request.spare else None)
 
 
 def _spawn(config: WorkerConfig, model: Any, listener: socket.socket, conn: socket.socket) -> Any:

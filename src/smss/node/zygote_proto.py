@@ -25,6 +25,8 @@ class Prepare(msgspec.Struct, tag="prepare", frozen=True):
     config: WorkerConfig
     segment: str | None
     control_path: str
+    #: Keep a spare (:mod:`smss.node.spare`): the next instance, forked when idle.
+    spare: bool = False
 
 
 class Prepared(msgspec.Struct, tag="prepared", frozen=True):
@@ -46,8 +48,11 @@ class Spawn(msgspec.Struct, tag="spawn", frozen=True):
 
 
 class Spawned(msgspec.Struct, tag="spawned", frozen=True):
+    """``spare``: the instance is the template's spare, which took over (no fork)."""
+
     pid: int
     fork_ms: float
+    spare: bool = False
 
 
 class Failed(msgspec.Struct, tag="failed", frozen=True):

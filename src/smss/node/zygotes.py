@@ -24,7 +24,7 @@ import msgspec
 
 from smss.errors import StartFailed
 from smss.node import zygote_proto as proto
-from smss.node.worker import WorkerConfig
+from smss.node.worker import WorkerConfig, process_alive
 from smss.node.zygote import ZygoteConfig
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,11 @@ class _Zygote:
 
 
 class ZygotePool:
-    def __init__(self, run_dir: Path, log_dir: Path, *, prepare_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, run_dir: Path, log_dir: Path, *, prepare_timeout_s: float = 120.0, spares: bool = True
+    ) -> None:
         self._run_dir = run_dir
+        self._spares = spares
         self._log_dir = log_dir
         self._prepare_timeout_s = prepare_timeout_s
         self._zygotes: dict[str, _Zygote] = {}
@@ -147,7 +150,7 @@ class ZygotePool:
         if existing is not None:
             self.discard(key)
         control_path = self._run_dir / f"tpl-{next(self._serial)}.sock"
-        request = proto.Prepare(config, str(segment) if segment else None, str(control_path))
+        request = proto.Prepare(config, str(segment) if segment else None, str(control_path), self._spares)
         zygote = await self._zygote(config.spec.runtime)
         try:
             reply = await zygote.control.call(request)
@@ -209,16 +212,6 @@ _SINGLE_THREADED = {
     "MKL_NUM_THREADS": "1",
     "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
 }
-
-
-def process_alive(pid: int) -> bool:
-    """Running (a zombie waiting to be reaped counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
 def watch_exit(pid: int, callback: Callable[[], None]) -> Callable[[], None]:
