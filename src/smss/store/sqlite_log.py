@@ -83,8 +83,9 @@ logger = logging.getLogger(__name__)
 #: How long a lazy request may wait for a commit to share: its records become durable
 #: this long after it was made at the latest, or with the next request that is not lazy.
 LAZY_DELAY_S = 0.02
-#: A request larger than this is never held back (see ``_submit``).
+#: A lazy request larger than this waits only ``BULKY_DELAY_S`` (see ``_submit``).
 LAZY_MAX_BYTES = 16 * 1024
+BULKY_DELAY_S = 0.002
 #: A batch closes at this many requests or this many bytes of bodies and blobs.
 MAX_BATCH_ITEMS = 1024
 MAX_BATCH_BYTES = 64 * 1024 * 1024
@@ -115,8 +116,7 @@ class _Item:
     size: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
-    lazy: bool
-    queued_at: float
+    due: float  # monotonic time by which a commit holding it must start
 
 
 class SqliteEventLog:
@@ -146,7 +146,7 @@ class SqliteEventLog:
         self._clock: Clock = clock or SystemClock()
         self._checkpoint_bytes = checkpoint_bytes
         self._lazy_delay_s = lazy_delay_s
-        self._eager = 0  # queued requests that are not lazy
+        self._earliest = float("inf")  # the earliest ``due`` in the queue
         self._cond = threading.Condition()
         self._queue: collections.deque[_Item] = collections.deque()
         self._closing = False
@@ -229,9 +229,16 @@ class SqliteEventLog:
         return result
 
     async def _submit(self, op: ops.StartRun | ops.Append, size: int, lazy: bool) -> Any:
-        # Large blobs are committed at once, in the background: the commit that ends a
-        # run then holds only small rows, and its fsync has little to flush.
-        lazy = lazy and size <= LAZY_MAX_BYTES
+        now = time.monotonic()
+        if not lazy:
+            due = now
+        elif size > LAZY_MAX_BYTES:
+            # Large blobs get a commit of their own soon, in the background (after the
+            # caller's next step, not in its way): the commit that ends a run then
+            # holds only small rows, and its fsync has little to flush.
+            due = now + BULKY_DELAY_S
+        else:
+            due = now + self._lazy_delay_s
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
@@ -239,11 +246,9 @@ class SqliteEventLog:
                 raise StorageUnavailable(self._failure)
             if self._closing:
                 raise StorageUnavailable("the workflow log is closed")
-            self._queue.append(_Item(op, size, loop, future, lazy, time.monotonic()))
-            if not lazy:
-                self._eager += 1
-            # A lazy request wakes the writer only to start its clock (the queue was empty).
-            if not lazy or len(self._queue) == 1:
+            self._queue.append(_Item(op, size, loop, future, due))
+            if due < self._earliest:  # the writer's wait must end sooner: tell it
+                self._earliest = due
                 self._cond.notify()
         return await future
 
@@ -344,9 +349,8 @@ class SqliteEventLog:
                 self._wdb.close()
 
     def _take(self) -> list[_Item] | None:
-        """Every queued request up to the batch limits, once one of them is not lazy,
-        the oldest has waited ``lazy_delay_s`` or the queue is full; None once closing
-        and drained."""
+        """Every queued request up to the batch limits, once one of them is due (see
+        ``_submit``) or the queue is full; None once closing and drained."""
         with self._cond:
             while True:
                 if not self._queue:
@@ -354,9 +358,9 @@ class SqliteEventLog:
                         return None
                     self._cond.wait()
                     continue
-                if self._eager or self._closing or len(self._queue) >= MAX_BATCH_ITEMS:
+                if self._closing or len(self._queue) >= MAX_BATCH_ITEMS:
                     break
-                left = self._queue[0].queued_at + self._lazy_delay_s - time.monotonic()
+                left = self._earliest - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
@@ -367,7 +371,7 @@ class SqliteEventLog:
             ):
                 items.append(self._queue.popleft())
                 size += items[-1].size
-            self._eager -= sum(1 for item in items if not item.lazy)
+            self._earliest = min((item.due for item in self._queue), default=float("inf"))
             return items
 
     def _write_batch(self, items: list[_Item]) -> None:

@@ -151,6 +151,7 @@ class Driver:
         self._calls: dict[str, asyncio.Task[_Result]] = {}
         self._waiting: dict[str, asyncio.Task[None]] = {}
         self._turns: dict[str, Dispatch] = {}  # what each waiting stage will run
+        self._ready: list[_Prepared] = []  # started (records queued), not yet called
         self._held: dict[str, Key] = {}  # stage -> session whose lock it holds
         self._batch = _Batch()
         self._alarm: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -183,7 +184,8 @@ class Driver:
         run = self._run
         if self._alarm.done():
             raise _Diverged
-        steps = next_steps(run.view, run.spec, running=self._calls.keys() | self._waiting.keys())
+        running = self._calls.keys() | self._waiting.keys() | {p.stage.name for p in self._ready}
+        steps = next_steps(run.view, run.spec, running=running)
         if steps.complete is not None or steps.fail is not None:
             await self._stop_all(discard=False)  # a failed run's other branches stop
             end: RunCompleted | RunFailed
@@ -204,6 +206,13 @@ class Driver:
         for d in steps.dispatch:
             self._dispatch(d)
         self._flush()
+        if len(self._ready) == 1 and not self._calls and not self._waiting:
+            # One stage to run and nothing else in flight (a chain): call it in this task.
+            self._record(await self._call(self._ready.pop()))
+            return False
+        for prepared in self._ready:
+            self._calls[prepared.stage.name] = asyncio.create_task(self._call(prepared))
+        self._ready.clear()
         if not self._calls and not self._waiting:
             raise StorageUnavailable(f"run {run.run_id} is stuck: nothing to dispatch")
         waits: list[asyncio.Future[Any]] = [*self._calls.values(), *self._waiting.values(), self._alarm]
@@ -246,7 +255,7 @@ class Driver:
         for event in prepared.starting:
             apply(self._run.view, event)
         self._add(prepared.starting, prepared.blobs)
-        self._calls[prepared.stage.name] = asyncio.create_task(self._call(prepared))
+        self._ready.append(prepared)  # called by the round
 
     def _record(self, result: _Result) -> None:
         run = self._run
@@ -448,6 +457,7 @@ class Driver:
         self._calls.clear()
         self._waiting.clear()
         self._turns.clear()
+        self._ready.clear()
         if discard:
             dropped, self._batch = self._batch, _Batch()
             for key in dropped.release:

@@ -78,6 +78,7 @@ class Engine:
         self._workflows = workflows
         self._shared = Shared(log_, caller, clock, SessionLocks(), SessionStates(log_.get_state))
         self._runs: dict[str, Run] = {}
+        self._plans: dict[str, Plan] = {}
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._direct_state: dict[tuple[str, str], dict[str, np.ndarray]] = {}
@@ -126,7 +127,7 @@ class Engine:
         still being written (the driver's first records queue behind it)."""
         if self._group is None:
             raise StorageUnavailable("the workflow engine is not running")
-        run = Run(view, Plan(spec), asyncio.get_running_loop().create_future())
+        run = Run(view, self._plan(spec), asyncio.get_running_loop().create_future())
         driver = Driver(self._shared, run)
         if start is not None:
             driver.write(start)
@@ -135,6 +136,16 @@ class Engine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return run
+
+    def _plan(self, spec: WorkflowSpec) -> Plan:
+        """The DAG indexed once per definition (specs are immutable)."""
+        key = spec_hash(spec)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 256:
+                self._plans.clear()
+            plan = self._plans[key] = Plan(spec)
+        return plan
 
     async def _drive(self, driver: Driver, run: Run) -> None:
         try:
