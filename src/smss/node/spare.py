@@ -9,7 +9,8 @@ request needs it: it is forked when the template is idle, *rehearses* (serves
 one request on zeros over a private socket, through the same thread, loop,
 batcher and model as an instance, and stops), and then waits. A cold start that
 finds a ready spare hands it the instance's configuration: it listens on the
-instance's socket and serves, with its pages already its own. The template forks
+instance's socket and serves, with its pages already its own and its I/O loop
+already running (the go message is read on that loop). The template forks
 the next spare the next time it is idle.
 
 Cost: one process per model with a template, holding the pages it wrote while
@@ -27,6 +28,7 @@ two pipes are single lines: ``ready`` (rehearsed), the instance's
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -34,13 +36,13 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from smss.node.worker import WorkerConfig, die_with_parent, listen, rehearse, set_threads
+from smss.node.worker import WorkerConfig, die_with_parent, listen, rehearse, run_loop, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,6 @@ HAND_OVER_TIMEOUT_S = 2.0
 #: A spare not ready this long after its fork is replaced.
 REHEARSAL_TIMEOUT_S = 60.0
 MAX_LINE = 1 << 20
-
-InstanceMain = Callable[[WorkerConfig, Any, socket.socket, int], None]
 
 
 @dataclass
@@ -93,9 +93,7 @@ class Spare:
         self.close()
 
 
-def fork_spare(
-    config: WorkerConfig, model: Any, inherited: Iterable[socket.socket], instance_main: InstanceMain
-) -> Spare:
+def fork_spare(config: WorkerConfig, model: Any, inherited: Iterable[socket.socket]) -> Spare:
     """Fork a spare from this (single-threaded) template; ``inherited``: the
     template's sockets, closed in the child."""
     go_r, go_w = os.pipe()
@@ -107,36 +105,59 @@ def fork_spare(
             sock.close()
         os.close(go_w)
         os.close(reply_r)
-        _spare_main(config, model, go_r, reply_w, parent, instance_main)
+        _spare_main(config, model, go_r, reply_w, parent)
         os._exit(0)
     os.close(go_r)
     os.close(reply_w)
     return Spare(pid, go_w, reply_r)
 
 
-def _spare_main(
-    config: WorkerConfig, model: Any, go_fd: int, reply_fd: int, parent: int, instance_main: InstanceMain
-) -> None:
+def _spare_main(config: WorkerConfig, model: Any, go_fd: int, reply_fd: int, parent: int) -> None:
     die_with_parent(parent)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         set_threads(config)
         rehearse(config, model)
-        os.write(reply_fd, b"ready\n")
-        line = _read_line(go_fd)
-        if not line:  # the template let it go (or died)
-            os._exit(0)
-        instance = msgspec.json.decode(line, type=WorkerConfig)
-        set_threads(instance)
-        sock = listen(instance.socket_path)
-        os.write(reply_fd, b"serving\n")
     except BaseException:
         log.exception("spare of %s failed", config.spec.name)
         os._exit(1)
-    os.close(go_fd)
-    os.close(reply_fd)
-    instance_main(instance, model, sock, parent)
+
+    async def adopt() -> tuple[WorkerConfig, socket.socket] | None:
+        # The instance's I/O loop is already running: the go message is read on it.
+        line = await _read_line_async(go_fd)
+        if not line:  # the template let it go (or died)
+            return None
+        instance = msgspec.json.decode(line, type=WorkerConfig)
+        if instance.threads != config.threads:  # its compute thread is sized already
+            os.write(reply_fd, b"declined\n")
+            return None
+        sock = listen(instance.socket_path)
+        os.write(reply_fd, b"serving\n")
+        return instance, sock
+
+    os.write(reply_fd, b"ready\n")
+    try:
+        run_loop(config, model, None, lambda: None, adopt=adopt)
+    except BaseException:
+        log.exception("spare of %s failed", config.spec.name)
+        os._exit(1)
     os._exit(0)
+
+
+async def _read_line_async(fd: int) -> bytes:
+    """One line from a pipe on the running loop (b"" at EOF)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_LINE)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    try:
+        line = await reader.readline()
+    except (ValueError, asyncio.LimitOverrunError):
+        return b""
+    finally:
+        transport.close()
+    return line.rstrip(b"\n") if line.endswith(b"\n") else b""
 
 
 def _read_line(fd: int) -> bytes:

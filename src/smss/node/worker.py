@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -227,22 +227,38 @@ class LoopControl:
             loop.call_soon_threadsafe(stop.set)
 
 
+#: What a spare waits for before it serves: the instance's configuration and its
+#: listening socket, or None when it is let go (see smss.node.spare).
+Adoption = Callable[[], Awaitable["tuple[WorkerConfig, socket.socket] | None"]]
+
+
 def run_loop(
     config: WorkerConfig,
     model: Any,
-    listener: socket.socket,
+    listener: socket.socket | None,
     on_ready: Callable[[], None],
     control: LoopControl | None = None,
+    adopt: Adoption | None = None,
 ) -> None:
     """Compute on this (main) thread, serve I/O on a second one; SIGTERM (or
-    ``control.request_stop()``) drains and returns."""
+    ``control.request_stop()``) drains and returns. With ``adopt`` (and no
+    ``listener``), the loop runs first and serves once ``adopt()`` returns what to
+    serve as: a spare's loop is up before its instance is asked for."""
     executor = MainThreadExecutor()
     control = control or LoopControl()
 
     async def io_main() -> None:
         stop = asyncio.Event()
         control.attach(asyncio.get_running_loop(), stop)
-        await serve(config, model, listener, executor, stop, on_ready)
+        serving, sock = config, listener
+        if adopt is not None:
+            adopted = await _unless_stopped(adopt(), stop)
+            if adopted is None:
+                return
+            serving, sock = adopted
+        if sock is None:
+            raise StartFailed("nothing to serve on")
+        await serve(serving, model, sock, executor, stop, on_ready)
 
     def io_thread() -> None:
         try:
@@ -260,6 +276,19 @@ def run_loop(
     _start_without_sigterm(thread)
     executor.run()
     thread.join(timeout=5)
+
+
+async def _unless_stopped(
+    adoption: Awaitable[tuple[WorkerConfig, socket.socket] | None], stop: asyncio.Event
+) -> tuple[WorkerConfig, socket.socket] | None:
+    adopting = asyncio.ensure_future(adoption)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((adopting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not adopting.done():
+        adopting.cancel()
+        return None
+    return adopting.result()
 
 
 def rehearse(config: WorkerConfig, model: Any) -> None:

@@ -219,7 +219,7 @@ def _template_main(request: proto.Prepare, report_fd: int, parent: int) -> None:
         spares.clear()
         if thread_count() == 1:
             inherited = [listener] if conn is None else [listener, conn]
-            spares.append(fork_spare(config, model, inherited, _instance_main))
+            spares.append(fork_spare(config, model, inherited))
 
     _serve_control(control, handle, on_idle if request.spare else None)
 
