@@ -33,6 +33,7 @@ This is the one module, with the rest of :mod:`smss.cluster`, allowed to import 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import socket
@@ -209,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     serve: Any = None
     try:
         import httpx
-        import ray
-        from ray import serve
+
+        # Imported by name: typed as Any whether or not the bench extra is installed.
+        ray = importlib.import_module("ray")
+        serve = importlib.import_module("ray.serve")
 
         out["ray_version"] = ray.__version__
         ray.init(
