@@ -285,6 +285,26 @@ def test_lazy_appends_share_the_next_eager_commit(open_log: Callable[..., Sqlite
     run(scenario())
 
 
+def test_an_applied_lazy_append_is_invisible_until_its_commit(
+    open_log: Callable[..., SqliteEventLog],
+) -> None:
+    """The writer applies a lazy append early, in its open transaction: readers (and a
+    crash) see nothing of it before the commit that acknowledges it."""
+    log = open_log(lazy_delay_s=60.0)
+
+    async def scenario() -> None:
+        await log.start_run("r1", started(), {})
+        lazy = asyncio.ensure_future(log.append("r1", [StageScheduled("a", 1)], lazy=True))
+        await asyncio.sleep(0.1)  # well past the apply delay, far from the commit delay
+        assert not lazy.done()
+        assert [type(r.event).__name__ for r in log.read_run("r1")] == ["RunStarted"]
+        await log.append("r1", [StageScheduled("b", 1)])
+        assert (await lazy).clean
+
+    run(scenario())
+    assert [r.event for r in log.read_run("r1")[1:]] == [StageScheduled("a", 1), StageScheduled("b", 1)]
+
+
 def test_a_lazy_append_is_durable_within_its_delay(open_log: Callable[..., SqliteEventLog]) -> None:
     log = open_log(lazy_delay_s=0.01)
 

@@ -12,7 +12,10 @@ Guarantees:
   commits once: one fsync for all of them. A *lazy* request (``lazy=True``: its
   caller will wait for a later request of its own anyway) does not start a commit:
   it waits up to ``lazy_delay_s`` for one that is not lazy, so a run's records
-  share the commit of its end instead of costing a commit each.
+  share the commit of its end instead of costing a commit each. It is applied to
+  the open transaction soon after it is made (uncommitted: invisible to readers,
+  lost in a crash, acknowledged only by the commit), so that the commit a caller
+  waits for has little left to do but COMMIT.
 * **All or nothing.** A request is one savepoint, so a batch of events with its
   blobs and state write is never partly present, before or after a crash.
 * **Failures are not acknowledged.** A failed write fails every request of its
@@ -86,6 +89,8 @@ LAZY_DELAY_S = 0.02
 #: A lazy request larger than this waits only ``BULKY_DELAY_S`` (see ``_submit``).
 LAZY_MAX_BYTES = 16 * 1024
 BULKY_DELAY_S = 0.002
+#: A lazy request is applied (not committed) this long after it was made.
+APPLY_DELAY_S = 0.001
 #: A batch closes at this many requests or this many bytes of bodies and blobs.
 MAX_BATCH_ITEMS = 1024
 MAX_BATCH_BYTES = 64 * 1024 * 1024
@@ -117,6 +122,34 @@ class _Item:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     due: float  # monotonic time by which a commit holding it must start
+    ready_at: float  # monotonic time from which the writer may apply it (uncommitted)
+
+
+class _OpenBatch:
+    """Requests applied to the writer's open transaction, not yet committed."""
+
+    def __init__(self) -> None:
+        self.items: list[_Item] = []
+        self.outcomes: list[ops.Outcome] = []
+        self.due = float("inf")
+        self.size = 0
+
+    def add(self, item: _Item, outcome: ops.Outcome) -> None:
+        self.items.append(item)
+        self.outcomes.append(outcome)
+        self.due = min(self.due, item.due)
+        self.size += item.size
+
+    def full(self) -> bool:
+        return len(self.items) >= MAX_BATCH_ITEMS or self.size >= MAX_BATCH_BYTES
+
+    def take(self) -> list[_Item]:
+        return [item for item, _ in self.take_with_outcomes()]
+
+    def take_with_outcomes(self) -> list[tuple[_Item, ops.Outcome]]:
+        answers = list(zip(self.items, self.outcomes, strict=True))
+        self.items, self.outcomes, self.due, self.size = [], [], float("inf"), 0
+        return answers
 
 
 class SqliteEventLog:
@@ -146,7 +179,7 @@ class SqliteEventLog:
         self._clock: Clock = clock or SystemClock()
         self._checkpoint_bytes = checkpoint_bytes
         self._lazy_delay_s = lazy_delay_s
-        self._earliest = float("inf")  # the earliest ``due`` in the queue
+        self._earliest = float("inf")  # the earliest ``ready_at`` in the queue
         self._cond = threading.Condition()
         self._queue: collections.deque[_Item] = collections.deque()
         self._closing = False
@@ -231,14 +264,16 @@ class SqliteEventLog:
     async def _submit(self, op: ops.StartRun | ops.Append, size: int, lazy: bool) -> Any:
         now = time.monotonic()
         if not lazy:
-            due = now
+            due = ready_at = now
         elif size > LAZY_MAX_BYTES:
             # Large blobs get a commit of their own soon, in the background (after the
             # caller's next step, not in its way): the commit that ends a run then
             # holds only small rows, and its fsync has little to flush.
-            due = now + BULKY_DELAY_S
+            due = ready_at = now + BULKY_DELAY_S
         else:
-            due = now + self._lazy_delay_s
+            # Applied soon (uncommitted, while the caller waits on something else), so
+            # that the commit that takes it has only its COMMIT left to do.
+            due, ready_at = now + self._lazy_delay_s, now + APPLY_DELAY_S
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
@@ -246,9 +281,9 @@ class SqliteEventLog:
                 raise StorageUnavailable(self._failure)
             if self._closing:
                 raise StorageUnavailable("the workflow log is closed")
-            self._queue.append(_Item(op, size, loop, future, due))
-            if due < self._earliest:  # the writer's wait must end sooner: tell it
-                self._earliest = due
+            self._queue.append(_Item(op, size, loop, future, due, ready_at))
+            if ready_at < self._earliest:  # the writer's wait must end sooner: tell it
+                self._earliest = ready_at
                 self._cond.notify()
         return await future
 
@@ -333,57 +368,74 @@ class SqliteEventLog:
     # ------------------------------------------------------------ the writer thread
 
     def _writer_main(self) -> None:
+        """Apply queued requests to an open transaction as they become ready, commit
+        once one of them is due (see ``_submit``): requests that were applied while
+        their callers waited leave only the COMMIT on the path of the one that is due."""
+        open_ = _OpenBatch()
         try:
-            while (items := self._take()) is not None:
+            while (items := self._take(open_)) is not None:
                 if self._failure is not None:
-                    self._settle_all(items, ops.Outcome(error=StorageUnavailable(self._failure)))
-                else:
-                    self._write_batch(items)
+                    self._settle_all(
+                        [*open_.take(), *items], ops.Outcome(error=StorageUnavailable(self._failure))
+                    )
+                    continue
+                if items:
+                    self._apply_all(open_, items)
+                if open_.items and (open_.due <= time.monotonic() or open_.full() or self._closing):
+                    self._commit(open_)
         except BaseException as e:  # a bug here must not leave callers waiting forever
             logger.exception("workflow log writer crashed")
             self._fatal("the workflow log writer stopped", e)
-            while (items := self._take()) is not None:
+            self._rollback()
+            self._settle_all(open_.take(), ops.Outcome(error=StorageUnavailable(self._failure or "")))
+            while (items := self._take(open_)) is not None:
                 self._settle_all(items, ops.Outcome(error=StorageUnavailable(self._failure or "")))
         finally:
             with contextlib.suppress(sqlite3.Error):
                 self._wdb.close()
 
-    def _take(self) -> list[_Item] | None:
-        """Every queued request up to the batch limits, once one of them is due (see
-        ``_submit``) or the queue is full; None once closing and drained."""
+    def _take(self, open_: _OpenBatch) -> list[_Item] | None:
+        """The queued requests (up to the batch limits) once one of them is ready to be
+        applied, or [] once the open transaction is due; None once closing and drained."""
         with self._cond:
             while True:
-                if not self._queue:
-                    if self._closing:
-                        return None
-                    self._cond.wait()
-                    continue
-                if self._closing or len(self._queue) >= MAX_BATCH_ITEMS:
+                now = time.monotonic()
+                if self._queue and (self._closing or self._earliest <= now or open_.full()):
                     break
-                left = self._earliest - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
+                if open_.items and (open_.due <= now or self._closing):
+                    return []
+                if not self._queue and not open_.items and self._closing:
+                    return None
+                wake = min(self._earliest if self._queue else float("inf"), open_.due)
+                self._cond.wait(None if wake == float("inf") else max(0.0, wake - now))
             items = [self._queue.popleft()]
-            size = items[0].size
+            size = open_.size + items[0].size
             while (
-                self._queue and len(items) < MAX_BATCH_ITEMS and size + self._queue[0].size <= MAX_BATCH_BYTES
+                self._queue
+                and len(open_.items) + len(items) < MAX_BATCH_ITEMS
+                and size + self._queue[0].size <= MAX_BATCH_BYTES
             ):
                 items.append(self._queue.popleft())
                 size += items[-1].size
-            self._earliest = min((item.due for item in self._queue), default=float("inf"))
+            self._earliest = min((item.ready_at for item in self._queue), default=float("inf"))
             return items
 
-    def _write_batch(self, items: list[_Item]) -> None:
+    def _apply_all(self, open_: _OpenBatch, items: list[_Item]) -> None:
         db = self._wdb
         now = self._clock.time()
         try:
-            db.execute("BEGIN IMMEDIATE")
-            outcomes = [self._apply(db, item.op, now) for item in items]
+            if not db.in_transaction:
+                db.execute("BEGIN IMMEDIATE")
+            for item in items:
+                open_.add(item, self._apply(db, item.op, now))
         except Exception as e:  # the transaction is lost; nothing was fsynced, so not fatal
             self._rollback()
-            self._settle_all(items, ops.Outcome(error=self._storage_error("could not be written", e)))
-            return
+            applied = open_.take()
+            failed = applied + [i for i in items if not any(i is a for a in applied)]
+            self._settle_all(failed, ops.Outcome(error=self._storage_error("could not be written", e)))
+
+    def _commit(self, open_: _OpenBatch) -> None:
+        db = self._wdb
         try:
             _call(self._faults.before_commit)
             db.execute("COMMIT")
@@ -391,14 +443,15 @@ class SqliteEventLog:
         except BaseException as e:
             self._fatal("the workflow log could not be written", e)
             self._rollback()
-            self._settle_all(items, ops.Outcome(error=StorageUnavailable(self._failure or "")))
+            self._settle_all(open_.take(), ops.Outcome(error=StorageUnavailable(self._failure or "")))
             return
+        answers = open_.take_with_outcomes()
         with self._cond:
             self._counters["commits"] += 1
-            for outcome in outcomes:
+            for _, outcome in answers:
                 for name, value in vars(outcome.counts).items():
                     self._counters[name] += value
-        _settle(list(zip(items, outcomes, strict=True)))
+        _settle(answers)
         self._maybe_checkpoint()
 
     def _apply(self, db: sqlite3.Connection, op: ops.StartRun | ops.Append, now: float) -> ops.Outcome:
