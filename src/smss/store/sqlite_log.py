@@ -87,7 +87,7 @@ logger = logging.getLogger(__name__)
 #: this long after it was made at the latest, or with the next request that is not lazy.
 LAZY_DELAY_S = 0.02
 #: A lazy request larger than this waits only ``BULKY_DELAY_S`` (see ``_submit``).
-LAZY_MAX_BYTES = 16 * 1024
+LAZY_MAX_BYTES = 1024 * 1024
 BULKY_DELAY_S = 0.002
 #: A lazy request is applied (not committed) this long after it was made.
 APPLY_DELAY_S = 0.001
@@ -266,9 +266,9 @@ class SqliteEventLog:
         if not lazy:
             due = ready_at = now
         elif size > LAZY_MAX_BYTES:
-            # Large blobs get a commit of their own soon, in the background (after the
-            # caller's next step, not in its way): the commit that ends a run then
-            # holds only small rows, and its fsync has little to flush.
+            # Very large blobs get a commit of their own soon, in the background (after
+            # the caller's next step, not in its way), so that the commit that ends a
+            # run is never a large one.
             due = ready_at = now + BULKY_DELAY_S
         else:
             # Applied soon (uncommitted, while the caller waits on something else), so
