@@ -259,15 +259,16 @@ class Driver:
 
     def _record(self, result: _Result) -> None:
         run = self._run
+        key = self._held.pop(result.prepared.stage.name, None)
+        writes = key is not None and result.state is not None and isinstance(result.event, StageCompleted)
+        if writes and self._batch.state is not None:
+            self._flush()  # one state write per append, with its own completion
         apply(run.view, result.event)
         run.blobs.update(result.arrays)
         self._add([result.event], result.blobs)
-        key = self._held.pop(result.prepared.stage.name, None)
         if key is None:
             return
-        if result.state is not None and isinstance(result.event, StageCompleted):
-            if self._batch.state is not None:
-                self._flush()  # one state write per append
+        if writes and result.state is not None:
             self._batch.state = result.state
             new = SessionState(result.state.expected + 1, dict(result.state.tensors))
             arrays = {ref: run.blobs[ref] for ref in new.tensors.values()}
