@@ -83,6 +83,10 @@ class TensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def dtype(self) -> np.dtype[np.generic]:
         return DATATYPES[self.datatype]
 
+    def zeros(self) -> np.ndarray:
+        """A tensor of zeros of this shape, with batch 1 for a variable dimension."""
+        return np.zeros([1 if d == -1 else d for d in self.shape], self.dtype)
+
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == len(self.shape) and all(
             want in (-1, got) for want, got in zip(self.shape, shape, strict=True)

@@ -45,7 +45,7 @@ from smss.demo import models  # noqa: E402
 from smss.errors import InstanceLost, ModelError  # noqa: E402
 from smss.node.attach import Attached, HotCopy  # noqa: E402
 from smss.node.weightstore import HEADER_SIZE, WeightStore  # noqa: E402
-from smss.node.worker import load_model  # noqa: E402
+from smss.node.worker import child_pids, load_model  # noqa: E402
 from smss.ports import InstanceInfo  # noqa: E402
 from smss.spec import FunctionSpec  # noqa: E402
 
@@ -415,18 +415,10 @@ def test_a_killed_zygote_is_replaced_and_the_next_cold_start_works(
 # ------------------------------------------------------------------ spares
 
 
-def children_of(pid: int) -> set[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return set()
-    return {int(p) for p in text.split()}
-
-
 def spare_of(backend: LocalBackend, function: Function) -> int | None:
     """The template's child that is not an instance of the backend (its spare), if any."""
     template = template_of(backend, function)["pid"]
-    spares = children_of(template) - set(backend.pids().values())
+    spares = child_pids(template) - set(backend.pids().values())
     assert len(spares) <= 1, spares
     return next(iter(spares), None)
 
@@ -500,7 +492,7 @@ def test_without_spares_a_template_forks_only_instances(tmp_path: Path, demo: di
             started = await backend.start_instance(mlp.spec, mlp.artifact_dir)
             run.note()
             await asyncio.sleep(1.0)  # well past the template's idle time
-            assert children_of(template_of(backend, mlp)["pid"]) == {started.info.pid}
+            assert child_pids(template_of(backend, mlp)["pid"]) == {started.info.pid}
             await run.close_and_check()
 
     asyncio.run(scenario())

@@ -50,6 +50,7 @@ import httpx
 import msgspec
 import numpy as np
 
+from smss.node.worker import child_pids
 from smss.testing.server import running_server
 
 TRIES = 5
@@ -254,13 +255,6 @@ def _deploy(p: _Platform, pkg: Any, **scaling: int) -> None:
     p.http.post("/v1/functions", json=body).raise_for_status()
 
 
-def _children(pid: int) -> set[int]:
-    try:
-        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-    except OSError:
-        return set()
-
-
 def measure_pss(p: _Platform, art: Any, x: np.ndarray) -> dict[str, Any]:
     from smss.demo import models
     from smss.packaging import package_class
@@ -279,7 +273,7 @@ def measure_pss(p: _Platform, art: Any, x: np.ndarray) -> dict[str, Any]:
     pss = [pss_kb(pid) for pid in pids]
     weights_mb = art.weights.stat().st_size / 2**20
     time.sleep(AT_ZERO_S)  # the template forks its spare once idle
-    spares = _children(template["pid"]) - set(pids)
+    spares = child_pids(template["pid"]) - set(pids)
     return {
         # What the template's spare (the next instance, forked and rehearsed) costs.
         "template_pss_mb": round(pss_kb(template["pid"]) / 1024, 1),

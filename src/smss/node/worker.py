@@ -92,7 +92,7 @@ def load_model(
 
 def warm_up(spec: FunctionSpec, model: Any) -> None:
     """One call on zeros so the first real request does not pay lazy initialisation."""
-    inputs = {t.name: np.zeros([1 if d == -1 else d for d in t.shape], t.dtype) for t in spec.inputs}
+    inputs = {t.name: t.zeros() for t in spec.inputs}
     try:
         model.predict(inputs)
     except Exception:
@@ -167,6 +167,14 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
+
+
+def child_pids(pid: int) -> set[int]:
+    """The pids of ``pid``'s children (empty when it is gone)."""
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
 
 
 def die_with_parent(parent: int | None = None) -> None:
@@ -300,7 +308,7 @@ def rehearse(config: WorkerConfig, model: Any) -> None:
     listener.bind(f"\0smss-rehearsal-{os.getpid()}")  # abstract: nothing on disk
     listener.listen(1)
     address = listener.getsockname()
-    inputs = {t.name: np.zeros([1 if d == -1 else d for d in t.shape], t.dtype) for t in config.spec.inputs}
+    inputs = {t.name: t.zeros() for t in config.spec.inputs}
     outputs = tuple(t.name for t in config.spec.outputs)
     control = LoopControl()
 

@@ -132,13 +132,16 @@ def _state_is(row: tuple[int, bytes] | None, write: StateWrite) -> bool:
         return False
     if write.base is None:
         return True
-    try:
-        stored = {} if tensors is None else _refs_decoder.decode(tensors)
-    except msgspec.DecodeError:
-        raise StorageUnavailable(
-            f"the session state of {write.workflow}/{write.session} is unreadable"
-        ) from None
+    stored = {} if tensors is None else state_tensors(tensors, write.workflow, write.session)
     return stored == write.base
+
+
+def state_tensors(data: bytes, workflow: str, session: str) -> dict[str, str]:
+    """A stored session state's tensor references."""
+    try:
+        return _refs_decoder.decode(data)
+    except msgspec.DecodeError:
+        raise StorageUnavailable(f"the session state of {workflow}/{session} is unreadable") from None
 
 
 def _recorded_as(db: sqlite3.Connection, run_id: str, stage: str, body: bytes) -> bool:

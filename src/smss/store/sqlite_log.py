@@ -59,8 +59,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from smss.errors import NotFound, SmssError, StorageUnavailable
 from smss.ports import AppendResult, Clock, SystemClock
 from smss.store import _log_ops as ops
@@ -95,7 +93,6 @@ APPLY_DELAY_S = 0.001
 MAX_BATCH_ITEMS = 1024
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 
-_refs_decoder = msgspec.msgpack.Decoder(dict[str, str])
 _EVENT_TYPES: tuple[type, ...] = typing.get_args(Event)
 
 
@@ -341,10 +338,7 @@ class SqliteEventLog:
         )
         if row is None:
             return SessionState(0, {})
-        try:
-            return SessionState(row[0], _refs_decoder.decode(row[1]))
-        except msgspec.DecodeError:
-            raise StorageUnavailable(f"the session state of {workflow}/{session} is unreadable") from None
+        return SessionState(row[0], ops.state_tensors(row[1], workflow, session))
 
     def stats(self) -> dict[str, int]:
         """Since this object was opened: appends (acknowledged ``append`` calls), events

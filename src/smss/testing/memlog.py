@@ -49,7 +49,6 @@ class MemoryEventLog:
         }
         #: Requests not marked lazy (those a caller waits for at once).
         self.eager = 0
-        self._completed: set[tuple[str, str]] = set()
         self._recorded: dict[tuple[str, str], StageCompleted] = {}
 
     async def start_run(
@@ -113,7 +112,7 @@ class MemoryEventLog:
             self.counters["voided"] += 1
             return AppendResult(tuple(0 for _ in events), void=True)
         completions = [e.stage for e in events if isinstance(e, StageCompleted)]
-        if state is not None and any((run_id, stage) in self._completed for stage in completions):
+        if state is not None and any((run_id, stage) in self._recorded for stage in completions):
             self.counters["dropped_completions"] += 1  # recorded already: no second state write
             return AppendResult(tuple(0 for _ in events))
         if state is not None:
@@ -128,11 +127,10 @@ class MemoryEventLog:
         seqs = []
         for event in events:
             if isinstance(event, StageCompleted):
-                if (run_id, event.stage) in self._completed:
+                if (run_id, event.stage) in self._recorded:
                     self.counters["dropped_completions"] += 1
                     seqs.append(0)
                     continue
-                self._completed.add((run_id, event.stage))
                 self._recorded[(run_id, event.stage)] = event
             seqs.append(self._add(run_id, event))
             status = status_of(event)

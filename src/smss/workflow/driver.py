@@ -314,7 +314,7 @@ class Driver:
                 if name in stored:
                     refs[name] = stored[name]
                 elif decl is not None:  # the session's first turn: zero state
-                    fresh[name] = np.zeros([1 if n == -1 else n for n in decl.shape], decl.dtype)
+                    fresh[name] = decl.zeros()
             inputs.update(self._load({n: stored[n] for n in names if n in stored}))
             fresh_refs, prepared.blobs = to_blobs(fresh)
             inputs.update(fresh)
@@ -387,7 +387,7 @@ class Driver:
             )
             written = self.write(append)
             if b.remember is not None:
-                self._s.states.wrote(*b.remember, writer=self._run.run_id, write=written)
+                self._s.states.wrote(*b.remember, write=written)
         for key in b.release:
             self._s.locks.release(key)
 

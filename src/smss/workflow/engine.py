@@ -276,9 +276,7 @@ class Engine:
                 saved = self._direct_state.get(key, {})
                 for t in fn.inputs:
                     if t.name not in stage.inputs:
-                        args[t.name] = saved.get(
-                            t.name, np.zeros([1 if d == -1 else d for d in t.shape], t.dtype)
-                        )
+                        args[t.name] = saved[t.name] if t.name in saved else t.zeros()
             result = await self._caller.call(
                 stage.function, args, tuple(t.name for t in fn.outputs), stage.timeout_s
             )

@@ -33,7 +33,6 @@ MAX_REMEMBERED = 10_000
 class Remembered:
     state: SessionState
     arrays: dict[str, np.ndarray]  # by blob ref
-    writer: str = ""  # the run whose queued write this is; "" when read from the log
 
 
 class SessionLocks:
@@ -126,10 +125,9 @@ class SessionStates:
         key: Key,
         state: SessionState,
         arrays: dict[str, np.ndarray],
-        writer: str,
         write: asyncio.Future[object],
     ) -> None:
-        self._states[key] = Remembered(state, arrays, writer)
+        self._states[key] = Remembered(state, arrays)
         self._states.move_to_end(key)
         self._writing.setdefault(key, []).append(write)
         while len(self._states) > self._limit:
