@@ -53,6 +53,8 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 
 #: Files up to this size get ``PRAGMA integrity_check`` at open; larger ones ``quick_check``.
 FULL_CHECK_MAX_BYTES = 256 * 1024 * 1024
+#: The size a reused ``-wal`` file is cut back to when a new generation starts.
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 #: Seconds a connection waits for a lock held by another connection.
 BUSY_TIMEOUT_S = 10.0
 
@@ -122,6 +124,9 @@ def setup(db: sqlite3.Connection, path: Path) -> None:
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer checkpoints itself
+        # The -wal file is reused after a checkpoint; one that a burst made large is cut
+        # back to this when its next generation starts.
+        db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.Error as e:
         raise unavailable(path, f"the workflow log file is corrupt or unreadable ({reason(e)})", e) from None

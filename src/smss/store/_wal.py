@@ -30,6 +30,31 @@ def page_size(path: Path) -> int | None:
     return 65536 if size == 1 else int(size)
 
 
+#: The wal-index header at the start of the ``-shm`` file (native byte order): iVersion,
+#: unused, iChange, isInit, bigEndCksum, szPage, mxFrame. See
+#: https://www.sqlite.org/walformat.html#the_wal_index_header
+_INDEX_HEADER = struct.Struct("=IIIBBHI")
+_INDEX_VERSION = 3007000
+
+
+def wal_bytes(shm: Path) -> int | None:
+    """How many bytes of frames the current ``-wal`` generation holds (its ``mxFrame``
+    times the frame size), read from the wal-index; None when the index cannot be read
+    or is not one this code knows. The ``-wal`` file's size says nothing once the file
+    is reused after a checkpoint: it keeps the size of its largest generation."""
+    try:
+        with shm.open("rb") as f:
+            header = f.read(_INDEX_HEADER.size)
+    except OSError:
+        return None
+    if len(header) < _INDEX_HEADER.size:
+        return None
+    version, _, _, is_init, _, page, frames = _INDEX_HEADER.unpack(header)
+    if version != _INDEX_VERSION or not is_init:
+        return None
+    return int(frames) * (24 + (65536 if page == 1 else int(page)))
+
+
 _WAL_MAGIC_LE, _WAL_MAGIC_BE = 0x377F0682, 0x377F0683
 _WAL_HEADER = struct.Struct(">8I")
 _MASK32 = 0xFFFFFFFF

@@ -32,11 +32,16 @@ Guarantees:
   unacknowledged transaction is recovered from, as SQLite does. Each event body
   carries a CRC-32, and a blob is checked against its sha256 when read.
 
-The log checkpoints itself (``wal_checkpoint(TRUNCATE)``: at open, and after a
-commit once the ``-wal`` file passes ``checkpoint_bytes``) instead of SQLite's
-auto-checkpoint, so the ``-wal`` file holds frames already copied into the database
-only while a checkpoint runs (or when a reader kept one from completing): a ``-wal``
-tail lost after a crash then costs a suffix of transactions, never consistency.
+The log checkpoints itself (at open, and after a commit once the current ``-wal``
+generation passes ``checkpoint_bytes``) instead of SQLite's auto-checkpoint. A
+checkpoint is ``wal_checkpoint(RESTART)`` followed at once by a one-frame write that
+starts the next generation (new salts in the ``-wal`` header, so every older frame is
+void). So the ``-wal`` file holds valid frames already copied into the database only
+while a checkpoint runs (or when a reader kept one from completing): a ``-wal`` tail
+lost after a crash then costs a suffix of transactions, never consistency. The file
+is reused, not truncated: a commit overwrites blocks the file already has, so its
+fsync need not also journal a larger file size (about half the cost of a commit's
+fsync on ext4). ``journal_size_limit`` keeps a burst from leaving it large.
 
 Three modules, one per concern: this one (the queue, the writer thread and group
 commit, reads), :mod:`smss.store._log_ops` (what one request writes, in its
@@ -69,6 +74,7 @@ from smss.store._log_schema import (
     unavailable,
 )
 from smss.store._log_schema import setup as setup_schema
+from smss.store._wal import wal_bytes
 from smss.workflow.events import (
     Event,
     Record,
@@ -466,10 +472,12 @@ class SqliteEventLog:
         return outcome
 
     def _maybe_checkpoint(self) -> None:
-        try:
-            size = Path(f"{self.path}-wal").stat().st_size
-        except FileNotFoundError:
-            return
+        size = wal_bytes(Path(f"{self.path}-shm"))
+        if size is None:  # no index to read: the file's size is an upper bound
+            try:
+                size = Path(f"{self.path}-wal").stat().st_size
+            except FileNotFoundError:
+                return
         if size < self._checkpoint_bytes:
             return
         try:
@@ -478,11 +486,25 @@ class SqliteEventLog:
             self._fatal("the workflow log could not be checkpointed", e)
 
     def _checkpoint(self) -> None:
-        """Copy the -wal file into the database (fsynced) and empty it."""
+        """Copy the -wal file into the database (fsynced), then start its next
+        generation at once (see the module's docstring)."""
         _call(self._faults.before_checkpoint)
-        busy, _, _ = self._wdb.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if not busy:  # busy: a reader held an old snapshot; try after a later commit
+        db = self._wdb
+        busy, frames, _ = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        if busy:  # a reader held an old snapshot; try after a later commit
+            return
+        if frames <= 0:  # no frames to void
             _call(self._faults.after_checkpoint)
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            db.execute(f"PRAGMA user_version = {int(version)}")  # writes one frame: a new generation
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        _call(self._faults.after_checkpoint)
 
     def _fatal(self, message: str, cause: BaseException) -> None:
         logger.error("%s: %s (%r); no more writes until it is reopened", message, self.path, cause)
