@@ -766,7 +766,8 @@ def test_the_writer_checkpoints_and_reuses_the_wal(
     assert all(size >= 64 * 1024 for _, size in seen[1:]), "the -wal file was truncated, not reused"
     assert wal.stat().st_size < 3 * 64 * 1024
     current = _wal.wal_bytes(Path(tmp_path / "log.db-shm"))
-    assert current is not None and 0 < current <= wal.stat().st_size
+    assert current is not None
+    assert 0 < current <= wal.stat().st_size
     copy = snapshot(log.path, tmp_path / "crash")
     assert [len(log.read_run(f"r{r}")) for r in range(6)] == [21] * 6
     log.close()
