@@ -14,6 +14,7 @@ See https://www.sqlite.org/fileformat2.html#walformat for the format.
 from __future__ import annotations
 
 import functools
+import os
 import struct
 from pathlib import Path
 
@@ -44,15 +45,41 @@ def wal_bytes(shm: Path) -> int | None:
     is reused after a checkpoint: it keeps the size of its largest generation."""
     try:
         with shm.open("rb") as f:
-            header = f.read(_INDEX_HEADER.size)
+            return index_bytes(f.read(_INDEX_HEADER.size))
     except OSError:
         return None
+
+
+def index_bytes(header: bytes) -> int | None:
+    """:func:`wal_bytes` from the first bytes of the ``-shm`` file."""
     if len(header) < _INDEX_HEADER.size:
         return None
-    version, _, _, is_init, _, page, frames = _INDEX_HEADER.unpack(header)
+    version, _, _, is_init, _, page, frames = _INDEX_HEADER.unpack_from(header)
     if version != _INDEX_VERSION or not is_init:
         return None
     return int(frames) * (24 + (65536 if page == 1 else int(page)))
+
+
+class WalIndex:
+    """The ``-shm`` file kept open by the log's writer, to read :func:`wal_bytes`
+    after every commit with one ``pread``."""
+
+    def __init__(self, shm: Path) -> None:
+        self._path = shm
+        self._fd: int | None = None
+
+    def wal_bytes(self) -> int | None:
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            return index_bytes(os.pread(self._fd, _INDEX_HEADER.size, 0))
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 _WAL_MAGIC_LE, _WAL_MAGIC_BE = 0x377F0682, 0x377F0683

@@ -74,7 +74,7 @@ from smss.store._log_schema import (
     unavailable,
 )
 from smss.store._log_schema import setup as setup_schema
-from smss.store._wal import wal_bytes
+from smss.store._wal import WalIndex
 from smss.workflow.events import (
     Event,
     Record,
@@ -200,6 +200,7 @@ class SqliteEventLog:
             0,
         )
         self._read_lock = threading.Lock()
+        self._wal_index = WalIndex(Path(f"{self.path}-shm"))
         refuse_damaged(self.path)
         self._wdb = self._connect()
         try:
@@ -391,6 +392,7 @@ class SqliteEventLog:
             while (items := self._take(open_)) is not None:
                 self._settle_all(items, ops.Outcome(error=StorageUnavailable(self._failure or "")))
         finally:
+            self._wal_index.close()
             with contextlib.suppress(sqlite3.Error):
                 self._wdb.close()
 
@@ -472,7 +474,7 @@ class SqliteEventLog:
         return outcome
 
     def _maybe_checkpoint(self) -> None:
-        size = wal_bytes(Path(f"{self.path}-shm"))
+        size = self._wal_index.wal_bytes()
         if size is None:  # no index to read: the file's size is an upper bound
             try:
                 size = Path(f"{self.path}-wal").stat().st_size

@@ -141,8 +141,22 @@ def _find_cycle(deps: Mapping[str, set[str]]) -> list[str]:
 
 def spec_hash(spec: WorkflowSpec) -> str:
     """Hex sha256 of the canonical JSON (every field, dict keys sorted): names one
-    definition in the log. Hash the spec :func:`validate_workflow` returned."""
-    return hashlib.sha256(msgspec.json.encode(spec, order="deterministic")).hexdigest()
+    definition in the log. Hash the spec :func:`validate_workflow` returned.
+
+    Remembered per spec object (specs are never mutated; every run of a deployed
+    workflow hashes the same one), keyed by identity and holding the spec, so a
+    reused ``id`` cannot return another spec's hash."""
+    entry = _HASHES.get(id(spec))
+    if entry is not None and entry[0] is spec:
+        return entry[1]
+    digest = hashlib.sha256(msgspec.json.encode(spec, order="deterministic")).hexdigest()
+    if len(_HASHES) >= 256:
+        _HASHES.clear()
+    _HASHES[id(spec)] = (spec, digest)
+    return digest
+
+
+_HASHES: dict[int, tuple[WorkflowSpec, str]] = {}
 
 
 def decode_workflow(data: bytes) -> WorkflowSpec:
