@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -242,15 +242,15 @@ class EventLog(Protocol):
     bytes to the bytes, and storing one twice is a no-op.
     """
 
-    async def start_run(
+    def start_run(
         self, run_id: str, started: RunStarted, blobs: Mapping[str, bytes], *, lazy: bool = False
-    ) -> tuple[str, bool]:
+    ) -> Awaitable[tuple[str, bool]]:
         """Record a new run. With an idempotency key already used, nothing is
         written and the existing run's id is returned with ``False``. ``lazy``: as
         for :meth:`append`."""
         ...
 
-    async def append(
+    def append(
         self,
         run_id: str,
         events: Sequence[Event],
@@ -259,7 +259,7 @@ class EventLog(Protocol):
         state: StateWrite | None = None,
         requires: Sequence[StageCompleted] = (),
         lazy: bool = False,
-    ) -> AppendResult:
+    ) -> Awaitable[AppendResult]:
         """Append ``events`` (with their blobs and the optional conditional state
         write) as one all-or-nothing request. ``requires``: completions the events
         were computed from; unless each is exactly the completion recorded for its
@@ -268,7 +268,11 @@ class EventLog(Protocol):
         durable: a dependency that never takes effect voids its dependents.
         ``lazy``: the caller is in no hurry (it will wait for a later append that is
         not lazy): the log may hold this one back, for a bounded time, to share that
-        append's commit. It is acknowledged, as always, only once durable."""
+        append's commit. It is acknowledged, as always, only once durable.
+
+        Both writes may queue the request when called (the log's own order is the
+        order of the calls) and answer through the awaitable; one that cannot be
+        taken may raise at the call."""
         ...
 
     def read_run(self, run_id: str) -> list[Record]: ...

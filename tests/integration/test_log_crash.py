@@ -38,8 +38,14 @@ from pathlib import Path
 import pytest
 
 from smss.errors import StorageUnavailable
+from smss.ports import AppendResult
 from smss.store.sqlite_log import SqliteEventLog
 from smss.workflow.events import StageScheduled
+
+
+async def _append(log: SqliteEventLog, run_id: str, events: list[StageScheduled]) -> AppendResult:
+    return await log.append(run_id, events)
+
 
 #: Kill rounds per run of the suite (RELIABILITY item 4 asks for 1000: run with
 #: SMSS_LOG_KILLS=1000, about eight minutes here).
@@ -54,6 +60,7 @@ from smss.store.sqlite_log import FaultHooks, SqliteEventLog
 from smss.testing.faults import log_faults
 from smss.workflow.events import RunStarted, StageScheduled
 from smss.errors import StorageUnavailable
+from smss.ports import AppendResult
 
 def say(text):
     os.write(1, (text + "\n").encode())
@@ -369,7 +376,7 @@ def test_the_log_can_be_appended_to_after_a_kill(server: ForkServer, tmp_path: P
     log = SqliteEventLog(path)
     try:
         before = len(log.read_run("r"))
-        result = asyncio.run(log.append("r", [StageScheduled("again", 1)]))
+        result = asyncio.run(_append(log, "r", [StageScheduled("again", 1)]))
         assert result.seqs[0] > 0
         assert len(log.read_run("r")) == before + 1
     finally:

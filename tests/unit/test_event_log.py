@@ -19,7 +19,7 @@ import struct
 import tempfile
 import threading
 import typing
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +57,16 @@ NO_CHECKPOINT = 1 << 40
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, 30.0))
+
+
+def call(make: Callable[[], Awaitable[T]]) -> T:
+    """Run one write of the log in a fresh event loop (a write queues itself when
+    called, so it needs the loop then)."""
+
+    async def go() -> T:
+        return await make()
+
+    return run(go())
 
 
 def started(
@@ -353,10 +363,10 @@ def test_start_run_is_idempotent(open_log: Callable[..., SqliteEventLog]) -> Non
     assert set(results[1:]) == {("r0", False)}
     assert [r.run_id for r in log.list_runs()] == ["r0"]
     assert len(log.read_run("r0")) == 1
-    assert run(log.start_run("r9", started(key="k"), {})) == ("r0", False)
-    assert run(log.start_run("s1", started(), {})) == ("s1", True)
+    assert call(lambda: log.start_run("r9", started(key="k"), {})) == ("r0", False)
+    assert call(lambda: log.start_run("s1", started(), {})) == ("s1", True)
     with pytest.raises(Conflict):
-        run(log.start_run("s1", started(), {}))
+        call(lambda: log.start_run("s1", started(), {}))
     assert log.stats()["runs_started"] == 2
 
 
@@ -379,7 +389,7 @@ def test_append_to_unknown_run_fails_alone(open_log: Callable[..., SqliteEventLo
     assert [r.seq for r in log.read_run("r1")] == [1, first.seqs[0], last.seqs[0]]
     assert log.read_run("ghost") == []
     with pytest.raises(TypeError, match="RunStarted"):
-        run(log.append("r1", [started()]))
+        call(lambda: log.append("r1", [started()]))
 
 
 def test_runs_are_listed_by_seq_with_their_status(open_log: Callable[..., SqliteEventLog]) -> None:
@@ -516,7 +526,7 @@ def test_failed_commit_acknowledges_nothing_and_is_fatal(open_log: Callable[...,
 
     reopened = open_log()
     assert [r.event for r in reopened.read_run("r1")] == [started()]
-    result = run(reopened.append("r1", [StageScheduled("again", 1)]))
+    result = call(lambda: reopened.append("r1", [StageScheduled("again", 1)]))
     assert result.seqs == (2,)
 
 
@@ -705,8 +715,8 @@ def test_corrupt_or_foreign_files_are_refused(
         SqliteEventLog(garbage)
 
     log = open_log(tmp_path / "big.db")
-    run(log.start_run("r0", started(), {}))
-    run(log.append("r0", [StageScheduled(f"s{i}" * 50, 1) for i in range(2000)]))
+    call(lambda: log.start_run("r0", started(), {}))
+    call(lambda: log.append("r0", [StageScheduled(f"s{i}" * 50, 1) for i in range(2000)]))
     log.close()
     size = (tmp_path / "big.db").stat().st_size
     with (tmp_path / "big.db").open("r+b") as f:  # truncated database file

@@ -224,18 +224,17 @@ class SqliteEventLog:
 
     # ------------------------------------------------------------ writes
 
-    async def start_run(
+    def start_run(
         self, run_id: str, started: RunStarted, blobs: Mapping[str, bytes], *, lazy: bool = False
-    ) -> tuple[str, bool]:
+    ) -> asyncio.Future[tuple[str, bool]]:
         if not isinstance(started, RunStarted):
             raise TypeError(f"start_run needs a RunStarted, not {type(started).__name__}")
         row = ops.row_of(started)
         blob_rows = ops.blob_rows(blobs)
         op = ops.StartRun(run_id, started, row, blob_rows)
-        result: tuple[str, bool] = await self._submit(op, len(row.body) + ops.size_of(blob_rows), lazy)
-        return result
+        return self._submit(op, len(row.body) + ops.size_of(blob_rows), lazy)
 
-    async def append(
+    def append(
         self,
         run_id: str,
         events: Sequence[Event],
@@ -244,7 +243,7 @@ class SqliteEventLog:
         state: StateWrite | None = None,
         requires: Sequence[StageCompleted] = (),
         lazy: bool = False,
-    ) -> AppendResult:
+    ) -> asyncio.Future[AppendResult]:
         rows = []
         for event in events:
             if isinstance(event, RunStarted) or not isinstance(event, _EVENT_TYPES):
@@ -262,10 +261,12 @@ class SqliteEventLog:
             run_id, rows, blob_rows, state, ops.encode(dict(state.tensors)) if state else b"", needed
         )
         size = sum(len(r.body) for r in rows) + ops.size_of(blob_rows)
-        result: AppendResult = await self._submit(op, size, lazy)
-        return result
+        return self._submit(op, size, lazy)
 
-    async def _submit(self, op: ops.StartRun | ops.Append, size: int, lazy: bool) -> Any:
+    def _submit(self, op: ops.StartRun | ops.Append, size: int, lazy: bool) -> asyncio.Future[Any]:
+        """Queue a request now (requests are applied in the order they were made);
+        its answer comes in the returned future. Raises at once when the log cannot
+        take it."""
         now = time.monotonic()
         if not lazy:
             due = ready_at = now
@@ -289,7 +290,7 @@ class SqliteEventLog:
             if ready_at < self._earliest:  # the writer's wait must end sooner: tell it
                 self._earliest = ready_at
                 self._cond.notify()
-        return await future
+        return future
 
     # ------------------------------------------------------------ reads
 

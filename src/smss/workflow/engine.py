@@ -199,10 +199,11 @@ class Engine:
         return outcome_of(view, {}, self._log)
 
     async def _await(self, run: Run, timeout_s: float) -> RunOutcome:
-        try:
-            return await asyncio.wait_for(asyncio.shield(run.done), timeout_s)
-        except TimeoutError:
+        # asyncio.wait neither cancels the run when the caller goes away nor wraps it.
+        await asyncio.wait((run.done,), timeout=timeout_s)
+        if not run.done.done():
             return RunOutcome(run.view.run_id, "running")
+        return run.done.result()
 
     def outcome(self, records: list[Record]) -> RunOutcome:
         """A run's outcome as its log tells it (outputs read back from blobs)."""
