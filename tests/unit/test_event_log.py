@@ -775,7 +775,9 @@ def test_the_writer_checkpoints_and_reuses_the_wal(
     assert len(seen) < log.stats()["commits"] / 2
     assert all(size >= 64 * 1024 for _, size in seen[1:]), "the -wal file was truncated, not reused"
     assert wal.stat().st_size < 3 * 64 * 1024
-    current = _wal.wal_bytes(Path(tmp_path / "log.db-shm"))
+    index = _wal.WalIndex(tmp_path / "log.db-shm")
+    current = index.wal_bytes()
+    index.close()
     assert current is not None
     assert 0 < current <= wal.stat().st_size
     copy = snapshot(log.path, tmp_path / "crash")

@@ -38,20 +38,12 @@ _INDEX_HEADER = struct.Struct("=IIIBBHI")
 _INDEX_VERSION = 3007000
 
 
-def wal_bytes(shm: Path) -> int | None:
-    """How many bytes of frames the current ``-wal`` generation holds (its ``mxFrame``
-    times the frame size), read from the wal-index; None when the index cannot be read
-    or is not one this code knows. The ``-wal`` file's size says nothing once the file
-    is reused after a checkpoint: it keeps the size of its largest generation."""
-    try:
-        with shm.open("rb") as f:
-            return index_bytes(f.read(_INDEX_HEADER.size))
-    except OSError:
-        return None
-
-
 def index_bytes(header: bytes) -> int | None:
-    """:func:`wal_bytes` from the first bytes of the ``-shm`` file."""
+    """How many bytes of frames the current ``-wal`` generation holds (its ``mxFrame``
+    times the frame size), from the first bytes of the ``-shm`` file (the wal-index);
+    None when they are not a header this code knows. The ``-wal`` file's size says
+    nothing once the file is reused after a checkpoint: it keeps the size of its
+    largest generation."""
     if len(header) < _INDEX_HEADER.size:
         return None
     version, _, _, is_init, _, page, frames = _INDEX_HEADER.unpack_from(header)
@@ -61,8 +53,8 @@ def index_bytes(header: bytes) -> int | None:
 
 
 class WalIndex:
-    """The ``-shm`` file kept open by the log's writer, to read :func:`wal_bytes`
-    after every commit with one ``pread``."""
+    """The ``-shm`` file kept open by the log's writer, to read :func:`index_bytes`
+    after every commit with one ``pread`` (None when it cannot be read)."""
 
     def __init__(self, shm: Path) -> None:
         self._path = shm
