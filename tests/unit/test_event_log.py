@@ -779,7 +779,7 @@ def test_the_writer_checkpoints_and_reuses_the_wal(
     current = index.wal_bytes()
     index.close()
     assert current is not None
-    assert 0 < current <= wal.stat().st_size
+    assert current <= wal.stat().st_size  # 0 when read just after the writer's checkpoint
     copy = snapshot(log.path, tmp_path / "crash")
     assert [len(log.read_run(f"r{r}")) for r in range(6)] == [21] * 6
     log.close()
