@@ -763,9 +763,15 @@ def test_the_writer_checkpoints_and_reuses_the_wal(
     generation long, and a crash copy of the files recovers every event."""
     wal = Path(tmp_path / "log.db-wal")
     seen: list[tuple[bytes, int]] = []  # (salts, file size) after each checkpoint
+    checkpointing = threading.Lock()  # held by the writer while it checkpoints
+
+    def after() -> None:
+        seen.append((wal.read_bytes()[16:24], wal.stat().st_size))
+        checkpointing.release()
+
     log = open_log(
         checkpoint_bytes=64 * 1024,
-        fault=FaultHooks(after_checkpoint=lambda: seen.append((wal.read_bytes()[16:24], wal.stat().st_size))),
+        fault=FaultHooks(before_checkpoint=checkpointing.acquire, after_checkpoint=after),
     )
     for r in range(6):
         _populate(log, runs=1, appends=20, first=r)
@@ -780,7 +786,8 @@ def test_the_writer_checkpoints_and_reuses_the_wal(
     index.close()
     assert current is not None
     assert current <= wal.stat().st_size  # 0 when read just after the writer's checkpoint
-    copy = snapshot(log.path, tmp_path / "crash")
+    with checkpointing:  # a copy taken across a checkpoint would be no crash's
+        copy = snapshot(log.path, tmp_path / "crash")
     assert [len(log.read_run(f"r{r}")) for r in range(6)] == [21] * 6
     log.close()
     again = open_log(copy)
