@@ -193,8 +193,8 @@ def test_a_template_builds_its_model_on_the_hot_copy_without_copying_the_weights
 def test_forked_instances_match_a_normally_loaded_model_bit_for_bit(
     tmp_path: Path, demo: dict[str, Function], reference: dict[str, Predict]
 ) -> None:
-    """Weights viewed in place (torch: a huge-page copy of the segment; ONNX: parsed from the
-    segment) give exactly the outputs of the same model loaded from its file."""
+    """Weights viewed in place (a huge-page copy of the segment: torch tensors, and ONNX
+    Runtime's initializers) give exactly the outputs of the same model loaded from its file."""
 
     async def scenario() -> None:
         async with local_backend(tmp_path / "logs") as (backend, run):

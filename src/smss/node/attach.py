@@ -129,6 +129,44 @@ def safetensors_views(data: memoryview) -> dict[str, np.ndarray]:
     return out
 
 
+#: ONNX TensorProto data types whose raw bytes numpy can view (little-endian).
+_ONNX_DTYPES = {1: "<f4", 2: "u1", 3: "i1", 5: "<i2", 6: "<i4", 7: "<i8", 9: "?", 10: "<f2", 11: "<f8"}
+
+
+def onnx_views(data: memoryview, image: bytes) -> dict[str, np.ndarray]:
+    """Read-only numpy views into ``data`` (a serialized ONNX model; ``image``: the
+    same bytes) of every initializer stored as raw bytes, by name. Protobuf gives no
+    offsets, so each tensor's bytes are found in the image, searching on from the
+    previous one (initializers are serialized in order); any match holds exactly the
+    tensor's bytes. A tensor that cannot be viewed is left out (ONNX Runtime then
+    keeps its own copy of it)."""
+    import onnx
+
+    try:
+        model = onnx.ModelProto.FromString(image)
+    except Exception:
+        raise UnsafeArtifact("ONNX model image is not a valid model") from None
+    out: dict[str, np.ndarray] = {}
+    start = 0
+    for t in model.graph.initializer:
+        dtype = _ONNX_DTYPES.get(t.data_type)
+        raw = t.raw_data
+        if dtype is None or not raw or t.data_location != onnx.TensorProto.DEFAULT:
+            continue
+        shape = tuple(int(d) for d in t.dims)
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if count * np.dtype(dtype).itemsize != len(raw):
+            continue
+        at = image.find(raw, start)
+        if at < 0:
+            at = image.find(raw)
+        if at < 0:  # pragma: no cover - the bytes come from this image
+            continue
+        start = at + len(raw)
+        out[t.name] = np.frombuffer(data, dtype=dtype, count=count, offset=at).reshape(shape)
+    return out
+
+
 def torch_views(arrays: dict[str, np.ndarray]) -> dict[str, object]:
     """Torch tensors sharing memory with read-only arrays (torch warns about that; we mean it)."""
     import warnings

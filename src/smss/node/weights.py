@@ -66,7 +66,14 @@ class Weights:
         return dict(load_file(str(self.path)))
 
     def onnx_session(self, **options: Any) -> Any:
-        """An ``onnxruntime.InferenceSession`` on this ONNX file, one intra-op thread by default."""
+        """An ``onnxruntime.InferenceSession`` on this ONNX file, one intra-op thread by default.
+
+        Attached to the weight store, the session computes with the initializers
+        where they lie: each is handed to ONNX Runtime as a user-owned value viewing
+        the attached memory (``SessionOptions.add_initializer``), so no instance, nor
+        its template, holds a copy of its own. That rules out ONNX Runtime's weight
+        pre-packing (a private re-layout per session), so it is off in every session
+        made here, attached or read from the file: both compute alike, bit for bit."""
         import onnxruntime as ort
 
         if self.format != "onnx":
@@ -74,10 +81,25 @@ class Weights:
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(options.pop("intra_op_num_threads", 1))
         so.inter_op_num_threads = 1
-        source: str | bytes = str(self.path)
-        if self.attached is not None:
-            source = bytes(self.attached.data)  # ORT parses its own copy of the (small) graph
-        return ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"], **options)
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        if self.attached is None:
+            return ort.InferenceSession(
+                str(self.path), sess_options=so, providers=["CPUExecutionProvider"], **options
+            )
+        from smss.node.attach import onnx_views
+
+        image = bytes(self.attached.data)  # the graph, parsed by ORT (its copy of the weights is dropped)
+        values = {
+            name: ort.OrtValue.ortvalue_from_numpy(view)
+            for name, view in onnx_views(self.attached.data, image).items()
+        }
+        for name, value in values.items():
+            so.add_initializer(name, value)
+        session = ort.InferenceSession(image, sess_options=so, providers=["CPUExecutionProvider"], **options)
+        # ORT reads these memory blocks for the session's lifetime: the session keeps
+        # them (and through their arrays, the mapping) alive.
+        session.smss_initializers = values
+        return session
 
     def __repr__(self) -> str:
         return f"Weights({self.path.name!r}, format={self.format!r})"

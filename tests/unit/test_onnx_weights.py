@@ -1,0 +1,96 @@
+"""ONNX weights attached from the weight store: ONNX Runtime computes with the
+initializers where they lie (no copy of its own), bit for bit like a session on the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from smss.node.attach import onnx_views  # noqa: E402
+from smss.node.weights import Weights  # noqa: E402
+
+N = 48
+
+
+class Mapping:
+    """Stands in for an attached segment (``.data``: the model's bytes), writable here
+    so that a change to the bytes can be seen in the session's answers."""
+
+    def __init__(self, raw: bytes) -> None:
+        self._buffer = bytearray(raw)
+        self.data = memoryview(self._buffer)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    return _save(graph, path)
+
+
+def _model(path: Path) -> Path:
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((N, N), dtype=np.float32)
+    b = rng.standard_normal((N,), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, N])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )
+    path.write_bytes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    )
+    return path
+
+
+def test_an_attached_session_computes_with_the_attached_bytes(tmp_path: Path) -> None:
+    path = _model(tmp_path / "m.onnx")
+    mapping = Mapping(path.read_bytes())
+    attached = Weights(path, "onnx", attached=mapping).onnx_session()  # type: ignore[arg-type]
+    from_file = Weights(path, "onnx").onnx_session()
+    x = np.random.default_rng(4).standard_normal((5, N), dtype=np.float32)
+    before = attached.run(["y"], {"x": x})[0]
+    assert np.array_equal(before, from_file.run(["y"], {"x": x})[0])
+
+    views = onnx_views(mapping.data, bytes(mapping.data))
+    assert set(views) == {"W", "B"}
+    reference = onnx.load(str(path))
+    for t in reference.graph.initializer:
+        assert np.array_equal(views[t.name], numpy_helper.to_array(t))
+    # What ORT was given is the attached memory itself, by address...
+    for name, value in attached.smss_initializers.items():
+        assert value.data_ptr() == views[name].ctypes.data
+    # ...and ORT reads it there: a change to the attached bytes changes the answer.
+    views["B"][...] += 1.0
+    assert np.allclose(attached.run(["y"], {"x": x})[0], before + 1.0, atol=1e-5)
+    assert np.array_equal(from_file.run(["y"], {"x": x})[0], before)
+
+
+def test_tensors_that_cannot_be_viewed_stay_with_onnx_runtime(tmp_path: Path) -> None:
+    """An initializer stored as a typed list (not raw bytes) is left to ORT's own copy."""
+    w = np.arange(N * N, dtype=np.float32).reshape(N, N) / (N * N)
+    typed = helper.make_tensor("W", TensorProto.FLOAT, [N, N], w.ravel().tolist())  # float_data, not raw
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, N])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+        [typed],
+    )
+    path = tmp_path / "typed.onnx"
+    path.write_bytes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    )
+    mapping = Mapping(path.read_bytes())
+    assert onnx_views(mapping.data, bytes(mapping.data)) == {}
+    session = Weights(path, "onnx", attached=mapping).onnx_session()  # type: ignore[arg-type]
+    x = np.ones((1, N), np.float32)
+    assert np.array_equal(
+        session.run(["y"], {"x": x})[0], Weights(path, "onnx").onnx_session().run(["y"], {"x": x})[0]
+    )
