@@ -139,9 +139,11 @@ def onnx_views(data: memoryview, image: bytes) -> dict[str, np.ndarray]:
     offsets, so each tensor's bytes are found in the image, searching on from the
     previous one (initializers are serialized in order); any match holds exactly the
     tensor's bytes. A tensor that cannot be viewed is left out (ONNX Runtime then
-    keeps its own copy of it)."""
-    import onnx
-
+    keeps its own copy of it), and all are without the ``onnx`` package."""
+    try:
+        import onnx
+    except ImportError:
+        return {}
     try:
         model = onnx.ModelProto.FromString(image)
     except Exception:

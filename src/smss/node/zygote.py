@@ -90,8 +90,10 @@ def preload(runtime: str) -> None:
         torch.set_num_threads(1)
         torch.zeros(1).add_(1)  # initialise the dispatcher without starting a pool
     elif runtime == "onnx":
-        import onnx  # noqa: F401  (finds the initializers to share: smss.node.attach.onnx_views)
         import onnxruntime  # noqa: F401
+
+        with contextlib.suppress(ImportError):
+            import onnx  # noqa: F401  (finds the initializers to share: smss.node.attach.onnx_views)
 
 
 def thread_count() -> int:
