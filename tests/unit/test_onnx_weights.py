@@ -49,11 +49,12 @@ def _model(path: Path) -> Path:
     return path
 
 
-def test_an_attached_session_computes_with_the_attached_bytes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prepack", [True, False])
+def test_an_attached_session_computes_with_the_attached_bytes(tmp_path: Path, prepack: bool) -> None:
     path = _model(tmp_path / "m.onnx")
     mapping = Mapping(path.read_bytes())
-    attached = Weights(path, "onnx", attached=mapping).onnx_session()  # type: ignore[arg-type]
-    from_file = Weights(path, "onnx").onnx_session()
+    attached = Weights(path, "onnx", attached=mapping).onnx_session(prepack=prepack)  # type: ignore[arg-type]
+    from_file = Weights(path, "onnx").onnx_session(prepack=prepack)
     x = np.random.default_rng(4).standard_normal((5, N), dtype=np.float32)
     before = attached.run(["y"], {"x": x})[0]
     assert np.array_equal(before, from_file.run(["y"], {"x": x})[0])
@@ -66,9 +67,17 @@ def test_an_attached_session_computes_with_the_attached_bytes(tmp_path: Path) ->
     # What ORT was given is the attached memory itself, by address...
     for name, value in attached.smss_initializers.items():
         assert value.data_ptr() == views[name].ctypes.data
-    # ...and ORT reads it there: a change to the attached bytes changes the answer.
+    # ...and ORT reads it there: a change to the attached bytes changes the answer
+    # (the bias is never pre-packed; without pre-packing, neither is the matrix).
     views["B"][...] += 1.0
-    assert np.allclose(attached.run(["y"], {"x": x})[0], before + 1.0, atol=1e-5)
+    after = attached.run(["y"], {"x": x})[0]
+    assert np.allclose(after, before + 1.0, atol=1e-5)
+    views["W"][...] *= 2.0
+    doubled = attached.run(["y"], {"x": x})[0]
+    if not prepack:
+        assert np.allclose(doubled - (before + 1.0), before - views["B"] + 1.0, atol=1e-4)
+    else:  # its pre-packed copy was made from the weights as they were
+        assert np.array_equal(doubled, after)
     assert np.array_equal(from_file.run(["y"], {"x": x})[0], before)
 
 
