@@ -101,6 +101,11 @@ class Weights:
         for name, value in values.items():
             so.add_initializer(name, value)
         session = ort.InferenceSession(image, sess_options=so, providers=["CPUExecutionProvider"], **options)
+        # ORT's Python wrapper keeps the model's bytes (weights included) only to
+        # rebuild the session on a provider fallback, which a CPU session never does
+        # (its own comment calls holding them "bad"): drop that copy.
+        if getattr(session, "_model_bytes", None) is image:
+            session._model_bytes = None
         # ORT reads these memory blocks for the session's lifetime: the session keeps
         # them (and through their arrays, the mapping) alive.
         session.smss_initializers = values
