@@ -22,13 +22,16 @@ from smss.node.weights import Weights  # noqa: E402
 N = 48
 
 
-class Mapping:
-    """Stands in for an attached segment (``.data``: the model's bytes), writable here
-    so that a change to the bytes can be seen in the session's answers."""
+class Segment:
+    """Stands in for an attached weight segment: ``.data``, the model's bytes."""
 
-    def __init__(self, raw: bytes) -> None:
-        self._buffer = bytearray(raw)
-        self.data = memoryview(self._buffer)
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+
+
+def writable(raw: bytes) -> Segment:
+    """A segment whose bytes can be changed, so that a change can be seen in answers."""
+    return Segment(memoryview(bytearray(raw)))
 
 
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
@@ -54,7 +57,7 @@ def _model(path: Path) -> Path:
 @pytest.mark.parametrize("prepack", [True, False])
 def test_an_attached_session_computes_with_the_attached_bytes(tmp_path: Path, prepack: bool) -> None:
     path = _model(tmp_path / "m.onnx")
-    mapping = Mapping(path.read_bytes())
+    mapping = writable(path.read_bytes())
     attached = Weights(path, "onnx", attached=mapping).onnx_session(prepack=prepack)  # type: ignore[arg-type]
     from_file = Weights(path, "onnx").onnx_session(prepack=prepack)
     x = np.random.default_rng(4).standard_normal((5, N), dtype=np.float32)
@@ -98,7 +101,7 @@ def test_tensors_that_cannot_be_viewed_stay_with_onnx_runtime(tmp_path: Path) ->
     path.write_bytes(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     )
-    mapping = Mapping(path.read_bytes())
+    mapping = writable(path.read_bytes())
     assert onnx_views(mapping.data, bytes(mapping.data)) == {}
     session = Weights(path, "onnx", attached=mapping).onnx_session()  # type: ignore[arg-type]
     x = np.ones((1, N), np.float32)
@@ -136,8 +139,7 @@ def test_an_attached_session_without_prepacking_holds_no_copy_of_the_weights(tmp
     del w
     with path.open("rb") as f:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # file-backed: not private
-    attached = Mapping.__new__(Mapping)
-    attached.data = memoryview(mapping)
+    attached = Segment(memoryview(mapping))
     before = _private_mb()
     session = Weights(path, "onnx", attached=attached).onnx_session(prepack=False)  # type: ignore[arg-type]
     y = session.run(["y"], {"x": x})[0]

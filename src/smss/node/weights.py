@@ -87,10 +87,9 @@ class Weights:
         so.inter_op_num_threads = 1
         if not prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
+        cpu = ["CPUExecutionProvider"]
         if self.attached is None:
-            return ort.InferenceSession(
-                str(self.path), sess_options=so, providers=["CPUExecutionProvider"], **options
-            )
+            return ort.InferenceSession(str(self.path), sess_options=so, providers=cpu, **options)
         from smss.node.attach import onnx_views
 
         image = bytes(self.attached.data)  # the graph, parsed by ORT (its copy of the weights is dropped)
@@ -100,7 +99,7 @@ class Weights:
         }
         for name, value in values.items():
             so.add_initializer(name, value)
-        session = ort.InferenceSession(image, sess_options=so, providers=["CPUExecutionProvider"], **options)
+        session = ort.InferenceSession(image, sess_options=so, providers=cpu, **options)
         # ORT's Python wrapper keeps the model's bytes (weights included) only to
         # rebuild the session on a provider fallback, which a CPU session never does
         # (its own comment calls holding them "bad"): drop that copy.

@@ -69,6 +69,7 @@ from smss.ports import AppendResult, Clock, SystemClock
 from smss.store import _log_ops as ops
 from smss.store._log_schema import (
     BUSY_TIMEOUT_S,
+    SCHEMA_VERSION,
     reason,
     refuse_damaged,
     unavailable,
@@ -496,17 +497,14 @@ class SqliteEventLog:
         busy, frames, _ = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
         if busy:  # a reader held an old snapshot; try after a later commit
             return
-        if frames <= 0:  # no frames to void
-            _call(self._faults.after_checkpoint)
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            db.execute(f"PRAGMA user_version = {int(version)}")  # writes one frame: a new generation
-            db.execute("COMMIT")
-        except BaseException:
-            self._rollback()
-            raise
+        if frames > 0:  # void them: a write of one frame (the schema version, unchanged)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
         _call(self._faults.after_checkpoint)
 
     def _fatal(self, message: str, cause: BaseException) -> None:
