@@ -1042,3 +1042,39 @@ def _verify(log: SqliteEventLog, ops: list[Op]) -> list[str]:
     state = log.get_state("wf", "u")
     assert (state.version, state.tensors) == (version, tensors)
     return runs
+
+
+def test_requests_keep_their_order_wherever_they_are_applied(
+    open_log: Callable[..., SqliteEventLog],
+) -> None:
+    """Lazy requests are applied on the caller's loop when the writer is not using the
+    connection, and by the writer otherwise; two loops in two threads, mixing lazy and
+    eager requests, still find their events in the order they made them."""
+    log = open_log(lazy_delay_s=0.002)
+
+    async def session(run_id: str, seed: int) -> list[int]:
+        rng = random.Random(seed)
+        await log.start_run(run_id, started(), {})
+        futures = []
+        for i in range(120):
+            futures.append(log.append(run_id, [StageScheduled(f"s{i}", 1)], lazy=rng.random() < 0.7))
+            if rng.random() < 0.5:
+                await asyncio.sleep(0 if rng.random() < 0.8 else 0.001)
+        return [r.seqs[0] for r in await asyncio.gather(*futures)]
+
+    results: dict[str, list[int]] = {}
+
+    def thread(run_id: str, seed: int) -> None:
+        results[run_id] = run(session(run_id, seed))
+
+    threads = [threading.Thread(target=thread, args=(f"r{k}", k)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for run_id, seqs in results.items():
+        assert len(seqs) == 120
+        assert all(s > 0 for s in seqs)
+        assert seqs == sorted(seqs)
+        stages = [r.event.stage for r in log.read_run(run_id)[1:]]  # type: ignore[union-attr]
+        assert stages == [f"s{i}" for i in range(120)]

@@ -129,7 +129,10 @@ class FunctionDispatcher:
             self._hooks.on_start(slot.info.id)
             try:
                 remaining = deadline - started
-                result = await asyncio.wait_for(slot.channel.infer(inputs, outputs), max(remaining, 0.001))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for runs the call in a task of
+                # its own, which sends the request only one loop iteration later.
+                async with asyncio.timeout(max(remaining, 0.001)):
+                    result = await slot.channel.infer(inputs, outputs)
                 return result, slot.info
             except InstanceLost:
                 self.remove(slot.info.id)

@@ -15,7 +15,11 @@ Guarantees:
   share the commit of its end instead of costing a commit each. It is applied to
   the open transaction soon after it is made (uncommitted: invisible to readers,
   lost in a crash, acknowledged only by the commit), so that the commit a caller
-  waits for has little left to do but COMMIT.
+  waits for has little left to do but COMMIT. That application runs on the
+  caller's event loop, two iterations after the request (when the caller awaits
+  the stage it started), unless the writer holds the connection: work that needs
+  no hand-off of the GIL there, while the writer thread's Python between SQLite
+  calls would compete with the loop for it.
 * **All or nothing.** A request is one savepoint, so a batch of events with its
   blobs and state write is never partly present, before or after a crash.
 * **Failures are not acknowledged.** A failed write fails every request of its
@@ -201,6 +205,11 @@ class SqliteEventLog:
             0,
         )
         self._read_lock = threading.Lock()
+        # The write connection and the open transaction: the writer thread uses them, and
+        # so may a caller's event loop, to apply lazy requests (``_apply_on_loop``).
+        self._db_lock = threading.Lock()
+        self._open = _OpenBatch()
+        self._helping = False  # an ``_apply_on_loop`` is scheduled
         self._wal_index = WalIndex(Path(f"{self.path}-shm"))
         refuse_damaged(self.path)
         self._wdb = self._connect()
@@ -291,7 +300,36 @@ class SqliteEventLog:
             if ready_at < self._earliest:  # the writer's wait must end sooner: tell it
                 self._earliest = ready_at
                 self._cond.notify()
+            help_ = lazy and ready_at > now and not self._helping
+            self._helping = self._helping or help_
+        if help_:
+            # Two iterations on: one lets the task that made the request reach its next
+            # await; a run's start is made before the task that drives it has run at all.
+            loop.call_soon(loop.call_soon, self._apply_on_loop)
         return future
+
+    def _apply_on_loop(self) -> None:
+        """Apply the queued requests to the open transaction on the caller's event loop,
+        soon after a lazy one was made: by then the caller has gone on to await
+        something (the stage it just started), so this work is off its path, and done
+        where it needs no hand-off of the GIL to the writer thread, whose own Python
+        work between SQLite calls would otherwise compete with the loop's. Skipped when
+        the writer holds the connection (it applies them itself, when they are ready).
+        Requests stay in order: this takes them from the head of the queue."""
+        with self._cond:
+            self._helping = False
+        if not self._db_lock.acquire(blocking=False):
+            return
+        try:
+            with self._cond:
+                if self._failure is not None or self._closing or not self._queue:
+                    return
+                items = self._pop_batch(self._open)
+            self._apply_all(self._open, items)
+            with self._cond:
+                self._cond.notify()  # the open transaction may be due sooner now
+        finally:
+            self._db_lock.release()
 
     # ------------------------------------------------------------ reads
 
@@ -374,28 +412,30 @@ class SqliteEventLog:
         """Apply queued requests to an open transaction as they become ready, commit
         once one of them is due (see ``_submit``): requests that were applied while
         their callers waited leave only the COMMIT on the path of the one that is due."""
-        open_ = _OpenBatch()
+        open_ = self._open
         try:
             while (items := self._take(open_)) is not None:
-                if self._failure is not None:
-                    self._settle_all(
-                        [*open_.take(), *items], ops.Outcome(error=StorageUnavailable(self._failure))
-                    )
-                    continue
-                if items:
-                    self._apply_all(open_, items)
-                if open_.items and (open_.due <= time.monotonic() or open_.full() or self._closing):
-                    self._commit(open_)
+                with self._db_lock:
+                    if self._failure is not None:
+                        self._settle_all(
+                            [*open_.take(), *items], ops.Outcome(error=StorageUnavailable(self._failure))
+                        )
+                        continue
+                    if items:
+                        self._apply_all(open_, items)
+                    if open_.items and (open_.due <= time.monotonic() or open_.full() or self._closing):
+                        self._commit(open_)
         except BaseException as e:  # a bug here must not leave callers waiting forever
             logger.exception("workflow log writer crashed")
             self._fatal("the workflow log writer stopped", e)
-            self._rollback()
-            self._settle_all(open_.take(), ops.Outcome(error=StorageUnavailable(self._failure or "")))
+            with self._db_lock:
+                self._rollback()
+                self._settle_all(open_.take(), ops.Outcome(error=StorageUnavailable(self._failure or "")))
             while (items := self._take(open_)) is not None:
                 self._settle_all(items, ops.Outcome(error=StorageUnavailable(self._failure or "")))
         finally:
             self._wal_index.close()
-            with contextlib.suppress(sqlite3.Error):
+            with self._db_lock, contextlib.suppress(sqlite3.Error):
                 self._wdb.close()
 
     def _take(self, open_: _OpenBatch) -> list[_Item] | None:
@@ -412,17 +452,21 @@ class SqliteEventLog:
                     return None
                 wake = min(self._earliest if self._queue else float("inf"), open_.due)
                 self._cond.wait(None if wake == float("inf") else max(0.0, wake - now))
-            items = [self._queue.popleft()]
-            size = open_.size + items[0].size
-            while (
-                self._queue
-                and len(open_.items) + len(items) < MAX_BATCH_ITEMS
-                and size + self._queue[0].size <= MAX_BATCH_BYTES
-            ):
-                items.append(self._queue.popleft())
-                size += items[-1].size
-            self._earliest = min((item.ready_at for item in self._queue), default=float("inf"))
-            return items
+            return self._pop_batch(open_)
+
+    def _pop_batch(self, open_: _OpenBatch) -> list[_Item]:
+        """The head of the (non-empty) queue, up to the batch limits; under ``_cond``."""
+        items = [self._queue.popleft()]
+        size = open_.size + items[0].size
+        while (
+            self._queue
+            and len(open_.items) + len(items) < MAX_BATCH_ITEMS
+            and size + self._queue[0].size <= MAX_BATCH_BYTES
+        ):
+            items.append(self._queue.popleft())
+            size += items[-1].size
+        self._earliest = min((item.ready_at for item in self._queue), default=float("inf"))
+        return items
 
     def _apply_all(self, open_: _OpenBatch, items: list[_Item]) -> None:
         db = self._wdb
