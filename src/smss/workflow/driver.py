@@ -23,8 +23,9 @@ the log holds, so each stage's effect is still recorded exactly once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +156,8 @@ class Driver:
         self._held: dict[str, Key] = {}  # stage -> session whose lock it holds
         self._batch = _Batch()
         self._alarm: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: Appends to make once the current step has reached its next await (``later``).
+        self._later: list[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = []
 
     # ------------------------------------------------------------ the loop
 
@@ -372,30 +375,63 @@ class Driver:
         self._batch.blobs.update(blobs)
 
     def _flush(self) -> None:
-        """Queue this round's records as one append (not awaited)."""
+        """Queue this round's records as one append (not awaited). Only the run's end is
+        made at once (and waited for); the others are made ``later``, after the stage
+        the round starts has been sent, and may share the end's commit."""
         b, self._batch = self._batch, _Batch()
-        if b.events:
-            # Only the run's end is waited for: everything before it may share its commit.
-            lazy = not isinstance(b.events[-1], RunCompleted | RunFailed)
-            append = self._s.log.append(
-                self._run.run_id,
-                b.events,
-                blobs=b.blobs,
-                state=b.state,
-                requires=self._requires(b.events),
-                lazy=lazy,
-            )
-            written = self.write(append)
-            if b.remember is not None:
-                self._s.states.wrote(*b.remember, write=written)
-        for key in b.release:
+        if not b.events:
+            self._release(b.release)
+            return
+        requires = self._requires(b.events)
+        final = isinstance(b.events[-1], RunCompleted | RunFailed)
+
+        def make() -> Awaitable[Any]:
+            try:
+                return self._s.log.append(
+                    self._run.run_id,
+                    b.events,
+                    blobs=b.blobs,
+                    state=b.state,
+                    requires=requires,
+                    lazy=not final,
+                )
+            finally:  # the session's next turn queues its records behind these
+                self._release(b.release)
+
+        written = self.later(make)
+        if b.remember is not None:
+            self._s.states.wrote(*b.remember, write=written)
+        if final:
+            self._make_later()
+
+    def _release(self, keys: list[Key]) -> None:
+        for key in keys:
             self._s.locks.release(key)
 
-    def write(self, append: Awaitable[Any]) -> asyncio.Future[Any]:
-        future = asyncio.ensure_future(append)
-        future.add_done_callback(self._watch)
-        self._run.pending.append(future)
-        return future
+    def later(self, make: Callable[[], Awaitable[Any]]) -> asyncio.Future[Any]:
+        """Make an append (``make()``) once the task running now reaches its next await:
+        when a round has just sent the stage it started, its records are encoded and
+        queued while that stage computes, not before it is sent. Appends are made in
+        the order they were asked for, and before any later one is made at once. The
+        returned future has the append's answer; the run's end waits for it."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        answer.add_done_callback(self._watch)
+        self._run.pending.append(answer)
+        if not self._later:
+            loop.call_soon(self._make_later)
+        self._later.append((make, answer))
+        return answer
+
+    def _make_later(self) -> None:
+        later, self._later = self._later, []
+        for make, answer in later:
+            try:
+                made = asyncio.ensure_future(make())
+            except Exception as e:  # the log refused it at once (failed or closed)
+                answer.set_exception(e)
+                continue
+            made.add_done_callback(functools.partial(_forward, answer=answer))
 
     def _requires(self, events: list[Event]) -> list[StageCompleted]:
         """The completions these events were computed from, beyond those they carry."""
@@ -429,6 +465,7 @@ class Driver:
     async def _settle(self) -> bool:
         """Wait for every queued append; whether all were written as asked. A storage
         failure raises."""
+        self._make_later()
         pending, self._run.pending = self._run.pending, []
         results = await asyncio.gather(*pending, return_exceptions=True)
         for r in results:
@@ -451,6 +488,7 @@ class Driver:
         release the sessions this run holds; with ``discard``, also drop the records
         not yet queued (they were computed from a view about to be rebuilt, or the
         engine is stopping: as in a crash, replay does their work again)."""
+        self._make_later()
         tasks = [*self._calls.values(), *self._waiting.values()]
         for task in tasks:
             task.cancel()
@@ -491,6 +529,17 @@ class Driver:
 
     def _load(self, refs: dict[str, str]) -> dict[str, np.ndarray]:
         return load(refs, self._run.blobs, self._s.log)
+
+
+def _forward(made: asyncio.Future[Any], answer: asyncio.Future[Any]) -> None:
+    if answer.done():
+        return
+    if made.cancelled():
+        answer.cancel()
+    elif (error := made.exception()) is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(made.result())
 
 
 def load(refs: dict[str, str], cache: dict[str, np.ndarray], event_log: EventLog) -> dict[str, np.ndarray]:

@@ -122,19 +122,23 @@ class Engine:
             log.info("recovered %d unfinished runs", resumed)
         return resumed
 
-    def _adopt(self, view: RunView, spec: WorkflowSpec, start: Awaitable[Any] | None = None) -> Run:
-        """Drive ``view`` to its end in a task of the engine; ``start``: the run's start,
-        still being written (the driver's first records queue behind it)."""
+    def _adopt(
+        self, view: RunView, spec: WorkflowSpec, start: Callable[[], Awaitable[Any]] | None = None
+    ) -> Run:
+        """Drive ``view`` to its end in a task of the engine; ``start`` makes the run's
+        start, which the driver's first records queue behind."""
         if self._group is None:
             raise StorageUnavailable("the workflow engine is not running")
         run = Run(view, self._plan(spec), asyncio.get_running_loop().create_future())
         driver = Driver(self._shared, run)
-        if start is not None:
-            driver.write(start)
         self._runs[view.run_id] = run
         task = self._group.create_task(self._drive(driver, run))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if start is not None:
+            # Asked for after the task was created, so it is made after the task's first
+            # step has sent the first stage (and before anything that step queues).
+            driver.later(start)
         return run
 
     def _plan(self, spec: WorkflowSpec) -> Plan:
@@ -174,8 +178,9 @@ class Engine:
             # Nothing to decide from the log: drive the run while its start is committed.
             # Every later append of the run is queued behind it, and the outputs are
             # returned only once the run's end (so its start too) is durable.
-            start = self._log.start_run(run_id, started, blobs, lazy=True)
-            run = self._adopt(RunView(run_id, started), spec, start)
+            run = self._adopt(
+                RunView(run_id, started), spec, lambda: self._log.start_run(run_id, started, blobs, lazy=True)
+            )
             run.blobs.update({refs[name]: array for name, array in inputs.items()})
             return await self._await(run, timeout_s)
         run_id, created = await self._log.start_run(run_id, started, blobs)
