@@ -12,15 +12,20 @@ platform started for the benchmark:
   ``overhead_pct`` = (durable p50 - direct p50) / direct p50, sequential;
 * ``fsyncs_per_run``: commits of the log (one fsync each) per durable run, over
   sequential durable runs alone;
-* ``recovery_s``: 100 runs of two sessions submitted without waiting, the
-  platform killed with SIGKILL right after the last was acknowledged, then
+* ``recovery_s``: 100 runs of four sessions submitted without waiting while the
+  instances of the middle stage (``track``) are stopped with SIGSTOP, so that every
+  one of them is unfinished (in ``track``, or queued behind its session's run
+  there), the platform killed with SIGKILL once all are acknowledged, then
   restarted: seconds from the restart (process start included) to every
-  interrupted run completed; ``interrupted`` says how many were unfinished at
-  the kill, ``resumed_s`` when the restarted platform answered again.
+  interrupted run completed; ``interrupted`` says how many the log held
+  unfinished at the kill (100), ``resumed_s`` when the restarted platform
+  answered again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import statistics
 import tempfile
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import numpy as np
 
 from smss.testing.server import ServerProcess, start_server
@@ -115,28 +121,28 @@ def measure_overhead(server: ServerProcess, runs: int) -> dict[str, Any]:
 def measure_recovery(data: Path, runs: int = 100) -> dict[str, Any]:
     server = start_server(data, ["--demo", "--log-level", "warning"])
     server.wait_for_model("behavior")
-    _runs(server.url, 1, 3, durable=True)
+    _runs(server.url, 4, 2, durable=True)  # every stage has an instance
+    rng = np.random.default_rng(1000)
+    bodies = [
+        msgspec.json.encode({"session": f"crash-{i % 4}", "inputs": _frame(rng), "wait": False})
+        for i in range(runs)
+    ]
+    stopped = _instance_pids(server, "behavior_track")
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
     ids: list[str] = []
-    lock = threading.Lock()
-
-    def submit(i: int) -> None:
-        rng = np.random.default_rng(1000 + i)
+    try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
-            for _ in range(runs // 10):
-                # Two sessions: their stateful stage serializes each session's runs, so
-                # most runs are still queued or in flight when the platform is killed.
-                body = {"session": f"crash-{i % 2}", "inputs": _frame(rng), "wait": False}
-                r = http.post("/v1/workflows/behavior/runs", json=body)
-                with lock:
-                    ids.append(r.json()["run_id"])
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    server.process.send_signal(signal.SIGKILL)
-    server.process.wait()
+            for body in bodies:
+                r = http.post("/v1/workflows/behavior/runs", content=body)
+                r.raise_for_status()
+                ids.append(r.json()["run_id"])
+    finally:
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+        for pid in stopped:  # they die with the platform (SIGKILL reaches a stopped process)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     interrupted = _unfinished_in_log(data / "log.db")
     t0 = time.perf_counter()
     server = start_server(data, ["--log-level", "warning"], port=None)
@@ -160,6 +166,14 @@ def measure_recovery(data: Path, runs: int = 100) -> dict[str, Any]:
         "interrupted": interrupted,
         "unfinished_after": unfinished,
     }
+
+
+def _instance_pids(server: ServerProcess, function: str) -> list[int]:
+    instances = httpx.get(f"{server.url}/v1/functions/{function}").json()["instances"]
+    pids = [int(i["pid"]) for i in instances if i.get("pid")]
+    if not pids:
+        raise RuntimeError(f"{function} has no running instance to stop")
+    return pids
 
 
 def _unfinished_in_log(path: Path) -> int:
