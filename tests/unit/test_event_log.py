@@ -1078,3 +1078,43 @@ def test_requests_keep_their_order_wherever_they_are_applied(
         assert seqs == sorted(seqs)
         stages = [r.event.stage for r in log.read_run(run_id)[1:]]  # type: ignore[union-attr]
         assert stages == [f"s{i}" for i in range(120)]
+
+
+def test_an_error_after_a_request_began_writing_loses_its_whole_batch(
+    open_log: Callable[..., SqliteEventLog], tmp_path: Path
+) -> None:
+    """A request is refused alone only before its first write; one that fails while
+    writing (here a trigger aborts its event's insert, after the run's row was updated)
+    takes its transaction with it: nothing of it, nor of the requests sharing its
+    commit, is present or acknowledged, and the log goes on."""
+    log = open_log(lazy_delay_s=60.0)
+
+    async def start() -> None:
+        await log.start_run("r1", started(), {})
+
+    run(start())
+    db = sqlite3.connect(tmp_path / "log.db")
+    db.execute(
+        "CREATE TRIGGER boom BEFORE INSERT ON events WHEN NEW.stage = 'boom' "
+        "BEGIN SELECT RAISE(ABORT, 'boom'); END"
+    )
+    db.commit()
+    db.close()
+
+    async def scenario() -> list[object]:
+        shared = log.append("r1", [StageScheduled("a", 1)], lazy=True)
+        failing = log.append("r1", [StageScheduled("b", 1), RunFailed("boom", "E", "m")], lazy=True)
+        await asyncio.sleep(0.05)  # both applied to the open transaction, not committed
+        eager = log.append("r1", [StageScheduled("boom", 1)])
+        return list(await asyncio.gather(shared, failing, eager, return_exceptions=True))
+
+    results = run(scenario())
+    assert all(isinstance(r, StorageUnavailable) for r in results)
+    assert [type(r.event).__name__ for r in log.read_run("r1")] == ["RunStarted"]
+    assert log.run_summary("r1").status == "running"  # type: ignore[union-attr]
+
+    async def later() -> AppendResult:
+        return await log.append("r1", [StageScheduled("c", 1)])
+
+    assert run(later()).clean
+    assert [type(r.event).__name__ for r in log.read_run("r1")] == ["RunStarted", "StageScheduled"]

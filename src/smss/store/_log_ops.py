@@ -1,6 +1,10 @@
-"""What one request of the workflow log writes, inside its savepoint on the writer
-thread: the SQL of a run's start and of an append, and the encoding of rows.
-(Part of :mod:`smss.store.sqlite_log`.)"""
+"""What one request of the workflow log writes, in the writer's open transaction:
+the SQL of a run's start and of an append, and the encoding of rows.
+(Part of :mod:`smss.store.sqlite_log`.)
+
+Each request checks first and writes after: it raises an :class:`~smss.errors.SmssError`
+(a refusal of this request alone) only before its first write, so the transaction
+it shares with other requests never holds part of a refused one."""
 
 from __future__ import annotations
 
@@ -88,13 +92,13 @@ def start_run(db: sqlite3.Connection, op: StartRun, now: float) -> Outcome:
 
 
 def append(db: sqlite3.Connection, op: Append, now: float) -> Outcome:
-    if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)).fetchone() is None:
-        raise NotFound(f"unknown run {op.run_id!r}")
     if not all(_recorded_as(db, op.run_id, stage, body) for stage, body in op.requires):
+        _known(db, op.run_id)
         # Computed from a completion that never took effect (or lost to another): void.
         void = AppendResult(tuple(0 for _ in op.rows), void=True)
         return Outcome(result=void, counts=Counts(appends=1, voided=1))
     if op.state is not None and _completion_recorded(db, op):
+        _known(db, op.run_id)
         # The stage's effect is already recorded (by an earlier attempt or a fenced-off
         # worker): its state write must not apply a second time. Nothing is written.
         dropped = len(op.rows)
@@ -106,23 +110,33 @@ def append(db: sqlite3.Connection, op: Append, now: float) -> Outcome:
             (s.workflow, s.session),
         ).fetchone()
         if not _state_is(row, s):  # checked first: nothing of the batch is written
+            _known(db, op.run_id)
             conflict = AppendResult(tuple(0 for _ in op.rows), state_conflict=True)
             return Outcome(result=conflict, counts=Counts(appends=1, state_conflicts=1))
+    # The first write, and the last check: an unknown run updates no row.
+    status = next((r.status for r in reversed(op.rows) if r.status is not None), None)
+    cur = db.execute(
+        "UPDATE runs SET updated = ?, status = coalesce(?, status) WHERE run_id = ?", (now, status, op.run_id)
+    )
+    if cur.rowcount != 1:
+        raise NotFound(f"unknown run {op.run_id!r}")
+    if (w := op.state) is not None:
         db.execute(
             "INSERT INTO session_state (workflow, session, version, tensors) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (workflow, session) "
             "DO UPDATE SET version = excluded.version, tensors = excluded.tensors",
-            (s.workflow, s.session, s.expected + 1, op.state_tensors),
+            (w.workflow, w.session, w.expected + 1, op.state_tensors),
         )
     _put_blobs(db, op.blobs)
     seqs = [_insert(db, op.run_id, row, now) for row in op.rows]
-    status = next((r.status for r in reversed(op.rows) if r.status is not None), None)
-    db.execute(
-        "UPDATE runs SET updated = ?, status = coalesce(?, status) WHERE run_id = ?", (now, status, op.run_id)
-    )
     dropped = seqs.count(0)
     counts = Counts(appends=1, events=len(seqs) - dropped, dropped_completions=dropped)
     return Outcome(result=AppendResult(tuple(seqs)), counts=counts)
+
+
+def _known(db: sqlite3.Connection, run_id: str) -> None:
+    if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+        raise NotFound(f"unknown run {run_id!r}")
 
 
 def _state_is(row: tuple[int, bytes] | None, write: StateWrite) -> bool:

@@ -7,9 +7,11 @@ Guarantees:
   transaction holding their events, blobs and state write (and so its fsync of the
   ``-wal`` file) has returned. Whatever was acknowledged survives a killed process.
 * **Group commit.** One thread owns the write connection. It takes every queued
-  request, applies each in its own SAVEPOINT inside one ``BEGIN IMMEDIATE``
-  transaction (one request's conflict or error leaves the others intact) and
-  commits once: one fsync for all of them. A *lazy* request (``lazy=True``: its
+  request, applies each inside one ``BEGIN IMMEDIATE`` transaction and commits
+  once: one fsync for all of them. A request checks before it writes, so one
+  refused (a conflict, an unknown run) leaves the others intact; an error once it
+  has started writing loses the whole transaction (its requests all fail, none is
+  acknowledged). A *lazy* request (``lazy=True``: its
   caller will wait for a later request of its own anyway) does not start a commit:
   it waits up to ``lazy_delay_s`` for one that is not lazy, so a run's records
   share the commit of its end instead of costing a commit each. It is applied to
@@ -20,8 +22,9 @@ Guarantees:
   the stage it started), unless the writer holds the connection: work that needs
   no hand-off of the GIL there, while the writer thread's Python between SQLite
   calls would compete with the loop for it.
-* **All or nothing.** A request is one savepoint, so a batch of events with its
-  blobs and state write is never partly present, before or after a crash.
+* **All or nothing.** A batch of events with its blobs and state write is never
+  partly present, before or after a crash: a request is refused before its first
+  write, or its error rolls back the transaction it is in.
 * **Failures are not acknowledged.** A failed write fails every request of its
   batch with :class:`StorageUnavailable`. A failed COMMIT or checkpoint (where the
   fsyncs are) is fatal: after an fsync error the kernel may have dropped the dirty
@@ -477,6 +480,8 @@ class SqliteEventLog:
             for item in items:
                 open_.add(item, self._apply(db, item.op, now))
         except Exception as e:  # the transaction is lost; nothing was fsynced, so not fatal
+            if not isinstance(e, sqlite3.Error | OSError):
+                logger.exception("workflow log request failed")
             self._rollback()
             applied = open_.take()
             failed = applied + [i for i in items if not any(i is a for a in applied)]
@@ -503,21 +508,14 @@ class SqliteEventLog:
         self._maybe_checkpoint()
 
     def _apply(self, db: sqlite3.Connection, op: ops.StartRun | ops.Append, now: float) -> ops.Outcome:
-        """One request in its own savepoint: its own error undoes it alone; a database
-        error propagates and loses the batch."""
-        db.execute("SAVEPOINT request")
+        """One request: refused alone (unknown run, run id used) when its checks fail,
+        which happens before it writes anything (see :mod:`smss.store._log_ops`); any
+        other error, once it may have written part of itself, propagates and loses
+        the batch, so that no request is ever partly in a commit."""
         try:
-            outcome = ops.start_run(db, op, now) if isinstance(op, ops.StartRun) else ops.append(db, op, now)
-        except (sqlite3.Error, OSError):
-            raise  # the database is in trouble: the whole batch is lost
-        except Exception as e:  # this request's own: unknown run, run id used, a bug
-            if not isinstance(e, SmssError):
-                logger.exception("workflow log request failed")
-            db.execute("ROLLBACK TO request")
-            db.execute("RELEASE request")
+            return ops.start_run(db, op, now) if isinstance(op, ops.StartRun) else ops.append(db, op, now)
+        except SmssError as e:
             return ops.Outcome(error=e)
-        db.execute("RELEASE request")
-        return outcome
 
     def _maybe_checkpoint(self) -> None:
         size = self._wal_index.wal_bytes()
