@@ -50,9 +50,10 @@ is reused, not truncated: a commit overwrites blocks the file already has, so it
 fsync need not also journal a larger file size (about half the cost of a commit's
 fsync on ext4). ``journal_size_limit`` keeps a burst from leaving it large.
 
-Three modules, one per concern: this one (the queue, the writer thread and group
-commit, reads), :mod:`smss.store._log_ops` (what one request writes, in its
-savepoint) and :mod:`smss.store._log_schema` (refusing a damaged file, the schema).
+Four modules, one per concern: this one (submitting, the writer thread and group
+commit, reads), :mod:`smss.store._log_batch` (queued requests, the open batch,
+answering callers), :mod:`smss.store._log_ops` (what one request writes) and
+:mod:`smss.store._log_schema` (refusing a damaged file, the schema).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 from smss.errors import NotFound, SmssError, StorageUnavailable
 from smss.ports import AppendResult, Clock, SystemClock
 from smss.store import _log_ops as ops
+from smss.store._log_batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS, Item, OpenBatch, settle
 from smss.store._log_schema import (
     BUSY_TIMEOUT_S,
     SCHEMA_VERSION,
@@ -103,9 +105,6 @@ LAZY_MAX_BYTES = 1024 * 1024
 BULKY_DELAY_S = 0.002
 #: A lazy request is applied (not committed) this long after it was made.
 APPLY_DELAY_S = 0.001
-#: A batch closes at this many requests or this many bytes of bodies and blobs.
-MAX_BATCH_ITEMS = 1024
-MAX_BATCH_BYTES = 64 * 1024 * 1024
 
 _EVENT_TYPES: tuple[type, ...] = typing.get_args(Event)
 
@@ -121,46 +120,6 @@ class FaultHooks:
     before_checkpoint: Callable[[], None] | None = None
     #: Called only when a checkpoint completed (the ``-wal`` file was emptied).
     after_checkpoint: Callable[[], None] | None = None
-
-
-# ---------------------------------------------------------------- queued requests
-
-
-@dataclass
-class _Item:
-    op: ops.StartRun | ops.Append
-    size: int
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
-    due: float  # monotonic time by which a commit holding it must start
-    ready_at: float  # monotonic time from which the writer may apply it (uncommitted)
-
-
-class _OpenBatch:
-    """Requests applied to the writer's open transaction, not yet committed."""
-
-    def __init__(self) -> None:
-        self.items: list[_Item] = []
-        self.outcomes: list[ops.Outcome] = []
-        self.due = float("inf")
-        self.size = 0
-
-    def add(self, item: _Item, outcome: ops.Outcome) -> None:
-        self.items.append(item)
-        self.outcomes.append(outcome)
-        self.due = min(self.due, item.due)
-        self.size += item.size
-
-    def full(self) -> bool:
-        return len(self.items) >= MAX_BATCH_ITEMS or self.size >= MAX_BATCH_BYTES
-
-    def take(self) -> list[_Item]:
-        return [item for item, _ in self.take_with_outcomes()]
-
-    def take_with_outcomes(self) -> list[tuple[_Item, ops.Outcome]]:
-        answers = list(zip(self.items, self.outcomes, strict=True))
-        self.items, self.outcomes, self.due, self.size = [], [], float("inf"), 0
-        return answers
 
 
 class SqliteEventLog:
@@ -192,7 +151,7 @@ class SqliteEventLog:
         self._lazy_delay_s = lazy_delay_s
         self._earliest = float("inf")  # the earliest ``ready_at`` in the queue
         self._cond = threading.Condition()
-        self._queue: collections.deque[_Item] = collections.deque()
+        self._queue: collections.deque[Item] = collections.deque()
         self._closing = False
         self._failure: str | None = None  # set once a COMMIT or checkpoint failed
         self._counters = dict.fromkeys(
@@ -211,7 +170,7 @@ class SqliteEventLog:
         # The write connection and the open transaction: the writer thread uses them, and
         # so may a caller's event loop, to apply lazy requests (``_apply_on_loop``).
         self._db_lock = threading.Lock()
-        self._open = _OpenBatch()
+        self._open = OpenBatch()
         self._helping = False  # an ``_apply_on_loop`` is scheduled
         self._wal_index = WalIndex(Path(f"{self.path}-shm"))
         refuse_damaged(self.path)
@@ -299,7 +258,7 @@ class SqliteEventLog:
                 raise StorageUnavailable(self._failure)
             if self._closing:
                 raise StorageUnavailable("the workflow log is closed")
-            self._queue.append(_Item(op, size, loop, future, due, ready_at))
+            self._queue.append(Item(op, size, loop, future, due, ready_at))
             if ready_at < self._earliest:  # the writer's wait must end sooner: tell it
                 self._earliest = ready_at
                 self._cond.notify()
@@ -441,7 +400,7 @@ class SqliteEventLog:
             with self._db_lock, contextlib.suppress(sqlite3.Error):
                 self._wdb.close()
 
-    def _take(self, open_: _OpenBatch) -> list[_Item] | None:
+    def _take(self, open_: OpenBatch) -> list[Item] | None:
         """The queued requests (up to the batch limits) once one of them is ready to be
         applied, or [] once the open transaction is due; None once closing and drained."""
         with self._cond:
@@ -457,7 +416,7 @@ class SqliteEventLog:
                 self._cond.wait(None if wake == float("inf") else max(0.0, wake - now))
             return self._pop_batch(open_)
 
-    def _pop_batch(self, open_: _OpenBatch) -> list[_Item]:
+    def _pop_batch(self, open_: OpenBatch) -> list[Item]:
         """The head of the (non-empty) queue, up to the batch limits; under ``_cond``."""
         items = [self._queue.popleft()]
         size = open_.size + items[0].size
@@ -471,7 +430,7 @@ class SqliteEventLog:
         self._earliest = min((item.ready_at for item in self._queue), default=float("inf"))
         return items
 
-    def _apply_all(self, open_: _OpenBatch, items: list[_Item]) -> None:
+    def _apply_all(self, open_: OpenBatch, items: list[Item]) -> None:
         db = self._wdb
         now = self._clock.time()
         try:
@@ -487,7 +446,7 @@ class SqliteEventLog:
             failed = applied + [i for i in items if not any(i is a for a in applied)]
             self._settle_all(failed, ops.Outcome(error=self._storage_error("could not be written", e)))
 
-    def _commit(self, open_: _OpenBatch) -> None:
+    def _commit(self, open_: OpenBatch) -> None:
         db = self._wdb
         try:
             _call(self._faults.before_commit)
@@ -504,7 +463,7 @@ class SqliteEventLog:
             for _, outcome in answers:
                 for name, value in vars(outcome.counts).items():
                     self._counters[name] += value
-        _settle(answers)
+        settle(answers)
         self._maybe_checkpoint()
 
     def _apply(self, db: sqlite3.Connection, op: ops.StartRun | ops.Append, now: float) -> ops.Outcome:
@@ -560,7 +519,7 @@ class SqliteEventLog:
             with contextlib.suppress(sqlite3.Error):
                 self._wdb.execute("ROLLBACK")
 
-    def _settle_all(self, items: list[_Item], outcome: ops.Outcome) -> None:
+    def _settle_all(self, items: list[Item], outcome: ops.Outcome) -> None:
         answers = []
         for item in items:
             # One exception object per waiter: each gets its own traceback.
@@ -568,7 +527,7 @@ class SqliteEventLog:
             if isinstance(error, SmssError):
                 error = type(error)(error.message)
             answers.append((item, ops.Outcome(error=error)))
-        _settle(answers)
+        settle(answers)
 
     def _storage_error(self, what: str, cause: BaseException) -> StorageUnavailable:
         logger.error("the workflow log %s: %s (%r)", what, self.path, cause)
@@ -600,26 +559,6 @@ _SUMMARY = "SELECT run_id, workflow, session, status, created, updated FROM runs
 def _call(hook: Callable[[], None] | None) -> None:
     if hook is not None:
         hook()
-
-
-def _settle(answers: list[tuple[_Item, ops.Outcome]]) -> None:
-    """Answer the waiters: one wake-up of each event loop for the whole batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, ops.Outcome]]] = {}
-    for item, outcome in answers:
-        by_loop.setdefault(item.loop, []).append((item, outcome))
-    for loop, mine in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody waits
-            loop.call_soon_threadsafe(_answer, mine)
-
-
-def _answer(answers: list[tuple[_Item, ops.Outcome]]) -> None:
-    for item, outcome in answers:
-        if item.future.done():  # the caller was cancelled
-            continue
-        if outcome.error is not None:
-            item.future.set_exception(outcome.error)
-        else:
-            item.future.set_result(outcome.result)
 
 
 if TYPE_CHECKING:  # SqliteEventLog satisfies the port (checked by mypy, never run)
