@@ -92,27 +92,11 @@ def start_run(db: sqlite3.Connection, op: StartRun, now: float) -> Outcome:
 
 
 def append(db: sqlite3.Connection, op: Append, now: float) -> Outcome:
-    if not all(_recorded_as(db, op.run_id, stage, body) for stage, body in op.requires):
-        _known(db, op.run_id)
-        # Computed from a completion that never took effect (or lost to another): void.
-        void = AppendResult(tuple(0 for _ in op.rows), void=True)
-        return Outcome(result=void, counts=Counts(appends=1, voided=1))
-    if op.state is not None and _completion_recorded(db, op):
-        _known(db, op.run_id)
-        # The stage's effect is already recorded (by an earlier attempt or a fenced-off
-        # worker): its state write must not apply a second time. Nothing is written.
-        dropped = len(op.rows)
-        return Outcome(result=AppendResult((0,) * dropped), counts=Counts(appends=1, dropped_completions=1))
-    if op.state is not None:
-        s = op.state
-        row = db.execute(
-            "SELECT version, tensors FROM session_state WHERE workflow = ? AND session = ?",
-            (s.workflow, s.session),
-        ).fetchone()
-        if not _state_is(row, s):  # checked first: nothing of the batch is written
-            _known(db, op.run_id)
-            conflict = AppendResult(tuple(0 for _ in op.rows), state_conflict=True)
-            return Outcome(result=conflict, counts=Counts(appends=1, state_conflicts=1))
+    refused = _refusal(db, op)
+    if refused is not None:  # nothing is written; an unknown run is still told as such
+        if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)).fetchone() is None:
+            raise NotFound(f"unknown run {op.run_id!r}")
+        return refused
     # The first write, and the last check: an unknown run updates no row.
     status = next((r.status for r in reversed(op.rows) if r.status is not None), None)
     cur = db.execute(
@@ -134,9 +118,28 @@ def append(db: sqlite3.Connection, op: Append, now: float) -> Outcome:
     return Outcome(result=AppendResult(tuple(seqs)), counts=counts)
 
 
-def _known(db: sqlite3.Connection, run_id: str) -> None:
-    if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
-        raise NotFound(f"unknown run {run_id!r}")
+def _refusal(db: sqlite3.Connection, op: Append) -> Outcome | None:
+    """Why the append writes nothing, or None: its checks, made before any write."""
+    if not all(_recorded_as(db, op.run_id, stage, body) for stage, body in op.requires):
+        # Computed from a completion that never took effect (or lost to another): void.
+        void = AppendResult(tuple(0 for _ in op.rows), void=True)
+        return Outcome(result=void, counts=Counts(appends=1, voided=1))
+    if op.state is None:
+        return None
+    if _completion_recorded(db, op):
+        # The stage's effect is already recorded (by an earlier attempt or a fenced-off
+        # worker): its state write must not apply a second time.
+        dropped = len(op.rows)
+        return Outcome(result=AppendResult((0,) * dropped), counts=Counts(appends=1, dropped_completions=1))
+    s = op.state
+    row = db.execute(
+        "SELECT version, tensors FROM session_state WHERE workflow = ? AND session = ?",
+        (s.workflow, s.session),
+    ).fetchone()
+    if not _state_is(row, s):
+        conflict = AppendResult(tuple(0 for _ in op.rows), state_conflict=True)
+        return Outcome(result=conflict, counts=Counts(appends=1, state_conflicts=1))
+    return None
 
 
 def _state_is(row: tuple[int, bytes] | None, write: StateWrite) -> bool:

@@ -262,7 +262,7 @@ class SqliteEventLog:
             if ready_at < self._earliest:  # the writer's wait must end sooner: tell it
                 self._earliest = ready_at
                 self._cond.notify()
-            help_ = lazy and ready_at > now and not self._helping
+            help_ = lazy and not self._helping
             self._helping = self._helping or help_
         if help_:
             # Two iterations on: one lets the task that made the request reach its next

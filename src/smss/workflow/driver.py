@@ -188,7 +188,7 @@ class Driver:
         if self._alarm.done():
             raise _Diverged
         running = self._calls.keys() | self._waiting.keys() | {p.stage.name for p in self._ready}
-        steps = next_steps(run.view, run.spec, running=running, deps=run.plan.deps)
+        steps = next_steps(run.view, run.spec, running=running)
         if steps.complete is not None or steps.fail is not None:
             await self._stop_all(discard=False)  # a failed run's other branches stop
             end: RunCompleted | RunFailed

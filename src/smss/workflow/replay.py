@@ -11,7 +11,7 @@ dispatched again with the next attempt number.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 
 from smss.errors import StorageUnavailable
@@ -107,27 +107,19 @@ class Steps:
     fail: StageFailed | None = None
 
 
-def next_steps(
-    view: RunView,
-    spec: WorkflowSpec,
-    running: Set[str] = frozenset(),
-    deps: Mapping[str, Set[str]] | None = None,
-) -> Steps:
-    """What the run should do now; ``running`` are stages this process is executing;
-    ``deps``: ``dependencies(spec)``, when the caller has it already."""
+def next_steps(view: RunView, spec: WorkflowSpec, running: Set[str] = frozenset()) -> Steps:
+    """What the run should do now; ``running`` are stages this process is executing."""
     if view.terminal is not None:
         return Steps()
+    by_name = {s.name: s for s in spec.stages}
     for name, progress in view.stages.items():
-        if progress.completed is not None or not progress.failures:
-            continue
-        stage = next((s for s in spec.stages if s.name == name), None)
-        if stage is None:
+        stage = by_name.get(name)
+        if stage is None or progress.completed is not None or not progress.failures:
             continue
         last = progress.failures[-1]
         if not last.retryable or len(progress.failures) > stage.retries:
             return Steps(fail=last)
-    if deps is None:
-        deps = dependencies(spec)
+    deps = dependencies(spec)
     done = {n for n, p in view.stages.items() if p.completed is not None}
     if len(done) >= len(spec.stages) and all(s.name in done for s in spec.stages):
         outputs = {}
