@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -56,6 +55,7 @@ from smss.workflow.events import (
     RunStarted,
     StageCompleted,
 )
+from smss.workflow.ids import new_run_id
 from smss.workflow.replay import RunView, apply, replay
 from smss.workflow.sessions import SessionLocks, SessionStates
 from smss.workflow.spec import WorkflowSpec, dependencies, spec_hash, topological_order
@@ -173,7 +173,7 @@ class Engine:
         _check_inputs(spec, inputs)
         refs, blobs = to_blobs(inputs)
         started = RunStarted(workflow, spec_hash(spec), session, refs, idempotency_key)
-        run_id = uuid.uuid4().hex
+        run_id = new_run_id(self._shared.clock.time())
         if wait and idempotency_key is None:
             # Nothing to decide from the log: drive the run while its start is committed.
             # Every later append of the run is queued behind it, and the outputs are
@@ -258,7 +258,7 @@ class Engine:
         started = RunStarted(
             old.started.workflow, spec_hash(spec), old.started.session, old.started.inputs, None, run_id
         )
-        new_id, _ = await self._log.start_run(uuid.uuid4().hex, started, {})
+        new_id, _ = await self._log.start_run(new_run_id(self._shared.clock.time()), started, {})
         if copied:
             await self._log.append(new_id, copied)
         run = self._adopt(replay(self._log.read_run(new_id)), spec)
