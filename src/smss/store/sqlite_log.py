@@ -150,6 +150,8 @@ class SqliteEventLog:
         self._checkpoint_bytes = checkpoint_bytes
         self._lazy_delay_s = lazy_delay_s
         self._earliest = float("inf")  # the earliest ``ready_at`` in the queue
+        #: When the writer's wait ends (inf: when notified); -inf while it is awake.
+        self._wake_at = -float("inf")
         self._cond = threading.Condition()
         self._queue: collections.deque[Item] = collections.deque()
         self._closing = False
@@ -259,8 +261,10 @@ class SqliteEventLog:
             if self._closing:
                 raise StorageUnavailable("the workflow log is closed")
             self._queue.append(Item(op, size, loop, future, due, ready_at))
-            if ready_at < self._earliest:  # the writer's wait must end sooner: tell it
-                self._earliest = ready_at
+            self._earliest = min(self._earliest, ready_at)
+            # A lazy request is applied by this loop soon (below): the writer need only
+            # be up by its ``due``. Woken only when its wait must end sooner than planned.
+            if (due if lazy else ready_at) < self._wake_at:
                 self._cond.notify()
             help_ = lazy and not self._helping
             self._helping = self._helping or help_
@@ -289,7 +293,10 @@ class SqliteEventLog:
                 items = self._pop_batch(self._open)
             self._apply_all(self._open, items)
             with self._cond:
-                self._cond.notify()  # the open transaction may be due sooner now
+                # What the batch limits left queued, or a transaction due sooner than
+                # the writer plans to wake, is the writer's to do.
+                if self._queue or self._open.due < self._wake_at:
+                    self._cond.notify()
         finally:
             self._db_lock.release()
 
@@ -413,7 +420,9 @@ class SqliteEventLog:
                 if not self._queue and not open_.items and self._closing:
                     return None
                 wake = min(self._earliest if self._queue else float("inf"), open_.due)
+                self._wake_at = wake
                 self._cond.wait(None if wake == float("inf") else max(0.0, wake - now))
+                self._wake_at = -float("inf")  # awake: it looks at the queue before it waits again
             return self._pop_batch(open_)
 
     def _pop_batch(self, open_: OpenBatch) -> list[Item]:
