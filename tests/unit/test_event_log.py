@@ -1080,6 +1080,60 @@ def test_requests_keep_their_order_wherever_they_are_applied(
         assert stages == [f"s{i}" for i in range(120)]
 
 
+class _PausingLock:
+    """The log's connection lock, which can hold the writer thread at its next
+    ``with`` until released: the moment between deciding to apply and applying."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.armed = False
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return bool(self.inner.acquire(blocking, timeout))
+
+    def release(self) -> None:
+        self.inner.release()
+
+    def __enter__(self) -> _PausingLock:
+        if self.armed and threading.current_thread().name == "smss-log-writer":
+            self.armed = False
+            self.paused.set()
+            self.resume.wait(10)
+        self.inner.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.release()
+
+
+def test_a_request_the_writer_is_about_to_apply_is_not_overtaken_by_a_later_one(
+    open_log: Callable[..., SqliteEventLog],
+) -> None:
+    """The writer takes a lazy request its caller's loop was too busy to apply; a
+    request made after it, applied by that loop while the writer waits for the
+    connection, must still come after it in the log."""
+    log = open_log(lazy_delay_s=60.0)
+    lock = _PausingLock(log._db_lock)
+    log._db_lock = lock  # type: ignore[assignment]
+
+    async def scenario() -> None:
+        await log.start_run("r1", started(), {})
+        lock.armed = True
+        first = log.append("r1", [StageScheduled("first", 1)], lazy=True)
+        assert lock.paused.wait(10)  # the loop is busy: the writer came for it instead
+        second = log.append("r1", [StageScheduled("second", 1)], lazy=True)
+        for _ in range(5):  # the loop's own apply gets its turn now
+            await asyncio.sleep(0)
+        lock.resume.set()
+        await asyncio.gather(first, second, log.append("r1", [StageScheduled("third", 1)]))
+
+    run(scenario())
+    stages = [r.event.stage for r in log.read_run("r1")[1:]]  # type: ignore[union-attr]
+    assert stages == ["first", "second", "third"]
+
+
 def test_an_error_after_a_request_began_writing_loses_its_whole_batch(
     open_log: Callable[..., SqliteEventLog], tmp_path: Path
 ) -> None:

@@ -281,7 +281,8 @@ class SqliteEventLog:
         where it needs no hand-off of the GIL to the writer thread, whose own Python
         work between SQLite calls would otherwise compete with the loop's. Skipped when
         the writer holds the connection (it applies them itself, when they are ready).
-        Requests stay in order: this takes them from the head of the queue."""
+        Requests stay in order: whoever holds the connection takes them from the head of
+        the queue, the writer too."""
         with self._cond:
             self._helping = False
         if not self._db_lock.acquire(blocking=False):
@@ -383,8 +384,11 @@ class SqliteEventLog:
         their callers waited leave only the COMMIT on the path of the one that is due."""
         open_ = self._open
         try:
-            while (items := self._take(open_)) is not None:
+            while (apply := self._wait(open_)) is not None:
                 with self._db_lock:
+                    # Taken only now, holding the connection: a caller's loop that applies
+                    # later requests meanwhile (``_apply_on_loop``) cannot overtake these.
+                    items = self._pop_ready(open_) if apply else []
                     if self._failure is not None:
                         self._settle_all(
                             [*open_.take(), *items], ops.Outcome(error=StorageUnavailable(self._failure))
@@ -400,30 +404,36 @@ class SqliteEventLog:
             with self._db_lock:
                 self._rollback()
                 self._settle_all(open_.take(), ops.Outcome(error=StorageUnavailable(self._failure or "")))
-            while (items := self._take(open_)) is not None:
-                self._settle_all(items, ops.Outcome(error=StorageUnavailable(self._failure or "")))
+            while self._wait(open_) is not None:
+                failed = ops.Outcome(error=StorageUnavailable(self._failure or ""))
+                self._settle_all(self._pop_ready(open_), failed)
         finally:
             self._wal_index.close()
             with self._db_lock, contextlib.suppress(sqlite3.Error):
                 self._wdb.close()
 
-    def _take(self, open_: OpenBatch) -> list[Item] | None:
-        """The queued requests (up to the batch limits) once one of them is ready to be
-        applied, or [] once the open transaction is due; None once closing and drained."""
+    def _wait(self, open_: OpenBatch) -> bool | None:
+        """Wait until there is work: True once a queued request is ready to be applied,
+        False once the open transaction is due; None once closing and drained."""
         with self._cond:
             while True:
                 now = time.monotonic()
                 if self._queue and (self._closing or self._earliest <= now or open_.full()):
-                    break
+                    return True
                 if open_.items and (open_.due <= now or self._closing):
-                    return []
+                    return False
                 if not self._queue and not open_.items and self._closing:
                     return None
                 wake = min(self._earliest if self._queue else float("inf"), open_.due)
                 self._wake_at = wake
                 self._cond.wait(None if wake == float("inf") else max(0.0, wake - now))
                 self._wake_at = -float("inf")  # awake: it looks at the queue before it waits again
-            return self._pop_batch(open_)
+
+    def _pop_ready(self, open_: OpenBatch) -> list[Item]:
+        """What is queued now, up to the batch limits (perhaps nothing: a caller's loop
+        may have applied it)."""
+        with self._cond:
+            return self._pop_batch(open_) if self._queue else []
 
     def _pop_batch(self, open_: OpenBatch) -> list[Item]:
         """The head of the (non-empty) queue, up to the batch limits; under ``_cond``."""
