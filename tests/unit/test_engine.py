@@ -176,6 +176,42 @@ def test_a_crashed_engine_resumes_without_rerunning_completed_stages() -> None:
     asyncio.run(main())
 
 
+def test_a_wait_that_times_out_answers_running_and_the_run_goes_on() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        caller.gate["inc"] = asyncio.Event()  # b holds until released
+        async with engine(log, caller).running() as e:
+            outcome = await e.submit("chain", {"x": X}, timeout_s=0.01)
+            assert outcome.status == "running"
+            caller.gate["inc"].set()
+            await eventually(lambda: log.run_summary(outcome.run_id).status == "completed")  # type: ignore[union-attr]
+        assert completions(log, outcome.run_id) == {"a": 1, "b": 1, "c": 1}
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_goes_away_leaves_the_run_and_its_other_callers_alone() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        caller.gate["inc"] = asyncio.Event()
+        async with engine(log, caller).running() as e:
+            leaving = asyncio.ensure_future(e.submit("chain", {"x": X}, idempotency_key="k"))
+            await eventually(lambda: caller.calls["inc"] == 1)
+            staying = asyncio.ensure_future(e.submit("chain", {"x": X}, idempotency_key="k"))
+            for _ in range(10):  # the second caller now waits for the same run
+                await asyncio.sleep(0)
+            leaving.cancel()
+            caller.gate["inc"].set()
+            outcome = await staying
+        assert leaving.cancelled()
+        assert outcome.status == "completed"
+        assert outcome.outputs is not None
+        np.testing.assert_array_equal(outcome.outputs["out"], X * 2 + 1)
+        assert completions(log, outcome.run_id) == {"a": 1, "b": 1, "c": 1}
+
+    asyncio.run(main())
+
+
 def test_a_second_completion_of_a_stage_is_dropped() -> None:
     async def main() -> None:
         log = MemoryEventLog()

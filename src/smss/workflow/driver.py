@@ -91,11 +91,14 @@ class Plan:
 class Run:
     view: RunView
     plan: Plan
-    done: asyncio.Future[RunOutcome]
     #: Tensors by blob ref that this process holds (inputs, outputs, state).
     blobs: dict[str, np.ndarray] = field(default_factory=dict)
     #: Appends not yet known durable; the run's end waits for all of them.
     pending: list[asyncio.Future[Any]] = field(default_factory=list)
+    #: How the run ended here (or the error that stopped it); None while it runs.
+    outcome: RunOutcome | BaseException | None = None
+    #: Callers waiting for the outcome (``None`` tells one its wait timed out).
+    waiters: set[asyncio.Future[RunOutcome | None]] = field(default_factory=set)
 
     @property
     def spec(self) -> WorkflowSpec:
@@ -104,6 +107,27 @@ class Run:
     @property
     def run_id(self) -> str:
         return self.view.run_id
+
+    def finish(self, outcome: RunOutcome | BaseException) -> None:
+        """The run's outcome, or the error that stopped it; the first one stands, and
+        every waiter has it at once."""
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        for waiter in self.waiters:
+            if waiter.done():
+                continue
+            if isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+            else:
+                waiter.set_result(outcome)
+
+    def result(self) -> RunOutcome:
+        """The outcome of a finished run; raises the error that stopped it."""
+        assert self.outcome is not None, "the run has not finished"
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
 
 
 @dataclass
@@ -179,8 +203,7 @@ class Driver:
             await asyncio.gather(*run.pending, return_exceptions=True)
             # A run that cannot continue (the log failed) stops; the engine and other runs go on.
             log.error("run %s stopped: %s", run.run_id, e, exc_info=not isinstance(e, SmssError))
-            if not run.done.done():
-                run.done.set_exception(e if isinstance(e, SmssError) else StorageUnavailable(str(e)))
+            run.finish(e if isinstance(e, SmssError) else StorageUnavailable(str(e)))
 
     async def _round(self) -> bool:
         """One decision and what follows from it; True once the run has ended."""
@@ -203,8 +226,8 @@ class Driver:
             if not await self._settle():
                 raise _Diverged
             apply(run.view, end)
-            if not run.done.done():
-                run.done.set_result(outcome_of(run.view, run.blobs, self._s.log))
+            if run.outcome is None:
+                run.finish(outcome_of(run.view, run.blobs, self._s.log))
             return True
         for d in steps.dispatch:
             self._dispatch(d)
@@ -416,8 +439,8 @@ class Driver:
         returned future has the append's answer; the run's end waits for it."""
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
-        answer.add_done_callback(self._watch)
-        self._run.pending.append(answer)
+        # The alarm of the view it was computed from: one rebuilt since is not its concern.
+        answer.add_done_callback(functools.partial(_watch, alarm=self._alarm))
         if not self._later:
             loop.call_soon(self._make_later)
         self._later.append((make, answer))
@@ -430,8 +453,12 @@ class Driver:
                 made = asyncio.ensure_future(make())
             except Exception as e:  # the log refused it at once (failed or closed)
                 answer.set_exception(e)
+                self._run.pending.append(answer)
                 continue
             made.add_done_callback(functools.partial(_forward, answer=answer))
+            # The run's end waits on the log's own future: answered with the commit,
+            # not one loop iteration later through ``_forward``.
+            self._run.pending.append(made)
 
     def _requires(self, events: list[Event]) -> list[StageCompleted]:
         """The completions these events were computed from, beyond those they carry."""
@@ -452,26 +479,24 @@ class Driver:
             out.append(completed)
         return out
 
-    def _watch(self, future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
-            return
-        error = future.exception()
-        result = None if error is not None else future.result()
-        if (
-            error is not None or (isinstance(result, AppendResult) and not result.clean)
-        ) and not self._alarm.done():
-            self._alarm.set_result(None)
-
     async def _settle(self) -> bool:
         """Wait for every queued append; whether all were written as asked. A storage
         failure raises."""
         self._make_later()
         pending, self._run.pending = self._run.pending, []
-        results = await asyncio.gather(*pending, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return all(r.clean for r in results if isinstance(r, AppendResult))
+        clean, error = True, None
+        # One by one, not gathered: one commit answers them together, so this task wakes
+        # once, for the first, and finds the others answered.
+        for made in pending:
+            try:
+                result = await made
+            except Exception as e:
+                error = error or e
+                continue
+            clean = clean and (not isinstance(result, AppendResult) or result.clean)
+        if error is not None:
+            raise error
+        return clean
 
     async def _resync(self) -> None:
         run = self._run
@@ -529,6 +554,16 @@ class Driver:
 
     def _load(self, refs: dict[str, str]) -> dict[str, np.ndarray]:
         return load(refs, self._run.blobs, self._s.log)
+
+
+def _watch(future: asyncio.Future[Any], alarm: asyncio.Future[None]) -> None:
+    """Raise ``alarm`` when an append failed or was refused."""
+    if future.cancelled():
+        return
+    error = future.exception()
+    result = None if error is not None else future.result()
+    if (error is not None or (isinstance(result, AppendResult) and not result.clean)) and not alarm.done():
+        alarm.set_result(None)
 
 
 def _forward(made: asyncio.Future[Any], answer: asyncio.Future[Any]) -> None:

@@ -94,8 +94,7 @@ class Engine:
                 yield self
             finally:
                 for run in self._runs.values():
-                    if not run.done.done():
-                        run.done.set_result(RunOutcome(run.run_id, "running"))
+                    run.finish(RunOutcome(run.run_id, "running"))
                 for task in list(self._tasks):
                     task.cancel()
         self._group = None
@@ -129,7 +128,7 @@ class Engine:
         start, which the driver's first records queue behind."""
         if self._group is None:
             raise StorageUnavailable("the workflow engine is not running")
-        run = Run(view, self._plan(spec), asyncio.get_running_loop().create_future())
+        run = Run(view, self._plan(spec))
         driver = Driver(self._shared, run)
         self._runs[view.run_id] = run
         task = self._group.create_task(self._drive(driver, run))
@@ -204,11 +203,19 @@ class Engine:
         return outcome_of(view, {}, self._log)
 
     async def _await(self, run: Run, timeout_s: float) -> RunOutcome:
-        # asyncio.wait neither cancels the run when the caller goes away nor wraps it.
-        await asyncio.wait((run.done,), timeout=timeout_s)
-        if not run.done.done():
-            return RunOutcome(run.view.run_id, "running")
-        return run.done.result()
+        if run.outcome is not None:
+            return run.result()
+        # A future of this caller's own: when it goes away, only this is cancelled.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[RunOutcome | None] = loop.create_future()
+        run.waiters.add(waiter)
+        timer = loop.call_later(timeout_s, _resolve, waiter, None)
+        try:
+            outcome = await waiter
+        finally:
+            timer.cancel()
+            run.waiters.discard(waiter)
+        return outcome if outcome is not None else RunOutcome(run.view.run_id, "running")
 
     def outcome(self, records: list[Record]) -> RunOutcome:
         """A run's outcome as its log tells it (outputs read back from blobs)."""
@@ -291,6 +298,11 @@ class Engine:
             values.update({f"{name}.{k}": v for k, v in result.outputs.items()})
         outputs = {k: values[src] for k, src in spec.outputs.items()}
         return RunOutcome("direct", "completed", outputs)
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _check_inputs(spec: WorkflowSpec, inputs: Mapping[str, np.ndarray]) -> None:
