@@ -152,10 +152,10 @@ def measure_recovery(data: Path, runs: int = 100) -> dict[str, Any]:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             # One cheap request a poll (reading 100 runs' logs each time would add its own
             # seconds to the figure); each run's status is read once they are all done.
-            deadline = time.monotonic() + 300
+            interrupted_ids, deadline = set(ids), time.monotonic() + 300
             while time.monotonic() < deadline:
                 listed = http.get("/v1/runs", params={"status": "running", "limit": 1000}).json()["runs"]
-                if not {r["run_id"] for r in listed} & set(ids):
+                if not {r["run_id"] for r in listed} & interrupted_ids:
                     break
                 time.sleep(0.02)
             recovery = time.perf_counter() - t0
