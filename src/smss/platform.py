@@ -18,6 +18,7 @@ import numpy as np
 
 from smss.control.controller import Controller, FunctionRuntime
 from smss.errors import Conflict, NotFound
+from smss.inventory import DeviceReport
 from smss.ports import Clock, ClusterBackend, EventLog, FunctionRecord, RegistryStore, Tensors
 from smss.spec import FunctionSpec
 from smss.store.artifacts import ArtifactStore
@@ -119,6 +120,10 @@ class Platform:
     ) -> dict[str, np.ndarray]:
         deadline = self._clock.monotonic() + timeout_s
         return await runtime.dispatcher.infer(inputs, outputs, deadline)
+
+    def devices(self) -> list[DeviceReport]:
+        """Every node's devices: capacity, what is allocated and what is placed there."""
+        return self.controller.devices()
 
     def status(self) -> list[FunctionStatus]:
         out = []

@@ -27,6 +27,7 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
+from smss.inventory import Allocation, NodeInventory
 from smss.spec import FunctionSpec
 from smss.workflow.events import (
     Event,
@@ -153,6 +154,15 @@ class ClusterBackend(Protocol):
     def set_exit_callback(self, callback: ExitCallback) -> None: ...
 
     def nodes(self) -> list[str]: ...
+
+    def inventory(self) -> list[NodeInventory]:
+        """Each node's devices and their capacity, as its agent discovered them."""
+        ...
+
+    def resident(self) -> list[Allocation]:
+        """What each node keeps resident for functions whether or not an instance
+        runs (weight segments, templates, spares), as allocations of host memory."""
+        ...
 
     def weight_cache(self) -> dict[str, object]:
         """What each node's weight store holds: entries, bytes, budget, hits, misses, evictions, models."""

@@ -37,6 +37,8 @@ from typing import Literal
 import msgspec
 
 from smss.errors import StartFailed
+from smss.inventory import Allocation, NodeInventory
+from smss.node.devices import discover
 from smss.node.weightstore import WeightStore
 from smss.node.worker import Ready, WorkerConfig, process_alive
 from smss.node.zygotes import ZygotePool, watch_exit
@@ -76,7 +78,9 @@ class LocalBackend:
         weight_budget_bytes: int | None = None,
         mode: StartMode = "fork",
         spares: bool = True,
+        inventory: NodeInventory | None = None,
     ) -> None:
+        self._inventory = inventory or discover(NODE)
         self._log_dir = log_dir
         self._log_dir.mkdir(parents=True, exist_ok=True)
         # Unix socket paths are limited to ~107 bytes, so they live in a short tmp dir.
@@ -100,6 +104,12 @@ class LocalBackend:
 
     def nodes(self) -> list[str]:
         return [NODE]
+
+    def inventory(self) -> list[NodeInventory]:
+        return [self._inventory]
+
+    def resident(self) -> list[Allocation]:
+        return []
 
     def pids(self) -> dict[str, int]:
         return {iid: inst.info.pid for iid, inst in self._instances.items()}

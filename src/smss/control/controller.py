@@ -28,6 +28,7 @@ from smss.control.keepalive import KeepAlivePolicy
 from smss.control.metering import Meter
 from smss.control.scaling import FunctionView, plan
 from smss.errors import InstanceLost, NotFound, StartFailed
+from smss.inventory import Capacity, DeviceReport
 from smss.ports import (
     ChannelFactory,
     Clock,
@@ -142,6 +143,25 @@ class Controller:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def devices(self) -> list[DeviceReport]:
+        """Every node's devices with what is allocated on each (placeholder: none yet)."""
+        return [
+            DeviceReport(
+                inv.node,
+                d.kind,
+                d.index,
+                d.name,
+                d.capacity,
+                d.total,
+                d.reserved,
+                Capacity(),
+                (),
+                d.free_memory_mb,
+            )
+            for inv in self._backend.inventory()
+            for d in inv.devices
+        ]
 
     # ------------------------------------------------------------ loop
 

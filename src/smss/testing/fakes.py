@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from smss.errors import InstanceLost, SmssError, StartFailed
+from smss.inventory import Allocation, Capacity, Device, NodeInventory
 from smss.ports import (
     Clock,
     ExitCallback,
@@ -63,6 +64,7 @@ class FakeBackend:
     def __init__(self, clock: Clock | None = None, nodes: tuple[str, ...] = ("local",)) -> None:
         self._clock = clock
         self._nodes = list(nodes)
+        self._inventories: dict[str, NodeInventory] = {}
         self._ids = itertools.count(1)
         self._failures: list[str] = []
         self._on_exit: ExitCallback = lambda _id, _code: None
@@ -119,6 +121,12 @@ class FakeBackend:
     def nodes(self) -> list[str]:
         return list(self._nodes)
 
+    def inventory(self) -> list[NodeInventory]:
+        return [self._inventories.get(n) or _default_inventory(n) for n in self._nodes]
+
+    def resident(self) -> list[Allocation]:
+        return []
+
     def weight_cache(self) -> dict[str, object]:
         return {node: {"models": sorted(self.cached)} for node in self._nodes}
 
@@ -132,6 +140,11 @@ class FakeBackend:
         self.closed = True
         for instance_id in list(self.running):
             await self.stop_instance(instance_id, 0.0)
+
+
+def _default_inventory(node: str, cpu: float = 64.0, memory_mb: int = 256 * 1024) -> NodeInventory:
+    cap = Capacity(cpu=cpu, memory_mb=memory_mb)
+    return NodeInventory(node, (Device("cpu", 0, "cpu", cap, cap),))
 
 
 # ---------------------------------------------------------------- channels
