@@ -79,6 +79,7 @@ class Platform:
 
     async def deploy(self, spec: FunctionSpec, source: str, weights_sha256: str | None) -> FunctionRecord:
         spec = spec.validate()
+        self.controller.check_fits(spec)
         if self.workflows.find(spec.name) is not None:
             raise Conflict(f"{spec.name!r} is already the name of a workflow")
         async with self._deploy_lock:

@@ -18,6 +18,8 @@ Metrics                   ``api.metrics.PrometheusMetrics``      ``testing.NullM
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -43,12 +45,21 @@ Tensors = Mapping[str, np.ndarray]
 
 
 class Clock(Protocol):
-    """Time for decisions. ``monotonic`` orders leases and timeouts; ``time``
-    (wall clock) is only for humans reading logs and reports."""
+    """Time for decisions and for waiting. ``monotonic`` orders leases and timeouts;
+    ``time`` (wall clock) is only for humans reading logs and reports. ``sleep`` and
+    ``timeout`` wait on the same time as ``monotonic``, so code that waits through
+    them runs on a virtual clock in tests (``testing.FakeClock(autojump=True)``)."""
 
     def monotonic(self) -> float: ...
 
     def time(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+    def timeout(self, seconds: float) -> contextlib.AbstractAsyncContextManager[object]:
+        """Like :func:`asyncio.timeout`: the block is cancelled after ``seconds`` and
+        :class:`TimeoutError` raised from it."""
+        ...
 
 
 class SystemClock:
@@ -57,6 +68,12 @@ class SystemClock:
 
     def time(self) -> float:
         return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def timeout(self, seconds: float) -> contextlib.AbstractAsyncContextManager[object]:
+        return asyncio.timeout(seconds)
 
 
 # ---------------------------------------------------------------- registry
@@ -142,12 +159,18 @@ class ClusterBackend(Protocol):
     this machine; a Ray backend asks node agents running as actors.
 
     ``start_instance`` returns once the instance is ready to serve, or raises
-    :class:`smss.errors.StartFailed` with the reason (a load error, a timeout).
+    :class:`smss.errors.StartFailed` with the reason (a load error, a timeout);
+    any other exception it raises is a failed start too.
     ``on_exit`` fires once per instance that exits for any reason other than
     ``stop_instance``; it may be called from the event loop only.
     """
 
-    async def start_instance(self, spec: FunctionSpec, artifact_dir: Path) -> StartedInstance: ...
+    async def start_instance(
+        self, spec: FunctionSpec, artifact_dir: Path, where: Allocation | None = None
+    ) -> StartedInstance:
+        """``where``: the placement's allocation (node, CPU share, CUDA device and
+        share); None lets the backend choose (its first node, CPU only)."""
+        ...
 
     async def stop_instance(self, instance_id: str, grace_s: float) -> None: ...
 

@@ -34,8 +34,8 @@ from smss.testing.clock import FakeClock
 from smss.testing.fakes import FakeChannel
 
 T = TypeVar("T")
-SHORT = 0.005  # a real deadline that is meant to pass
-LONG = 5.0  # a real deadline that is never meant to pass
+SHORT = 0.005  # a deadline (virtual time) that is meant to pass
+LONG = 1e6  # a deadline (virtual time) that is never meant to pass
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -70,7 +70,7 @@ class Harness:
     def __init__(
         self, concurrency: int = 1, idempotent: bool = True, queue_limit: int = 256, seed: int = 0
     ) -> None:
-        self.clock = FakeClock()
+        self.clock = FakeClock(autojump=True)
         self.demands = 0
         self.d = FunctionDispatcher(
             make_spec(concurrency, idempotent),

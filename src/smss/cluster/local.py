@@ -37,8 +37,9 @@ from typing import Literal
 import msgspec
 
 from smss.errors import StartFailed
-from smss.inventory import Allocation, NodeInventory
+from smss.inventory import Allocation, AllocationKind, Capacity, NodeInventory
 from smss.node.devices import discover
+from smss.node.memory import PssCache, children
 from smss.node.weightstore import WeightStore
 from smss.node.worker import Ready, WorkerConfig, process_alive
 from smss.node.zygotes import ZygotePool, watch_exit
@@ -98,6 +99,7 @@ class LocalBackend:
         self._store_misses = asyncio.Lock()
         self._instances: dict[str, _Instance] = {}
         self._on_exit: ExitCallback = lambda _id, _code: None
+        self._pss = PssCache()
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._on_exit = callback
@@ -109,7 +111,19 @@ class LocalBackend:
         return [self._inventory]
 
     def resident(self) -> list[Allocation]:
-        return []
+        """Weight segments (their size), templates and spares (their PSS), as
+        allocations of host memory on this node."""
+        out = []
+        for key in list(self.store.keys()):
+            seg = self.store.get(key)
+            if seg is not None:
+                out.append(_resident(f"weights:{key}", key, "weights", seg.size))
+        instance_pids = {inst.info.pid for inst in self._instances.values()}
+        for t in self.zygotes.templates():
+            out.append(_resident(f"template:{t.key}", t.key, "template", self._pss.get(t.pid) or 0))
+            for k, child in enumerate(c for c in children(t.pid) if c not in instance_pids):
+                out.append(_resident(f"spare:{t.key}:{k}", t.key, "spare", self._pss.get(child) or 0))
+        return out
 
     def pids(self) -> dict[str, int]:
         return {iid: inst.info.pid for iid, inst in self._instances.items()}
@@ -138,14 +152,21 @@ class LocalBackend:
 
     # ------------------------------------------------------------ start
 
-    async def start_instance(self, spec: FunctionSpec, artifact_dir: Path) -> StartedInstance:
+    async def start_instance(
+        self, spec: FunctionSpec, artifact_dir: Path, where: Allocation | None = None
+    ) -> StartedInstance:
+        if where is not None and where.node != NODE:
+            raise StartFailed(f"this node is {NODE!r}, not {where.node!r}")
+        if where is not None and where.gpu_index is not None:
+            raise StartFailed("the local backend starts CPU instances only")
         instance_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
+        cpu = where.cpu.cpu if where is not None else spec.resources.cpu
         config = WorkerConfig(
             instance_id=instance_id,
             spec=spec,
             artifact_dir=str(artifact_dir),
             socket_path=str(self._run_dir / f"{instance_id}.sock"),
-            threads=max(1, int(spec.resources.cpu)),
+            threads=max(1, int(cpu)),
         )
         if self.mode == "exec":
             return await self._start_exec(config)
@@ -301,6 +322,11 @@ class LocalBackend:
         await self.zygotes.close()
         self.store.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
+
+
+def _resident(alloc_id: str, key: str, kind: AllocationKind, size: int) -> Allocation:
+    function = key.partition("@")[0]
+    return Allocation(alloc_id, function, kind, NODE, Capacity(memory_mb=-(-size // (1 << 20))))
 
 
 def reap_orphans(tmp: Path | None = None, shm: Path = Path("/dev/shm")) -> list[str]:

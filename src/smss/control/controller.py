@@ -1,34 +1,52 @@
 """The controller: reconciles desired and running instances of every function.
 
-Each tick (or at once when a request finds no free instance) it asks each
-function's autoscaler and the keep-alive policy for a :class:`ScalePlan` and
-applies it through the :class:`ClusterBackend`. Starts and stops run as tasks
-in the controller's own task group, so none outlives it. Guarantees:
+Each tick (or at once when a request finds no free instance) it builds the
+cluster's state (:class:`~smss.control.placement.ClusterState`: every node's
+devices, every instance placed or starting, everything kept resident), asks
+:func:`~smss.control.reconcile.reconcile` for each function's
+:class:`~smss.control.reconcile.Commands` and applies them through the
+:class:`ClusterBackend`. The simulator applies the same commands to its virtual
+cluster. Starts and stops run as tasks in the controller's own task group, so none
+outlives it. Guarantees:
 
-* a failed start is retried with exponential back-off (0.5 s doubling to 30 s);
-  waiting requests get 503 naming the model instead of hanging;
-* an instance that exits unexpectedly is dropped at once (its in-flight
-  requests are retried by the dispatcher) and replaced on the next demand;
+* an instance is placed before it starts and never over-commits a device; a start
+  that fits nowhere now waits (its requests stay queued until their deadline) and
+  is tried again each tick; one that can never fit fails its requests with 503
+  naming the resource;
+* a failed start, whatever the reason (a load error, a weights file gone, a full
+  ``/dev/shm``, a template that crashed), is that function's failure: it is retried
+  with exponential back-off (0.5 s doubling to 30 s) and waiting requests get 503
+  naming the model; no exception of a start, a stop or a reconcile ends the
+  controller;
+* an instance that exits unexpectedly is dropped at once (its in-flight requests
+  are retried by the dispatcher) and replaced on the next demand;
 * ``close`` drains every instance within the grace period and stops them.
+
+Waiting goes through the :class:`Clock` port, so tests run the loop on a virtual
+clock (``FakeClock(autojump=True)``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from smss.config import ServingSettings
 from smss.control.autoscaler import Autoscaler, AutoscalerConfig
 from smss.control.dispatcher import DispatchHooks, FunctionDispatcher
 from smss.control.keepalive import KeepAlivePolicy
 from smss.control.metering import Meter
-from smss.control.scaling import FunctionView, plan
-from smss.errors import InstanceLost, NotFound, StartFailed
-from smss.inventory import Capacity, DeviceReport
+from smss.control.placement import ClusterState, Locality, NoFit, Placement, need_of
+from smss.control.reconcile import Commands, Observed, Policies, reconcile
+from smss.errors import InstanceLost, InvalidSpec, NotFound, StartFailed
+from smss.inventory import Allocation, DeviceReport
 from smss.ports import (
     ChannelFactory,
     Clock,
@@ -38,10 +56,13 @@ from smss.ports import (
     InstanceInfo,
     Metrics,
 )
+from smss.spec import FunctionSpec
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+#: Locality ranks of a node for a function: its template (and weights) there, its weights only.
+TEMPLATE_RANK, WEIGHTS_RANK = 2, 1
 
 
 @dataclass
@@ -54,10 +75,22 @@ class FunctionRuntime:
     prewarms: int = 0
     start_estimate_s: float = 1.0
     stopping: set[str] = field(default_factory=set)
+    #: Where each instance runs, by instance id (a start in progress by its start id).
+    placed: dict[str, Allocation] = field(default_factory=dict)
+    prewarmed_for: float = -math.inf
+    #: Starts the last reconcile wanted that fit nowhere, and why.
+    waiting_for_capacity: int = 0
+    no_fit: NoFit | None = None
 
     @property
     def name(self) -> str:
         return self.record.spec.name
+
+    def policies(self, keep_alive: KeepAlivePolicy) -> Policies:
+        spec = self.record.spec
+        return Policies(
+            spec.scaling, need_of(spec.resources), self.autoscaler, keep_alive, self.start_estimate_s
+        )
 
 
 def autoscaler_for(record: FunctionRecord) -> Autoscaler:
@@ -93,6 +126,8 @@ class Controller:
         self._functions: dict[str, FunctionRuntime] = {}
         self._wake = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
+        self._start_ids = itertools.count(1)
+        self._wakeups: set[asyncio.Task[None]] = set()
         backend.set_exit_callback(self._on_exit)
 
     # ------------------------------------------------------------ registry view
@@ -105,6 +140,12 @@ class Controller:
 
     def functions(self) -> list[FunctionRuntime]:
         return list(self._functions.values())
+
+    def check_fits(self, spec: FunctionSpec) -> None:
+        """Refuse (:class:`InvalidSpec`, 400) a function that no node could ever hold."""
+        never = ClusterState(self._backend.inventory()).never_fits(need_of(spec.resources))
+        if never is not None:
+            raise InvalidSpec(never.message(spec.name))
 
     def deploy(self, record: FunctionRecord) -> None:
         """Register or replace a function; instances of a replaced one are drained."""
@@ -134,34 +175,30 @@ class Controller:
         self._stop_all(self.get(name))
 
     def ensure_instance(self, name: str) -> None:
-        """Start one instance now unless one is ready or starting (pre-warm, repository load)."""
+        """Start one instance now unless one is ready or starting (pre-warm, repository
+        load), where it fits now; when nothing fits, nothing starts."""
         runtime = self.get(name)
         d = runtime.dispatcher
-        if not d.ready_views() and d.starting == 0:
-            d.starting += 1
-            self._spawn(self._start(runtime))
+        if d.ready_views() or d.starting:
+            return
+        cluster = self.cluster_state()
+        where = cluster.place(name, need_of(runtime.record.spec.resources), self._locality(name, cluster))
+        if isinstance(where, NoFit):
+            log.info("not starting %s ahead of demand: %s", name, where.message(name))
+            return
+        self._launch(runtime, where, cluster)
 
     def wake(self) -> None:
         self._wake.set()
 
+    def cluster_state(self) -> ClusterState:
+        """The nodes' devices and everything placed on them now."""
+        placed = [a for rt in self._functions.values() for a in rt.placed.values()]
+        return ClusterState(self._backend.inventory(), [*placed, *self._backend.resident()])
+
     def devices(self) -> list[DeviceReport]:
-        """Every node's devices with what is allocated on each (placeholder: none yet)."""
-        return [
-            DeviceReport(
-                inv.node,
-                d.kind,
-                d.index,
-                d.name,
-                d.capacity,
-                d.total,
-                d.reserved,
-                Capacity(),
-                (),
-                d.free_memory_mb,
-            )
-            for inv in self._backend.inventory()
-            for d in inv.devices
-        ]
+        """Every node's devices with their capacity, what is allocated and what is placed."""
+        return self.cluster_state().reports()
 
     # ------------------------------------------------------------ loop
 
@@ -174,6 +211,8 @@ class Controller:
                 yield self
             finally:
                 loop_task.cancel()
+                for task in list(self._wakeups):
+                    task.cancel()
                 for runtime in list(self._functions.values()):
                     runtime.dispatcher.close("the platform is shutting down")
                     self._stop_all(runtime)
@@ -183,81 +222,158 @@ class Controller:
     async def _loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.tick_s)
+                async with self._clock.timeout(self._settings.tick_s):
+                    await self._wake.wait()
             self._wake.clear()
-            for runtime in list(self._functions.values()):
-                self._reconcile(runtime)
+            self.tick()
 
-    def _reconcile(self, runtime: FunctionRuntime) -> None:
+    def tick(self) -> None:
+        """Reconcile every function once. A failure of one function's reconcile is
+        logged and leaves the others, and the loop, running."""
+        try:
+            cluster = self.cluster_state()
+        except Exception:
+            log.exception("could not read the cluster's state; no function reconciled this tick")
+            return
         now = self._clock.monotonic()
+        for runtime in list(self._functions.values()):
+            try:
+                self._reconcile(runtime, cluster, now)
+            except Exception:
+                log.exception("reconcile of %s failed", runtime.name)
+
+    def _reconcile(self, runtime: FunctionRuntime, cluster: ClusterState, now: float) -> None:
         d = runtime.dispatcher
         spec = runtime.record.spec
-        demand = d.demand
-        runtime.autoscaler.observe(now, float(demand))
         ready = d.ready_views()
-        override = spec.scaling.keep_alive_s  # the function's own TTL, for every instance
-        if override is None:
-            keep_alive = self._keep_alive.keep_alive_s(spec.name, now)
-            surplus = self._keep_alive.surplus_keep_alive_s(spec.name, now)
-        else:
-            keep_alive = surplus = override
-        scale = plan(
-            FunctionView(
-                now=now,
-                demand=demand,
-                ready=ready,
-                starting=d.starting,
-                min_instances=spec.scaling.min_instances,
-                max_instances=spec.scaling.max_instances,
-                desired=runtime.autoscaler.desired(now, len(ready)),
-                keep_alive_s=keep_alive,
-                backoff_until=d.backoff_until,
-                queued=d.queued,
-                concurrency=spec.scaling.concurrency,
-                surplus_keep_alive_s=surplus,
-            )
+        observed = Observed(
+            name=spec.name,
+            demand=d.demand,
+            queued=d.queued,
+            ready=ready,
+            starting=d.starting,
+            backoff_until=d.backoff_until,
+            prewarmed_for=runtime.prewarmed_for,
         )
-        start = scale.start
-        if start == 0 and not ready and d.starting == 0 and self._prewarm_due(runtime, now):
-            start = 1  # the keep-alive policy expects an invocation soon: be ready for it
-            runtime.prewarms += 1
-        for _ in range(start):
-            d.starting += 1
-            self._spawn(self._start(runtime))
-        for instance_id in scale.stop:
-            self._spawn(self._stop(runtime, instance_id))
-        self._metrics.instances(spec.name, "ready", len(ready) - len(scale.stop))
+        commands = reconcile(
+            observed,
+            runtime.policies(self._keep_alive),
+            cluster,
+            now,
+            locality=self._locality(spec.name, cluster),
+            evictable=self._evictable,
+        )
+        self._apply(runtime, commands, cluster)
+        self._metrics.instances(spec.name, "ready", len(ready) - len(commands.stop))
         self._metrics.instances(spec.name, "starting", d.starting)
         self._metrics.queue_length(spec.name, d.queued)
 
-    def _prewarm_due(self, runtime: FunctionRuntime, now: float) -> bool:
-        if runtime.record.spec.scaling.keep_alive_s is not None or runtime.dispatcher.backoff_until > now:
-            return False
-        at = self._keep_alive.prewarm_at(runtime.name, now)
-        return at is not None and now >= at - runtime.start_estimate_s
+    def _apply(self, runtime: FunctionRuntime, commands: Commands, cluster: ClusterState) -> None:
+        for alloc_id in commands.evict:
+            self._evict(alloc_id, cluster)
+        for instance_id in commands.stop:
+            self._spawn(self._stop(runtime, instance_id))
+        if commands.prewarm_for is not None:
+            runtime.prewarmed_for = commands.prewarm_for
+            runtime.prewarms += 1
+        for where in commands.start:
+            self._launch(runtime, where, cluster)
+        runtime.waiting_for_capacity = commands.waiting_for_capacity
+        runtime.no_fit = commands.no_fit
+        d = runtime.dispatcher
+        d.waiting_for = commands.no_fit.message(runtime.name) if commands.no_fit else None
+        if commands.no_fit is not None and commands.no_fit.never and d.queued:
+            self._start_failed(runtime, StartFailed(commands.no_fit.message(runtime.name)))
 
-    def _spawn(self, coro: object) -> None:
+    def _launch(self, runtime: FunctionRuntime, where: Placement, cluster: ClusterState) -> None:
+        alloc = where.allocation(
+            f"{runtime.name}#start{next(self._start_ids)}",
+            runtime.name,
+            need_of(runtime.record.spec.resources),
+        )
+        runtime.placed[alloc.id] = alloc
+        cluster.add(alloc)
+        runtime.dispatcher.starting += 1
+        self._spawn(self._start(runtime, alloc))
+
+    def _locality(self, function: str, cluster: ClusterState) -> Locality:
+        ranks: dict[tuple[str, int | None], int] = {}
+        for a in cluster.allocations():
+            if a.function != function or a.kind == "instance":
+                continue
+            rank = TEMPLATE_RANK if a.kind in ("template", "spare") else WEIGHTS_RANK
+            key = (a.node, a.gpu_index)
+            ranks[key] = max(ranks.get(key, 0), rank)
+        return ranks
+
+    def _evictable(self, a: Allocation) -> float | None:
+        """Since when ``a`` is idle, when placement may stop it for another function."""
+        runtime = self._functions.get(a.function)
+        if a.kind != "instance":
+            # Kept resident for a function with no instance: dropped before any idle instance.
+            busy = runtime is not None and (runtime.dispatcher.slots or runtime.dispatcher.starting)
+            return None if busy else math.inf
+        if runtime is None:
+            return None
+        slot = runtime.dispatcher.slots.get(a.id)
+        ready = len(runtime.dispatcher.ready_views())
+        if slot is None or slot.draining or slot.in_flight or a.id in runtime.stopping:
+            return None
+        if ready <= runtime.record.spec.scaling.min_instances:
+            return None
+        return slot.idle_since
+
+    def _evict(self, alloc_id: str, cluster: ClusterState) -> None:
+        a = cluster.remove(alloc_id)
+        if a is None:
+            return
+        if a.kind == "instance":
+            runtime = self._functions.get(a.function)
+            if runtime is not None:
+                log.info("stopping idle instance %s of %s to make room", alloc_id, a.function)
+                self._spawn(self._stop(runtime, alloc_id))
+            return
+        log.info("dropping what is resident for %s (%s) to make room", a.function, a.kind)
+        try:
+            self._backend.evict_weights(a.function)
+        except Exception:
+            log.exception("could not drop the resident weights of %s", a.function)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         if self._group is None:
+            coro.close()
             raise RuntimeError("controller is not running")
-        self._group.create_task(coro)  # type: ignore[arg-type]
+        return self._group.create_task(self._guarded(coro))
 
-    async def _start(self, runtime: FunctionRuntime) -> None:
+    @staticmethod
+    async def _guarded(coro: Coroutine[Any, Any, None]) -> None:
+        """A start's, stop's or close's unexpected exception is logged, never raised into
+        the controller's task group (which would end the controller)."""
+        try:
+            await coro
+        except Exception:
+            log.exception("a controller task failed")
+
+    async def _start(self, runtime: FunctionRuntime, alloc: Allocation) -> None:
         d = runtime.dispatcher
         record = runtime.record
         try:
-            started = await self._backend.start_instance(record.spec, Path(record.artifact_dir))
+            started = await self._backend.start_instance(record.spec, Path(record.artifact_dir), alloc)
             channel = await self._connect(started.info)
-        except StartFailed as failure:
-            e = StartFailed(f"model {record.spec.name!r} failed to start: {failure.message}")
-            runtime.failures += 1
-            backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (runtime.failures - 1))
-            log.error("model %s failed to start (%d in a row): %s", record.spec.name, runtime.failures, e)
+        except Exception as failure:
+            runtime.placed.pop(alloc.id, None)
             d.starting -= 1
-            d.start_failed(e, backoff)
+            reason = failure.message if isinstance(failure, StartFailed) else _describe(failure)
+            if not isinstance(failure, StartFailed):
+                log.error("start of %s raised", record.spec.name, exc_info=failure)
+            self._start_failed(runtime, StartFailed(f"model {record.spec.name!r} failed to start: {reason}"))
+            self.wake()
             return
         except BaseException:
+            runtime.placed.pop(alloc.id, None)
             d.starting -= 1
             raise
+        runtime.placed.pop(alloc.id, None)
         d.starting -= 1
         runtime.failures = 0
         runtime.cold_starts += 1
@@ -265,12 +381,36 @@ class Controller:
         if d.closed_reason is not None:  # deleted or redeployed while starting
             await channel.close()
             await self._backend.stop_instance(started.info.id, 0.0)
+            self.wake()
             return
+        runtime.placed[started.info.id] = Allocation(
+            started.info.id,
+            alloc.function,
+            "instance",
+            started.info.node,
+            alloc.cpu,
+            alloc.gpu,
+            alloc.gpu_index,
+        )
         d.add(started.info, channel)
         self.meter.instance_started(
             started.info.id, record.spec.name, record.spec.resources, self._clock.monotonic()
         )
         self._metrics.cold_start(record.spec.name, started.timings)
+
+    def _start_failed(self, runtime: FunctionRuntime, error: StartFailed) -> None:
+        runtime.failures += 1
+        backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (runtime.failures - 1))
+        log.error("%s (%d in a row; next try in %.1f s)", error.message, runtime.failures, backoff)
+        runtime.dispatcher.start_failed(error, backoff)
+        if self._group is not None:  # try again when the back-off ends, not a tick later
+            task = self._spawn(self._wake_after(backoff))
+            self._wakeups.add(task)
+            task.add_done_callback(self._wakeups.discard)
+
+    async def _wake_after(self, seconds: float) -> None:
+        await self._clock.sleep(seconds)
+        self.wake()
 
     async def _connect(self, info: InstanceInfo) -> InstanceChannel:
         try:
@@ -290,14 +430,17 @@ class Controller:
             grace = self._settings.drain_grace_s
             started = self._clock.monotonic()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(slot.drained.wait(), grace)
+                async with self._clock.timeout(grace):
+                    await slot.drained.wait()
             remaining = max(0.0, grace - (self._clock.monotonic() - started))
             await self._backend.stop_instance(instance_id, remaining)
             await slot.channel.close()
         finally:
             runtime.dispatcher.remove(instance_id)
             runtime.stopping.discard(instance_id)
+            runtime.placed.pop(instance_id, None)
             self.meter.instance_stopped(instance_id, self._clock.monotonic())
+            self.wake()  # capacity freed: a start waiting for it may fit now
 
     def _stop_all(self, runtime: FunctionRuntime) -> None:
         for instance_id in list(runtime.dispatcher.slots):
@@ -307,8 +450,19 @@ class Controller:
     def _on_exit(self, instance_id: str, code: int | None) -> None:
         for runtime in self._functions.values():
             slot = runtime.dispatcher.remove(instance_id)
+            runtime.placed.pop(instance_id, None)
             if slot is not None:
                 self.meter.instance_stopped(instance_id, self._clock.monotonic())
                 log.warning("instance %s of %s exited (code %s)", instance_id, runtime.name, code)
                 self._spawn(slot.channel.close())
         self.wake()
+
+
+def _describe(error: BaseException) -> str:
+    """A client-safe reason for an unexpected start failure (no paths, no traceback)."""
+    if isinstance(error, FileNotFoundError):
+        return "a file it needs is missing (see the server log)"
+    if isinstance(error, OSError):
+        return f"{type(error).__name__} on the node (see the server log)"
+    message = getattr(error, "message", None)
+    return message if isinstance(message, str) else f"{type(error).__name__} (see the server log)"

@@ -18,6 +18,7 @@ slot frees or a new instance is ready. Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import deque
 from collections.abc import Callable
@@ -90,6 +91,9 @@ class FunctionDispatcher:
         self.start_error: StartFailed | None = None
         self.backoff_until = 0.0
         self.closed_reason: str | None = None
+        #: Why a start it needs is not being made now (no capacity), for the 503 of a
+        #: request that waited for it in vain; None: nothing is waiting on capacity.
+        self.waiting_for: str | None = None
 
     # ------------------------------------------------------------ observations
 
@@ -129,9 +133,9 @@ class FunctionDispatcher:
             self._hooks.on_start(slot.info.id)
             try:
                 remaining = deadline - started
-                # asyncio.timeout, not wait_for: on 3.11 wait_for runs the call in a task of
+                # A timeout, not wait_for: on 3.11 wait_for runs the call in a task of
                 # its own, which sends the request only one loop iteration later.
-                async with asyncio.timeout(max(remaining, 0.001)):
+                async with self._clock.timeout(max(remaining, 0.001)):
                     result = await slot.channel.infer(inputs, outputs)
                 return result, slot.info
             except InstanceLost:
@@ -173,7 +177,10 @@ class FunctionDispatcher:
         self._waiters.append(waiter)
         self._on_demand()
         try:
-            await asyncio.wait({waiter}, timeout=max(deadline - now, 0.0))
+            with contextlib.suppress(TimeoutError):
+                async with self._clock.timeout(max(deadline - now, 0.0)):
+                    # shielded: a slot handed over as the deadline passes is kept, not lost
+                    await asyncio.shield(waiter)
         except asyncio.CancelledError:
             # The caller went away (a client disconnect): a slot handed over meanwhile
             # goes back, and a waiter nobody awaits must never be handed one.
@@ -184,6 +191,8 @@ class FunctionDispatcher:
         if waiter.done() and not waiter.cancelled():
             return waiter.result()  # raises the error it was failed with, if any
         waiter.cancel()
+        if self.waiting_for is not None:
+            raise Unavailable(f"{self.waiting_for}; the deadline passed", retry_after_s=retry)
         raise Unavailable(
             f"model {self.spec.name!r}: no instance became free before the deadline", retry_after_s=retry
         )

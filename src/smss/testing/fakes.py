@@ -57,20 +57,32 @@ class FakeBackend:
     * ``exit(instance_id, code)`` simulates an instance dying: it leaves
       ``running`` and the exit callback fires, as the port promises.
     * ``peak`` is the most instances ever running or starting at once.
+    * ``inventories``: the nodes' devices (default: one node of 64 cores, 256 GiB);
+      ``placements`` lists the allocation each start was asked to use.
+    * ``start_s``: a start takes this long on the clock (``clock.sleep``).
     * The weight cache holds each function that started once (``cached``) until
       ``evict_weights`` drops it, which it refuses while an instance runs it.
     """
 
-    def __init__(self, clock: Clock | None = None, nodes: tuple[str, ...] = ("local",)) -> None:
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        nodes: tuple[str, ...] = ("local",),
+        *,
+        inventories: tuple[NodeInventory, ...] = (),
+        start_s: float = 0.0,
+    ) -> None:
         self._clock = clock
-        self._nodes = list(nodes)
-        self._inventories: dict[str, NodeInventory] = {}
+        self._inventories: dict[str, NodeInventory] = {inv.node: inv for inv in inventories}
+        self._nodes = list(self._inventories) or list(nodes)
+        self.start_s = start_s
         self._ids = itertools.count(1)
         self._failures: list[str] = []
         self._on_exit: ExitCallback = lambda _id, _code: None
         self._pending = 0
         self.start_gate: asyncio.Event | None = None
         self.starts: list[str] = []
+        self.placements: list[Allocation | None] = []
         self.start_times: list[float] = []
         self.stops: list[tuple[str, float]] = []
         self.exits: list[tuple[str, int | None]] = []
@@ -82,8 +94,11 @@ class FakeBackend:
     def fail_next(self, n: int = 1, reason: str = "load error") -> None:
         self._failures.extend([reason] * n)
 
-    async def start_instance(self, spec: FunctionSpec, artifact_dir: Path) -> StartedInstance:
+    async def start_instance(
+        self, spec: FunctionSpec, artifact_dir: Path, where: Allocation | None = None
+    ) -> StartedInstance:
         self.starts.append(spec.name)
+        self.placements.append(where)
         if self._clock is not None:
             self.start_times.append(self._clock.monotonic())
         number = next(self._ids)
@@ -93,11 +108,13 @@ class FakeBackend:
         try:
             if self.start_gate is not None:
                 await self.start_gate.wait()
+            if self.start_s > 0 and self._clock is not None:
+                await self._clock.sleep(self.start_s)
             if self._failures:
                 raise StartFailed(f"instance {instance_id} failed to start: {self._failures.pop(0)}")
         finally:
             self._pending -= 1
-        node = self._nodes[(number - 1) % len(self._nodes)]
+        node = where.node if where is not None else self._nodes[(number - 1) % len(self._nodes)]
         now = self._clock.time() if self._clock is not None else 0.0
         info = InstanceInfo(instance_id, spec.name, node, f"fake:{instance_id}", 10_000 + number, now)
         self.running[instance_id] = info

@@ -1,0 +1,422 @@
+"""Placement: on which node and device a new instance goes. Pure, no I/O.
+
+:class:`ClusterState` holds the nodes' devices (their :class:`~smss.inventory.NodeInventory`)
+and everything placed on them (:class:`~smss.inventory.Allocation`: instances, starts
+in progress, and what is kept resident for a function: weight segments, templates,
+spares). The controller builds one from what it observes; the simulator keeps one for
+its virtual cluster; both ask the same :meth:`ClusterState.place`.
+
+Rules of :meth:`ClusterState.place`:
+
+* **Never over-commit.** An instance goes on a node whose CPU device has the free
+  ``cpu`` and ``memory_mb`` it declares and, when it declares ``gpu`` or
+  ``gpu_memory_mb``, on one CUDA device of that node with that much free. Free is
+  capacity less every allocation, resident ones included.
+* **Locality first.** Among the devices it fits on, the one with the highest
+  locality rank wins (the caller ranks where the model's weights already are:
+  a template beside them ranks above weights alone, above nothing).
+* **Then best fit.** Among equals, the device left with the least free capacity
+  (summed over the declared resources, each as a fraction of the device's
+  capacity), so large holes stay for large instances; ties go to the node named
+  first.
+* **Make room when full.** When it fits nowhere now, but would on some node once
+  *evictable* allocations of other functions are gone (idle instances above their
+  function's ``min_instances``, resident items of functions with no instance: the
+  caller says which), the node needing the fewest evictions is chosen, longest
+  idle evicted first; the placement names them and the caller stops them first.
+* **Refuse what can never fit.** When no node's capacity could hold the need even
+  empty, the answer is a :class:`NoFit` with ``never=True`` naming the resource;
+  a deploy is refused with it. Otherwise a ``NoFit`` means "not now": the start
+  waits and is retried when capacity frees.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from smss.inventory import RESOURCES, Allocation, Capacity, Device, DeviceReport, NodeInventory
+from smss.spec import Resources
+
+#: A very large capacity: the simulator's default node, which nothing fills.
+UNBOUNDED = Capacity(cpu=math.inf, memory_mb=1 << 62, gpu=math.inf, gpu_memory_mb=1 << 62)
+_EPS = 1e-9
+
+#: (node, CUDA index or None for the node's host memory) -> rank; higher is nearer.
+Locality = Mapping[tuple[str, int | None], int]
+#: For an allocation placement may evict: since when it is idle; None: not evictable.
+Evictable = Callable[[Allocation], float | None]
+
+RESOURCE_WORDS = {
+    "cpu": "cpu cores",
+    "memory_mb": "MiB of memory",
+    "gpu": "GPU",
+    "gpu_memory_mb": "MiB of GPU memory",
+}
+
+
+def need_of(resources: Resources) -> Capacity:
+    return Capacity(resources.cpu, resources.memory_mb, resources.gpu, resources.gpu_memory_mb)
+
+
+def host_part(need: Capacity) -> Capacity:
+    return Capacity(cpu=need.cpu, memory_mb=need.memory_mb)
+
+
+def gpu_part(need: Capacity) -> Capacity:
+    return Capacity(gpu=need.gpu, gpu_memory_mb=need.gpu_memory_mb)
+
+
+def wants_gpu(need: Capacity) -> bool:
+    return need.gpu > 0 or need.gpu_memory_mb > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where an instance goes: ``node``, the CUDA device ``gpu_index`` (None: CPU
+    only), and the allocations to stop first to make room (``evict``)."""
+
+    node: str
+    gpu_index: int | None = None
+    evict: tuple[str, ...] = ()
+
+    def allocation(self, alloc_id: str, function: str, need: Capacity) -> Allocation:
+        gpu = gpu_part(need) if self.gpu_index is not None else Capacity()
+        return Allocation(alloc_id, function, "instance", self.node, host_part(need), gpu, self.gpu_index)
+
+
+@dataclass(frozen=True, slots=True)
+class NoFit:
+    """The need fits nowhere: ``never`` when no node could hold it even empty.
+    ``resource`` is the one that does not fit, ``needed`` the amount asked and
+    ``largest`` the most any device offers (its capacity if ``never``, else its
+    free amount)."""
+
+    resource: str
+    needed: float
+    largest: float
+    never: bool
+
+    def message(self, function: str) -> str:
+        word = RESOURCE_WORDS.get(self.resource, self.resource)
+        if self.never:
+            return (
+                f"model {function!r} needs {_num(self.needed)} {word} ({self.resource}) but the "
+                f"largest device of any node has {_num(self.largest)}"
+            )
+        return (
+            f"model {function!r} is waiting for capacity: it needs {_num(self.needed)} {word} "
+            f"({self.resource}) and at most {_num(self.largest)} is free on any node"
+        )
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if math.isfinite(x) else "unbounded"
+
+
+class ClusterState:
+    """The nodes, their devices and what is allocated on each, kept as running sums
+    (adding or removing an allocation is O(1), placing one O(nodes x devices))."""
+
+    def __init__(self, inventories: Iterable[NodeInventory], allocations: Iterable[Allocation] = ()) -> None:
+        self._nodes: dict[str, NodeInventory] = {inv.node: inv for inv in inventories}
+        self._used: dict[tuple[str, str, int], Capacity] = {}
+        self._allocs: dict[str, Allocation] = {}
+        for inv in self._nodes.values():
+            for d in inv.devices:
+                self._used[(inv.node, d.kind, d.index)] = Capacity()
+        for a in allocations:
+            self.add(a)
+
+    @classmethod
+    def unbounded(cls, node: str = "sim") -> ClusterState:
+        """One node that nothing fills (the simulator without cluster flags)."""
+        return cls([NodeInventory(node, (Device("cpu", 0, "unbounded", UNBOUNDED, UNBOUNDED),))])
+
+    @classmethod
+    def uniform(cls, nodes: int, cpus: float, memory_mb: int, prefix: str = "node") -> ClusterState:
+        cap = Capacity(cpu=cpus, memory_mb=memory_mb)
+        return cls(NodeInventory(f"{prefix}-{k}", (Device("cpu", 0, "cpu", cap, cap),)) for k in range(nodes))
+
+    # ------------------------------------------------------------ bookkeeping
+
+    @property
+    def nodes(self) -> list[NodeInventory]:
+        return list(self._nodes.values())
+
+    def allocations(self) -> list[Allocation]:
+        return list(self._allocs.values())
+
+    def get(self, alloc_id: str) -> Allocation | None:
+        return self._allocs.get(alloc_id)
+
+    def __contains__(self, alloc_id: str) -> bool:
+        return alloc_id in self._allocs
+
+    def add(self, a: Allocation) -> None:
+        """Record an allocation (replacing one of the same id). One on a node or
+        device this state does not know is kept and reported, but uses nothing."""
+        self.remove(a.id)
+        self._allocs[a.id] = a
+        self._charge(a, 1)
+
+    def remove(self, alloc_id: str) -> Allocation | None:
+        a = self._allocs.pop(alloc_id, None)
+        if a is not None:
+            self._charge(a, -1)
+        return a
+
+    def _charge(self, a: Allocation, sign: int) -> None:
+        key = (a.node, "cpu", 0)
+        if key in self._used:
+            self._used[key] = _scaled_add(self._used[key], a.cpu, sign)
+        if a.gpu_index is not None:
+            gkey = (a.node, "cuda", a.gpu_index)
+            if gkey in self._used:
+                self._used[gkey] = _scaled_add(self._used[gkey], a.gpu, sign)
+
+    def used(self, node: str, kind: str = "cpu", index: int = 0) -> Capacity:
+        return self._used.get((node, kind, index), Capacity())
+
+    def free(self, node: str, kind: str = "cpu", index: int = 0) -> Capacity:
+        inv = self._nodes.get(node)
+        dev = inv.device("cpu" if kind == "cpu" else "cuda", index) if inv else None
+        if dev is None:
+            return Capacity()
+        return dev.capacity - self.used(node, kind, index)
+
+    def reports(self) -> list[DeviceReport]:
+        by_device: dict[tuple[str, str, int], list[Allocation]] = {}
+        for a in self._allocs.values():
+            by_device.setdefault((a.node, "cpu", 0), []).append(a)
+            if a.gpu_index is not None:
+                by_device.setdefault((a.node, "cuda", a.gpu_index), []).append(a)
+        out: list[DeviceReport] = []
+        for inv in self._nodes.values():
+            for d in inv.devices:
+                key = (inv.node, d.kind, d.index)
+                out.append(
+                    DeviceReport(
+                        inv.node,
+                        d.kind,
+                        d.index,
+                        d.name,
+                        d.capacity,
+                        d.total,
+                        d.reserved,
+                        self._used[key],
+                        tuple(by_device.get(key, ())),
+                        d.free_memory_mb,
+                    )
+                )
+        return out
+
+    # ------------------------------------------------------------ placement
+
+    def never_fits(self, need: Capacity) -> NoFit | None:
+        """A :class:`NoFit` (``never``) when no node could hold ``need`` even empty."""
+        best: NoFit | None = None
+        for inv in self._nodes.values():
+            miss = _first_short(inv.cpu.capacity, host_part(need))
+            if miss is None and wants_gpu(need):
+                gpus = [d for d in inv.devices if d.kind == "cuda"]
+                misses = [_first_short(g.capacity, gpu_part(need)) for g in gpus]
+                if not gpus:
+                    miss = ("gpu" if need.gpu > 0 else "gpu_memory_mb", 0.0)
+                elif all(m is not None for m in misses):
+                    miss = max((m for m in misses if m is not None), key=lambda m: m[1])
+            if miss is None:
+                return None
+            resource, have = miss
+            if best is None or (resource == best.resource and have > best.largest):
+                best = NoFit(resource, need.get(resource), have, never=True)
+        if best is None:
+            return NoFit("cpu", need.cpu, 0.0, never=True)  # a cluster without nodes
+        return best
+
+    def place(
+        self,
+        function: str,
+        need: Capacity,
+        locality: Locality | None = None,
+        *,
+        pending: Sequence[Allocation] = (),
+        exclude: frozenset[str] | set[str] = frozenset(),
+        evictable: Evictable | None = None,
+    ) -> Placement | NoFit:
+        """Where an instance of ``function`` needing ``need`` goes. ``pending``:
+        allocations decided but not yet recorded (earlier starts of this reconcile);
+        ``exclude``: allocations about to go (stops of this reconcile)."""
+        never = self.never_fits(need)
+        if never is not None:
+            return never
+        adjust = self._adjustments(pending, exclude)
+        locality = locality or {}
+        best: tuple[tuple[float, float, int], Placement] | None = None
+        order = 0
+        short: dict[str, float] = {}
+        for inv in self._nodes.values():
+            for gpu_index, leftover in self._fits(inv, need, adjust, short):
+                rank = locality.get((inv.node, gpu_index), locality.get((inv.node, None), 0))
+                key = (-float(rank), leftover, order)
+                order += 1
+                if best is None or key < best[0]:
+                    best = (key, Placement(inv.node, gpu_index))
+        if best is not None:
+            return best[1]
+        if evictable is not None:
+            made = self._make_room(function, need, locality, adjust, exclude, pending, evictable)
+            if made is not None:
+                return made
+        resource = next((r for r in RESOURCES if r in short), "cpu")
+        return NoFit(resource, need.get(resource), max(0.0, short.get(resource, 0.0)), never=False)
+
+    def _adjustments(
+        self, pending: Sequence[Allocation], exclude: frozenset[str] | set[str]
+    ) -> dict[tuple[str, str, int], Capacity]:
+        adjust: dict[tuple[str, str, int], Capacity] = {}
+
+        def charge(a: Allocation, sign: int) -> None:
+            key = (a.node, "cpu", 0)
+            adjust[key] = _scaled_add(adjust.get(key, Capacity()), a.cpu, sign)
+            if a.gpu_index is not None:
+                gkey = (a.node, "cuda", a.gpu_index)
+                adjust[gkey] = _scaled_add(adjust.get(gkey, Capacity()), a.gpu, sign)
+
+        for a in pending:
+            charge(a, 1)
+        for alloc_id in exclude:
+            ex = self._allocs.get(alloc_id)
+            if ex is not None:
+                charge(ex, -1)
+        return adjust
+
+    def _free_with(self, node: str, dev: Device, adjust: Mapping[tuple[str, str, int], Capacity]) -> Capacity:
+        key = (node, dev.kind, dev.index)
+        return dev.capacity - self._used.get(key, Capacity()) - adjust.get(key, Capacity())
+
+    def _fits(
+        self,
+        inv: NodeInventory,
+        need: Capacity,
+        adjust: Mapping[tuple[str, str, int], Capacity],
+        short: dict[str, float],
+    ) -> list[tuple[int | None, float]]:
+        """Each device choice of ``inv`` that holds ``need`` now, with its leftover score.
+        ``short`` collects, per resource that did not fit, the most free anywhere."""
+        cpu_dev = inv.cpu
+        host_free = self._free_with(inv.node, cpu_dev, adjust)
+        miss = _first_short(host_free, host_part(need))
+        if miss is not None:
+            short[miss[0]] = max(short.get(miss[0], -math.inf), miss[1])
+            return []
+        host_left = _leftover(host_free, host_part(need), cpu_dev.capacity)
+        if not wants_gpu(need):
+            return [(None, host_left)]
+        out: list[tuple[int | None, float]] = []
+        for dev in inv.devices:
+            if dev.kind != "cuda":
+                continue
+            free = self._free_with(inv.node, dev, adjust)
+            gmiss = _first_short(free, gpu_part(need))
+            if gmiss is not None:
+                short[gmiss[0]] = max(short.get(gmiss[0], -math.inf), gmiss[1])
+                continue
+            out.append((dev.index, host_left + _leftover(free, gpu_part(need), dev.capacity)))
+        return out
+
+    def _make_room(
+        self,
+        function: str,
+        need: Capacity,
+        locality: Locality,
+        adjust: dict[tuple[str, str, int], Capacity],
+        exclude: frozenset[str] | set[str],
+        pending: Sequence[Allocation],
+        evictable: Evictable,
+    ) -> Placement | None:
+        """The node (and device) that fits ``need`` after the fewest evictions of
+        other functions' evictable allocations, longest idle first."""
+        candidates: dict[str, list[tuple[float, Allocation]]] = {}
+        for a in self._allocs.values():
+            if a.function == function or a.id in exclude:
+                continue
+            since = evictable(a)
+            if since is not None:
+                candidates.setdefault(a.node, []).append((since, a))
+        best: tuple[tuple[int, float, int], Placement] | None = None
+        for order, inv in enumerate(self._nodes.values()):
+            victims = sorted(candidates.get(inv.node, []), key=lambda c: (c[0], c[1].id))
+            chosen: list[Allocation] = []
+            local = dict(adjust)
+            for _, victim in [(0.0, None), *victims]:
+                if victim is not None:
+                    if not self._helps(victim, need, inv, local):
+                        continue
+                    chosen.append(victim)
+                    key = (inv.node, "cpu", 0)
+                    local[key] = _scaled_add(local.get(key, Capacity()), victim.cpu, -1)
+                    if victim.gpu_index is not None:
+                        gkey = (inv.node, "cuda", victim.gpu_index)
+                        local[gkey] = _scaled_add(local.get(gkey, Capacity()), victim.gpu, -1)
+                fits = self._fits(inv, need, local, {})
+                if fits:
+                    gpu_index, leftover = min(
+                        fits,
+                        key=lambda f: (
+                            -locality.get((inv.node, f[0]), locality.get((inv.node, None), 0)),
+                            f[1],
+                        ),
+                    )
+                    score = (len(chosen), leftover, order)
+                    if best is None or score < best[0]:
+                        best = (score, Placement(inv.node, gpu_index, tuple(v.id for v in chosen)))
+                    break
+        return None if best is None else best[1]
+
+    def _helps(
+        self,
+        victim: Allocation,
+        need: Capacity,
+        inv: NodeInventory,
+        local: Mapping[tuple[str, str, int], Capacity],
+    ) -> bool:
+        """Does evicting ``victim`` free something ``need`` is short of on its node?"""
+        host_free = self._free_with(inv.node, inv.cpu, local)
+        host_need = host_part(need)
+        if (host_free.cpu + _EPS < host_need.cpu and victim.cpu.cpu > 0) or (
+            host_free.memory_mb < host_need.memory_mb and victim.cpu.memory_mb > 0
+        ):
+            return True
+        if victim.gpu_index is None or not wants_gpu(need):
+            return False
+        dev = inv.device("cuda", victim.gpu_index)
+        if dev is None:
+            return False
+        free = self._free_with(inv.node, dev, local)
+        return (free.gpu + _EPS < need.gpu and victim.gpu.gpu > 0) or (
+            free.gpu_memory_mb < need.gpu_memory_mb and victim.gpu.gpu_memory_mb > 0
+        )
+
+
+def _first_short(free: Capacity, need: Capacity) -> tuple[str, float] | None:
+    """The first resource of ``need`` that ``free`` cannot hold, with the amount free."""
+    for r in RESOURCES:
+        want = need.get(r)
+        if want > 0 and free.get(r) + _EPS < want:
+            return r, free.get(r)
+    return None
+
+
+def _leftover(free: Capacity, need: Capacity, capacity: Capacity) -> float:
+    total = 0.0
+    for r in RESOURCES:
+        cap = capacity.get(r)
+        if need.get(r) > 0 and cap > 0 and math.isfinite(cap):
+            total += (free.get(r) - need.get(r)) / cap
+    return total
+
+
+def _scaled_add(base: Capacity, delta: Capacity, sign: int) -> Capacity:
+    return base + delta if sign > 0 else base - delta
