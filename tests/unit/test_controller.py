@@ -329,10 +329,12 @@ def test_starts_are_capped_by_the_nodes_capacity_and_queued_requests_wait() -> N
             await w.pause(5.0)
             assert len(w.backend.starts) == 2  # two cores: two instances, whatever the queue
             (cpu,) = w.controller.devices()
-            assert cpu.allocated.cpu == 2.0 and cpu.capacity.cpu == 2.0
+            assert cpu.allocated.cpu == 2.0
+            assert cpu.capacity.cpu == 2.0
             assert len(cpu.placed) == 2
             runtime = w.controller.get("m")
-            assert runtime.waiting_for_capacity >= 1 and runtime.no_fit is not None
+            assert runtime.waiting_for_capacity >= 1
+            assert runtime.no_fit is not None
             assert runtime.no_fit.resource == "cpu"
             await w.release_until_done(tasks)
             assert [value_of(t.result()) for t in tasks] == [float(k) for k in range(5)]
@@ -381,7 +383,8 @@ def test_a_busy_instance_is_never_evicted() -> None:
             await w.pause()
             waiting = w.request(2.0, name="b")
             await w.pause(2.0)
-            assert w.backend.stops == [] and w.backend.starts == ["a"]
+            assert w.backend.stops == []
+            assert w.backend.starts == ["a"]
             w.channels.by_id["a-1"].release_all()
             assert value_of(await busy) == 1.0
             await w.pause(0.5)  # a is idle now: b takes its place
@@ -482,7 +485,8 @@ def test_a_pre_warm_is_made_once_per_named_time() -> None:
             await w.pause(0.4)  # within the start estimate (1 s) of 10.0
             assert w.backend.starts == ["m"]
             await w.pause(30.0)  # stopped after its keep-alive, not pre-warmed again for 10.0
-            assert w.backend.starts == ["m"] and w.backend.running == {}
+            assert w.backend.starts == ["m"]
+            assert w.backend.running == {}
             assert w.controller.get("m").prewarms == 1
             assert not math.isinf(w.controller.get("m").prewarmed_for)
 
