@@ -2,7 +2,9 @@
 
 Per function it drives the same objects as the live controller and dispatcher:
 :class:`~smss.control.autoscaler.Autoscaler`, the keep-alive policy of
-:func:`~smss.control.keepalive.parse_policy`, :func:`~smss.control.scaling.plan`,
+:func:`~smss.control.keepalive.parse_policy`, the controller's own reconcile step
+(:func:`~smss.control.reconcile.reconcile`, with :func:`~smss.control.scaling.plan`
+and :class:`~smss.control.placement.ClusterState` placement inside),
 :func:`~smss.control.router.choose` and the :class:`~smss.control.metering.Meter`,
 on a virtual clock (an event heap; nothing sleeps). Instances are simulated: one
 becomes ready ``cold_start_ms`` after it is asked for and serves up to ``concurrency``
@@ -13,16 +15,29 @@ What happens, as in the live platform:
 * an arrival is reported to the keep-alive policy and takes a free slot chosen by the
   router; if there is none it waits in the function's FIFO queue and the function is
   reconciled at once (the dispatcher's wake-up), which is how scale-from-zero starts;
-* a reconcile is the controller's: observe demand (in flight + queued), ask the
-  autoscaler for the desired count and the policy for the keep-alive windows (the
-  last instance's and the others'), apply :func:`plan` (start instances, at once for
-  requests queued beyond the free and starting capacity; stop idle ones);
+* a reconcile is the controller's, the same function: observe demand (in flight +
+  queued), the autoscaler's desired count, the keep-alive windows (the function's own
+  ``keep_alive_s`` when set, else the policy's for the last instance and the others),
+  :func:`plan` (start instances, at once for requests queued beyond the free and
+  starting capacity; stop idle ones), the pre-warm rule, and placement of each start
+  on the virtual cluster; its commands are applied here as the controller applies
+  them through its backend;
+* the cluster: with ``nodes`` set, ``nodes`` nodes of ``cpus_per_node`` cores and
+  ``memory_per_node_mb`` each; an instance takes its declared ``cpu`` and
+  ``memory_mb`` from the node it is placed on, a start that fits nowhere waits (its
+  requests stay queued: ``queued_for_capacity`` counts the invocations that waited
+  so), idle instances of other functions are stopped to make room, and a function
+  that could never fit has its invocations ``rejected`` (the live platform answers
+  them 503). With ``request_timeout_s`` a request still queued that long is dropped
+  (``timed_out``; the live platform answers 503 at the deadline). Without ``nodes``
+  there is one node that nothing fills, as in earlier runs;
 * a new instance takes queued requests first: each such request is a *cold start*
   (it found no free instance and waited for one to start); a request that waited for
   a busy instance to finish only queued;
 * pre-warm: when the policy's ``prewarm_at`` names a time and the function has no
   instance ready or starting, one is started ``cold_start_ms`` earlier so that it is
-  ready then (what ``Controller.ensure_instance`` does), once per named time.
+  ready then, once per named time (the reconcile's rule; the start estimate is
+  ``cold_start_ms``).
 
 Differences from the live controller, for speed and on purpose:
 
@@ -77,15 +92,19 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from smss.config import parse_size
 from smss.control.autoscaler import Autoscaler, AutoscalerConfig
 from smss.control.cost import ContainerSize, PriceTable, load_prices, report
 from smss.control.keepalive import KeepAlivePolicy, parse_policy, scale_policy
 from smss.control.metering import Meter
+from smss.control.placement import ClusterState, need_of
+from smss.control.reconcile import Observed, Policies, keep_alive_windows, prewarm_wake, reconcile
 from smss.control.router import Candidate, Ewma, choose
-from smss.control.scaling import FunctionView, InstanceView, plan
+from smss.control.scaling import InstanceView
 from smss.errors import InvalidSpec, SmssError
+from smss.inventory import Allocation
 from smss.sim.trace import Trace, peak_concurrency, read_trace
-from smss.spec import Resources
+from smss.spec import Resources, Scaling
 
 _DONE, _READY, _WAKE = 0, 1, 2
 _EPS = 1e-9
@@ -112,6 +131,16 @@ class SimConfig:
     seed: int = 0
     #: Replay K times faster (trace times, durations and the policy's windows / K).
     speedup: float = 1.0
+    #: The functions' own keep-alive (``Scaling.keep_alive_s``): overrides the policy.
+    keep_alive_s: float | None = None
+    #: A cluster of ``nodes`` nodes of ``cpus_per_node`` cores and ``memory_per_node_mb``
+    #: each; None: one node that nothing fills (the figures of earlier runs).
+    nodes: int | None = None
+    cpus_per_node: float = 2.0
+    memory_per_node_mb: int = 4096
+    #: A request still queued after this long is dropped (``timed_out``), as the live
+    #: platform answers 503 at its deadline; None: requests wait as long as it takes.
+    request_timeout_s: float | None = None
     prices: PriceTable = field(default_factory=PriceTable)
 
     def __post_init__(self) -> None:
@@ -125,6 +154,14 @@ class SimConfig:
             raise InvalidSpec(f"tick_s must be > 0, got {self.tick_s}")
         if not (math.isfinite(self.speedup) and self.speedup > 0):
             raise InvalidSpec(f"speedup must be > 0, got {self.speedup}")
+        if self.nodes is not None and not (
+            self.nodes >= 1 and self.cpus_per_node > 0 and self.memory_per_node_mb > 0
+        ):
+            raise InvalidSpec("need nodes >= 1, cpus_per_node > 0 and memory_per_node_mb > 0")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise InvalidSpec(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.keep_alive_s is not None and not self.keep_alive_s >= 0:
+            raise InvalidSpec(f"keep_alive_s must be >= 0, got {self.keep_alive_s}")
         self.autoscaler_config()  # validates the scaling bounds
 
     def autoscaler_config(self) -> AutoscalerConfig:
@@ -136,6 +173,22 @@ class SimConfig:
     @property
     def resources(self) -> Resources:
         return Resources(cpu=self.cpu, memory_mb=self.memory_mb, gpu=self.gpu)
+
+    @property
+    def scaling(self) -> Scaling:
+        """Every function's scaling settings (its spec's, in the live platform)."""
+        return Scaling(
+            min_instances=self.min_instances,
+            max_instances=self.max_instances,
+            concurrency=self.concurrency,
+            target_concurrency=self.target_concurrency,
+            keep_alive_s=self.keep_alive_s,
+        )
+
+    def cluster(self) -> ClusterState:
+        if self.nodes is None:
+            return ClusterState.unbounded()
+        return ClusterState.uniform(self.nodes, self.cpus_per_node, self.memory_per_node_mb)
 
 
 class _Inst:
@@ -157,6 +210,7 @@ class _Fn:
         "in_flight",
         "name",
         "next_wake",
+        "policies",
         "prewarmed_for",
         "queue",
         "ready",
@@ -164,9 +218,10 @@ class _Fn:
         "starting",
     )
 
-    def __init__(self, name: str, autoscaler: Autoscaler) -> None:
+    def __init__(self, name: str, policies: Policies) -> None:
         self.name = name
-        self.autoscaler = autoscaler
+        self.policies = policies
+        self.autoscaler = policies.autoscaler
         self.ready: dict[str, _Inst] = {}  # ready instances, in start order
         self.free: dict[str, _Inst] = {}  # ready with a free slot
         self.idle: dict[str, _Inst] = {}  # ready with nothing in flight, longest idle first
@@ -188,13 +243,28 @@ class Simulation:
         self.policy: KeepAlivePolicy = parse_policy(policy, ttl)
         self.meter = Meter()
         self.rng = random.Random(config.seed)
-        self._fns = [_Fn(name, Autoscaler(config.autoscaler_config())) for name in trace.functions]
+        self._cold_s = config.cold_start_ms / 1000.0
+        scaling, need = config.scaling, need_of(config.resources)
+        self._fns = [
+            _Fn(
+                name,
+                Policies(scaling, need, Autoscaler(config.autoscaler_config()), self.policy, self._cold_s),
+            )
+            for name in trace.functions
+        ]
+        self.cluster = config.cluster()
+        self._unbounded = config.nodes is None
+        self._insts: dict[str, _Inst] = {}  # ready instances by id (placement asks which are idle)
+        self._waiting: dict[str, _Fn] = {}  # functions with starts waiting for capacity
+        self._capacity_waited: set[int] = set()  # trace rows that waited for capacity
+        self.rejected = 0
+        self.timed_out = 0
+        self._rejected_rows: list[int] = []
         self._heap: list[tuple[float, int, int, object, int]] = []
         self._seq = 0
         self._t = (trace.t_ms / (1000.0 * config.speedup)).tolist()
         self._d = (trace.duration_ms / (1000.0 * config.speedup)).tolist()
         self._added = [0.0] * len(trace)
-        self._cold_s = config.cold_start_ms / 1000.0
         self._resources = config.resources
         self._limit = config.concurrency
         self.cold_starts = 0
@@ -306,7 +376,7 @@ class Simulation:
             inst.idle_since = now
             fn.idle[inst.id] = inst
         queue = fn.queue
-        if queue:  # the freed slot goes to the longest-waiting request: demand unchanged
+        if queue and self._expire(fn, now):  # the freed slot goes to the longest-waiting request
             nxt = self._pick(fn)
             if nxt is not None:
                 self._serve(fn, nxt, queue.popleft(), now)
@@ -317,11 +387,13 @@ class Simulation:
 
     # ------------------------------------------------------------ instances
 
-    def _start(self, fn: _Fn, now: float) -> None:
+    def _start(self, fn: _Fn, now: float, alloc: Allocation) -> None:
         fn.starting += 1
         fn.started += 1
         instance_id = f"{fn.name}#{fn.started}"
         self.meter.instance_started(instance_id, fn.name, self._resources, now)
+        if not self._unbounded:
+            self.cluster.add(msgspec.structs.replace(alloc, id=instance_id))
         self._seq += 1
         heapq.heappush(self._heap, (now + self._cold_s, self._seq, _READY, (fn, instance_id), 0))
 
@@ -330,8 +402,9 @@ class Simulation:
         fn.starting -= 1
         inst = _Inst(fn, instance_id, now)
         fn.ready[instance_id] = fn.free[instance_id] = fn.idle[instance_id] = inst
+        self._insts[instance_id] = inst
         queue = fn.queue
-        while queue:
+        while queue and self._expire(fn, now):
             nxt = self._pick(fn)
             if nxt is None:
                 break
@@ -344,46 +417,79 @@ class Simulation:
         inst = fn.ready.pop(instance_id)
         fn.free.pop(instance_id, None)
         fn.idle.pop(instance_id, None)
-        if inst.in_flight:  # plan() stops idle instances only
+        del self._insts[instance_id]
+        if inst.in_flight:  # plan() and placement stop idle instances only
             raise AssertionError(f"stopping busy instance {instance_id}")
         self.meter.instance_stopped(instance_id, now)
+        if not self._unbounded:
+            self.cluster.remove(instance_id)
 
     # ------------------------------------------------------------ control
 
+    def _evictable(self, a: Allocation) -> float | None:
+        inst = self._insts.get(a.id)
+        if inst is None or inst.in_flight or len(inst.fn.ready) <= self.config.min_instances:
+            return None
+        return inst.idle_since
+
+    def _expire(self, fn: _Fn, now: float) -> bool:
+        """Drop queued requests past their deadline (FIFO: they are at the head);
+        True while some request is still queued."""
+        timeout = self.config.request_timeout_s
+        queue = fn.queue
+        if timeout is not None:
+            t = self._t
+            while queue and now - t[queue[0]] > timeout:
+                self._rejected_rows.append(queue.popleft())
+                self.timed_out += 1
+                self.outstanding -= 1
+        return bool(queue)
+
     def _reconcile(self, fn: _Fn, now: float) -> None:
-        """The controller's reconcile of one function, then the pre-warm check."""
-        demand = fn.in_flight + len(fn.queue)
-        fn.autoscaler.observe(now, demand)
+        """The controller's reconcile (:func:`~smss.control.reconcile.reconcile`), its
+        commands applied to the virtual cluster."""
+        self._expire(fn, now)
         views = [
             InstanceView(i.id, i.in_flight, i.idle_since if i.in_flight == 0 else None)
             for i in fn.ready.values()
         ]
-        cfg = self.config
-        scale = plan(
-            FunctionView(
-                now=now,
-                demand=demand,
-                ready=views,
-                starting=fn.starting,
-                min_instances=cfg.min_instances,
-                max_instances=cfg.max_instances,
-                desired=fn.autoscaler.desired(now, len(views)),
-                keep_alive_s=self.policy.keep_alive_s(fn.name, now),
-                queued=len(fn.queue),
-                concurrency=self._limit,
-                surplus_keep_alive_s=self.policy.surplus_keep_alive_s(fn.name, now),
-            )
+        observed = Observed(
+            fn.name, fn.in_flight + len(fn.queue), len(fn.queue), views, fn.starting, 0.0, fn.prewarmed_for
         )
-        for _ in range(scale.start):
-            self._start(fn, now)
-        for instance_id in scale.stop:
+        commands = reconcile(
+            observed, fn.policies, self.cluster, now, evictable=None if self._unbounded else self._evictable
+        )
+        freed = bool(commands.stop or commands.evict)
+        for alloc_id in commands.evict:
+            victim = self._insts[alloc_id]
+            self._stop(victim.fn, alloc_id, now)
+            self._schedule(victim.fn, now)
+        for instance_id in commands.stop:
             self._stop(fn, instance_id, now)
-        if not fn.ready and fn.starting == 0:
-            at = self.policy.prewarm_at(fn.name, now)
-            if at is not None and at != fn.prewarmed_for and now < at <= now + self._cold_s + _EPS:
-                fn.prewarmed_for = at
-                self.prewarm_starts += 1
-                self._start(fn, now)
+        if commands.prewarm_for is not None:
+            fn.prewarmed_for = commands.prewarm_for
+            self.prewarm_starts += 1
+        for k, where in enumerate(commands.start):
+            self._start(fn, now, where.allocation(f"{fn.name}#start{k}", fn.name, fn.policies.need))
+        if commands.no_fit is not None and commands.no_fit.never:
+            while fn.queue:  # the live platform answers them 503 (it can never start one)
+                self._rejected_rows.append(fn.queue.popleft())
+                self.rejected += 1
+                self.outstanding -= 1
+        elif commands.waiting_for_capacity and fn.queue:
+            self._capacity_waited.update(fn.queue)
+            self._waiting[fn.name] = fn
+        else:
+            self._waiting.pop(fn.name, None)
+        if freed and self._waiting:
+            self._retry_waiting(now, fn)
+
+    def _retry_waiting(self, now: float, skip: _Fn) -> None:
+        """Capacity freed: functions waiting for it are reconciled at once (the live
+        controller wakes when a stop completes)."""
+        for waiting in list(self._waiting.values()):
+            if waiting is not skip:
+                self._reconcile(waiting, now)
 
     def _schedule(self, fn: _Fn, now: float) -> None:
         """Make sure the function is reconciled when something can next change."""
@@ -393,15 +499,14 @@ class Simulation:
             wake = math.inf
             if fn.idle and len(fn.ready) > self.config.min_instances:
                 first = next(iter(fn.idle.values()))
-                if len(fn.ready) == 1:  # the last instance: the function's keep-alive
-                    window = self.policy.keep_alive_s(fn.name, now)
-                else:
-                    window = self.policy.surplus_keep_alive_s(fn.name, now)
+                last, surplus = keep_alive_windows(fn.policies.scaling, self.policy, fn.name, now)
+                window = last if len(fn.ready) == 1 else surplus  # the last instance: the function's
                 wake = first.idle_since + window + _EPS
             if not fn.ready and fn.starting == 0:
-                at = self.policy.prewarm_at(fn.name, now)
-                if at is not None and at != fn.prewarmed_for and at - self._cold_s > now:
-                    wake = min(wake, at - self._cold_s)
+                observed = Observed(fn.name, 0, 0, (), 0, 0.0, fn.prewarmed_for)
+                at = prewarm_wake(observed, fn.policies, now)
+                if at is not None:
+                    wake = min(wake, at)
             if wake <= now:
                 wake = now + self.config.tick_s
         if wake < fn.next_wake:
@@ -423,7 +528,9 @@ class Simulation:
         cost = report(usage, self.config.prices, end, dict.fromkeys(usage, size)).total
         n = len(self.trace)
         added_ms = np.asarray(self._added, dtype=np.float64) * 1000.0
-        p50, p99 = (float(x) for x in np.percentile(added_ms, [50, 99])) if n else (0.0, 0.0)
+        if self._rejected_rows:  # answered 503, never served: no latency to count
+            added_ms = np.delete(added_ms, self._rejected_rows)
+        p50, p99 = (float(x) for x in np.percentile(added_ms, [50, 99])) if added_ms.size else (0.0, 0.0)
         return {
             "policy": self.config.policy,
             "speedup": self.config.speedup,
@@ -441,6 +548,10 @@ class Simulation:
             "p99_added_ms": round(p99, 3),
             "instances_started": sum(f.started for f in self._fns),
             "prewarm_starts": self.prewarm_starts,
+            "rejected": self.rejected,
+            "queued_for_capacity": len(self._capacity_waited),
+            "timed_out": self.timed_out,
+            "nodes": self.config.nodes,
             "functions": len(self._fns),
             "period_s": round(end, 3),
         }
@@ -485,6 +596,20 @@ def _parser() -> argparse.ArgumentParser:
         default=d.speedup,
         help="replay K times faster: times, durations and the policy's windows / K (as bench replay)",
     )
+    p.add_argument(
+        "--keep-alive-s",
+        type=float,
+        default=None,
+        help="the functions' own keep-alive, overriding the policy",
+    )
+    p.add_argument(
+        "--nodes", type=int, default=None, help="a cluster of N nodes (default: one node nothing fills)"
+    )
+    p.add_argument(
+        "--request-timeout-s", type=float, default=None, help="drop requests queued this long (live: 60)"
+    )
+    p.add_argument("--cpus-per-node", type=float, default=d.cpus_per_node, help="cores of each node")
+    p.add_argument("--memory-per-node", default="4GiB", help="memory of each node, e.g. 4GiB")
     p.add_argument("--prices", type=Path, default=None, help="TOML price table overriding the defaults")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -505,6 +630,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             tick_s=args.tick_s,
             seed=args.seed,
             speedup=args.speedup,
+            keep_alive_s=args.keep_alive_s,
+            nodes=args.nodes,
+            request_timeout_s=args.request_timeout_s,
+            cpus_per_node=args.cpus_per_node,
+            memory_per_node_mb=parse_size(args.memory_per_node) // (1 << 20),
             prices=load_prices(args.prices),
         )
         out = simulate(args.trace, config)
