@@ -50,7 +50,8 @@ class FakeBackend:
 
     * ``starts`` names the function of every ``start_instance`` call (failed ones
       included), ``start_times`` the clock's time of each (when given a clock);
-      ``stops`` lists ``(instance id, grace_s)`` of every ``stop_instance`` call.
+      ``stops`` lists ``(instance id, grace_s)`` of every ``stop_instance`` call
+      (``stop_times`` their times).
     * ``fail_next(n)`` makes the next ``n`` starts raise :class:`StartFailed`.
     * ``start_gate``: when set to an :class:`asyncio.Event`, starts wait for it
       (clear it to hold starts, set it to let them finish); ``None``: immediate.
@@ -84,6 +85,7 @@ class FakeBackend:
         self.starts: list[str] = []
         self.placements: list[Allocation | None] = []
         self.start_times: list[float] = []
+        self.stop_times: list[float] = []
         self.stops: list[tuple[str, float]] = []
         self.exits: list[tuple[str, int | None]] = []
         self.running: dict[str, InstanceInfo] = {}
@@ -123,6 +125,8 @@ class FakeBackend:
 
     async def stop_instance(self, instance_id: str, grace_s: float) -> None:
         self.stops.append((instance_id, grace_s))
+        if self._clock is not None:
+            self.stop_times.append(self._clock.monotonic())
         self.running.pop(instance_id, None)
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
@@ -194,6 +198,8 @@ class FakeChannel:
       real channel.
     * ``fail_next(error)`` makes the next call raise ``error``.
     * ``latency_s`` adds a real ``asyncio.sleep`` (a slow instance; keep it to ms).
+    * ``service_s(inputs)`` with a ``clock``: each call takes that long on the clock
+      (``clock.sleep``), e.g. a trace's duration carried in the input.
     * ``in_flight`` and ``peak`` count concurrent calls, ``calls`` all calls.
     """
 
@@ -204,9 +210,13 @@ class FakeChannel:
         latency_s: float = 0.0,
         blocked: bool = False,
         info: InstanceInfo | None = None,
+        clock: Clock | None = None,
+        service_s: Callable[[Tensors], float] | None = None,
     ) -> None:
         self.compute = compute
         self.latency_s = latency_s
+        self._clock = clock
+        self._service_s = service_s
         self.blocked = blocked
         self.info = info
         self._held: list[Call] = []
@@ -255,6 +265,8 @@ class FakeChannel:
                     self._held.remove(call)
             if self.latency_s > 0:
                 await asyncio.sleep(self.latency_s)
+            if self._service_s is not None and self._clock is not None:
+                await self._clock.sleep(self._service_s(inputs))
             if self._lost:
                 raise InstanceLost("instance exited with the request in flight")
             return dict(self.compute(inputs, outputs))
