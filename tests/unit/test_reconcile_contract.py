@@ -22,7 +22,7 @@ from smss.config import ServingSettings
 from smss.control.controller import Controller
 from smss.control.keepalive import FixedKeepAlive
 from smss.inventory import Capacity, Device, NodeInventory
-from smss.ports import FunctionRecord, InstanceInfo, Tensors
+from smss.ports import FunctionRecord, Tensors
 from smss.sim.simulator import SimConfig, Simulation
 from smss.sim.trace import Trace
 from smss.spec import FunctionSpec, Resources, Scaling, TensorSpec
