@@ -1,4 +1,5 @@
-"""Device discovery on fake /proc and cgroup trees: cores, memory, reserve, caps, GPUs."""
+"""Device discovery on fake /proc and cgroup trees (cores, memory, reserve, caps, GPUs),
+and how devices are shown (tables, Prometheus gauges)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from smss.api.metrics import PrometheusMetrics
+from smss.device_table import amount_text, devices_table, memory_text, placed_text
 from smss.errors import InvalidSpec
-from smss.inventory import Capacity
+from smss.inventory import Allocation, Capacity, DeviceReport
 from smss.node.devices import (
     Gpu,
     cpu_device,
@@ -213,3 +217,102 @@ def test_discover_on_this_machine_has_a_cpu() -> None:
     cpu = inv.cpu
     assert cpu.capacity.cpu >= 1
     assert 0 < cpu.capacity.memory_mb < cpu.total.memory_mb
+
+
+# ------------------------------------------------------------------ how devices are shown
+
+
+def _reports() -> list[DeviceReport]:
+    instance = Allocation(
+        "mlp-ab12", "mlp", "instance", "local", Capacity(cpu=1.0, memory_mb=512), evictable=True
+    )
+    weights = Allocation("weights:mlp", "mlp", "weights", "local", Capacity(memory_mb=64))
+    on_gpu = Allocation(
+        "cnn-9f", "cnn", "instance", "local", Capacity(cpu=0.5), Capacity(gpu=0.5, gpu_memory_mb=4096), 0
+    )
+    cpu_cap = Capacity(cpu=2.0, memory_mb=22835)
+    gpu_cap = Capacity(gpu=1.0, gpu_memory_mb=81920)
+    return [
+        DeviceReport(
+            "local",
+            "cpu",
+            0,
+            "Fake CPU",
+            cpu_cap,
+            Capacity(cpu=2.0, memory_mb=24576),
+            Capacity(memory_mb=1741),
+            Capacity(cpu=1.5, memory_mb=576),
+            (instance, weights, on_gpu),
+        ),
+        DeviceReport(
+            "local",
+            "cuda",
+            0,
+            "NVIDIA A100",
+            gpu_cap,
+            gpu_cap,
+            Capacity(),
+            Capacity(gpu=0.5, gpu_memory_mb=4096),
+            (on_gpu,),
+            80000,
+        ),
+    ]
+
+
+def test_amount_and_memory_text() -> None:
+    assert memory_text(512) == "512 MiB"
+    assert memory_text(2048) == "2 GiB"
+    assert memory_text(22835) == "22.3 GiB"
+    assert amount_text("cpu", Capacity(cpu=2.0, memory_mb=22835)) == "2 cores, 22.3 GiB"
+    assert amount_text("cpu", Capacity(cpu=1.0, memory_mb=2048)) == "1 core, 2 GiB"
+    assert amount_text("cuda", Capacity(gpu=1.0, gpu_memory_mb=81920)) == "1 GPU, 80 GiB"
+    assert amount_text("cuda", Capacity(gpu=0.5, gpu_memory_mb=4096)) == "0.5 GPUs, 4 GiB"
+
+
+def test_placed_text() -> None:
+    assert placed_text(_reports()[0].placed) == "mlp-ab12 (instance), weights:mlp, cnn-9f (instance)"
+    assert placed_text(()) == "-"
+
+
+def test_devices_table_rows() -> None:
+    table = devices_table(_reports(), title="devices")
+    assert [c.header for c in table.columns] == [
+        "node",
+        "device",
+        "name",
+        "capacity",
+        "allocated",
+        "free",
+        "placed",
+    ]
+    rows = list(zip(*(list(map(str, c.cells)) for c in table.columns), strict=True))
+    cpu = ("local", "cpu:0", "Fake CPU", "2 cores, 22.3 GiB", "1.5 cores, 576 MiB", "0.5 cores, 21.7 GiB")
+    assert rows[0][:6] == cpu
+    assert rows[1][1:6] == ("cuda:0", "NVIDIA A100", "1 GPU, 80 GiB", "0.5 GPUs, 4 GiB", "0.5 GPUs, 76 GiB")
+    assert rows[1][6] == "cnn-9f (instance)"
+
+
+def _device_samples(text: bytes) -> dict[tuple[str, str, str, str, str], float]:
+    return {
+        (s.name, s.labels["node"], s.labels["kind"], s.labels["index"], s.labels["resource"]): s.value
+        for family in text_string_to_metric_families(text.decode())
+        if family.name.startswith("smss_device_")
+        for s in family.samples
+    }
+
+
+def test_metrics_expose_capacity_and_allocation_per_resource_of_the_kind() -> None:
+    metrics = PrometheusMetrics()
+    cap, alloc = "smss_device_capacity", "smss_device_allocated"
+    assert _device_samples(metrics.render({}, _reports())) == {
+        (cap, "local", "cpu", "0", "cpu"): 2.0,
+        (cap, "local", "cpu", "0", "memory_mb"): 22835.0,
+        (alloc, "local", "cpu", "0", "cpu"): 1.5,
+        (alloc, "local", "cpu", "0", "memory_mb"): 576.0,
+        (cap, "local", "cuda", "0", "gpu"): 1.0,
+        (cap, "local", "cuda", "0", "gpu_memory_mb"): 81920.0,
+        (alloc, "local", "cuda", "0", "gpu"): 0.5,
+        (alloc, "local", "cuda", "0", "gpu_memory_mb"): 4096.0,
+    }
+    # A device no longer reported is gone at the next scrape.
+    assert {k[2] for k in _device_samples(metrics.render({}, _reports()[:1]))} == {"cpu"}
