@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import msgspec
 import numpy as np
 import typer
@@ -30,6 +31,8 @@ app.add_typer(bench_app, name="bench")
 runs_app = typer.Typer(no_args_is_help=True, help="Workflow runs: list, show, resume, replay.")
 app.add_typer(runs_app, name="runs")
 console = Console()
+#: Errors go to stderr, so that stdout holds only a command's output (``--json``).
+err_console = Console(stderr=True)
 
 Url = Annotated[str | None, typer.Option("--url", help="Platform URL [default: $SMSS_URL or :8000]")]
 Token = Annotated[str | None, typer.Option("--token", help="Admin token [default: $SMSS_TOKEN]")]
@@ -38,6 +41,10 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON")]
 
 def _client(url: str | None, token: str | None) -> Client:
     return Client(url or config.env_url(), token or config.env_token())
+
+
+def _error(message: object) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
 
 
 def _print_json(data: object) -> None:
@@ -66,10 +73,20 @@ def serve(
         str | None, typer.Option(help="fixed:SECONDS or hybrid [default: fixed:--keep-alive]")
     ] = None,
     prices: Annotated[Path | None, typer.Option(help="TOML price table for `smss cost`")] = None,
+    cpus: Annotated[
+        float | None,
+        typer.Option(help="Cores the platform may place on [default: the machine's, see `smss devices`]"),
+    ] = None,
+    memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Host memory the platform may place, e.g. 8GiB [default: the machine's less 512 MiB + 5 %]"
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
     """Run the platform: gateway, controller and a local node."""
-    from smss.server import serve as run_server
+    from smss.server import build, run
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -88,15 +105,19 @@ def serve(
         spares=spares,
         keep_alive_policy=keep_alive_policy,
         prices_path=prices,
+        cpus=cpus,
+        cuda_visible_devices=config.env_cuda_visible_devices(),
     )
     try:
         if weight_cache is not None:
             settings = dataclasses.replace(settings, weight_cache_bytes=config.parse_size(weight_cache))
-        settings.check()
+        if memory is not None:
+            settings = dataclasses.replace(settings, memory_mb=config.parse_size(memory) // 2**20)
+        ctx = build(settings)
     except SmssError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        _error(e)
         raise typer.Exit(2) from None
-    run_server(settings)
+    run(ctx)
 
 
 @app.command()
@@ -208,6 +229,27 @@ def status(url: Url = None, as_json: AsJson = False) -> None:
             str(st["evictions"]),
         )
     console.print(store_table)
+    with _client(url, None) as client:
+        reports = client.devices()
+    console.print(_devices_table(reports, title="devices"))
+
+
+@app.command()
+def devices(url: Url = None, as_json: AsJson = False) -> None:
+    """Each node's devices: capacity, allocated, free and what is placed there."""
+    with _client(url, None) as client:
+        reports = client.devices()
+    if as_json:
+        _print_json(reports)
+        return
+    console.print(_devices_table(reports))
+
+
+def _devices_table(reports: list[dict[str, Any]], title: str | None = None) -> Table:
+    from smss.device_table import devices_table
+    from smss.inventory import DeviceReport
+
+    return devices_table(msgspec.convert(reports, list[DeviceReport]), title=title)
 
 
 @app.command()
@@ -408,8 +450,19 @@ def main() -> None:
     try:
         app()
     except SmssError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        _error(e)
         sys.exit(1)
+    except httpx.TransportError as e:
+        _error(f"cannot reach the platform{_at(e)}: {e or type(e).__name__}")
+        sys.exit(1)
+
+
+def _at(error: httpx.TransportError) -> str:
+    try:
+        url = error.request.url
+    except RuntimeError:  # raised without a request
+        return ""
+    return f" at {url.scheme}://{url.netloc.decode()}"
 
 
 if __name__ == "__main__":

@@ -71,6 +71,11 @@ class Client:
         result: list[dict[str, Any]] = self._check(self._http.get("/v1/functions"))["functions"]
         return result
 
+    def devices(self) -> list[dict[str, Any]]:
+        """Each node's devices (``GET /v1/devices``): ``smss.inventory.DeviceReport`` as JSON."""
+        result: list[dict[str, Any]] = self._check(self._http.get("/v1/devices"))["devices"]
+        return result
+
     def delete(self, name: str) -> None:
         self._check(self._http.delete(f"/v1/functions/{name}"))
 

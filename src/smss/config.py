@@ -4,6 +4,7 @@ it does so when :func:`from_env` is called at an entry point, never at import.""
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,12 @@ class Settings:
     keep_alive_policy: str | None = None
     #: A TOML price table overriding the defaults (see smss.control.cost).
     prices_path: Path | None = None
+    #: Cores / host memory (MiB) the platform may place on this node; None = what the
+    #: machine has less the platform's reserve (see smss.node.devices).
+    cpus: float | None = None
+    memory_mb: int | None = None
+    #: ``CUDA_VISIBLE_DEVICES`` of the server: the GPUs the platform may use (None = all).
+    cuda_visible_devices: str | None = None
     limits: Limits = field(default_factory=Limits)
     serving: ServingSettings = field(default_factory=ServingSettings)
 
@@ -69,6 +76,10 @@ class Settings:
             raise InvalidSpec(f"invalid port {self.port}")
         if self.start_mode not in ("fork", "exec"):
             raise InvalidSpec(f"start mode must be 'fork' or 'exec', not {self.start_mode!r}")
+        if self.cpus is not None and not (math.isfinite(self.cpus) and self.cpus > 0):
+            raise InvalidSpec(f"--cpus must be a positive number of cores, not {self.cpus:g}")
+        if self.memory_mb is not None and self.memory_mb < 1:
+            raise InvalidSpec(f"--memory must be at least 1 MiB, not {self.memory_mb} MiB")
         return self
 
 
@@ -103,6 +114,11 @@ def env_token() -> str | None:
 
 def env_url() -> str:
     return os.environ.get("SMSS_URL", "http://127.0.0.1:8000")
+
+
+def env_cuda_visible_devices() -> str | None:
+    """``CUDA_VISIBLE_DEVICES``: the GPUs the platform may use (unset: all of them)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def env_keep_alive() -> float | None:

@@ -21,6 +21,11 @@ DeviceKind = Literal["cpu", "cuda"]
 #: resident for a function whether or not an instance runs.
 AllocationKind = Literal["instance", "weights", "template", "spare"]
 RESOURCES = ("cpu", "memory_mb", "gpu", "gpu_memory_mb")
+#: The resources a device of each kind carries.
+KIND_RESOURCES: dict[DeviceKind, tuple[str, ...]] = {
+    "cpu": ("cpu", "memory_mb"),
+    "cuda": ("gpu", "gpu_memory_mb"),
+}
 
 
 class Capacity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -21,14 +21,16 @@ from smss.api.app import create_app
 from smss.api.auth import TokenAuth
 from smss.api.context import AppContext
 from smss.api.metrics import PrometheusMetrics
-from smss.cluster.local import LocalBackend
+from smss.cluster.local import NODE, LocalBackend
 from smss.config import Settings
 from smss.control.controller import Controller
 from smss.control.cost import load_prices
 from smss.control.keepalive import parse_policy
 from smss.control.metering import Meter, UsageSnapshot, decode_snapshot
+from smss.device_table import amount_text
 from smss.errors import SmssError
 from smss.node.channel import UnixChannel
+from smss.node.devices import discover
 from smss.packaging import package_class
 from smss.platform import Platform
 from smss.ports import SystemClock
@@ -67,7 +69,23 @@ def save_usage(ctx: AppContext) -> None:
 
 
 def build(settings: Settings) -> AppContext:
+    """The object graph of one platform process. Raises SmssError (before anything is
+    created) on settings this machine cannot honour, e.g. ``--cpus`` above its cores."""
     settings.check()
+    inventory = discover(
+        NODE,
+        cpus=settings.cpus,
+        memory_mb=settings.memory_mb,
+        visible=settings.cuda_visible_devices,
+    )
+    for d in inventory.devices:
+        log.info(
+            "device %s (%s): capacity %s, reserved %s",
+            d.key,
+            d.name,
+            amount_text(d.kind, d.capacity),
+            amount_text(d.kind, d.reserved),
+        )
     data = settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
     clock = SystemClock()
@@ -78,6 +96,7 @@ def build(settings: Settings) -> AppContext:
         weight_budget_bytes=settings.weight_cache_bytes,
         mode="exec" if settings.start_mode == "exec" else "fork",
         spares=settings.spares,
+        inventory=inventory,
     )
     controller = Controller(
         backend,
@@ -155,7 +174,12 @@ class _Server(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
-    ctx = build(settings)
+    run(build(settings))
+
+
+def run(ctx: AppContext) -> None:
+    """Serve a built platform under uvicorn until SIGINT/SIGTERM."""
+    settings = ctx.settings
     app = create_app(ctx)
     config = uvicorn.Config(
         app,

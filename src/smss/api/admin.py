@@ -1,4 +1,4 @@
-"""Admin and platform routes under ``/v1``: uploads, deploy, delete, list, status.
+"""Admin and platform routes under ``/v1``: uploads, deploy, delete, list, status, devices.
 
 Deploying a model runs its code, so every mutating route here checks the
 admin token (when one is configured) before reading the body.
@@ -94,6 +94,10 @@ def routes(ctx: AppContext) -> list[Route]:
         return json_response({"name": name, "evicted": platform.evict_weights(name)})
 
     @endpoint
+    async def devices(request: Request) -> Response:
+        return json_response({"devices": platform.devices()})
+
+    @endpoint
     async def cost(request: Request) -> Response:
         usage = platform.controller.meter.usage(time.monotonic())
         specs = {rt.name: rt.record.spec for rt in platform.controller.functions()}
@@ -102,7 +106,10 @@ def routes(ctx: AppContext) -> list[Route]:
 
     @endpoint
     async def metrics(request: Request) -> Response:
-        text = ctx.metrics.render(platform.backend.weight_cache())  # type: ignore[arg-type]
+        text = ctx.metrics.render(
+            platform.backend.weight_cache(),  # type: ignore[arg-type]
+            platform.devices(),
+        )
         return Response(text, media_type="text/plain; version=0.0.4")
 
     return [
@@ -112,6 +119,7 @@ def routes(ctx: AppContext) -> list[Route]:
         Route("/v1/functions/{name}", get_function, methods=["GET"]),
         Route("/v1/functions/{name}", delete_function, methods=["DELETE"]),
         Route("/v1/weights", weights, methods=["GET"]),
+        Route("/v1/devices", devices, methods=["GET"]),
         Route("/v1/cost", cost, methods=["GET"]),
         Route("/v1/weights/{name}", evict_weights, methods=["DELETE"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from smss.inventory import KIND_RESOURCES, DeviceReport
 from smss.ports import StartTimings
 
 _LATENCY_BUCKETS = (
@@ -58,6 +59,19 @@ class PrometheusMetrics:
             ["node", "field"],
             registry=r,
         )
+        device_labels = ["node", "kind", "index", "resource"]
+        self.device_capacity = Gauge(
+            "smss_device_capacity",
+            "What placement may allocate on a device (cores, MiB, GPUs), after the platform's reserve",
+            device_labels,
+            registry=r,
+        )
+        self.device_allocated = Gauge(
+            "smss_device_allocated",
+            "What is allocated on a device (cores, MiB, GPUs)",
+            device_labels,
+            registry=r,
+        )
 
     def request_done(self, function: str, status: str, seconds: float) -> None:
         self.requests.labels(function, status).inc()
@@ -79,9 +93,26 @@ class PrometheusMetrics:
             self.instance_count.labels(function, state).set(0)
         self.queue.labels(function).set(0)
 
-    def render(self, weight_cache: Mapping[str, Mapping[str, object]] | None = None) -> bytes:
+    def render(
+        self,
+        weight_cache: Mapping[str, Mapping[str, object]] | None = None,
+        devices: Sequence[DeviceReport] = (),
+    ) -> bytes:
+        """The exposition text, the node gauges first set from what was measured at this scrape."""
         for node, stats in (weight_cache or {}).items():
             for key, value in stats.items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self.store.labels(node, key).set(value)
+        self.devices(devices)
         return generate_latest(self.registry)
+
+    def devices(self, devices: Sequence[DeviceReport]) -> None:
+        """Capacity and allocation of each device, per resource of its kind (a device gone
+        since the last scrape is gone from the gauges too)."""
+        self.device_capacity.clear()
+        self.device_allocated.clear()
+        for d in devices:
+            for resource in KIND_RESOURCES[d.kind]:
+                labels = (d.node, d.kind, str(d.index), resource)
+                self.device_capacity.labels(*labels).set(d.capacity.get(resource))
+                self.device_allocated.labels(*labels).set(d.allocated.get(resource))

@@ -69,6 +69,9 @@ def document() -> dict[str, object]:
             "get": {**_op("One function", 404), "parameters": _name()},
             "delete": {**_op("Delete a function", 401, 403, 404, admin=True), "parameters": _name()},
         },
+        "/v1/devices": {
+            "get": _op("Each node's devices: capacity, total, reserved, allocated and what is placed there")
+        },
         "/metrics": {"get": _op("Prometheus metrics")},
     }
     return {
