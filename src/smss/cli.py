@@ -22,7 +22,7 @@ from rich.table import Table
 
 from smss import config
 from smss.client import Client
-from smss.errors import SmssError
+from smss.errors import InvalidSpec, SmssError
 from smss.spec import DATATYPES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="SMSS: serverless model serving.")
@@ -114,9 +114,12 @@ def serve(
         if memory is not None:
             settings = dataclasses.replace(settings, memory_mb=config.parse_size(memory) // 2**20)
         ctx = build(settings)
-    except SmssError as e:
+    except InvalidSpec as e:  # a setting it cannot honour (a cap above the machine's, a bad size)
         _error(e)
         raise typer.Exit(2) from None
+    except SmssError as e:  # the platform cannot start (a damaged log, a store it cannot open)
+        _error(e)
+        raise typer.Exit(1) from None
     run(ctx)
 
 

@@ -9,14 +9,23 @@ import smss
 
 SRC = Path(smss.__file__).parent
 
-# package -> smss modules it must not import
+# The composition root (cli, server) and the entry points above everything.
+_ROOT = ("smss.cli", "smss.server")
+# package -> smss modules it must not import: every package of smss has a rule.
 FORBIDDEN = {
-    "control": ("smss.api", "smss.node", "smss.store", "smss.cluster", "smss.server", "smss.cli"),
-    "workflow": ("smss.api", "smss.node", "smss.cluster", "smss.server", "smss.cli"),
-    "api": ("smss.cluster", "smss.store.sqlite", "smss.cli", "smss.server"),
-    "node": ("smss.api", "smss.control", "smss.cluster", "smss.cli", "smss.server"),
-    "store": ("smss.api", "smss.control", "smss.cluster", "smss.cli", "smss.server"),
+    "control": ("smss.api", "smss.node", "smss.store", "smss.cluster", "smss.sim", "smss.bench", *_ROOT),
+    "workflow": ("smss.api", "smss.node", "smss.cluster", "smss.sim", "smss.bench", *_ROOT),
+    "api": ("smss.cluster", "smss.store.sqlite", "smss.node", "smss.sim", "smss.bench", *_ROOT),
+    "node": ("smss.api", "smss.control", "smss.cluster", "smss.store", "smss.sim", "smss.bench", *_ROOT),
+    "store": ("smss.api", "smss.control", "smss.cluster", "smss.node", "smss.sim", "smss.bench", *_ROOT),
+    "cluster": ("smss.api", "smss.control", "smss.store", "smss.sim", "smss.bench", *_ROOT),
+    "sim": ("smss.api", "smss.node", "smss.store", "smss.cluster", "smss.bench", "smss.workflow", *_ROOT),
+    "demo": ("smss.api", "smss.control", "smss.node", "smss.store", "smss.cluster", "smss.sim", *_ROOT),
+    "testing": ("smss.api", "smss.cluster", "smss.node", "smss.sim", "smss.bench", *_ROOT),
+    "bench": ("smss.api", "smss.server", "smss.cli"),
 }
+# Modules at the top level that everything may import: they import no package but these.
+LEAVES = {"errors": (), "inventory": (), "spec": ("smss.errors",), "config": ("smss.errors",)}
 FORBIDDEN_LIBS = {
     "control": ("sqlite3", "socket", "ray", "torch", "starlette", "uvicorn"),
     "workflow": ("ray", "starlette", "uvicorn"),
@@ -58,6 +67,20 @@ def test_imports_point_inward() -> None:
             for name in _imports(path):
                 if any(name == b or name.startswith(b + ".") for b in banned):
                     violations.append(f"{path.relative_to(SRC)} imports {name}")
+    assert violations == []
+
+
+def test_every_package_has_an_import_rule() -> None:
+    packages = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages == set(FORBIDDEN)
+
+
+def test_leaf_modules_import_only_leaves() -> None:
+    violations = []
+    for module, allowed in LEAVES.items():
+        for name in _imports(SRC / f"{module}.py"):
+            if name.startswith("smss") and name not in allowed:
+                violations.append(f"{module}.py imports {name}")
     assert violations == []
 
 

@@ -211,7 +211,7 @@ class HybridKeepAlive:
     averaged demand no longer covers.
 
     **Defaults and why.** ``bin_s = 1`` and ``range_s = 600`` rather than the paper's
-    1 minute and 4 hours: our traces (``shared/traces``) span 20-30 minutes and their
+    1 minute and 4 hours: our traces (``traces/``) span 20-30 minutes and their
     idle times run from 50 ms to a few minutes (median 0.8-3 s, 99th percentile about
     90 s, 99.9th 2.5-4 min), so minute bins would put nearly every idle time in bin 0
     and the policy would never pre-warm; 1 s bins resolve second-scale periods, and
@@ -223,7 +223,7 @@ class HybridKeepAlive:
     are OOB, which we read as half. The histogram never forgets; a function whose
     pattern changes is relearned only as new samples outweigh old ones.
 
-    **What it achieves on ``shared/traces``** (``smss simulate``, 500 ms starts): on
+    **What it achieves on ``traces/``** (``smss simulate``, 500 ms starts): on
     the 30-minute trace 624 cold starts and 128k GB-s, against 181 and 178k for
     ``fixed:600`` and 870 / 121k for ``fixed:60``: about 4 % fewer GB-seconds than
     fixed TTLs at equal cold starts. Those traces are not periodic (idle-time CV

@@ -1,4 +1,4 @@
-"""Invocation traces (``shared/traces``): CSV in, numpy arrays out.
+"""Invocation traces (``traces/`` in the repository): CSV in, numpy arrays out.
 
 A trace is a CSV file with a header row naming at least ``t_ms`` (arrival, ms from the
 start), ``function`` (an id of 1-64 characters) and ``duration_ms`` (execution time,
