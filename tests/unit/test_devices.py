@@ -4,6 +4,8 @@ and how devices are shown (tables, Prometheus gauges)."""
 from __future__ import annotations
 
 import logging
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from smss.node.devices import (
     host,
     memory_reserve_mb,
     parse_nvidia_smi,
+    probe_gpus,
     visible_gpus,
 )
 
@@ -316,3 +319,55 @@ def test_metrics_expose_capacity_and_allocation_per_resource_of_the_kind() -> No
     }
     # A device no longer reported is gone at the next scrape.
     assert {k[2] for k in _device_samples(metrics.render({}, _reports()[:1]))} == {"cpu"}
+
+
+class _FakeNvml(types.ModuleType):
+    """What probe_gpus uses of pynvml: one GPU (old versions answer bytes for names)."""
+
+    class NVMLError_LibraryNotFound(Exception):
+        pass
+
+    def __init__(self, *, driver: bool = True) -> None:
+        super().__init__("pynvml")
+        self.driver = driver
+        self.calls: list[str] = []
+
+    def nvmlInit(self) -> None:
+        self.calls.append("init")
+        if not self.driver:
+            raise self.NVMLError_LibraryNotFound("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self) -> None:
+        self.calls.append("shutdown")
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return b"NVIDIA H200"
+
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
+        return "GPU-0000"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(total=143771 << 20, free=100000 << 20, used=43771 << 20)
+
+
+def test_nvml_is_used_when_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert probe_gpus() == [Gpu(0, "GPU-0000", "NVIDIA H200", 143771, 100000)]
+    assert fake.calls == ["init", "shutdown"]
+
+
+def test_nvml_without_a_driver_is_no_gpus_quietly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml(driver=False))
+    with caplog.at_level(logging.WARNING, logger="smss.node.devices"):
+        inv = discover(root=_machine(tmp_path), affinity=lambda: 2)
+    assert [d.key for d in inv.devices] == ["cpu:0"]
+    assert caplog.text == ""
