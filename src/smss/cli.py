@@ -432,6 +432,7 @@ def bench_replay(
     default_ttl_s: Annotated[
         float, typer.Option(help="fixed's / hybrid's fallback TTL before scaling")
     ] = 600.0,
+    cpu: Annotated[float, typer.Option(help="Declared cores of each instance (placed on the node)")] = 0.1,
     as_json: AsJson = True,
 ) -> None:
     """Replay a trace open loop against a live platform, beside `smss simulate` on the same settings."""
@@ -445,6 +446,7 @@ def bench_replay(
             memory_mb=memory_mb,
             max_instances=max_instances,
             default_ttl_s=default_ttl_s,
+            cpu=cpu,
         )
     )
 

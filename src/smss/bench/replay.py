@@ -2,7 +2,7 @@
 
 Starts ``smss serve`` as a subprocess with the keep-alive policy under test, deploys
 one synthetic python-runtime function per function of the trace (concurrency 1,
-``max_instances`` instances at most, 1 CPU, ``memory_mb``), and replays the trace
+``max_instances`` instances at most, ``cpu`` cores declared (0.1), ``memory_mb``), and replays the trace
 open loop, ``speedup`` (K) times faster than recorded: the request of row ``t_ms``
 is sent at ``t_ms / K`` after the start whether or not earlier ones were answered,
 and asks its function to spend ``duration_ms / K`` of wall time (a busy loop).
@@ -13,7 +13,9 @@ so every duration of the keep-alive policy is divided by K too
 ``hybrid`` with its bins, range and surplus window / K, the fallback TTL / K); the
 platform's own constants (autoscaler windows, tick, start time) stay what they are.
 The simulator is then run in-process on the same compressed trace with the same
-settings (``speedup=K``, the live tick, the same instance limits) and the *measured*
+settings (and the live node's capacity, from ``GET /v1/devices``, as its one node:
+both sides place instances on the same cores and memory; the simulator does not
+place the templates and spares the live node keeps resident) (``speedup=K``, the live tick, the same instance limits) and the *measured*
 start time as ``cold_start_ms``, and both results are reported side by side
 (``simulate``, ``cold_starts_diff_pct``, ``instance_starts_diff_pct``). A second run
 (``simulate_with_overhead``) also holds each instance for the platform's measured
@@ -98,7 +100,7 @@ os.register_at_fork(after_in_child=lambda: _BORN.__setitem__(0, time.time()))
     outputs={"ok": ("FP32", [-1, 1]), "born": ("FP64", [-1, 1]), "served": ("INT64", [-1, 1])},
     concurrency=1,
     max_instances=MAX_INSTANCES,
-    cpu=1.0,
+    cpu=CPU_SHARE,
     memory=MEMORY_MB,
 )
 class Busy:
@@ -271,6 +273,7 @@ def run(
     memory_mb: int = 512,
     max_instances: int = 8,
     default_ttl_s: float = 600.0,
+    cpu: float = 0.1,
 ) -> dict[str, object]:
     """Replay ``trace_path`` live and in the simulator; one JSON-ready dict."""
     if not (math.isfinite(speedup) and speedup > 0):
@@ -283,7 +286,9 @@ def run(
         data = Path(tmp)
         source = data / "replay_model.py"
         source.write_text(
-            MODEL_SOURCE.replace("MAX_INSTANCES", str(max_instances)).replace("MEMORY_MB", str(memory_mb))
+            MODEL_SOURCE.replace("MAX_INSTANCES", str(max_instances))
+            .replace("MEMORY_MB", str(memory_mb))
+            .replace("CPU_SHARE", repr(float(cpu)))
         )
         args = ["--keep-alive-policy", live_policy, "--keep-alive", repr(live_ttl), "--log-level", "warning"]
         with running_server(data / "platform", args) as server, Client(server.url) as client:
@@ -294,6 +299,7 @@ def run(
             cost = client.get("/v1/cost")
             functions = client.functions()
             metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+            node = next(d for d in client.devices() if d["kind"] == "cpu")
     start_ms, ready_ms = _phase_ms(metrics, "total"), _phase_ms(metrics, "spawn_call")
     live = _figures(trace, speedup, results, period, start_ms, ready_ms, cost, functions, prices, memory_mb)
     config = SimConfig(
@@ -306,6 +312,11 @@ def run(
         tick_s=LIVE_TICK_S,
         speedup=speedup,
         prices=prices,
+        cpu=cpu,
+        # the live node's capacity: both sides place on the same cores and memory
+        nodes=1,
+        cpus_per_node=float(node["capacity"]["cpu"]),
+        memory_per_node_mb=int(node["capacity"]["memory_mb"]),
     )
     sim = simulate(trace, config)
     # The same with each request holding its instance for the platform's measured
@@ -327,6 +338,8 @@ def run(
         "speedup": speedup,
         "memory_mb": memory_mb,
         "max_instances": max_instances,
+        "cpu": cpu,
+        "node_capacity": node["capacity"],
         **live,
         "simulate": sim,
         "cold_starts_diff_pct": _diff_pct(live_cold, sim_cold),
