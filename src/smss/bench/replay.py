@@ -16,7 +16,8 @@ The simulator is then run in-process on the same compressed trace with the same
 settings (and the live node's capacity, from ``GET /v1/devices``, as its one node:
 both sides place instances on the same cores and memory; the simulator does not
 place the templates and spares the live node keeps resident; ``speedup=K``, the
-live tick, the same instance limits) and the *measured* start time as ``cold_start_ms``, and both results are reported side by side
+live tick, the same instance limits) and the *measured* start time as
+``cold_start_ms``, and both results are reported side by side
 (``simulate``, ``cold_starts_diff_pct``, ``instance_starts_diff_pct``). A second run
 (``simulate_with_overhead``) also holds each instance for the platform's measured
 per-request overhead (``warm_overhead_p50_ms``), which trace durations leave out and
