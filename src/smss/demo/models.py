@@ -306,7 +306,7 @@ class Perceive(_TorchModel):
     runtime="torch",
     max_batch_size=1,  # the state is per session: one session's step per call
     concurrency=8,
-    cpu=1,
+    cpu=0.5,  # a small model: the three stages fit a 2-core node together
     memory=256,
 )
 class Track(_TorchModel):
@@ -331,7 +331,7 @@ class Track(_TorchModel):
     max_batch_size=8,
     batch_wait_ms=1,
     concurrency=16,
-    cpu=1,
+    cpu=0.5,  # a small model: the three stages fit a 2-core node together
     memory=256,
 )
 class Respond(_TorchModel):
