@@ -134,3 +134,17 @@ class DeviceReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allocated: Capacity
     placed: tuple[Allocation, ...]
     free_memory_mb: int | None = None
+
+
+def memory_text(mb: float) -> str:
+    """MiB as a person reads it: ``512 MiB``, ``2 GiB``, ``22.3 GiB``."""
+    if abs(mb) < 1024:
+        return f"{mb:g} MiB"
+    return f"{mb / 1024:.1f}".removesuffix(".0") + " GiB"
+
+
+def amount_text(kind: DeviceKind, amount: Capacity) -> str:
+    """A device's amount in its own resources: ``2 cores, 22.3 GiB`` / ``1 GPU, 80 GiB``."""
+    if kind == "cuda":
+        return f"{amount.gpu:g} GPU{'' if amount.gpu == 1 else 's'}, {memory_text(amount.gpu_memory_mb)}"
+    return f"{amount.cpu:g} core{'' if amount.cpu == 1 else 's'}, {memory_text(amount.memory_mb)}"

@@ -10,7 +10,7 @@ port                      production                             later / tests
 ========================  =====================================  ==============================
 Clock                     ``SystemClock`` (monotonic)            ``testing.FakeClock``
 RegistryStore             ``store.sqlite.SqliteRegistry``        PostgreSQL; ``testing.MemoryRegistry``
-ClusterBackend            ``cluster.local.LocalBackend``         ``cluster.ray``; ``testing.FakeBackend``
+ClusterBackend            ``cluster.local.NodeAgent``         ``cluster.ray``; ``testing.FakeBackend``
 InstanceChannel           ``node.channel.UnixChannel``           TCP; ``testing.FakeChannel``
 Metrics                   ``api.metrics.PrometheusMetrics``      ``testing.NullMetrics``
 ========================  =====================================  ==============================

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from smss.cluster.local import LocalBackend
 from smss.demo import models
 from smss.demo.generate import ensure_artifact
+from smss.node.agent import NodeAgent
 from smss.node.channel import UnixChannel
 from smss.packaging import Package, load_class, package_class
 from smss.ports import InstanceInfo
@@ -182,10 +182,10 @@ def smaps_region(pid: int, address: int) -> Region:
 
 
 class RunRecord:
-    """Every process and ``/dev/shm`` prefix a :class:`LocalBackend` run made, so a test can
+    """Every process and ``/dev/shm`` prefix a :class:`NodeAgent` run made, so a test can
     check that ``close()`` leaves none of them behind. Call :meth:`note` after each start."""
 
-    def __init__(self, backend: LocalBackend) -> None:
+    def __init__(self, backend: NodeAgent) -> None:
         self.backend = backend
         self.processes: set[Proc] = set()
         self.shm_prefixes: set[str] = set()
@@ -221,9 +221,9 @@ class RunRecord:
 
 
 @contextlib.asynccontextmanager
-async def local_backend(log_dir: Path, **options: Any) -> AsyncIterator[tuple[LocalBackend, RunRecord]]:
-    """A fork-mode LocalBackend, closed however the test ends."""
-    backend = LocalBackend(log_dir, **options)
+async def local_backend(log_dir: Path, **options: Any) -> AsyncIterator[tuple[NodeAgent, RunRecord]]:
+    """A fork-mode NodeAgent, closed however the test ends."""
+    backend = NodeAgent(log_dir, **options)
     try:
         yield backend, RunRecord(backend)
     finally:

@@ -1,6 +1,6 @@
 """Cold starts through zygotes, model templates and the shared weight store, with real processes.
 
-Each test drives a fork-mode :class:`LocalBackend` inside ``asyncio.run`` and
+Each test drives a fork-mode :class:`NodeAgent` inside ``asyncio.run`` and
 closes it with a check that every process it started (zygotes, templates,
 instances) is gone and no ``/dev/shm`` segment of it remains. Nothing is timed:
 sharing is checked by physical page frames, safety by the signal that kills a
@@ -40,9 +40,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 import smss  # noqa: E402
-from smss.cluster.local import LocalBackend  # noqa: E402
 from smss.demo import models  # noqa: E402
 from smss.errors import InstanceLost, ModelError  # noqa: E402
+from smss.node.agent import NodeAgent  # noqa: E402
 from smss.node.attach import Attached, HotCopy  # noqa: E402
 from smss.node.weightstore import HEADER_SIZE, WeightStore  # noqa: E402
 from smss.node.worker import child_pids, load_model  # noqa: E402
@@ -94,7 +94,7 @@ async def predict(function: Function, info: InstanceInfo, x: np.ndarray) -> np.n
     return np.asarray(out[o.name])
 
 
-def template_of(backend: LocalBackend, function: Function) -> dict[str, int]:
+def template_of(backend: NodeAgent, function: Function) -> dict[str, int]:
     """The weight cache's report of the function's template (pid and weights mapping)."""
     templates = backend.weight_cache()["local"]["templates"]  # type: ignore[index]
     (template,) = (t for key, t in templates.items() if key.partition("@")[0] == function.spec.name)
@@ -415,7 +415,7 @@ def test_a_killed_zygote_is_replaced_and_the_next_cold_start_works(
 # ------------------------------------------------------------------ spares
 
 
-def spare_of(backend: LocalBackend, function: Function) -> int | None:
+def spare_of(backend: NodeAgent, function: Function) -> int | None:
     """The template's child that is not an instance of the backend (its spare), if any."""
     template = template_of(backend, function)["pid"]
     spares = child_pids(template) - set(backend.pids().values())

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from smss.api.metrics import PrometheusMetrics
-from smss.device_table import amount_text, devices_table, memory_text, placed_text
+from smss.cli.tables import devices_table, placed_text
 from smss.errors import InvalidSpec
-from smss.inventory import Allocation, Capacity, DeviceReport
+from smss.inventory import Allocation, Capacity, DeviceReport, amount_text, memory_text
 from smss.node.devices import (
     Gpu,
     cpu_device,

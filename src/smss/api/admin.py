@@ -15,8 +15,8 @@ from starlette.routing import Route
 
 from smss.api.context import AppContext
 from smss.api.http import body_chunks, check_length, client_of, endpoint, json_response, read_json
+from smss.app.platform import FunctionStatus
 from smss.control.cost import report as cost_report
-from smss.platform import FunctionStatus
 from smss.spec import FunctionSpec
 
 MAX_DEPLOY_BODY = 2 * 1024 * 1024

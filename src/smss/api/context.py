@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 from smss.api.auth import TokenAuth
 from smss.api.metrics import PrometheusMetrics
+from smss.app.platform import Platform
 from smss.config import Settings
 from smss.control.cost import PriceTable
-from smss.platform import Platform
 
 
 @dataclass

@@ -24,7 +24,7 @@ For ``cnn`` (11M parameters) and ``cnn_large`` (~100M), in one run:
   installed, the first request to a Ray Serve deployment of the same model
   that has scaled to zero (median of 5), with ``ray_serve_warm_ms``,
   ``ray_serve_samples_ms`` and ``ray_serve_config`` (the autoscaling settings,
-  tuned for scale-to-zero: see :mod:`smss.cluster.rayserve_peer`, which runs in
+  tuned for scale-to-zero: see :mod:`smss.bench.peers.rayserve`, which runs in
   its own process after the platform has stopped); else null, with the reason
   in ``ray_serve_note``.
 
@@ -302,13 +302,13 @@ RAY_SERVE_TIMEOUT_S = 900.0
 
 def ray_serve(arts: dict[str, Any], timeout: float = RAY_SERVE_TIMEOUT_S) -> dict[str, dict[str, Any]]:
     """The ``ray_serve_*`` fields of each model's row: measured by ``python -m
-    smss.cluster.rayserve_peer`` where ray is installed, else null with the reason.
+    smss.bench.peers.rayserve`` where ray is installed, else null with the reason.
     Never raises: any failure of the peer becomes ``ray_serve_note``."""
     if importlib.util.find_spec("ray") is None:
         return _ray_serve_failed(
             arts, "ray[serve] is not installed (pip install 'smss[bench]'); not measured"
         )
-    cmd = [sys.executable, "-m", "smss.cluster.rayserve_peer", "--tries", str(TRIES)]
+    cmd = [sys.executable, "-m", "smss.bench.peers.rayserve", "--tries", str(TRIES)]
     for name, art in arts.items():
         cmd += ["--model", name, str(art.source), art.class_name, str(art.weights)]
     return peer_fields(list(arts), cmd, timeout)

@@ -21,18 +21,19 @@ from smss.api.app import create_app
 from smss.api.auth import TokenAuth
 from smss.api.context import AppContext
 from smss.api.metrics import PrometheusMetrics
-from smss.cluster.local import NODE, LocalBackend
+from smss.app.platform import Platform
+from smss.app.workflow_registry import PlatformCaller, WorkflowRegistry
 from smss.config import Settings
 from smss.control.controller import Controller
 from smss.control.cost import load_prices
 from smss.control.keepalive import parse_policy
 from smss.control.metering import Meter, UsageSnapshot, decode_snapshot
-from smss.device_table import amount_text
 from smss.errors import SmssError
+from smss.inventory import amount_text
+from smss.node.agent import NODE, NodeAgent
 from smss.node.channel import UnixChannel
 from smss.node.devices import discover
 from smss.packaging import package_class
-from smss.platform import Platform
 from smss.ports import SystemClock
 from smss.store.artifacts import ArtifactStore
 from smss.store.sqlite import SqliteRegistry
@@ -40,7 +41,6 @@ from smss.store.sqlite_log import SqliteEventLog
 from smss.store.sqlite_workflows import SqliteWorkflows
 from smss.workflow.engine import Engine
 from smss.workflow.spec import spec_hash, validate_workflow
-from smss.workflows import PlatformCaller, WorkflowRegistry
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def build(settings: Settings) -> AppContext:
     data.mkdir(parents=True, exist_ok=True)
     clock = SystemClock()
     metrics = PrometheusMetrics()
-    backend = LocalBackend(
+    backend = NodeAgent(
         data / "logs",
         start_timeout_s=settings.serving.start_timeout_s,
         weight_budget_bytes=settings.weight_cache_bytes,

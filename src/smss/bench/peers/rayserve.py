@@ -1,6 +1,6 @@
 """The established peer for ``smss bench cold-start``: Ray Serve, scaled to zero.
 
-``python -m smss.cluster.rayserve_peer [--tries N] [--budget-s S] --model NAME SOURCE CLASS WEIGHTS ...``
+``python -m smss.bench.peers.rayserve [--tries N] [--budget-s S] --model NAME SOURCE CLASS WEIGHTS ...``
 
 Starts a private local Ray (2 CPUs, no dashboard, a small object store) and
 Serve with its HTTP proxy on a free loopback port, then, model by model,
@@ -195,7 +195,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smss.cluster.rayserve_peer")
+    parser = argparse.ArgumentParser(prog="python -m smss.bench.peers.rayserve")
     parser.add_argument(
         "--model", nargs=4, action="append", required=True, metavar=("NAME", "SOURCE", "CLASS", "WEIGHTS")
     )
@@ -267,6 +267,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Serve pickles the deployment's class: use the importable module's, not __main__'s.
-    from smss.cluster import rayserve_peer
+    from smss.bench.peers import rayserve
 
-    sys.exit(rayserve_peer.main())
+    sys.exit(rayserve.main())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smss.app.workflow_registry import WorkflowRegistry
 from smss.control.controller import Controller, FunctionRuntime
 from smss.errors import Conflict, NotFound
 from smss.inventory import DeviceReport
@@ -23,7 +24,6 @@ from smss.ports import Clock, ClusterBackend, EventLog, FunctionRecord, Registry
 from smss.spec import FunctionSpec
 from smss.store.artifacts import ArtifactStore
 from smss.workflow.engine import Engine
-from smss.workflows import WorkflowRegistry
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
     """Run the platform: gateway, controller and a local node."""
-    from smss.server import build, run
+    from smss.compose import build, run
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -249,7 +249,7 @@ def devices(url: Url = None, as_json: AsJson = False) -> None:
 
 
 def _devices_table(reports: list[dict[str, Any]], title: str | None = None) -> Table:
-    from smss.device_table import devices_table
+    from smss.cli.tables import devices_table
     from smss.inventory import DeviceReport
 
     return devices_table(msgspec.convert(reports, list[DeviceReport]), title=title)
@@ -346,7 +346,7 @@ def runs_list(
 @runs_app.command("show")
 def runs_show(run_id: str, url: Url = None, as_json: AsJson = False) -> None:
     """A run's timeline: every event, per-stage durations, and where and why it failed."""
-    from smss.timeline import render_run
+    from smss.cli.timeline import render_run
 
     with _client(url, None) as client:
         run = client.get(f"/v1/runs/{run_id}")

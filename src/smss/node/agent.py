@@ -1,6 +1,6 @@
-"""The local cluster backend: one node, this machine; instances are local processes.
+"""The node agent: one per machine; owns its devices, weight store, zygotes and instances.
 
-Implements :class:`smss.ports.ClusterBackend`. Two start modes:
+Instances are local processes. Implements :class:`smss.ports.ClusterBackend`. Two start modes:
 
 * ``fork`` (default): the cold-start path of DESIGN.md. The model's weights are
   put in the node's :class:`WeightStore` (once; cached across scale-to-zero),
@@ -70,7 +70,7 @@ def default_weight_budget() -> int:
         return 4 << 30
 
 
-class LocalBackend:
+class NodeAgent:
     def __init__(
         self,
         log_dir: Path,

@@ -1,0 +1,1 @@
+"""Other systems run beside SMSS by the benchmarks, each in its own module."""
