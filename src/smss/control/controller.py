@@ -151,13 +151,15 @@ class Controller:
         """Register or replace a function; instances of a replaced one are drained."""
         old = self._functions.get(record.spec.name)
         name = record.spec.name
+        autoscaler = autoscaler_for(record)
         hooks = DispatchHooks(
             on_arrival=lambda: self._keep_alive.on_invocation(name, self._clock.monotonic()),
+            on_demand_change=lambda demand: autoscaler.observe(self._clock.monotonic(), float(demand)),
             on_start=lambda iid: self.meter.request_started(name, iid, self._clock.monotonic()),
             on_finish=lambda iid: self.meter.request_finished(name, iid, self._clock.monotonic()),
         )
         dispatcher = FunctionDispatcher(record.spec, self._clock, self._settings, self.wake, hooks=hooks)
-        self._functions[record.spec.name] = FunctionRuntime(record, dispatcher, autoscaler_for(record))
+        self._functions[record.spec.name] = FunctionRuntime(record, dispatcher, autoscaler)
         if old is not None:
             old.dispatcher.close(f"model {record.spec.name!r} was redeployed")
             self._stop_all(old)

@@ -46,9 +46,11 @@ from smss.spec import FunctionSpec
 class DispatchHooks:
     """What the controller learns from the data path: arrivals (keep-alive
     policies learn from them) and each request's start and end on an instance
-    (metering of busy time and invocations)."""
+    (metering of busy time and invocations), and every change of its demand, in
+    flight plus queued (the autoscaler observes each, as the simulator's does)."""
 
     on_arrival: Callable[[], None] = lambda: None
+    on_demand_change: Callable[[int], None] = lambda _demand: None
     on_start: Callable[[str], None] = lambda _instance: None
     on_finish: Callable[[str], None] = lambda _instance: None
 
@@ -166,6 +168,7 @@ class FunctionDispatcher:
             raise NotFound(self.closed_reason)
         slot = self._pick()
         if slot is not None:
+            self._demand_changed()
             return slot
         retry = self._settings.retry_after_s
         now = self._clock.monotonic()
@@ -175,6 +178,7 @@ class FunctionDispatcher:
             raise Overloaded(f"model {self.spec.name!r} is overloaded: queue full", retry_after_s=retry)
         waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._demand_changed()
         self._on_demand()
         try:
             with contextlib.suppress(TimeoutError):
@@ -186,11 +190,14 @@ class FunctionDispatcher:
             # goes back, and a waiter nobody awaits must never be handed one.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._free(waiter.result())
-            waiter.cancel()
+            elif not waiter.done():
+                waiter.cancel()
+                self._demand_changed()
             raise
         if waiter.done() and not waiter.cancelled():
             return waiter.result()  # raises the error it was failed with, if any
         waiter.cancel()
+        self._demand_changed()
         if self.waiting_for is not None:
             raise Unavailable(f"{self.waiting_for}; the deadline passed", retry_after_s=retry)
         raise Unavailable(
@@ -221,6 +228,10 @@ class FunctionDispatcher:
             if slot.draining:
                 slot.drained.set()
         self._hand_over()
+        self._demand_changed()
+
+    def _demand_changed(self) -> None:
+        self._hooks.on_demand_change(self.demand)
 
     def _hand_over(self) -> None:
         while self._waiters:
@@ -267,6 +278,7 @@ class FunctionDispatcher:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
+        self._demand_changed()
 
 
 def _located(error: SmssError, info: InstanceInfo) -> SmssError:

@@ -252,6 +252,8 @@ class Simulation:
             )
             for name in trace.functions
         ]
+        for fn in self._fns:  # every function is deployed, idle, when the trace starts
+            fn.autoscaler.observe(0.0, 0.0)
         self.cluster = config.cluster()
         self._unbounded = config.nodes is None
         self._insts: dict[str, _Inst] = {}  # ready instances by id (placement asks which are idle)
@@ -380,6 +382,7 @@ class Simulation:
             nxt = self._pick(fn)
             if nxt is not None:
                 self._serve(fn, nxt, queue.popleft(), now)
+                fn.autoscaler.observe(now, fn.in_flight + len(queue))
                 return
         fn.autoscaler.observe(now, fn.in_flight + len(queue))
         if fn.in_flight == 0 and not queue:
