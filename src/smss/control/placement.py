@@ -47,6 +47,8 @@ _EPS = 1e-9
 Locality = Mapping[tuple[str, int | None], int]
 #: For an allocation placement may evict: since when it is idle; None: not evictable.
 Evictable = Callable[[Allocation], float | None]
+#: A device of the cluster: (node, kind, index).
+DeviceKey = tuple[str, str, int]
 
 RESOURCE_WORDS = {
     "cpu": "cpu cores",
@@ -121,7 +123,7 @@ class ClusterState:
 
     def __init__(self, inventories: Iterable[NodeInventory], allocations: Iterable[Allocation] = ()) -> None:
         self._nodes: dict[str, NodeInventory] = {inv.node: inv for inv in inventories}
-        self._used: dict[tuple[str, str, int], Capacity] = {}
+        self._used: dict[DeviceKey, Capacity] = {}
         self._allocs: dict[str, Allocation] = {}
         for inv in self._nodes.values():
             for d in inv.devices:
@@ -159,22 +161,13 @@ class ClusterState:
         device this state does not know is kept and reported, but uses nothing."""
         self.remove(a.id)
         self._allocs[a.id] = a
-        self._charge(a, 1)
+        _charge(self._used, a, 1, known_only=True)
 
     def remove(self, alloc_id: str) -> Allocation | None:
         a = self._allocs.pop(alloc_id, None)
         if a is not None:
-            self._charge(a, -1)
+            _charge(self._used, a, -1, known_only=True)
         return a
-
-    def _charge(self, a: Allocation, sign: int) -> None:
-        key = (a.node, "cpu", 0)
-        if key in self._used:
-            self._used[key] = _scaled_add(self._used[key], a.cpu, sign)
-        if a.gpu_index is not None:
-            gkey = (a.node, "cuda", a.gpu_index)
-            if gkey in self._used:
-                self._used[gkey] = _scaled_add(self._used[gkey], a.gpu, sign)
 
     def used(self, node: str, kind: str = "cpu", index: int = 0) -> Capacity:
         return self._used.get((node, kind, index), Capacity())
@@ -187,11 +180,10 @@ class ClusterState:
         return dev.capacity - self.used(node, kind, index)
 
     def reports(self) -> list[DeviceReport]:
-        by_device: dict[tuple[str, str, int], list[Allocation]] = {}
+        by_device: dict[DeviceKey, list[Allocation]] = {}
         for a in self._allocs.values():
-            by_device.setdefault((a.node, "cpu", 0), []).append(a)
-            if a.gpu_index is not None:
-                by_device.setdefault((a.node, "cuda", a.gpu_index), []).append(a)
+            for key, _ in _holdings(a):
+                by_device.setdefault(key, []).append(a)
         out: list[DeviceReport] = []
         for inv in self._nodes.values():
             for d in inv.devices:
@@ -257,7 +249,10 @@ class ClusterState:
         order = 0
         short: dict[str, float] = {}
         for inv in self._nodes.values():
-            for gpu_index, leftover in self._fits(inv, need, adjust, short):
+            fits, misses = self._fits(inv, need, adjust)
+            for resource, have in misses.items():
+                short[resource] = max(short.get(resource, -math.inf), have)
+            for gpu_index, leftover in fits:
                 rank = locality.get((inv.node, gpu_index), locality.get((inv.node, None), 0))
                 key = (-float(rank), leftover, order)
                 order += 1
@@ -274,25 +269,17 @@ class ClusterState:
 
     def _adjustments(
         self, pending: Sequence[Allocation], exclude: frozenset[str] | set[str]
-    ) -> dict[tuple[str, str, int], Capacity]:
-        adjust: dict[tuple[str, str, int], Capacity] = {}
-
-        def charge(a: Allocation, sign: int) -> None:
-            key = (a.node, "cpu", 0)
-            adjust[key] = _scaled_add(adjust.get(key, Capacity()), a.cpu, sign)
-            if a.gpu_index is not None:
-                gkey = (a.node, "cuda", a.gpu_index)
-                adjust[gkey] = _scaled_add(adjust.get(gkey, Capacity()), a.gpu, sign)
-
+    ) -> dict[DeviceKey, Capacity]:
+        adjust: dict[DeviceKey, Capacity] = {}
         for a in pending:
-            charge(a, 1)
+            _charge(adjust, a, 1)
         for alloc_id in exclude:
             ex = self._allocs.get(alloc_id)
             if ex is not None:
-                charge(ex, -1)
+                _charge(adjust, ex, -1)
         return adjust
 
-    def _free_with(self, node: str, dev: Device, adjust: Mapping[tuple[str, str, int], Capacity]) -> Capacity:
+    def _free_with(self, node: str, dev: Device, adjust: Mapping[DeviceKey, Capacity]) -> Capacity:
         key = (node, dev.kind, dev.index)
         return dev.capacity - self._used.get(key, Capacity()) - adjust.get(key, Capacity())
 
@@ -300,20 +287,19 @@ class ClusterState:
         self,
         inv: NodeInventory,
         need: Capacity,
-        adjust: Mapping[tuple[str, str, int], Capacity],
-        short: dict[str, float],
-    ) -> list[tuple[int | None, float]]:
-        """Each device choice of ``inv`` that holds ``need`` now, with its leftover score.
-        ``short`` collects, per resource that did not fit, the most free anywhere."""
+        adjust: Mapping[DeviceKey, Capacity],
+    ) -> tuple[list[tuple[int | None, float]], dict[str, float]]:
+        """Each device choice of ``inv`` that holds ``need`` now, with its leftover
+        score; and, per resource that did not fit, the most free on this node."""
         cpu_dev = inv.cpu
         host_free = self._free_with(inv.node, cpu_dev, adjust)
         miss = _first_short(host_free, host_part(need))
         if miss is not None:
-            short[miss[0]] = max(short.get(miss[0], -math.inf), miss[1])
-            return []
+            return [], {miss[0]: miss[1]}
         host_left = _leftover(host_free, host_part(need), cpu_dev.capacity)
         if not wants_gpu(need):
-            return [(None, host_left)]
+            return [(None, host_left)], {}
+        short: dict[str, float] = {}
         out: list[tuple[int | None, float]] = []
         for dev in inv.devices:
             if dev.kind != "cuda":
@@ -324,14 +310,14 @@ class ClusterState:
                 short[gmiss[0]] = max(short.get(gmiss[0], -math.inf), gmiss[1])
                 continue
             out.append((dev.index, host_left + _leftover(free, gpu_part(need), dev.capacity)))
-        return out
+        return out, short
 
     def _make_room(
         self,
         function: str,
         need: Capacity,
         locality: Locality,
-        adjust: dict[tuple[str, str, int], Capacity],
+        adjust: dict[DeviceKey, Capacity],
         exclude: frozenset[str] | set[str],
         pending: Sequence[Allocation],
         evictable: Evictable,
@@ -355,12 +341,8 @@ class ClusterState:
                     if not self._helps(victim, need, inv, local):
                         continue
                     chosen.append(victim)
-                    key = (inv.node, "cpu", 0)
-                    local[key] = _scaled_add(local.get(key, Capacity()), victim.cpu, -1)
-                    if victim.gpu_index is not None:
-                        gkey = (inv.node, "cuda", victim.gpu_index)
-                        local[gkey] = _scaled_add(local.get(gkey, Capacity()), victim.gpu, -1)
-                fits = self._fits(inv, need, local, {})
+                    _charge(local, victim, -1)
+                fits, _ = self._fits(inv, need, local)
                 if fits:
                     gpu_index, leftover = min(
                         fits,
@@ -380,7 +362,7 @@ class ClusterState:
         victim: Allocation,
         need: Capacity,
         inv: NodeInventory,
-        local: Mapping[tuple[str, str, int], Capacity],
+        local: Mapping[DeviceKey, Capacity],
     ) -> bool:
         """Does evicting ``victim`` free something ``need`` is short of on its node?"""
         host_free = self._free_with(inv.node, inv.cpu, local)
@@ -416,6 +398,23 @@ def _leftover(free: Capacity, need: Capacity, capacity: Capacity) -> float:
         if need.get(r) > 0 and cap > 0 and math.isfinite(cap):
             total += (free.get(r) - need.get(r)) / cap
     return total
+
+
+def _holdings(a: Allocation) -> list[tuple[DeviceKey, Capacity]]:
+    """What ``a`` holds on each device of its node: host cpu/memory, and its GPU's share."""
+    out = [((a.node, "cpu", 0), a.cpu)]
+    if a.gpu_index is not None:
+        out.append(((a.node, "cuda", a.gpu_index), a.gpu))
+    return out
+
+
+def _charge(table: dict[DeviceKey, Capacity], a: Allocation, sign: int, *, known_only: bool = False) -> None:
+    """Add (``sign`` 1) or take back (-1) what ``a`` holds to ``table``; ``known_only``:
+    devices missing from the table are left out."""
+    for key, amount in _holdings(a):
+        if known_only and key not in table:
+            continue
+        table[key] = _scaled_add(table.get(key, Capacity()), amount, sign)
 
 
 def _scaled_add(base: Capacity, delta: Capacity, sign: int) -> Capacity:
