@@ -44,7 +44,7 @@ class Settings:
     token: str | None = None
     demo: bool = False
     log_level: str = "info"
-    #: Budget of each node's weight store; None = a quarter of physical memory.
+    #: Budget of each node's weight store; None = a quarter of the node's memory capacity (--memory).
     weight_cache_bytes: int | None = None
     #: "fork" (zygote + template, the fast path) or "exec" (a new interpreter per instance).
     start_mode: str = "fork"

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from smss.api.metrics import PrometheusMetrics
 from smss.cli.tables import devices_table, placed_text
 from smss.errors import InvalidSpec
-from smss.inventory import Allocation, Capacity, DeviceReport, amount_text, memory_text
+from smss.inventory import Allocation, Capacity, Device, DeviceReport, NodeInventory, amount_text, memory_text
 from smss.node.devices import (
     Gpu,
     cpu_device,
@@ -371,3 +371,11 @@ def test_nvml_without_a_driver_is_no_gpus_quietly(
         inv = discover(root=_machine(tmp_path), affinity=lambda: 2)
     assert [d.key for d in inv.devices] == ["cpu:0"]
     assert caplog.text == ""
+
+
+def test_weight_store_budget_follows_the_nodes_memory_capacity() -> None:
+    from smss.node.agent import default_weight_budget
+
+    cap = Capacity(cpu=2, memory_mb=8192)
+    node = NodeInventory("n", (Device("cpu", 0, "cpu", cap, cap),))
+    assert default_weight_budget(node) == 2 << 30

@@ -62,12 +62,10 @@ class _Instance:
     stopping: bool = False
 
 
-def default_weight_budget() -> int:
-    """A quarter of physical memory."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError):
-        return 4 << 30
+def default_weight_budget(inventory: NodeInventory) -> int:
+    """A quarter of the node's host memory capacity (what ``--memory`` caps, less the
+    platform's reserve), so resident weights never crowd out the instances."""
+    return max(int(inventory.cpu.capacity.memory_mb * (1 << 20)) // 4, 64 << 20)
 
 
 class NodeAgent:
@@ -90,7 +88,9 @@ class NodeAgent:
         (self._run_dir / "owner").write_text(str(os.getpid()))
         self._start_timeout_s = start_timeout_s
         self.mode = mode
-        self.store = WeightStore(weight_budget_bytes or default_weight_budget(), prefix=self._run_dir.name)
+        self.store = WeightStore(
+            weight_budget_bytes or default_weight_budget(self._inventory), prefix=self._run_dir.name
+        )
         self.store.on_evict = self._evicted
         # spares: each template keeps its next instance forked and rehearsed (smss.node.spare).
         self.zygotes = ZygotePool(self._run_dir, log_dir, prepare_timeout_s=start_timeout_s, spares=spares)
