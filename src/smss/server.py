@@ -7,6 +7,7 @@ under uvicorn until SIGINT/SIGTERM, then drains and stops every instance.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -100,7 +101,7 @@ def build(settings: Settings) -> AppContext:
     )
     controller = Controller(
         backend,
-        UnixChannel.connect,
+        functools.partial(UnixChannel.connect, write_timeout_s=settings.serving.write_timeout_s),
         clock,
         settings.serving,
         metrics,
