@@ -50,6 +50,19 @@ class ServingSettings:
 
 
 @dataclass(frozen=True)
+class WorkflowLimits:
+    """Bounds on what clients can make the workflow engine hold."""
+
+    #: Runs driven at once (with or without a waiting caller); one more is refused (429).
+    max_runs: int = 10_000
+    #: Sessions whose state non-durable runs (``durable: false``) keep in memory; past
+    #: it the least recently used session's state is dropped.
+    max_direct_sessions: int = 10_000
+    #: A non-durable session's state unused for this long is dropped.
+    direct_state_ttl_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -75,6 +88,7 @@ class Settings:
     cuda_visible_devices: str | None = None
     limits: Limits = field(default_factory=Limits)
     serving: ServingSettings = field(default_factory=ServingSettings)
+    workflows: WorkflowLimits = field(default_factory=WorkflowLimits)
 
     def check(self) -> Settings:
         """Refuse settings that would expose code execution: deploying a model

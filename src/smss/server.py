@@ -114,7 +114,13 @@ def build(settings: Settings) -> AppContext:
     registry = SqliteRegistry(data / "registry.db")
     workflows = WorkflowRegistry(SqliteWorkflows(data / "workflows.db"), controller)
     event_log = SqliteEventLog(data / "log.db")
-    engine = Engine(event_log, PlatformCaller(controller, clock, settings.serving), workflows.get, clock)
+    engine = Engine(
+        event_log,
+        PlatformCaller(controller, clock, settings.serving),
+        workflows.get,
+        clock,
+        settings.workflows,
+    )
     platform = Platform(
         registry, ArtifactStore(data), controller, backend, clock, workflows, engine, event_log
     )

@@ -234,7 +234,9 @@ class FunctionDispatcher:
         now = self._clock.monotonic()
         if self.start_error is not None and not self.slots and now < self.backoff_until:
             left = self.backoff_until - now  # inf: no start will be tried again
-            raise StartFailed(self.start_error.message, retry_after_s=max(retry, left) if left < math.inf else None)
+            raise StartFailed(
+                self.start_error.message, retry_after_s=max(retry, left) if left < math.inf else None
+            )
         if self.queued >= self._settings.queue_limit:
             raise Overloaded(f"model {self.spec.name!r} is overloaded: queue full", retry_after_s=retry)
         waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
