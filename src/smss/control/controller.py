@@ -433,7 +433,13 @@ class Controller:
         if self._group is None:
             coro.close()
             raise RuntimeError("controller is not running")
-        return self._group.create_task(self._guarded(coro))
+        guarded = self._guarded(coro)
+        try:
+            return self._group.create_task(guarded)
+        except RuntimeError:  # the group is shutting down (its body raised)
+            guarded.close()
+            coro.close()
+            raise
 
     @staticmethod
     async def _guarded(coro: Coroutine[Any, Any, None]) -> None:

@@ -113,6 +113,7 @@ class UnixChannel:
         Cancelled while it waits for room: nothing was sent."""
         self._check_open()
         async with self._write_lock:
+            self._check_open()  # it may have ended while this waited for the lock
             await self._room()
             self._check_open()
             rid = next(self._ids)
