@@ -188,10 +188,11 @@ class Controller:
         self._stop_all(self.get(name))
 
     def load(self, name: str) -> None:
-        """An explicit load (the repository API): a failed function is tried again,
-        with its failures forgotten, then as :meth:`ensure_instance`."""
+        """An explicit load (the repository API): a function whose starts failed (in a
+        back-off, or given up) is tried again at once with its failures forgotten;
+        otherwise as :meth:`ensure_instance`."""
         runtime = self.get(name)
-        if runtime.dispatcher.gave_up:
+        if runtime.dispatcher.start_error is not None:
             log.info("%s: trying to start it again, as asked", name)
             runtime.failures = 0
             runtime.dispatcher.retry_starts()
@@ -257,11 +258,11 @@ class Controller:
         while True:
             await self._clock.sleep(self._settings.health_interval_s)
             try:
-                await self.check_health()
+                await self._check_health()
             except Exception:
                 log.exception("a health check failed")
 
-    async def check_health(self) -> None:
+    async def _check_health(self) -> None:
         """One round of health checks: replace every stalled instance, then ping every
         other ready one (all at once) and replace those that do not answer in time."""
         now = self._clock.monotonic()
