@@ -7,6 +7,7 @@ under uvicorn until SIGINT/SIGTERM, then drains and stops every instance.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -100,7 +101,7 @@ def build(settings: Settings) -> AppContext:
     )
     controller = Controller(
         backend,
-        UnixChannel.connect,
+        functools.partial(UnixChannel.connect, write_timeout_s=settings.serving.write_timeout_s),
         clock,
         settings.serving,
         metrics,
@@ -113,7 +114,13 @@ def build(settings: Settings) -> AppContext:
     registry = SqliteRegistry(data / "registry.db")
     workflows = WorkflowRegistry(SqliteWorkflows(data / "workflows.db"), controller)
     event_log = SqliteEventLog(data / "log.db")
-    engine = Engine(event_log, PlatformCaller(controller, clock, settings.serving), workflows.get, clock)
+    engine = Engine(
+        event_log,
+        PlatformCaller(controller, clock, settings.serving),
+        workflows.get,
+        clock,
+        settings.workflows,
+    )
     platform = Platform(
         registry, ArtifactStore(data), controller, backend, clock, workflows, engine, event_log
     )

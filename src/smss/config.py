@@ -34,6 +34,32 @@ class ServingSettings:
     retry_after_s: float = 1.0
     tick_s: float = 0.2
     drain_grace_s: float = 10.0
+    #: An instance holding a request this long past the request's deadline is stalled
+    #: (a hung predict): it is replaced.
+    stall_grace_s: float = 5.0
+    #: Every ready instance is pinged this often; one that does not answer within
+    #: ``ping_timeout_s`` (a stopped process) is replaced.
+    health_interval_s: float = 1.0
+    ping_timeout_s: float = 3.0
+    #: How long an instance may take nothing from its connection (requests queued for
+    #: it) before it counts as lost.
+    write_timeout_s: float = 5.0
+    #: Consecutive failed starts of a function before no more are tried (its requests
+    #: then get 503 naming the last failure until it is redeployed or loaded again).
+    max_start_failures: int = 6
+
+
+@dataclass(frozen=True)
+class WorkflowLimits:
+    """Bounds on what clients can make the workflow engine hold."""
+
+    #: Runs driven at once (with or without a waiting caller); one more is refused (429).
+    max_runs: int = 10_000
+    #: Sessions whose state non-durable runs (``durable: false``) keep in memory; past
+    #: it the least recently used session's state is dropped.
+    max_direct_sessions: int = 10_000
+    #: A non-durable session's state unused for this long is dropped.
+    direct_state_ttl_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +88,7 @@ class Settings:
     cuda_visible_devices: str | None = None
     limits: Limits = field(default_factory=Limits)
     serving: ServingSettings = field(default_factory=ServingSettings)
+    workflows: WorkflowLimits = field(default_factory=WorkflowLimits)
 
     def check(self) -> Settings:
         """Refuse settings that would expose code execution: deploying a model

@@ -10,7 +10,7 @@ port                      production                             later / tests
 ========================  =====================================  ==============================
 Clock                     ``SystemClock`` (monotonic)            ``testing.FakeClock``
 RegistryStore             ``store.sqlite.SqliteRegistry``        PostgreSQL; ``testing.MemoryRegistry``
-ClusterBackend            ``cluster.local.NodeAgent``         ``cluster.ray``; ``testing.FakeBackend``
+ClusterBackend            ``node.agent.NodeAgent``               ``cluster.ray``; ``testing.FakeBackend``
 InstanceChannel           ``node.channel.UnixChannel``           TCP; ``testing.FakeChannel``
 Metrics                   ``api.metrics.PrometheusMetrics``      ``testing.NullMetrics``
 ========================  =====================================  ==============================
@@ -207,6 +207,22 @@ class InstanceChannel(Protocol):
     """
 
     async def infer(self, inputs: Tensors, outputs: tuple[str, ...]) -> dict[str, np.ndarray]: ...
+
+    async def send(self, inputs: Tensors, outputs: tuple[str, ...]) -> asyncio.Future[dict[str, np.ndarray]]:
+        """Send one request (waiting, for a bounded time, until the instance takes
+        what was sent before it) and return the future of its answer, settled as
+        ``infer`` returns or raises. The future settles when the instance answers or
+        is lost, whether or not anyone still waits for it, so a caller that stops
+        waiting can still tell when the instance is done with the request.
+        Cancelled before it returns: nothing was sent. Raises :class:`InstanceLost`
+        when the instance is gone or took nothing for that bounded time."""
+        ...
+
+    async def ping(self) -> None:
+        """Return once the instance answers a ping (its I/O is alive); raises
+        :class:`InstanceLost` when the connection is gone. Never answered by a
+        stopped process: the caller bounds the wait."""
+        ...
 
     @property
     def closed(self) -> bool: ...

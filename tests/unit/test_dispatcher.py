@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smss.config import ServingSettings
-from smss.control.dispatcher import FunctionDispatcher
+from smss.control.dispatcher import DispatchHooks, FunctionDispatcher
 from smss.errors import (
     DeadlineExceeded,
     InstanceLost,
@@ -180,13 +180,148 @@ def test_request_with_no_instance_asks_for_one_then_times_out() -> None:
     run(main())
 
 
-def test_request_in_flight_past_its_deadline_is_deadline_exceeded() -> None:
+def test_request_in_flight_past_its_deadline_is_deadline_exceeded_and_keeps_its_slot() -> None:
+    """The instance is still computing the timed-out request: its slot stays taken
+    until it answers, so the next request waits instead of being sent beside it."""
+
     async def main() -> None:
         h = Harness()
-        h.add("a", FakeChannel(blocked=True))
+        ch = h.add("a", FakeChannel(blocked=True))
         with pytest.raises(DeadlineExceeded):
             await h.request(1.0, timeout=SHORT)
-        assert h.d.in_flight == 0  # the slot came back
+        assert h.d.in_flight == 1
+        assert h.d.slots["a"].abandoned == 1
+        second = h.request(2.0)
+        await until(lambda: h.d.queued == 1)
+        assert ch.calls == 1  # not sent while the instance still computes the first
+        ch.release_all()  # the late answer of the first frees the slot for the second
+        await until(lambda: bool(ch.held))
+        assert h.d.slots["a"].abandoned == 0
+        ch.release_all()
+        assert value_of(await second) == 2.0
+        assert ch.peak == 1
+        assert h.d.in_flight == 0
+
+    run(main())
+
+
+def test_a_caller_gone_mid_flight_keeps_the_slot_until_the_instance_answers() -> None:
+    async def main() -> None:
+        h = Harness()
+        ch = h.add("a", FakeChannel(blocked=True))
+        gone = h.request(1.0)
+        await until(lambda: bool(ch.held))
+        gone.cancel()  # the client disconnected
+        await asyncio.gather(gone, return_exceptions=True)
+        assert h.d.in_flight == 1
+        second = h.request(2.0)
+        await until(lambda: h.d.queued == 1)
+        ch.release_all()
+        await until(lambda: bool(ch.held))
+        ch.release_all()
+        assert value_of(await second) == 2.0
+        assert ch.peak == 1
+
+    run(main())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    concurrency=st.integers(1, 3),
+    requests=st.integers(1, 20),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_timeouts_never_let_an_instance_hold_more_than_its_concurrency(
+    concurrency: int, requests: int, seed: int
+) -> None:
+    async def main() -> None:
+        h = Harness(concurrency=concurrency, seed=seed)
+        ch = h.add("a", FakeChannel(blocked=True))
+        rng = random.Random(seed)
+        tasks = [h.request(float(k), timeout=rng.choice([SHORT, LONG])) for k in range(requests)]
+        while not all(t.done() for t in tasks) or ch.held:
+            await h.clock.sleep(SHORT / 4)  # virtual time passes: SHORT deadlines expire
+            assert ch.in_flight <= concurrency
+            if ch.held and rng.random() < 0.3:
+                rng.choice(ch.held).release()
+        await until(lambda: h.d.in_flight == 0)  # every late answer gave its slot back
+        assert ch.peak <= concurrency
+
+    run(main())
+
+
+# ---------------------------------------------------------------- stalled instances
+
+
+def test_an_instance_past_a_deadline_plus_grace_is_stalled() -> None:
+    async def main() -> None:
+        h = Harness(concurrency=2)
+        grace = ServingSettings().stall_grace_s
+        a = h.add("a", FakeChannel(blocked=True))
+        b = h.add("b", FakeChannel(blocked=True))
+        with pytest.raises(DeadlineExceeded):
+            await h.request(1.0, timeout=1.0)
+        await until(lambda: len(a.held) + len(b.held) == 1)
+        stuck = "a" if a.held else "b"
+        deadline = h.clock.monotonic()  # the request timed out just now
+        assert deadline == 1.0
+        assert h.d.stalled(deadline + grace - 0.01) == []
+        assert [s.info.id for s in h.d.stalled(deadline + grace)] == [stuck]
+        (a if a.held else b).release_all()  # it answered after all: not stalled any more
+        await until(lambda: h.d.in_flight == 0)
+        assert h.d.stalled(deadline + 100.0) == []
+
+    run(main())
+
+
+def test_a_lost_instance_leaves_rotation_and_is_reported_once() -> None:
+    async def main() -> None:
+        lost: list[tuple[str, str]] = []
+        h = Harness(concurrency=2)
+        h.d = FunctionDispatcher(
+            make_spec(2),
+            h.clock,
+            ServingSettings(retry_after_s=1.5),
+            lambda: None,
+            random.Random(0),
+            DispatchHooks(on_lost=lambda slot, why: lost.append((slot.info.id, why))),
+        )
+        a = h.add("a", FakeChannel(blocked=True))
+        tasks = [h.request(1.0), h.request(2.0)]
+        await until(lambda: len(a.held) == 2)
+        b = h.add("b")
+        a.lose()
+        assert [value_of(await t) for t in tasks] == [1.0, 2.0]  # both retried on b
+        assert b.calls == 2
+        assert [iid for iid, _ in lost] == ["a"]
+        assert set(h.d.slots) == {"b"}
+
+    run(main())
+
+
+def test_an_abandoned_request_whose_instance_is_lost_reports_it() -> None:
+    """Nobody waits on the request any more, but its failure still says the instance
+    is gone: it must leave rotation rather than take the next request."""
+
+    async def main() -> None:
+        lost: list[str] = []
+        h = Harness()
+        h.d = FunctionDispatcher(
+            make_spec(1),
+            h.clock,
+            ServingSettings(),
+            lambda: None,
+            random.Random(0),
+            DispatchHooks(on_lost=lambda slot, why: lost.append(slot.info.id)),
+        )
+        a = h.add("a", FakeChannel(blocked=True))
+        with pytest.raises(DeadlineExceeded):
+            await h.request(1.0, timeout=SHORT)
+        a.lose()
+        await until(lambda: bool(lost))
+        assert lost == ["a"]
+        assert h.d.slots == {}
+        assert h.d.in_flight == 0
 
     run(main())
 

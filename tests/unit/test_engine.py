@@ -9,7 +9,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from smss.errors import Conflict, InvalidInput, ModelError, SmssError
+from smss.config import WorkflowLimits
+from smss.errors import Conflict, InvalidInput, ModelError, Overloaded, SmssError
 from smss.ports import CallResult, Tensors
 from smss.spec import FunctionSpec, TensorSpec
 from smss.testing.clock import FakeClock
@@ -380,5 +381,62 @@ def test_a_runs_records_share_one_commit_with_its_end() -> None:
         async with engine(log, caller).running() as e:
             await e.submit("chain", {"x": X}, session="s")
         assert log.eager == 1  # only the run's end was waited for
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- bounds
+
+
+def test_runs_past_the_limit_are_refused_with_429_until_one_ends() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        caller.gate["double"] = asyncio.Event()  # every run holds at its first stage
+        specs = {"chain": chain()}
+        e = Engine(log, caller, lambda name: specs[name], FakeClock(), WorkflowLimits(max_runs=2))
+        async with e.running():
+            first = await e.submit("chain", {"x": X}, wait=False)
+            await e.submit("chain", {"x": X}, wait=False)
+            with pytest.raises(Overloaded, match="limit") as refused:
+                await e.submit("chain", {"x": X}, wait=False)
+            assert refused.value.retry_after_s is not None
+            with pytest.raises(Overloaded):
+                await e.submit("chain", {"x": X}, timeout_s=0.01)  # waited for or not
+            assert len(log.runs) == 2  # nothing of the refused runs was logged
+            caller.gate["double"].set()
+            await eventually(lambda: log.run_summary(first.run_id).status == "completed")  # type: ignore[union-attr]
+            await eventually(lambda: not log.unfinished_runs())
+            assert (await e.submit("chain", {"x": X})).status == "completed"
+
+    asyncio.run(main())
+
+
+def test_non_durable_session_state_is_bounded_by_count_and_age() -> None:
+    """``durable: false`` keeps state in memory, for a client-chosen session key: the
+    least recently used sessions and those unused for the TTL are dropped (they start
+    again from zeros), so the map cannot grow without bound."""
+
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        clock = FakeClock()
+        specs = {"chain": chain()}
+        limits = WorkflowLimits(max_direct_sessions=2, direct_state_ttl_s=60.0)
+        e = Engine(log, caller, lambda name: specs[name], clock, limits)
+
+        async def turn(session: str) -> float:
+            outcome = await e.run_direct("chain", {"x": X}, session)
+            assert outcome.outputs is not None
+            return float(outcome.outputs["out"][0, 0])
+
+        async with e.running():
+            assert [await turn("s1"), await turn("s1")] == [3.0, 6.0]  # state carries
+            assert await turn("s2") == 3.0
+            assert await turn("s1") == 9.0  # s1 used last: s2 is the oldest now
+            assert await turn("s3") == 3.0  # a third session: s2 is dropped
+            assert await turn("s2") == 3.0  # from zeros (and s1 is dropped in turn)
+            assert await turn("s3") == 6.0
+            clock.advance(60.0)
+            assert await turn("s3") == 3.0  # unused for the TTL: dropped
+        assert log.records == []  # never logged
 
     asyncio.run(main())

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smss.errors import Conflict, InvalidSpec, NotFound, StorageUnavailable
+from smss.errors import Conflict, InvalidSpec, NotFound, Overloaded, StorageUnavailable
 from smss.ports import AppendResult
 from smss.store import _wal
 from smss.store._log_schema import SCHEMA_VERSION
@@ -491,6 +491,38 @@ def test_close_finishes_queued_appends_and_leaks_nothing(open_log: Callable[...,
     assert len(os.listdir("/proc/self/fd")) == fds_before
     reopened = open_log()
     assert len(reopened.read_run("r1")) == 51
+
+
+def test_a_new_run_is_refused_while_the_queue_is_full_and_appends_are_not(
+    open_log: Callable[..., SqliteEventLog],
+) -> None:
+    gate, entered = threading.Event(), threading.Event()
+    gate.set()
+
+    def hold() -> None:  # the writer, at a COMMIT: a store that fell behind
+        entered.set()
+        gate.wait(10)
+
+    log = open_log(fault=FaultHooks(before_commit=hold), max_queued=3)
+
+    async def scenario() -> None:
+        await log.start_run("r1", started(), {})
+        gate.clear()
+        entered.clear()
+        first = log.append("r1", [StageScheduled("a", 1)])
+        await asyncio.to_thread(entered.wait, 10)  # the writer holds this one's commit
+        queued = [log.append("r1", [StageScheduled(f"q{i}", 1)]) for i in range(3)]
+        with pytest.raises(Overloaded, match="behind") as refused:
+            log.start_run("r2", started(mark="2"), {})
+        assert refused.value.retry_after_s is not None
+        queued.append(log.append("r1", [StageScheduled("more", 1)]))  # a started run goes on
+        gate.set()
+        results = await asyncio.gather(first, *queued)
+        assert all(r.clean for r in results)
+        assert (await log.start_run("r2", started(mark="2"), {}))[1]  # room again
+
+    run(scenario())
+    assert len(log.read_run("r1")) == 6
 
 
 # ---------------------------------------------------------------- failures

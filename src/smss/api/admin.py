@@ -40,6 +40,8 @@ def function_json(st: FunctionStatus) -> dict[str, object]:
         "queued": st.queued,
         "cold_starts": st.cold_starts,
         "last_error": st.last_error,
+        "state": st.state,
+        "replaced": st.replaced,
     }
 
 

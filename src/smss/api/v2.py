@@ -146,7 +146,7 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def repository_load(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
-        platform.controller.ensure_instance(request.path_params["name"])
+        platform.controller.load(request.path_params["name"])
         return json_response({})
 
     @endpoint

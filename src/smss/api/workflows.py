@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -109,7 +111,8 @@ def routes(ctx: AppContext) -> list[Route]:
             limit = min(int(q.get("limit", "100")), 1000)
         except ValueError:
             raise InvalidInput("limit must be an integer") from None
-        runs = platform.log.list_runs(q.get("status"), q.get("workflow"), limit)
+        # Log reads may wait on the store (its busy timeout): never on the event loop.
+        runs = await asyncio.to_thread(platform.log.list_runs, q.get("status"), q.get("workflow"), limit)
         return json_response({"runs": [summary_json(s) for s in runs]})
 
     @endpoint
@@ -119,11 +122,15 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def get_run(request: Request) -> Response:
         run_id = request.path_params["run_id"]
-        summary = platform.log.run_summary(run_id)
-        if summary is None:
-            raise NotFound(f"unknown run {run_id!r}")
-        records = platform.log.read_run(run_id)
-        outcome = platform.engine.outcome(records)
+
+        def read() -> tuple[RunSummary, list[Record], RunOutcome]:
+            summary = platform.log.run_summary(run_id)
+            if summary is None:
+                raise NotFound(f"unknown run {run_id!r}")
+            records = platform.log.read_run(run_id)
+            return summary, records, platform.engine.outcome(records)  # outputs read from blobs
+
+        summary, records, outcome = await asyncio.to_thread(read)
         body = outcome_json(outcome)
         body.update(workflow=summary.workflow, session=summary.session, status=summary.status)
         body.setdefault("outputs", None)

@@ -45,6 +45,11 @@ class FunctionStatus:
     queued: int
     cold_starts: int
     last_error: str | None
+    #: ``failed``: no more starts are tried (see ``Controller.load``); ``ready``: an
+    #: instance serves; ``starting``; ``idle``: none runs (scaled to zero, or backing off).
+    state: str = "idle"
+    #: Instances killed and replaced because they hung or were lost.
+    replaced: int = 0
 
 
 class Platform:
@@ -150,6 +155,16 @@ class Platform:
                     queued=d.queued,
                     cold_starts=rt.cold_starts,
                     last_error=d.start_error.message if d.start_error else None,
+                    state=(
+                        "ready"
+                        if instances
+                        else "failed"
+                        if d.gave_up
+                        else "starting"
+                        if d.starting
+                        else "idle"
+                    ),
+                    replaced=rt.replaced,
                 )
             )
         return out

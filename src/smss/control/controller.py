@@ -16,10 +16,18 @@ outlives it. Guarantees:
 * a failed start, whatever the reason (a load error, a weights file gone, a full
   ``/dev/shm``, a template that crashed), is that function's failure: it is retried
   with exponential back-off (0.5 s doubling to 30 s) and waiting requests get 503
-  naming the model; no exception of a start, a stop or a reconcile ends the
-  controller;
+  naming the model; after ``max_start_failures`` in a row no more starts are tried
+  (the function is *failed*: its requests get 503 naming the last failure) until
+  it is redeployed or loaded again (:meth:`Controller.load`); no exception of a
+  start, a stop or a reconcile ends the controller;
 * an instance that exits unexpectedly is dropped at once (its in-flight requests
   are retried by the dispatcher) and replaced on the next demand;
+* health checks (every ``health_interval_s``) replace an instance that hangs: one
+  that does not answer a ping within ``ping_timeout_s`` (a stopped process), one
+  holding a request past its deadline plus ``stall_grace_s`` (a predict that never
+  returns), and one the dispatcher found lost (its connection ended or stopped
+  taking requests). It is taken out of rotation, its process killed, and its
+  requests fail with :class:`InstanceLost` (retried once elsewhere, or 503);
 * ``close`` drains every instance within the grace period and stops them.
 
 Waiting goes through the :class:`Clock` port, so tests run the loop on a virtual
@@ -40,7 +48,7 @@ from typing import Any
 
 from smss.config import ServingSettings
 from smss.control.autoscaler import Autoscaler, AutoscalerConfig
-from smss.control.dispatcher import DispatchHooks, FunctionDispatcher
+from smss.control.dispatcher import DispatchHooks, FunctionDispatcher, Slot
 from smss.control.keepalive import KeepAlivePolicy
 from smss.control.metering import Meter
 from smss.control.placement import ClusterState, Locality, NoFit, Placement, need_of
@@ -78,6 +86,8 @@ class FunctionRuntime:
     #: Where each instance runs, by instance id (a start in progress by its start id).
     placed: dict[str, Allocation] = field(default_factory=dict)
     prewarmed_for: float = -math.inf
+    #: Instances killed and replaced because they hung or were lost.
+    replaced: int = 0
     #: Starts the last reconcile wanted that fit nowhere, and why.
     waiting_for_capacity: int = 0
     no_fit: NoFit | None = None
@@ -157,9 +167,12 @@ class Controller:
             on_demand_change=lambda demand: autoscaler.observe(self._clock.monotonic(), float(demand)),
             on_start=lambda iid: self.meter.request_started(name, iid, self._clock.monotonic()),
             on_finish=lambda iid: self.meter.request_finished(name, iid, self._clock.monotonic()),
+            # ``runtime`` is bound below, before the dispatcher can serve anything.
+            on_lost=lambda slot, reason: self._replace(runtime, slot, reason),
         )
         dispatcher = FunctionDispatcher(record.spec, self._clock, self._settings, self.wake, hooks=hooks)
-        self._functions[record.spec.name] = FunctionRuntime(record, dispatcher, autoscaler)
+        runtime = FunctionRuntime(record, dispatcher, autoscaler)
+        self._functions[record.spec.name] = runtime
         if old is not None:
             old.dispatcher.close(f"model {record.spec.name!r} was redeployed")
             self._stop_all(old)
@@ -176,12 +189,24 @@ class Controller:
     def scale_to_zero(self, name: str) -> None:
         self._stop_all(self.get(name))
 
+    def load(self, name: str) -> None:
+        """An explicit load (the repository API): a function whose starts failed (in a
+        back-off, or given up) is tried again at once with its failures forgotten;
+        otherwise as :meth:`ensure_instance`."""
+        runtime = self.get(name)
+        if runtime.dispatcher.start_error is not None:
+            log.info("%s: trying to start it again, as asked", name)
+            runtime.failures = 0
+            runtime.dispatcher.retry_starts()
+        self.ensure_instance(name)
+
     def ensure_instance(self, name: str) -> None:
         """Start one instance now unless one is ready or starting (pre-warm, repository
-        load), where it fits now; when nothing fits, nothing starts."""
+        load), where it fits now; when nothing fits, or the function is in a start
+        back-off or failed, nothing starts."""
         runtime = self.get(name)
         d = runtime.dispatcher
-        if d.ready_views() or d.starting:
+        if d.ready_views() or d.starting or self._clock.monotonic() < d.backoff_until:
             return
         cluster = self.cluster_state()
         where = cluster.place(name, need_of(runtime.record.spec.resources), self._locality(name, cluster))
@@ -209,10 +234,12 @@ class Controller:
         async with asyncio.TaskGroup() as group:
             self._group = group
             loop_task = group.create_task(self._loop())
+            health_task = group.create_task(self._health_loop())
             try:
                 yield self
             finally:
                 loop_task.cancel()
+                health_task.cancel()
                 for task in list(self._wakeups):
                     task.cancel()
                 for runtime in list(self._functions.values()):
@@ -228,6 +255,70 @@ class Controller:
                     await self._wake.wait()
             self._wake.clear()
             self.tick()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await self._clock.sleep(self._settings.health_interval_s)
+            try:
+                await self._check_health()
+            except Exception:
+                log.exception("a health check failed")
+
+    async def _check_health(self) -> None:
+        """One round of health checks: replace every stalled instance, then ping every
+        other ready one (all at once) and replace those that do not answer in time."""
+        now = self._clock.monotonic()
+        grace = self._settings.stall_grace_s
+        to_ping: list[tuple[FunctionRuntime, Slot]] = []
+        for runtime in list(self._functions.values()):
+            d = runtime.dispatcher
+            for slot in d.stalled(now):
+                late = now - slot.stalled_since() + grace
+                self._unhealthy(runtime, slot, f"it held a request {late:.1f} s past its deadline")
+            to_ping += [(runtime, s) for s in d.slots.values() if s.info.id not in runtime.stopping]
+        if to_ping:
+            async with asyncio.TaskGroup() as group:
+                for runtime, slot in to_ping:
+                    group.create_task(self._ping(runtime, slot))
+
+    async def _ping(self, runtime: FunctionRuntime, slot: Slot) -> None:
+        timeout = self._settings.ping_timeout_s
+        try:
+            async with self._clock.timeout(timeout):
+                await slot.channel.ping()
+        except TimeoutError:
+            self._unhealthy(runtime, slot, f"it did not answer a health check within {timeout:g} s")
+        except InstanceLost as e:
+            self._unhealthy(runtime, slot, e.message)
+        except Exception:
+            log.exception("health check of instance %s failed", slot.info.id)
+
+    def _unhealthy(self, runtime: FunctionRuntime, slot: Slot, reason: str) -> None:
+        """Take ``slot`` out of rotation (unless it is gone already) and replace it."""
+        d = runtime.dispatcher
+        if d.slots.get(slot.info.id) is slot:
+            d.remove(slot.info.id)
+            self._replace(runtime, slot, reason)
+
+    def _replace(self, runtime: FunctionRuntime, slot: Slot, reason: str) -> None:
+        """``slot``'s instance, out of rotation, is killed; the next reconcile starts
+        another if there is demand. Its requests fail as lost when the channel closes."""
+        iid = slot.info.id
+        if iid in runtime.stopping:
+            return  # a stop is under way, and cleans up
+        log.warning("instance %s of %s is unhealthy (%s): replacing it", iid, runtime.name, reason)
+        runtime.replaced += 1
+        runtime.placed.pop(iid, None)
+        self.meter.instance_stopped(iid, self._clock.monotonic())
+        if self._group is not None:
+            self._spawn(self._kill(slot))
+        self.wake()
+
+    async def _kill(self, slot: Slot) -> None:
+        try:
+            await slot.channel.close()  # its requests fail now, and are retried elsewhere
+        finally:
+            await self._backend.stop_instance(slot.info.id, 0.0)
 
     def tick(self) -> None:
         """Reconcile every function once. A failure of one function's reconcile is
@@ -345,7 +436,13 @@ class Controller:
         if self._group is None:
             coro.close()
             raise RuntimeError("controller is not running")
-        return self._group.create_task(self._guarded(coro))
+        guarded = self._guarded(coro)
+        try:
+            return self._group.create_task(guarded)
+        except RuntimeError:  # the group is shutting down (its body raised)
+            guarded.close()
+            coro.close()
+            raise
 
     @staticmethod
     async def _guarded(coro: Coroutine[Any, Any, None]) -> None:
@@ -402,6 +499,15 @@ class Controller:
 
     def _start_failed(self, runtime: FunctionRuntime, error: StartFailed) -> None:
         runtime.failures += 1
+        limit = self._settings.max_start_failures
+        if runtime.failures >= limit:
+            error = StartFailed(
+                f"{error.message} (failed to start {runtime.failures} times in a row; no more "
+                "starts are tried until it is redeployed or loaded again)"
+            )
+            log.error("%s", error.message)
+            runtime.dispatcher.start_failed(error, math.inf)
+            return
         backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (runtime.failures - 1))
         log.error("%s (%d in a row; next try in %.1f s)", error.message, runtime.failures, backoff)
         runtime.dispatcher.start_failed(error, backoff)

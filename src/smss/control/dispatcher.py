@@ -9,16 +9,29 @@ slot frees or a new instance is ready. Guarantees:
   queued at its deadline gets :class:`Unavailable` (503), both with Retry-After;
 * a request whose instance dies mid-flight is retried once on another
   instance when the function is idempotent, else answered 503;
-* a request in flight past its deadline gets :class:`DeadlineExceeded` (504);
+* a request in flight past its deadline gets :class:`DeadlineExceeded` (504),
+  and so does one whose caller went away, but the instance's slot stays taken
+  until the instance answers it or is lost: the instance is still computing, so
+  its concurrency is never exceeded by requests sent behind an abandoned one;
+* an instance with a request in flight past that request's deadline plus
+  ``stall_grace_s`` is *stalled* (:meth:`FunctionDispatcher.stalled`): the
+  controller takes it out of rotation and replaces it, and the requests it held
+  are retried or answered 503 as for any lost instance;
+* an instance found lost (its connection ended or stopped taking requests) is
+  taken out of rotation at once and reported (``DispatchHooks.on_lost``), so the
+  controller makes sure its process is gone;
 * when starting an instance fails and none is left, queued requests get
   :class:`StartFailed` (503) naming the model, and new ones fail fast while
-  the start back-off runs.
+  the start back-off runs, or for good once the controller gave up starting it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -53,6 +66,9 @@ class DispatchHooks:
     on_demand_change: Callable[[int], None] = lambda _demand: None
     on_start: Callable[[str], None] = lambda _instance: None
     on_finish: Callable[[str], None] = lambda _instance: None
+    #: An instance was found lost and taken out of rotation (with why): its process
+    #: may still run (stopped, wedged), so whoever started it stops it.
+    on_lost: Callable[[Slot, str], None] = lambda _slot, _reason: None
 
 
 @dataclass(eq=False)
@@ -61,14 +77,23 @@ class Slot:
     channel: InstanceChannel
     limit: int
     idle_since: float | None
+    #: Requests the instance holds, answered or not by it yet (abandoned ones included).
     in_flight: int = 0
     served: int = 0
     draining: bool = False
+    #: Requests still on the instance whose callers stopped waiting (deadline, disconnect).
+    abandoned: int = 0
     ewma: Ewma = field(default_factory=Ewma)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    #: When each request in flight makes the instance stalled (its deadline plus grace).
+    stall_at: dict[int, float] = field(default_factory=dict)
 
     def view(self) -> InstanceView:
         return InstanceView(self.info.id, self.in_flight, self.idle_since)
+
+    def stalled_since(self) -> float:
+        """When the oldest request in flight passed its health deadline (inf: none)."""
+        return min(self.stall_at.values(), default=math.inf)
 
 
 class FunctionDispatcher:
@@ -89,6 +114,7 @@ class FunctionDispatcher:
         self._rng = rng or random.Random(0)
         self.slots: dict[str, Slot] = {}
         self._waiters: deque[asyncio.Future[Slot]] = deque()
+        self._tokens = itertools.count()
         self.starting = 0
         self.start_error: StartFailed | None = None
         self.backoff_until = 0.0
@@ -131,22 +157,16 @@ class FunctionDispatcher:
         self._hooks.on_arrival()
         for attempt in range(attempts):
             slot = await self._acquire(deadline)
-            started = self._clock.monotonic()
-            self._hooks.on_start(slot.info.id)
             try:
-                remaining = deadline - started
-                # A timeout, not wait_for: on 3.11 wait_for runs the call in a task of
-                # its own, which sends the request only one loop iteration later.
-                async with self._clock.timeout(max(remaining, 0.001)):
-                    result = await slot.channel.infer(inputs, outputs)
-                return result, slot.info
-            except InstanceLost:
-                self.remove(slot.info.id)
+                return await self._call(slot, inputs, outputs, deadline), slot.info
+            except InstanceLost as e:
+                self._lost(slot, e.message)
                 if attempt + 1 < attempts:
                     continue
                 raise _located(
                     Unavailable(
-                        f"model {self.spec.name!r}: its instance exited while serving the request",
+                        f"model {self.spec.name!r}: its instance was lost while serving the request "
+                        f"({e.message})",
                         retry_after_s=self._settings.retry_after_s,
                     ),
                     slot.info,
@@ -158,10 +178,53 @@ class FunctionDispatcher:
                 ) from None
             except SmssError as e:
                 raise _located(e, slot.info) from None
-            finally:
-                self._hooks.on_finish(slot.info.id)
-                self._release(slot, self._clock.monotonic() - started)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _call(
+        self, slot: Slot, inputs: Tensors, outputs: tuple[str, ...], deadline: float
+    ) -> dict[str, np.ndarray]:
+        """The request on ``slot``'s instance, awaited until ``deadline``. The slot is
+        given back when the instance has answered: at once when the caller got the
+        answer, else (a deadline passed, the caller went away) when it comes."""
+        started = self._clock.monotonic()
+        token = next(self._tokens)
+        slot.stall_at[token] = deadline + self._settings.stall_grace_s
+        self._hooks.on_start(slot.info.id)
+        answer: asyncio.Future[dict[str, np.ndarray]] | None = None
+        try:
+            # A timeout, not wait_for: on 3.11 wait_for runs the call in a task of its
+            # own, which sends the request only one loop iteration later.
+            async with self._clock.timeout(max(deadline - started, 0.001)):
+                answer = await slot.channel.send(inputs, outputs)
+                # shielded: the answer is still coming when this wait ends early
+                return await asyncio.shield(answer)
+        finally:
+            if answer is not None and not answer.done():
+                slot.abandoned += 1
+                answer.add_done_callback(functools.partial(self._answered_late, slot, token, started))
+            else:
+                if answer is not None and not answer.cancelled():
+                    answer.exception()  # retrieved: its error, if any, was raised or is moot
+                self._finish(slot, token, started)
+
+    def _answered_late(
+        self, slot: Slot, token: int, started: float, answer: asyncio.Future[dict[str, np.ndarray]]
+    ) -> None:
+        slot.abandoned -= 1
+        error = None if answer.cancelled() else answer.exception()
+        self._finish(slot, token, started)
+        if isinstance(error, InstanceLost):
+            self._lost(slot, error.message)
+
+    def _finish(self, slot: Slot, token: int, started: float) -> None:
+        slot.stall_at.pop(token, None)
+        self._hooks.on_finish(slot.info.id)
+        self._release(slot, self._clock.monotonic() - started)
+
+    def _lost(self, slot: Slot, reason: str) -> None:
+        if self.slots.get(slot.info.id) is slot:
+            del self.slots[slot.info.id]
+            self._hooks.on_lost(slot, reason)
 
     async def _acquire(self, deadline: float) -> Slot:
         if self.closed_reason is not None:
@@ -173,7 +236,10 @@ class FunctionDispatcher:
         retry = self._settings.retry_after_s
         now = self._clock.monotonic()
         if self.start_error is not None and not self.slots and now < self.backoff_until:
-            raise StartFailed(self.start_error.message, retry_after_s=max(retry, self.backoff_until - now))
+            left = self.backoff_until - now  # inf: no start will be tried again
+            raise StartFailed(
+                self.start_error.message, retry_after_s=max(retry, left) if left < math.inf else None
+            )
         if self.queued >= self._settings.queue_limit:
             raise Overloaded(f"model {self.spec.name!r} is overloaded: queue full", retry_after_s=retry)
         waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
@@ -264,10 +330,28 @@ class FunctionDispatcher:
         return self.slots.pop(instance_id, None)
 
     def start_failed(self, error: StartFailed, backoff_s: float) -> None:
+        """A start failed; the next is tried in ``backoff_s`` (inf: never, until
+        :meth:`retry_starts`). Queued requests fail unless an instance may yet serve them."""
         self.start_error = error
         self.backoff_until = self._clock.monotonic() + backoff_s
         if not self.slots and self.starting == 0:
-            self._fail_waiters(StartFailed(error.message, retry_after_s=backoff_s))
+            retry_after = backoff_s if backoff_s < math.inf else None
+            self._fail_waiters(StartFailed(error.message, retry_after_s=retry_after))
+
+    @property
+    def gave_up(self) -> bool:
+        """No start will be tried (the controller gave up after repeated failures)."""
+        return self.backoff_until == math.inf
+
+    def retry_starts(self) -> None:
+        """End a back-off (or a given-up state): the next start may be tried at once."""
+        self.backoff_until = 0.0
+
+    def stalled(self, now: float) -> list[Slot]:
+        """Instances in rotation holding a request past its deadline plus ``stall_grace_s``
+        (oldest first): the instance stopped answering (a hung predict, a stopped process)."""
+        late = [s for s in self.slots.values() if s.stalled_since() <= now]
+        return sorted(late, key=Slot.stalled_since)
 
     def close(self, reason: str) -> None:
         self.closed_reason = reason

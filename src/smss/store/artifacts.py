@@ -9,6 +9,7 @@ or ONNX; pickle formats are refused before anything is written.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -19,12 +20,15 @@ import struct
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from smss.errors import InvalidSpec, NotFound, PayloadTooLarge, UnsafeArtifact
 from smss.spec import FunctionSpec, check_name
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_SOURCE_BYTES = 1 << 20
+#: An upload is written (and hashed) in a worker thread this many bytes at a time.
+UPLOAD_WRITE_BYTES = 4 * 1024 * 1024
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
@@ -50,27 +54,33 @@ class ArtifactStore:
         return self._inside(self.uploads, sha256)
 
     async def save_upload(self, sha256: str, chunks: AsyncIterator[bytes], limit: int) -> int:
-        """Stream an upload to disk, verify its hash, then publish it atomically."""
+        """Stream an upload to disk, verify its hash, then publish it atomically. The
+        hashing, writing and fsync run in a worker thread, a few MiB at a time, so a
+        large upload never holds up the event loop."""
         target = self.upload_path(sha256)
         digest = hashlib.sha256()
         size = 0
-        fd, tmp = tempfile.mkstemp(dir=self.uploads, prefix=".part-")
+        fd, tmp = await asyncio.to_thread(tempfile.mkstemp, dir=self.uploads, prefix=".part-")
         try:
             with os.fdopen(fd, "wb") as f:
+                pending: list[bytes] = []
+                pending_bytes = 0
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > limit:
                         raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
-                    digest.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
+                    pending.append(chunk)
+                    pending_bytes += len(chunk)
+                    if pending_bytes >= UPLOAD_WRITE_BYTES:
+                        await asyncio.to_thread(_write, f, digest, pending)
+                        pending, pending_bytes = [], 0
+                await asyncio.to_thread(_write, f, digest, pending, sync=True)
             if digest.hexdigest() != sha256:
                 raise InvalidSpec("upload content does not match its sha256 name")
             os.replace(tmp, target)
         finally:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+                os.unlink(tmp)  # not in a thread: this also runs when the upload is cancelled
         return size
 
     # ------------------------------------------------------------ functions
@@ -111,6 +121,15 @@ class ArtifactStore:
         for child in base.iterdir():
             if child.resolve() != keep.resolve():
                 shutil.rmtree(child, ignore_errors=True)
+
+
+def _write(f: BinaryIO, digest: Any, chunks: list[bytes], *, sync: bool = False) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
+        f.write(chunk)
+    if sync:
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def check_weights(path: Path, fmt: str) -> None:

@@ -30,6 +30,11 @@ Guarantees:
   fsyncs are) is fatal: after an fsync error the kernel may have dropped the dirty
   pages and cleared the error, so a retry that "succeeds" proves nothing. Every later
   write fails at once; reopening recovers from what is on disk.
+* **A bounded queue.** A new run (``start_run``) is refused with :class:`Overloaded`
+  while ``max_queued`` requests wait for the writer: a store that fell behind sheds
+  new work instead of queueing without bound. Appends of runs already started are
+  always taken (refusing them would strand those runs); the engine bounds how many
+  runs there are, and so how many appends can wait.
 * **Order from seq.** ``events.seq`` is assigned by the single writer in commit
   order; runs are ordered by the seq of their ``RunStarted``, never by wall time.
 * **A damaged file is refused, never half-read.** Opening runs ``PRAGMA
@@ -72,7 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smss.errors import NotFound, SmssError, StorageUnavailable
+from smss.errors import NotFound, Overloaded, SmssError, StorageUnavailable
 from smss.ports import AppendResult, Clock, SystemClock
 from smss.store import _log_ops as ops
 from smss.store._log_batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS, Item, OpenBatch, settle
@@ -105,6 +110,8 @@ LAZY_MAX_BYTES = 1024 * 1024
 BULKY_DELAY_S = 0.002
 #: A lazy request is applied (not committed) this long after it was made.
 APPLY_DELAY_S = 0.001
+#: Requests waiting for the writer past which a new run is refused.
+MAX_QUEUED = 10_000
 
 _EVENT_TYPES: tuple[type, ...] = typing.get_args(Event)
 
@@ -143,8 +150,10 @@ class SqliteEventLog:
         clock: Clock | None = None,
         checkpoint_bytes: int = 4 * 1024 * 1024,
         lazy_delay_s: float = LAZY_DELAY_S,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self.path = Path(path)
+        self._max_queued = max_queued
         self._faults = fault or FaultHooks()
         self._clock: Clock = clock or SystemClock()
         self._checkpoint_bytes = checkpoint_bytes
@@ -260,6 +269,10 @@ class SqliteEventLog:
                 raise StorageUnavailable(self._failure)
             if self._closing:
                 raise StorageUnavailable("the workflow log is closed")
+            if isinstance(op, ops.StartRun) and len(self._queue) >= self._max_queued:
+                raise Overloaded(
+                    f"the workflow log is behind: {len(self._queue)} writes are waiting", retry_after_s=1.0
+                )
             self._queue.append(Item(op, size, loop, future, due, ready_at))
             self._earliest = min(self._earliest, ready_at)
             # A lazy request is applied by this loop soon (below): the writer need only

@@ -201,6 +201,12 @@ class FakeChannel:
     * ``service_s(inputs)`` with a ``clock``: each call takes that long on the clock
       (``clock.sleep``), e.g. a trace's duration carried in the input.
     * ``in_flight`` and ``peak`` count concurrent calls, ``calls`` all calls.
+    * ``send`` runs the call in a task the channel owns (a done one is dropped; one
+      still held when the channel closes fails with :class:`InstanceLost`), so its
+      answer comes whether or not the caller still waits for it.
+    * ``stall()`` is a stopped process (SIGSTOP): new calls are held and pings go
+      unanswered, until ``resume()`` (SIGCONT), ``lose()`` or ``close()``; held
+      calls stay held until the test releases them. ``pings`` counts pings.
     """
 
     def __init__(
@@ -226,6 +232,9 @@ class FakeChannel:
         self._errors: list[BaseException] = []
         self._lost = False
         self._closed = False
+        self._tasks: set[asyncio.Task[dict[str, np.ndarray]]] = set()
+        self._stalled: asyncio.Future[None] | None = None
+        self.pings = 0
 
     @property
     def closed(self) -> bool:
@@ -247,6 +256,35 @@ class FakeChannel:
         self._lost = True
         self._fail_held()
 
+    def stall(self) -> None:
+        self.blocked = True
+        if self._stalled is None or self._stalled.done():
+            self._stalled = asyncio.get_running_loop().create_future()
+
+    def resume(self) -> None:
+        self.blocked = False
+        self.release_all()
+        if self._stalled is not None and not self._stalled.done():
+            self._stalled.set_result(None)
+
+    async def ping(self) -> None:
+        self.pings += 1
+        if self._closed or self._lost:
+            raise InstanceLost("instance is gone")
+        if self._stalled is not None:
+            await asyncio.shield(self._stalled)
+        if self._closed or self._lost:
+            raise InstanceLost("instance is gone")
+
+    async def send(self, inputs: Tensors, outputs: tuple[str, ...]) -> asyncio.Future[dict[str, np.ndarray]]:
+        if self._closed or self._lost:
+            self.calls += 1
+            raise InstanceLost("instance is gone")
+        task = asyncio.get_running_loop().create_task(self.infer(inputs, outputs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def infer(self, inputs: Tensors, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         self.calls += 1
         if self._closed or self._lost:
@@ -267,7 +305,7 @@ class FakeChannel:
                 await asyncio.sleep(self.latency_s)
             if self._service_s is not None and self._clock is not None:
                 await self._clock.sleep(self._service_s(inputs))
-            if self._lost:
+            if self._lost or self._closed:
                 raise InstanceLost("instance exited with the request in flight")
             return dict(self.compute(inputs, outputs))
         finally:
@@ -280,6 +318,9 @@ class FakeChannel:
     def _fail_held(self) -> None:
         for call in list(self.held):
             call.fail(InstanceLost("instance exited with the request in flight"))
+        if self._stalled is not None and not self._stalled.done():
+            self._stalled.set_exception(InstanceLost("instance is gone"))
+            self._stalled.exception()  # retrieved: nobody may be pinging
 
 
 class FakeChannels:

@@ -22,7 +22,13 @@ Guarantees (with an :class:`~smss.ports.EventLog` that keeps its promises):
   since it started is parked, not re-executed against the new definition;
 * a failing stage is retried per its ``retries`` with back-off; then the run
   fails with the stage, attempt, instance, error type, message and traceback
-  in the log.
+  in the log;
+* bounded: at most ``max_runs`` runs are driven at once (a run started past it,
+  waited for or not, is refused with :class:`Overloaded`, 429; recovery is never
+  refused), and non-durable runs keep at most ``max_direct_sessions`` sessions'
+  state, each for ``direct_state_ttl_s`` unused;
+* the log reads a request needs (an idempotent retry, a resume, a replay) run in
+  a worker thread, not on the event loop.
 
 Every run is driven by a task in the engine's task group.
 """
@@ -37,10 +43,12 @@ from typing import Any
 
 import numpy as np
 
+from smss.config import WorkflowLimits
 from smss.errors import (
     Conflict,
     InvalidInput,
     NotFound,
+    Overloaded,
     StorageUnavailable,
 )
 from smss.ports import Clock, EventLog, FunctionCaller
@@ -57,7 +65,7 @@ from smss.workflow.events import (
 )
 from smss.workflow.ids import new_run_id
 from smss.workflow.replay import RunView, apply, replay
-from smss.workflow.sessions import SessionLocks, SessionStates
+from smss.workflow.sessions import ExpiringStates, SessionLocks, SessionStates
 from smss.workflow.spec import WorkflowSpec, dependencies, spec_hash, topological_order
 
 __all__ = ["Engine", "RunOutcome"]
@@ -72,7 +80,9 @@ class Engine:
         caller: FunctionCaller,
         workflows: Callable[[str], WorkflowSpec],
         clock: Clock,
+        limits: WorkflowLimits | None = None,
     ) -> None:
+        self._limits = limits or WorkflowLimits()
         self._log = log_
         self._caller = caller
         self._workflows = workflows
@@ -81,7 +91,7 @@ class Engine:
         self._plans: dict[str, Plan] = {}
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._direct_state: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        self._direct_state = ExpiringStates(self._limits.max_direct_sessions, self._limits.direct_state_ttl_s)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -140,6 +150,16 @@ class Engine:
             driver.later(start)
         return run
 
+    def _admit(self) -> None:
+        """Refuse a new run when the engine drives as many as it may."""
+        limit = self._limits.max_runs
+        if len(self._runs) >= limit:
+            raise Overloaded(f"the workflow engine is running {limit} runs, its limit", retry_after_s=1.0)
+
+    async def _read_run(self, run_id: str) -> list[Record]:
+        """The run's records, read off the event loop (a read may wait on the store)."""
+        return await asyncio.to_thread(self._log.read_run, run_id)
+
     def _plan(self, spec: WorkflowSpec) -> Plan:
         """The DAG indexed once per definition (specs are immutable)."""
         key = spec_hash(spec)
@@ -170,6 +190,7 @@ class Engine:
     ) -> RunOutcome:
         spec = self._workflows(workflow)
         _check_inputs(spec, inputs)
+        self._admit()
         refs, blobs = to_blobs(inputs)
         started = RunStarted(workflow, spec_hash(spec), session, refs, idempotency_key)
         run_id = new_run_id(self._shared.clock.time())
@@ -184,7 +205,7 @@ class Engine:
             return await self._await(run, timeout_s)
         run_id, created = await self._log.start_run(run_id, started, blobs)
         if not created:
-            existing = replay(self._log.read_run(run_id)).started
+            existing = replay(await self._read_run(run_id)).started
             if (existing.workflow, existing.session, existing.inputs) != (workflow, session, refs):
                 raise Conflict("this Idempotency-Key was used for a different request")
             return await self._outcome_of(run_id, wait, timeout_s)
@@ -199,8 +220,7 @@ class Engine:
         run = self._runs.get(run_id)
         if run is not None and wait:
             return await self._await(run, timeout_s)
-        view = replay(self._log.read_run(run_id))
-        return outcome_of(view, {}, self._log)
+        return await asyncio.to_thread(lambda: outcome_of(replay(self._log.read_run(run_id)), {}, self._log))
 
     async def _await(self, run: Run, timeout_s: float) -> RunOutcome:
         if run.outcome is not None:
@@ -225,7 +245,7 @@ class Engine:
         """Resume a failed run (or adopt a running one nobody drives)."""
         if run_id in self._runs:
             return RunOutcome(run_id, "running")
-        records = self._log.read_run(run_id)
+        records = await self._read_run(run_id)
         if not records:
             raise NotFound(f"unknown run {run_id!r}")
         view = replay(records)
@@ -234,6 +254,7 @@ class Engine:
         spec = self._workflows(view.started.workflow)
         if spec_hash(spec) != view.started.spec_hash:
             raise Conflict(f"run {run_id} cannot resume: its workflow definition changed since it started")
+        self._admit()
         if view.terminal is not None:
             event = RunResumed()
             await self._log.append(run_id, [event])
@@ -245,7 +266,7 @@ class Engine:
         """A new run with the old run's inputs, re-executing ``stage`` and what
         depends on it; the other stages' logged outputs are copied. Stateful
         stages re-run on their logged state and do not write the session."""
-        records = self._log.read_run(run_id)
+        records = await self._read_run(run_id)
         if not records:
             raise NotFound(f"unknown run {run_id!r}")
         old = replay(records)
@@ -262,13 +283,14 @@ class Engine:
                 raise Conflict(f"stage {s.name!r} of run {run_id} never completed; replay from it instead")
             c = progress.completed
             copied.append(StageCompleted(s.name, 0, c.outputs, "replayed", "", None, 0.0))
+        self._admit()
         started = RunStarted(
             old.started.workflow, spec_hash(spec), old.started.session, old.started.inputs, None, run_id
         )
         new_id, _ = await self._log.start_run(new_run_id(self._shared.clock.time()), started, {})
         if copied:
             await self._log.append(new_id, copied)
-        run = self._adopt(replay(self._log.read_run(new_id)), spec)
+        run = self._adopt(replay(await self._read_run(new_id)), spec)
         return await self._await(run, 300.0) if wait else RunOutcome(new_id, "running")
 
     async def run_direct(
@@ -276,7 +298,8 @@ class Engine:
     ) -> RunOutcome:
         """The same stages called one after another through the dispatchers, with no
         log, no blobs and no recovery: the baseline the log's overhead is measured
-        against (``durable: false``). State lives in memory only."""
+        against (``durable: false``). State lives in memory only, bounded (see the
+        module's docstring): a session whose state was dropped starts from zeros."""
         spec = self._workflows(workflow)
         _check_inputs(spec, inputs)
         values: dict[str, np.ndarray] = {f"request.{k}": v for k, v in inputs.items()}
@@ -286,7 +309,7 @@ class Engine:
             args = {k: values[src] for k, src in stage.inputs.items()}
             key = (spec.name, session or "")
             if stage.state:
-                saved = self._direct_state.get(key, {})
+                saved = self._direct_state.get(key, self._shared.clock.monotonic())
                 for t in fn.inputs:
                     if t.name not in stage.inputs:
                         args[t.name] = saved[t.name] if t.name in saved else t.zeros()
@@ -294,7 +317,8 @@ class Engine:
                 stage.function, args, tuple(t.name for t in fn.outputs), stage.timeout_s
             )
             if stage.state:
-                self._direct_state[key] = {k: v for k, v in result.outputs.items() if k in args}
+                state = {k: v for k, v in result.outputs.items() if k in args}
+                self._direct_state.put(key, state, self._shared.clock.monotonic())
             values.update({f"{name}.{k}": v for k, v in result.outputs.items()})
         outputs = {k: values[src] for k, src in spec.outputs.items()}
         return RunOutcome("direct", "completed", outputs)

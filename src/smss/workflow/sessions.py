@@ -144,3 +144,40 @@ class SessionStates:
         else:
             self._writing.pop(key, None)
         return writes
+
+
+class ExpiringStates:
+    """Session state kept in memory only (non-durable runs), bounded: at most
+    ``capacity`` sessions, the least recently used dropped first, and any unused
+    for ``ttl_s`` (on the caller's clock) dropped too. A dropped session starts
+    again from zeros, as a new one: its state was never promised to last."""
+
+    def __init__(self, capacity: int, ttl_s: float) -> None:
+        self._capacity = capacity
+        self._ttl_s = ttl_s
+        # Oldest use first: expired entries are always at the front.
+        self._entries: collections.OrderedDict[Key, tuple[float, dict[str, np.ndarray]]] = (
+            collections.OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Key, now: float) -> dict[str, np.ndarray]:
+        self._expire(now)
+        entry = self._entries.get(key)
+        return {} if entry is None else entry[1]
+
+    def put(self, key: Key, state: dict[str, np.ndarray], now: float) -> None:
+        self._entries[key] = (now, state)
+        self._entries.move_to_end(key)
+        self._expire(now)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            used, _ = next(iter(self._entries.values()))
+            if now - used < self._ttl_s:
+                return
+            self._entries.popitem(last=False)
