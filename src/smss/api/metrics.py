@@ -44,6 +44,13 @@ class PrometheusMetrics:
             registry=r,
         )
         self.cold_starts = Counter("smss_cold_starts", "Instance starts", ["function"], registry=r)
+        self.start_seconds = Histogram(
+            "smss_start_seconds",
+            "Instance starts, ask to ready, by the tier of readiness they began from",
+            ["function", "tier"],
+            buckets=_START_BUCKETS,
+            registry=r,
+        )
         self.start_phase = Histogram(
             "smss_start_phase_seconds",
             "Duration of each phase of an instance start",
@@ -81,6 +88,7 @@ class PrometheusMetrics:
         self.cold_starts.labels(function).inc()
         for phase, ms in (*timings.phases.items(), ("total", timings.total_ms)):
             self.start_phase.labels(function, phase).observe(ms / 1000)
+        self.start_seconds.labels(function, timings.tier).observe(timings.total_ms / 1000)
 
     def instances(self, function: str, state: str, count: int) -> None:
         self.instance_count.labels(function, state).set(count)

@@ -19,6 +19,7 @@ from smss.api.errors import status_of
 from smss.api.http import client_of, endpoint, json_response, read_body
 from smss.control.controller import FunctionRuntime
 from smss.errors import InvalidInput, ModelError, SmssError, Unavailable
+from smss.headers import COLD_START, RUN_ID
 from smss.spec import FunctionSpec, TensorSpec
 from smss.workflow.spec import WorkflowSpec
 
@@ -99,8 +100,9 @@ def routes(ctx: AppContext) -> list[Route]:
             body = await read_body(request, limits.max_body_bytes)
             decoded = codec.decode_request(body, _header_length(request), spec, limits)
             wanted = tuple(o.name for o in decoded.outputs) or tuple(t.name for t in spec.outputs)
-            outputs = await platform.infer(rt, decoded.inputs, wanted, serving.request_timeout_s)
+            outputs, served = await platform.infer(rt, decoded.inputs, wanted, serving.request_timeout_s)
             payload, headers = codec.encode_response(spec.name, spec.version, decoded.id, outputs, decoded)
+            headers[COLD_START] = "1" if served.cold else "0"
             status = "200"
             return Response(payload, 200, headers)
         except SmssError as e:
@@ -129,7 +131,7 @@ def routes(ctx: AppContext) -> list[Route]:
         wanted = {o.name for o in decoded.outputs} or set(outcome.outputs)
         outputs = {k: v for k, v in outcome.outputs.items() if k in wanted}
         payload, headers = codec.encode_response(spec.name, spec.version, decoded.id, outputs, decoded)
-        headers["SMSS-Run-Id"] = outcome.run_id
+        headers[RUN_ID] = outcome.run_id
         return Response(payload, 200, headers)
 
     @endpoint

@@ -7,8 +7,11 @@ Per function it drives the same objects as the live controller and dispatcher:
 and :class:`~smss.control.placement.ClusterState` placement inside),
 :func:`~smss.control.router.choose` and the :class:`~smss.control.metering.Meter`,
 on a virtual clock (an event heap; nothing sleeps). Instances are simulated: one
-becomes ready ``cold_start_ms`` after it is asked for and serves up to ``concurrency``
-requests at once, each for the trace's ``duration_ms``.
+becomes ready ``cold_start_ms`` after it is asked for (a fork of the function's
+resident template) and serves up to ``concurrency`` requests at once, each for the
+trace's ``duration_ms``. With ``first_start_ms`` set, a function's first start takes
+that long instead (its template is built first, as the live node does once per
+model; starts asked for while it is being built wait for it, then fork).
 
 What happens, as in the live platform:
 
@@ -127,6 +130,8 @@ class SimConfig:
     min_instances: int = 0
     max_instances: int = 1000
     cold_start_ms: float = 500.0
+    #: A function's first start (template build and fork); None: ``cold_start_ms`` too.
+    first_start_ms: float | None = None
     tick_s: float = 1.0
     seed: int = 0
     #: Replay K times faster (trace times, durations and the policy's windows / K).
@@ -150,6 +155,10 @@ class SimConfig:
             raise InvalidSpec(f"concurrency must be 1-4096, got {self.concurrency}")
         if not (math.isfinite(self.cold_start_ms) and self.cold_start_ms >= 0):
             raise InvalidSpec(f"cold_start_ms must be >= 0, got {self.cold_start_ms}")
+        if self.first_start_ms is not None and not (
+            math.isfinite(self.first_start_ms) and self.first_start_ms >= 0
+        ):
+            raise InvalidSpec(f"first_start_ms must be >= 0, got {self.first_start_ms}")
         if not (math.isfinite(self.tick_s) and self.tick_s > 0):
             raise InvalidSpec(f"tick_s must be > 0, got {self.tick_s}")
         if not (math.isfinite(self.speedup) and self.speedup > 0):
@@ -216,6 +225,7 @@ class _Fn:
         "ready",
         "started",
         "starting",
+        "template_at",
     )
 
     def __init__(self, name: str, policies: Policies) -> None:
@@ -231,6 +241,7 @@ class _Fn:
         self.started = 0
         self.next_wake = math.inf
         self.prewarmed_for = -math.inf
+        self.template_at: float | None = None  # when its template is (will be) ready
 
 
 class Simulation:
@@ -244,6 +255,9 @@ class Simulation:
         self.meter = Meter()
         self.rng = random.Random(config.seed)
         self._cold_s = config.cold_start_ms / 1000.0
+        first = config.cold_start_ms if config.first_start_ms is None else config.first_start_ms
+        self._build_s = max(first - config.cold_start_ms, 0.0) / 1000.0  # the template's build
+        self.template_builds = 0
         scaling, need = config.scaling, need_of(config.resources)
         self._fns = [
             _Fn(
@@ -397,8 +411,12 @@ class Simulation:
         self.meter.instance_started(instance_id, fn.name, self._resources, now)
         if not self._unbounded:
             self.cluster.add(msgspec.structs.replace(alloc, id=instance_id))
+        if fn.template_at is None:
+            fn.template_at = now + self._build_s
+            self.template_builds += 1
         self._seq += 1
-        heapq.heappush(self._heap, (now + self._cold_s, self._seq, _READY, (fn, instance_id), 0))
+        ready_at = max(now, fn.template_at) + self._cold_s
+        heapq.heappush(self._heap, (ready_at, self._seq, _READY, (fn, instance_id), 0))
 
     def _ready(self, started: tuple[_Fn, str], now: float) -> None:
         fn, instance_id = started
@@ -550,6 +568,7 @@ class Simulation:
             "p50_added_ms": round(p50, 3),
             "p99_added_ms": round(p99, 3),
             "instances_started": sum(f.started for f in self._fns),
+            "template_builds": self.template_builds,
             "prewarm_starts": self.prewarm_starts,
             "rejected": self.rejected,
             "queued_for_capacity": len(self._capacity_waited),
@@ -590,7 +609,15 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=d.concurrency, help="requests one instance serves at once"
     )
     p.add_argument("--max-instances", type=int, default=d.max_instances)
-    p.add_argument("--cold-start-ms", type=float, default=d.cold_start_ms)
+    p.add_argument(
+        "--cold-start-ms", type=float, default=d.cold_start_ms, help="an instance start (a template's fork)"
+    )
+    p.add_argument(
+        "--first-start-ms",
+        type=float,
+        default=None,
+        help="a function's first start, its template built first (default: --cold-start-ms)",
+    )
     p.add_argument("--tick-s", type=float, default=d.tick_s)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
@@ -630,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             concurrency=args.concurrency,
             max_instances=args.max_instances,
             cold_start_ms=args.cold_start_ms,
+            first_start_ms=args.first_start_ms,
             tick_s=args.tick_s,
             seed=args.seed,
             speedup=args.speedup,
