@@ -5,7 +5,11 @@ one synthetic python-runtime function per function of the trace (concurrency 1,
 ``max_instances`` instances at most, ``cpu`` cores declared (0.1), ``memory_mb``), and replays the trace
 open loop, ``speedup`` (K) times faster than recorded: the request of row ``t_ms``
 is sent at ``t_ms / K`` after the start whether or not earlier ones were answered,
-and asks its function to spend ``duration_ms / K`` of wall time (a busy loop).
+and asks its function to spend ``duration_ms / K`` of wall time: asleep by default
+(``work="sleep"``), so that an instance uses about the 0.1 core it declares, as the
+simulator assumes, and what is measured is the platform's own decisions and
+overhead; with ``work="spin"`` it spins on a core for that long (every busy instance
+then takes a whole core, and on a small machine the gateway competes with them).
 
 **Time scaling.** With speedup K the platform sees every idle gap K times shorter,
 so every duration of the keep-alive policy is divided by K too
@@ -85,7 +89,7 @@ from smss.testing.server import running_server
 LIVE_TICK_S = 0.2
 
 MODEL_SOURCE = '''\
-"""A synthetic function for trace replay: spends the requested wall time busy."""
+"""A synthetic function for trace replay: spends the requested wall time (WORK)."""
 
 import os
 import time
@@ -119,6 +123,8 @@ class Busy:
             self._pid = os.getpid()
             self._served = 0
         end = time.perf_counter() + float(ms.sum()) / 1000.0
+        if "WORK" == "sleep":
+            time.sleep(max(end - time.perf_counter(), 0.0))
         while time.perf_counter() < end:
             pass
         served = self._served
@@ -286,10 +292,13 @@ def run(
     max_instances: int = 8,
     default_ttl_s: float = 600.0,
     cpu: float = 0.1,
+    work: str = "sleep",
 ) -> dict[str, object]:
     """Replay ``trace_path`` live and in the simulator; one JSON-ready dict."""
     if not (math.isfinite(speedup) and speedup > 0):
         raise InvalidSpec(f"speedup must be > 0, got {speedup}")
+    if work not in ("sleep", "spin"):
+        raise InvalidSpec(f"work must be 'sleep' or 'spin', got {work!r}")
     trace = read_trace(trace_path)
     live_policy, live_ttl = scale_policy(policy, default_ttl_s, 1.0 / speedup)
     prices = PriceTable()
@@ -301,6 +310,7 @@ def run(
             MODEL_SOURCE.replace("MAX_INSTANCES", str(max_instances))
             .replace("MEMORY_MB", str(memory_mb))
             .replace("CPU_SHARE", repr(float(cpu)))
+            .replace("WORK", work)
         )
         args = ["--keep-alive-policy", live_policy, "--keep-alive", repr(live_ttl), "--log-level", "warning"]
         with running_server(data / "platform", args) as server, Client(server.url) as client:
@@ -360,6 +370,7 @@ def run(
         "memory_mb": memory_mb,
         "max_instances": max_instances,
         "cpu": cpu,
+        "work": work,
         "node_capacity": node["capacity"],
         **live,
         "simulate": sim,

@@ -433,6 +433,9 @@ def bench_replay(
         float, typer.Option(help="fixed's / hybrid's fallback TTL before scaling")
     ] = 600.0,
     cpu: Annotated[float, typer.Option(help="Declared cores of each instance (placed on the node)")] = 0.1,
+    work: Annotated[
+        str, typer.Option(help="How a function spends each request's duration: sleep, or spin on a core")
+    ] = "sleep",
     as_json: AsJson = True,
 ) -> None:
     """Replay a trace open loop against a live platform, beside `smss simulate` on the same settings."""
@@ -447,6 +450,7 @@ def bench_replay(
             max_instances=max_instances,
             default_ttl_s=default_ttl_s,
             cpu=cpu,
+            work=work,
         )
     )
 
