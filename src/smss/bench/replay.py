@@ -76,13 +76,14 @@ import msgspec
 import numpy as np
 
 from smss.client import Client
-from smss.control.cost import PriceTable
+from smss.control.cost import ContainerSize, PriceTable
 from smss.control.keepalive import scale_policy
 from smss.errors import InvalidSpec
 from smss.headers import COLD_START
 from smss.packaging import load_class, package_class
 from smss.sim.simulator import SimConfig, simulate
 from smss.sim.trace import Trace, peak_concurrency, read_trace
+from smss.spec import Resources
 from smss.testing.server import running_server
 
 #: The live controller's tick (ServingSettings.tick_s), for the simulator beside it.
@@ -230,6 +231,7 @@ def _figures(
     functions: list[dict[str, Any]],
     prices: PriceTable,
     memory_mb: int,
+    cpu: float,
 ) -> dict[str, object]:
     ok = [r for r in results if r.error is None]
     cold = [r for r in ok if r.cold]
@@ -253,7 +255,8 @@ def _figures(
         if r.error is not None:
             errors[r.error] = errors.get(r.error, 0) + 1
     total = cost["total"]
-    per_container_s = prices.usd_per_vcpu_second + memory_mb / 1024 * prices.usd_per_gb_second
+    # the simulator's containers: the instance's declared size, concurrency 1
+    per_container_s = ContainerSize(Resources(cpu=cpu, memory_mb=memory_mb)).usd_per_second(prices)
     containers = int(peak_concurrency(trace).sum())
     container_cost = containers * period_s * per_container_s
     n = len(trace)
@@ -331,7 +334,7 @@ def run(
         "template_start_ms": template_ms,
         "template_starts": float(template_starts),
     }
-    live = _figures(trace, speedup, results, period, starts, cost, functions, prices, memory_mb)
+    live = _figures(trace, speedup, results, period, starts, cost, functions, prices, memory_mb, cpu)
     config = SimConfig(
         policy=policy,
         default_ttl_s=default_ttl_s,
