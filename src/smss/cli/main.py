@@ -30,6 +30,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints one 
 app.add_typer(bench_app, name="bench")
 runs_app = typer.Typer(no_args_is_help=True, help="Workflow runs: list, show, resume, replay.")
 app.add_typer(runs_app, name="runs")
+traces_app = typer.Typer(no_args_is_help=True, help="Invocation traces for simulate and bench replay.")
+app.add_typer(traces_app, name="traces")
 console = Console()
 #: Errors go to stderr, so that stdout holds only a command's output (``--json``).
 err_console = Console(stderr=True)
@@ -453,6 +455,18 @@ def bench_replay(
             work=work,
         )
     )
+
+
+@traces_app.command("import-orcbench")
+def traces_import_orcbench(
+    raw: Annotated[Path, typer.Argument(help="A trace written by `orcbench trace --out`")],
+    out: Annotated[Path, typer.Argument(help="The CSV to write (t_ms,function,duration_ms,cluster)")],
+) -> None:
+    """Convert an OrcBench trace to the CSV that `smss simulate` and `smss bench replay` read."""
+    from smss.sim.orcbench import convert
+
+    trace = convert(raw, out)
+    print(f"{out}: {len(trace)} invocations of {len(trace.functions)} functions over {trace.span_s:.0f} s")
 
 
 def main() -> None:
