@@ -66,6 +66,8 @@ class WorkflowLimits:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
+    #: The Open Inference Protocol's gRPC service; 0 serves none (needs the ``grpc`` extra).
+    grpc_port: int = 0
     data_dir: Path = field(default_factory=lambda: Path.home() / ".smss")
     token: str | None = None
     demo: bool = False
@@ -101,6 +103,11 @@ class Settings:
             )
         if not 0 < self.port < 65536 and self.port != 0:
             raise InvalidSpec(f"invalid port {self.port}")
+        if not 0 <= self.grpc_port < 65536 or (self.grpc_port and self.grpc_port == self.port):
+            raise InvalidSpec(f"invalid gRPC port {self.grpc_port} (0 for none; not the HTTP port)")
+        timeout = self.serving.request_timeout_s
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise InvalidSpec(f"the request timeout must be a positive number of seconds, not {timeout:g}")
         if self.start_mode not in ("fork", "exec"):
             raise InvalidSpec(f"start mode must be 'fork' or 'exec', not {self.start_mode!r}")
         if self.cpus is not None and not (math.isfinite(self.cpus) and self.cpus > 0):

@@ -31,6 +31,8 @@ DATATYPES: dict[str, np.dtype[np.generic]] = {
     "FP16": np.dtype("<f2"),
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
+    # Strings: an object array of ``bytes`` (see smss.bytes_tensors for the wire form).
+    "BYTES": np.dtype(object),
 }
 DTYPE_TO_DATATYPE: dict[str, str] = {dt.str: name for name, dt in DATATYPES.items()}
 DTYPE_TO_DATATYPE["|b1"] = "BOOL"
@@ -84,8 +86,11 @@ class TensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return DATATYPES[self.datatype]
 
     def zeros(self) -> np.ndarray:
-        """A tensor of zeros of this shape, with batch 1 for a variable dimension."""
-        return np.zeros([1 if d == -1 else d for d in self.shape], self.dtype)
+        """Zeros (empty strings for BYTES) of this shape, with batch 1 for a variable dimension."""
+        shape = [1 if d == -1 else d for d in self.shape]
+        if self.datatype == "BYTES":
+            return np.full(shape, b"", dtype=object)
+        return np.zeros(shape, self.dtype)
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == len(self.shape) and all(

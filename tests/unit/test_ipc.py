@@ -119,7 +119,9 @@ def test_unsupported_dtype_is_invalid_input() -> None:
         ipc.tensor_metas({"s": np.array(["a", "b"])})
 
 
-dtypes = st.sampled_from(sorted(DATATYPES)).map(lambda name: DATATYPES[name])
+#: The fixed-width datatypes (BYTES, variable-length, has tests of its own below).
+FIXED = sorted(d for d in DATATYPES if d != "BYTES")
+dtypes = st.sampled_from(FIXED).map(lambda name: DATATYPES[name])
 
 
 @settings(max_examples=60, deadline=None)
@@ -196,7 +198,7 @@ def meta(shape: tuple[int, ...], datatype: str = "FP32", nbytes: int | None = No
 @settings(max_examples=100, deadline=None)
 @given(
     shape=st.lists(st.integers(0, 5), max_size=4).map(tuple),
-    datatype=st.sampled_from(sorted(DATATYPES)),
+    datatype=st.sampled_from(FIXED),
     delta=st.integers(-8, 8).filter(lambda d: d != 0),
 )
 def test_unpack_rejects_nbytes_that_do_not_match_the_shape(
@@ -213,7 +215,7 @@ def test_unpack_rejects_nbytes_that_do_not_match_the_shape(
 @settings(max_examples=100, deadline=None)
 @given(
     shape=st.lists(st.integers(0, 5), max_size=4).map(tuple),
-    datatype=st.sampled_from(sorted(DATATYPES)),
+    datatype=st.sampled_from(FIXED),
     short=st.integers(1, 16),
 )
 def test_unpack_rejects_a_truncated_payload(shape: tuple[int, ...], datatype: str, short: int) -> None:
@@ -227,13 +229,55 @@ def test_unpack_rejects_a_truncated_payload(shape: tuple[int, ...], datatype: st
 @settings(max_examples=100, deadline=None)
 @given(
     shape=st.lists(st.integers(0, 5), max_size=4).map(tuple),
-    datatype=st.sampled_from(sorted(DATATYPES)),
+    datatype=st.sampled_from(FIXED),
     extra=st.binary(min_size=1, max_size=16),
 )
 def test_unpack_rejects_trailing_bytes(shape: tuple[int, ...], datatype: str, extra: bytes) -> None:
     m = meta(shape, datatype)
     with pytest.raises(ipc.ProtocolError, match="trailing bytes"):
         ipc.unpack_tensors([m], bytes(m.nbytes) + extra)
+
+
+def bytes_array(elements: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    array = np.empty(len(elements), dtype=object)
+    array[:] = elements
+    return array.reshape(shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.binary(max_size=40), max_size=12).flatmap(
+        lambda items: st.tuples(st.just(items), st.sampled_from([(len(items),), (1, len(items), 1)]))
+    )
+)
+def test_bytes_tensors_round_trip_length_prefixed(case: tuple[list[bytes], tuple[int, ...]]) -> None:
+    elements, shape = case
+    array = bytes_array(elements, shape)
+    metas, buffers = ipc.tensor_metas({"s": array, "f": np.arange(3, dtype=np.float32)})
+    payload = joined(buffers)
+    # Each element as tritonclient writes it: a u32 little-endian length, then its bytes.
+    assert payload[: metas[0].nbytes] == b"".join(struct.pack("<I", len(e)) + e for e in elements)
+    got = ipc.unpack_tensors(metas, payload)
+    assert got["s"].dtype == object
+    assert got["s"].shape == shape
+    assert got["s"].reshape(-1).tolist() == elements
+    np.testing.assert_array_equal(got["f"], np.arange(3, dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    ("payload", "shape"),
+    [
+        (struct.pack("<I", 5) + b"abc", (1,)),  # an element running past the end
+        (struct.pack("<I", 1) + b"a", (2,)),  # fewer elements than the shape
+        (struct.pack("<I", 1) + b"ab", (1,)),  # bytes left after the last element
+        (b"\xff\xff", (1,)),  # not even a length
+        (b"", (2**40,)),  # a count the bytes cannot hold: refused before allocating
+    ],
+    ids=["past-end", "too-few", "trailing", "short-length", "huge-count"],
+)
+def test_corrupt_bytes_tensors_are_protocol_errors(payload: bytes, shape: tuple[int, ...]) -> None:
+    with pytest.raises(ipc.ProtocolError, match="'x'"):
+        ipc.unpack_tensors([ipc.TensorMeta("x", "BYTES", shape, len(payload))], payload)
 
 
 def test_unpack_rejects_unknown_datatypes_and_negative_dimensions() -> None:

@@ -6,11 +6,13 @@ is decoded or sliced, so nothing is allocated for a tensor that is refused.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from smss import bytes_tensors
 from smss.api._json_tensors import decode_data, element_count, show
 from smss.config import Limits
 from smss.errors import InvalidInput, PayloadTooLarge
@@ -33,42 +35,72 @@ class InputWire(msgspec.Struct):
     parameters: Params | None = None
 
 
+#: Decodes the data of input ``index`` once its name, datatype and shape are checked.
+DecodeData = Callable[[int, InputWire, tuple[int, ...]], np.ndarray[Any, Any]]
+
+
 def decode_inputs(
     wires: list[InputWire],
     spec_inputs: tuple[TensorSpec, ...] | None,
     limits: Limits,
     tail: memoryview | None,
 ) -> dict[str, np.ndarray[Any, Any]]:
-    if len(wires) > limits.max_inputs:
-        raise InvalidInput(f"request has {len(wires)} inputs, at most {limits.max_inputs} allowed")
-    specs = None if spec_inputs is None else {t.name: t for t in spec_inputs}
-    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    """The inputs of a REST request: JSON ``data`` or slices of the binary ``tail``."""
     offset = 0
-    for wire in wires:
-        if wire.name in arrays:
-            raise InvalidInput(f"input {show(wire.name)} is given more than once")
-        spec = _spec_for(wire, specs)
-        shape = _checked_shape(wire, spec, limits)
+
+    def decode(index: int, wire: InputWire, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+        nonlocal offset
         size = _binary_size(wire)
         if size is None:
-            arrays[wire.name] = _json_array(wire, shape)
-        else:
-            arrays[wire.name] = _binary_array(wire, shape, size, tail, offset)
-            offset += size
+            return _json_array(wire, shape)
+        array = _binary_array(wire, shape, size, tail, offset)
+        offset += size
+        return array
+
+    arrays = decode_checked(wires, spec_inputs, limits, decode)
     if tail is not None and offset != len(tail):
         raise InvalidInput(
             f"binary data has {len(tail)} bytes but the inputs' binary_data_size add up to {offset}"
         )
+    return arrays
+
+
+def decode_checked(
+    wires: Sequence[InputWire],
+    spec_inputs: tuple[TensorSpec, ...] | None,
+    limits: Limits,
+    decode: DecodeData,
+) -> dict[str, np.ndarray[Any, Any]]:
+    """Check every tensor's count, name, datatype and shape, then ``decode`` its data.
+
+    The checks every protocol shares: at most ``limits.max_inputs`` tensors, no
+    name twice, each known to the spec with its datatype and a shape it accepts,
+    and every input of the spec given. ``spec_inputs`` None accepts any names.
+    """
+    if len(wires) > limits.max_inputs:
+        raise InvalidInput(f"request has {len(wires)} inputs, at most {limits.max_inputs} allowed")
+    specs = None if spec_inputs is None else {t.name: t for t in spec_inputs}
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    for index, wire in enumerate(wires):
+        if wire.name in arrays:
+            raise InvalidInput(f"input {show(wire.name)} is given more than once")
+        spec = _spec_for(wire, specs)
+        shape = _checked_shape(wire, spec, limits)
+        arrays[wire.name] = decode(index, wire, shape)
     missing = [] if specs is None else [name for name in specs if name not in arrays]
     if missing:
         raise InvalidInput(f"missing required input(s): {', '.join(map(show, missing))}")
     return arrays
 
 
+def decode_raw(wire: InputWire, shape: tuple[int, ...], raw: memoryview) -> np.ndarray[Any, Any]:
+    """One checked input from its own raw little-endian (or length-prefixed BYTES) bytes."""
+    return _binary_array(wire, shape, len(raw), raw, 0)
+
+
 def _spec_for(wire: InputWire, specs: dict[str, TensorSpec] | None) -> TensorSpec | None:
     if wire.datatype not in DATATYPES:
-        hint = " (BYTES tensors are not supported)" if wire.datatype == "BYTES" else ""
-        raise InvalidInput(f"input {show(wire.name)}: unsupported datatype {show(wire.datatype)}{hint}")
+        raise InvalidInput(f"input {show(wire.name)}: unsupported datatype {show(wire.datatype)}")
     if specs is None:
         if not wire.name or len(wire.name) > MAX_NAME_CHARS:
             raise InvalidInput(f"invalid input name {show(wire.name)}")
@@ -142,6 +174,11 @@ def _binary_array(
     name = show(wire.name)
     if tail is None:
         raise InvalidInput(f"input {name}: binary_data_size given without {HEADER_LENGTH}")
+    if offset + size > len(tail):
+        raise InvalidInput(f"input {name}: binary data ends before its {size} bytes")
+    if wire.datatype == bytes_tensors.DATATYPE:
+        # Each element's 4-byte length prefix is checked against the tensor's own bytes.
+        return bytes_tensors.unpack(tail[offset : offset + size], shape, f"input {name}")
     dtype = DATATYPES[wire.datatype]
     count = element_count(shape)
     if size != count * dtype.itemsize:
@@ -149,8 +186,6 @@ def _binary_array(
             f"input {name}: binary_data_size is {size} bytes, shape {list(shape)} of "
             f"{wire.datatype} needs {count * dtype.itemsize}"
         )
-    if offset + size > len(tail):
-        raise InvalidInput(f"input {name}: binary data ends before its {size} bytes")
     array = np.frombuffer(tail, dtype=dtype, count=count, offset=offset)
     if dtype.kind == "b" and bool((array.view(np.uint8) > 1).any()):
         raise InvalidInput(f"input {name}: BOOL bytes must be 0 or 1")

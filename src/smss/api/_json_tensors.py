@@ -15,7 +15,8 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 
-from smss.errors import InvalidInput
+from smss import bytes_tensors
+from smss.errors import InvalidInput, ModelError
 
 
 def _int(lo: int, hi: int) -> object:
@@ -41,6 +42,8 @@ _ELEMENT: dict[str, object] = {
     "FP16": _float(float(np.finfo(np.float16).max)),
     "FP32": _float(float(np.finfo(np.float32).max)),
     "FP64": _float(float(np.finfo(np.float64).max)),
+    # Strings in JSON; each becomes the UTF-8 ``bytes`` element the model sees.
+    "BYTES": str,
 }
 
 
@@ -86,6 +89,10 @@ def decode_data(
 
 
 def _to_array(name: str, values: list[Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    if dtype == bytes_tensors.DTYPE:  # the decoder let only str elements through
+        array = np.empty(len(values), dtype=dtype)
+        array[:] = [v.encode() for v in values]
+        return array
     try:
         return np.asarray(values, dtype=dtype)
     except OverflowError:  # only UINT64 values above 2**64 - 1 get this far
@@ -104,9 +111,15 @@ def _decode_nested(
             f"of {datatype} values: {_explain(error)}"
         ) from None
     try:
-        array: np.ndarray[Any, Any] | None = _to_array(name, nested, dtype)
+        # An object array of ragged lists is 1-D (of lists); its shape gives it away below.
+        strings = dtype == bytes_tensors.DTYPE
+        array: np.ndarray[Any, Any] | None = (
+            np.asarray(nested, dtype=dtype) if strings else _to_array(name, nested, dtype)
+        )
     except ValueError:  # ragged
         array = None
+    if array is not None and array.shape == shape and dtype == bytes_tensors.DTYPE:
+        array = _to_array(name, array.reshape(-1).tolist(), dtype).reshape(shape)
     if array is None or array.shape != shape:
         raise InvalidInput(f"input {show(name)}: nested data does not have shape {list(shape)}")
     return array
@@ -119,8 +132,8 @@ def element_count(shape: tuple[int, ...]) -> int:
     return count
 
 
-def encode_data(array: np.ndarray[Any, Any]) -> list[Any] | msgspec.Raw:
-    """The flat row-major JSON ``data`` of an array.
+def encode_data(array: np.ndarray[Any, Any], name: str = "") -> list[Any] | msgspec.Raw:
+    """The flat row-major JSON ``data`` of an array (BYTES elements as UTF-8 strings).
 
     NaN and infinities have no JSON number, and msgspec would write them as
     ``null`` (so -inf would come back as NaN). Triton writes the ``NaN`` /
@@ -128,6 +141,13 @@ def encode_data(array: np.ndarray[Any, Any]) -> list[Any] | msgspec.Raw:
     read back exactly; we do the same, on a slow path taken only when needed.
     """
     values: list[Any] = array.ravel().tolist()
+    if array.dtype == bytes_tensors.DTYPE:
+        try:
+            return [v.decode() for v in values]
+        except UnicodeDecodeError:
+            raise ModelError(
+                f"output {show(name)} holds bytes that are not UTF-8: ask for it as binary data"
+            ) from None
     if array.dtype.kind == "f" and not bool(np.isfinite(array).all()):
         return msgspec.Raw(json.dumps(values, allow_nan=True, separators=(",", ":")).encode())
     return values

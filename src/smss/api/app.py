@@ -17,11 +17,23 @@ from smss.api.http import json_response
 from smss.errors import NotFound
 
 
+@contextlib.asynccontextmanager
+async def _grpc(ctx: AppContext) -> AsyncIterator[None]:
+    """The gRPC face beside this app, in its event loop (``grpc_port`` 0: none)."""
+    if not ctx.settings.grpc_port:
+        yield
+        return
+    from smss.api.grpc_api.server import serving  # grpcio is an extra: imported only when used
+
+    async with serving(ctx, ctx.settings.host, ctx.settings.grpc_port):
+        yield
+
+
 def create_app(ctx: AppContext) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
-            async with ctx.platform.running():
+            async with ctx.platform.running(), _grpc(ctx):
                 ctx.ready = not ctx.settings.demo  # with --demo: once the demo models are deployed
                 try:
                     yield

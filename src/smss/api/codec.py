@@ -25,13 +25,14 @@ unknown fields msgspec skips are cut off by its recursion guard.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from smss import bytes_tensors
 from smss.api._inputs import HEADER_LENGTH, InputWire, Params, decode_inputs
 from smss.api._json_tensors import encode_data, show
 from smss.config import Limits
@@ -46,6 +47,9 @@ __all__ = [
     "decode_tensor_list",
     "encode_response",
     "encode_tensor_json",
+    "output_raw",
+    "raw_bytes",
+    "requested_outputs",
 ]
 
 MAX_ID_CHARS = 1024
@@ -173,6 +177,13 @@ def _input_name(text: Any, index: int) -> object:
     return None
 
 
+def requested_outputs(
+    outputs: Sequence[tuple[str, Params]], spec: FunctionSpec
+) -> tuple[RequestedOutput, ...]:
+    """Outputs a request names (with their parameters), checked against ``spec``."""
+    return _requested_outputs([_OutputWire(name, params) for name, params in outputs], spec)
+
+
 def _requested_outputs(wires: list[_OutputWire], spec: FunctionSpec) -> tuple[RequestedOutput, ...]:
     known = [t.name for t in spec.outputs]
     outputs: dict[str, RequestedOutput] = {}
@@ -208,7 +219,7 @@ def encode_tensor_json(name: str, array: np.ndarray[Any, Any]) -> dict[str, obje
         "name": name,
         "datatype": datatype,
         "shape": list(array.shape),
-        "data": encode_data(array),
+        "data": encode_data(array, name),
     }
 
 
@@ -231,7 +242,7 @@ def encode_response(
             tensors.append(encode_tensor_json(name, outputs[name]))
             continue
         array, datatype = _wire_array(name, outputs[name])
-        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+        raw = raw_bytes(array)
         tensors.append(
             {
                 "name": name,
@@ -262,6 +273,20 @@ def _selected(outputs: Mapping[str, np.ndarray[Any, Any]], request: DecodedReque
         binary = request.binary_default if wanted.binary is None else wanted.binary
         selected.append((wanted.name, binary))
     return selected
+
+
+def output_raw(name: str, array: np.ndarray[Any, Any]) -> tuple[str, tuple[int, ...], memoryview]:
+    """One output's protocol datatype, shape and raw wire bytes (``ModelError`` for a dtype
+    the protocol has no datatype for)."""
+    array, datatype = _wire_array(name, array)
+    return datatype, tuple(int(d) for d in array.shape), raw_bytes(array)
+
+
+def raw_bytes(array: np.ndarray[Any, Any]) -> memoryview:
+    """The raw wire bytes of a little-endian array: its buffer, or length-prefixed BYTES."""
+    if bytes_tensors.is_bytes(array):
+        return memoryview(bytes_tensors.pack(array))
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
 def _wire_array(name: str, array: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], str]:

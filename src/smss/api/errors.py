@@ -1,6 +1,6 @@
-"""The ONE place where SMSS errors become HTTP responses.
+"""The ONE place where SMSS errors become HTTP responses and gRPC status codes.
 
-Bodies follow the Open Inference Protocol: ``{"error": "<message>"}``, plus a
+HTTP bodies follow the Open Inference Protocol: ``{"error": "<message>"}``, plus a
 stable ``code``. Messages are the error's own plain text; tracebacks, paths
 and SQL never reach a client (unexpected errors are logged and answered with a
 generic 500).
@@ -35,8 +35,38 @@ STATUS: tuple[tuple[type[e.SmssError], int], ...] = (
 )
 
 
+#: gRPC status codes by name (``grpc.StatusCode[name]``; named so this module, and the
+#: HTTP path, do not import grpc). The same order rule as STATUS.
+GRPC_STATUS: tuple[tuple[type[e.SmssError], str], ...] = (
+    (e.PayloadTooLarge, "RESOURCE_EXHAUSTED"),
+    (e.InvalidInput, "INVALID_ARGUMENT"),
+    (e.InvalidSpec, "INVALID_ARGUMENT"),
+    (e.UnsafeArtifact, "INVALID_ARGUMENT"),
+    (e.NotFound, "NOT_FOUND"),
+    (e.Conflict, "ALREADY_EXISTS"),
+    (e.Forbidden, "PERMISSION_DENIED"),
+    (e.AuthError, "UNAUTHENTICATED"),
+    (e.Overloaded, "RESOURCE_EXHAUSTED"),
+    (e.Unavailable, "UNAVAILABLE"),
+    (e.DeadlineExceeded, "DEADLINE_EXCEEDED"),
+    (e.ModelError, "INTERNAL"),
+)
+
+
 def status_of(error: e.SmssError) -> int:
     return next((status for kind, status in STATUS if isinstance(error, kind)), 500)
+
+
+def grpc_status_of(error: e.SmssError) -> str:
+    """The name of the gRPC status code of an error (``INTERNAL`` for the unexpected)."""
+    return next((status for kind, status in GRPC_STATUS if isinstance(error, kind)), "INTERNAL")
+
+
+def retry_after_of(error: e.SmssError) -> int | None:
+    """Whole seconds a client should wait before retrying, for overload and unavailability."""
+    if error.retry_after_s is not None or status_of(error) in (429, 503):
+        return max(1, math.ceil(error.retry_after_s or 1))
+    return None
 
 
 def error_response(error: Exception) -> Response:
@@ -44,8 +74,9 @@ def error_response(error: Exception) -> Response:
         status = status_of(error)
         body = {"error": error.message, "code": error.code}
         headers = {}
-        if error.retry_after_s is not None or status in (429, 503):
-            headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s or 1)))
+        retry_after = retry_after_of(error)
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
         if status == 401:
             headers["WWW-Authenticate"] = "Bearer"
     else:

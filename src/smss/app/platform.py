@@ -19,7 +19,7 @@ import numpy as np
 from smss.app.workflow_registry import WorkflowRegistry
 from smss.control.controller import Controller, FunctionRuntime
 from smss.control.dispatcher import Served
-from smss.errors import Conflict, NotFound
+from smss.errors import Conflict, ModelError, NotFound, Unavailable
 from smss.inventory import DeviceReport
 from smss.ports import Clock, ClusterBackend, EventLog, FunctionRecord, RegistryStore, Tensors
 from smss.spec import FunctionSpec
@@ -51,6 +51,39 @@ class FunctionStatus:
     state: str = "idle"
     #: Instances killed and replaced because they hung or were lost.
     replaced: int = 0
+
+
+@dataclass(frozen=True)
+class Described:
+    """What a model or workflow name serves, as the inference protocols describe it."""
+
+    spec: FunctionSpec
+    #: ``pytorch``, ``onnxruntime``, ``python`` or ``workflow``.
+    platform: str
+    workflow: bool
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The outputs of one inference call and how it was served."""
+
+    outputs: dict[str, np.ndarray]
+    #: Whether the request waited for its instance to start (functions only).
+    cold: bool = False
+    #: The workflow run that answered (workflows only).
+    run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RepositoryEntry:
+    name: str
+    version: str
+    #: ``READY``, ``UNAVAILABLE`` (starting it failed: see ``reason``) or ``UNLOADED``.
+    state: str
+    reason: str
+
+
+_PLATFORMS = {"torch": "pytorch", "onnx": "onnxruntime", "python": "python"}
 
 
 class Platform:
@@ -128,6 +161,70 @@ class Platform:
         """The outputs, and who served them (whether the request waited for a start)."""
         deadline = self._clock.monotonic() + timeout_s
         return await runtime.dispatcher.infer_traced(inputs, outputs, deadline)
+
+    # ---- the inference protocols' view (REST and gRPC ask these, not the parts) ----
+
+    def describe(self, name: str, version: str | None = None) -> Described:
+        """The spec behind a model or workflow name; NotFound for neither (or a wrong version)."""
+        wf = self.workflows.find(name)
+        if wf is not None:
+            return Described(self.workflows.as_function_spec(wf), "workflow", workflow=True)
+        spec = self.function(name, version).record.spec
+        return Described(spec, _PLATFORMS[spec.runtime], workflow=False)
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        """Ready unless starting it failed and no instance serves (it starts on demand)."""
+        if self.workflows.find(name) is not None:
+            return True
+        d = self.function(name, version).dispatcher
+        return bool(d.slots) or d.start_error is None
+
+    async def infer_named(
+        self,
+        name: str,
+        version: str | None,
+        inputs: Tensors,
+        outputs: tuple[str, ...],
+        timeout_s: float,
+        *,
+        session: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Answer:
+        """Infer on a model, or run a workflow and wait for it; ``outputs`` () means all."""
+        wf = self.workflows.find(name)
+        if wf is None:
+            runtime = self.function(name, version)
+            wanted = outputs or tuple(t.name for t in runtime.record.spec.outputs)
+            result, served = await self.infer(runtime, inputs, wanted, timeout_s)
+            return Answer(result, cold=served.cold)
+        outcome = await self.engine.submit(
+            wf.name, inputs, session=session, idempotency_key=idempotency_key, wait=True, timeout_s=timeout_s
+        )
+        if outcome.status != "completed" or outcome.outputs is None:
+            raise (ModelError if outcome.status == "failed" else Unavailable)(
+                f"workflow run {outcome.run_id} {outcome.status}: {outcome.error or 'not finished in time'}"
+            )
+        wanted_set = set(outputs) or set(outcome.outputs)
+        return Answer({k: v for k, v in outcome.outputs.items() if k in wanted_set}, run_id=outcome.run_id)
+
+    def repository_index(self) -> list[RepositoryEntry]:
+        return [
+            RepositoryEntry(
+                st.spec.name,
+                st.spec.version,
+                "READY" if st.instances else ("UNAVAILABLE" if st.last_error else "UNLOADED"),
+                st.last_error or "",
+            )
+            for st in self.status()
+        ]
+
+    def load(self, name: str) -> None:
+        """Start serving a model again (also after its starts gave up)."""
+        self.controller.load(name)
+
+    def unload(self, name: str) -> None:
+        """Scale a model to zero; it starts again on its next request."""
+        self.controller.scale_to_zero(name)
 
     def devices(self) -> list[DeviceReport]:
         """Every node's devices: capacity, what is allocated and what is placed there."""

@@ -36,6 +36,7 @@ console = Console()
 #: Errors go to stderr, so that stdout holds only a command's output (``--json``).
 err_console = Console(stderr=True)
 
+DEFAULT_GRPC_PORT = 8001
 Url = Annotated[str | None, typer.Option("--url", help="Platform URL [default: $SMSS_URL or :8000]")]
 Token = Annotated[str | None, typer.Option("--token", help="Admin token [default: $SMSS_TOKEN]")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON")]
@@ -57,6 +58,17 @@ def _print_json(data: object) -> None:
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(
+            help="gRPC (Open Inference Protocol) port; 0: none "
+            "[default: 8001 with the grpc extra installed, else none]"
+        ),
+    ] = None,
+    request_timeout: Annotated[
+        float,
+        typer.Option(help="Longest a request may take, s (x-request-timeout-seconds asks for less)"),
+    ] = 60.0,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory [default: ~/.smss]")] = None,
     demo: Annotated[bool, typer.Option("--demo", help="Deploy the demo models")] = False,
     token: Token = None,
@@ -96,12 +108,14 @@ def serve(
     settings = config.Settings(
         host=host,
         port=port,
+        grpc_port=_grpc_port(grpc_port),
         data_dir=data_dir or Path.home() / ".smss",
         token=token or config.env_token(),
         demo=demo,
         log_level=log_level,
         serving=config.ServingSettings(
-            keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0)
+            keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0),
+            request_timeout_s=request_timeout,
         ),
         start_mode=start_mode,
         spares=spares,
@@ -123,6 +137,22 @@ def serve(
         _error(e)
         raise typer.Exit(1) from None
     run(ctx)
+
+
+def _grpc_port(asked: int | None) -> int:
+    """The gRPC port to serve: as asked, or 8001 when the grpc extra is installed."""
+    import importlib.util
+
+    installed = all(importlib.util.find_spec(m) is not None for m in ("grpc", "tritonclient"))
+    installed = installed and importlib.util.find_spec("tritonclient.grpc") is not None
+    if asked is None:
+        if not installed:
+            logging.getLogger(__name__).warning("no gRPC port: install smss[grpc] to serve one")
+        return DEFAULT_GRPC_PORT if installed else 0
+    if asked and not installed:
+        _error(InvalidSpec("--grpc-port needs the grpc extra: pip install 'smss[grpc]'"))
+        raise typer.Exit(2)
+    return asked
 
 
 @app.command()

@@ -18,9 +18,11 @@ import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from smss import bytes_tensors
 from smss.errors import InvalidInput, ModelError
 from smss.spec import FunctionSpec
 
@@ -159,10 +161,20 @@ class Batcher:
             value = raw[name]
             if hasattr(value, "detach"):  # a torch tensor
                 value = value.detach().cpu().numpy()
-            array = np.ascontiguousarray(np.asarray(value), dtype=decl.dtype)
+            array = _as_declared(name, value, decl.datatype, decl.dtype)
             if not decl.accepts(array.shape) or (rows is not None and array.shape[0] != rows):
                 raise ModelFailure(
                     ModelError(f"output {name!r} has shape {list(array.shape)}, declared {list(decl.shape)}")
                 )
             out[name] = array
         return out
+
+
+def _as_declared(name: str, value: object, datatype: str, dtype: np.dtype[Any]) -> np.ndarray:
+    """An output as its declared datatype; a BYTES output may be a list or array of str or bytes."""
+    if datatype == bytes_tensors.DATATYPE:
+        try:
+            return bytes_tensors.as_bytes_array(value, f"output {name!r}")
+        except (TypeError, ValueError) as e:
+            raise ModelFailure(ModelError(str(e))) from None
+    return np.ascontiguousarray(np.asarray(value), dtype=dtype)

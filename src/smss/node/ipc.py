@@ -5,7 +5,8 @@ One frame is::
     u8 version | u32 header length | u64 payload length | header (msgpack) | payload
 
 The header is a tagged msgspec struct; the payload is the tensors' raw
-little-endian bytes, back to back, in the order the header lists them. Tensor
+little-endian bytes, back to back, in the order the header lists them (a BYTES
+tensor as its elements, each a u32 little-endian length then the bytes). Tensor
 bytes are never re-encoded (no JSON, no pickle) between gateway and worker.
 Sizes are checked against hard caps before anything is read, so a corrupt or
 hostile stream cannot make either side allocate without bound.
@@ -20,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import msgspec
 import numpy as np
 
+from smss import bytes_tensors
 from smss.errors import InvalidInput
 from smss.spec import DATATYPES, DTYPE_TO_DATATYPE
 
@@ -81,6 +83,12 @@ def tensor_metas(tensors: Mapping[str, np.ndarray]) -> tuple[tuple[TensorMeta, .
     for name, array in tensors.items():
         # Look the datatype up by the little-endian dtype: a big-endian array is sent
         # converted, not refused.
+        if bytes_tensors.is_bytes(array):
+            packed = bytes_tensors.pack(array)
+            shape = tuple(int(d) for d in array.shape)
+            metas.append(TensorMeta(name, bytes_tensors.DATATYPE, shape, len(packed)))
+            buffers.append(memoryview(packed))
+            continue
         dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
         datatype = DTYPE_TO_DATATYPE.get(dtype.str)
         if datatype is None:
@@ -131,11 +139,17 @@ def unpack_tensors(metas: Sequence[TensorMeta], payload: bytes) -> dict[str, np.
             if d < 0:
                 raise ProtocolError(f"negative dimension in {meta.name!r}")
             count *= d
-        if count * dtype.itemsize != meta.nbytes or offset + meta.nbytes > len(payload):
+        strings = meta.datatype == bytes_tensors.DATATYPE
+        if offset + meta.nbytes > len(payload) or (not strings and count * dtype.itemsize != meta.nbytes):
             raise ProtocolError(f"size mismatch for tensor {meta.name!r}")
         chunk = view[offset : offset + meta.nbytes]
         try:
-            out[meta.name] = np.frombuffer(chunk, dtype=dtype).reshape(meta.shape)
+            if strings:
+                out[meta.name] = bytes_tensors.unpack(chunk, meta.shape, f"tensor {meta.name!r}")
+            else:
+                out[meta.name] = np.frombuffer(chunk, dtype=dtype).reshape(meta.shape)
+        except InvalidInput as e:
+            raise ProtocolError(str(e)) from None
         except ValueError as e:  # more dimensions than numpy allows, or a dimension too large
             raise ProtocolError(f"bad shape for tensor {meta.name!r}: {e}") from None
         offset += meta.nbytes

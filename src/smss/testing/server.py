@@ -1,4 +1,4 @@
-"""Run ``smss serve`` as a real subprocess on a free port (tests and benchmarks)."""
+"""Run ``smss serve`` as a real subprocess on free ports, HTTP and gRPC (tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ class ServerProcess:
     url: str
     data_dir: Path
     log_path: Path
+    #: ``127.0.0.1:PORT`` of its gRPC service (None when started with ``--grpc-port 0``).
+    grpc_address: str | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -79,6 +81,13 @@ def start_server(
     ready_timeout_s: float = 120.0,
 ) -> ServerProcess:
     port = port or free_port()
+    grpc_args: list[str] = []
+    grpc_port: int | None = None
+    if "--grpc-port" in args:
+        grpc_port = int(args[list(args).index("--grpc-port") + 1]) or None
+    elif _grpc_installed():
+        grpc_port = free_port()
+        grpc_args = ["--grpc-port", str(grpc_port)]
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"server-{port}.log"
     with log_path.open("ab") as log_file:
@@ -92,6 +101,7 @@ def start_server(
                 str(port),
                 "--data-dir",
                 str(data_dir),
+                *grpc_args,
                 *args,
             ],
             stdout=log_file,
@@ -99,7 +109,13 @@ def start_server(
             stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", data_dir, log_path)
+    server = ServerProcess(
+        process,
+        f"http://127.0.0.1:{port}",
+        data_dir,
+        log_path,
+        f"127.0.0.1:{grpc_port}" if grpc_port else None,
+    )
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -110,6 +126,12 @@ def start_server(
         time.sleep(0.05)
     server.stop()
     raise TimeoutError(f"smss serve not ready within {ready_timeout_s} s:\n{server.log()[-4000:]}")
+
+
+def _grpc_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("grpc", "tritonclient"))
 
 
 @contextlib.contextmanager
