@@ -4,6 +4,7 @@ The public surface is what ``__all__`` names; everything else is internal.
 """
 
 from smss._model import model
+from smss.client import AsyncClient, Client
 from smss.errors import SmssError
 from smss.node.weights import Weights
 from smss.spec import Batching, FunctionSpec, Resources, Scaling, TensorSpec
@@ -13,7 +14,9 @@ from smss.workflow.spec import StageSpec, WorkflowSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
     "Batching",
+    "Client",
     "FunctionSpec",
     "Resources",
     "Scaling",

@@ -1,7 +1,18 @@
-"""``smss.Client``: call a running platform over HTTP (synchronous, thin)."""
+"""``smss.Client`` and ``smss.AsyncClient``: call a running platform over HTTP.
+
+Both send the same requests and read the same answers (built and parsed in
+:mod:`smss._client_wire`): ``infer`` uses binary tensors by default (raw
+little-endian bytes; BYTES tensors as length-prefixed elements) and returns
+numpy arrays, BYTES outputs as object arrays of ``bytes``. ``timeout_s`` asks
+the server for a shorter per-request timeout (``x-request-timeout-seconds``).
+Errors are raised as the server's own :class:`smss.SmssError` subclass.
+``AsyncClient`` covers the data plane; deployment and admin calls are on
+``Client`` (and the ``smss`` command).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,28 +20,19 @@ import httpx
 import msgspec
 import numpy as np
 
-from smss import errors
+from smss import _client_wire as wire
 from smss.packaging import Package, load_attribute, package
-from smss.spec import DATATYPES, datatype_of
+
+DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _error_types(root: type[errors.SmssError]) -> dict[str, type[errors.SmssError]]:
-    """Every error type of the tree by its wire ``code``, so a client raises what the server did."""
-    found = {root.code: root}
-    for sub in root.__subclasses__():
-        found.update(_error_types(sub))
-    return found
-
-
-_BY_CODE = _error_types(errors.SmssError)
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class Client:
-    def __init__(
-        self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 300
-    ) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 300) -> None:
+        self._http = httpx.Client(base_url=url, headers=_headers(token), timeout=timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -42,15 +44,24 @@ class Client:
         self.close()
 
     def _check(self, response: httpx.Response) -> Any:
-        if response.status_code >= 400:
-            try:
-                body = response.json()
-                message, code = body.get("error", response.text), body.get("code", "")
-            except ValueError:
-                message, code = response.text, ""
-            kind = _BY_CODE.get(code, errors.SmssError)
-            raise kind(f"HTTP {response.status_code}: {message}")
-        return response.json()
+        return wire.checked(response)
+
+    def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, Any],
+        *,
+        outputs: Sequence[str] | None = None,
+        binary: bool = True,
+        timeout_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run a model (or a workflow) on ``inputs``; ``outputs`` None: all of them."""
+        request = wire.infer_request(self._http, name, inputs, outputs, binary, timeout_s)
+        return wire.infer_answer(self._http.send(request))
+
+    def model_metadata(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._check(self._http.get(f"/v2/models/{name}"))
+        return result
 
     def deploy(self, target: str, weights: Path | None = None) -> dict[str, Any]:
         return self.deploy_package(package(target, weights))
@@ -79,14 +90,6 @@ class Client:
     def delete(self, name: str) -> None:
         self._check(self._http.delete(f"/v1/functions/{name}"))
 
-    def infer(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        body = {"inputs": _tensors_json(inputs)}
-        result = self._check(self._http.post(f"/v2/models/{name}/infer", json=body))
-        return {
-            o["name"]: np.asarray(o["data"], dtype=DATATYPES[o["datatype"]]).reshape(o["shape"])
-            for o in result["outputs"]
-        }
-
     def get(self, path: str) -> Any:
         return self._check(self._http.get(path))
 
@@ -111,13 +114,45 @@ class Client:
     def run(
         self, workflow: str, inputs: dict[str, np.ndarray], session: str | None = None, wait: bool = True
     ) -> dict[str, Any]:
-        body = {"session": session, "wait": wait, "inputs": _tensors_json(inputs)}
+        body = {"session": session, "wait": wait, "inputs": wire.tensors_json(inputs)}
         result: dict[str, Any] = self._check(self._http.post(f"/v1/workflows/{workflow}/runs", json=body))
         return result
 
 
-def _tensors_json(inputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    return [
-        {"name": k, "datatype": datatype_of(v.dtype), "shape": list(v.shape), "data": v.ravel().tolist()}
-        for k, v in inputs.items()
-    ]
+class AsyncClient:
+    """The data plane of :class:`Client`, awaitable: infer, metadata, readiness, functions."""
+
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 300) -> None:
+        self._http = httpx.AsyncClient(base_url=url, headers=_headers(token), timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, Any],
+        *,
+        outputs: Sequence[str] | None = None,
+        binary: bool = True,
+        timeout_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        request = wire.infer_request(self._http, name, inputs, outputs, binary, timeout_s)
+        return wire.infer_answer(await self._http.send(request))
+
+    async def model_metadata(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = wire.checked(await self._http.get(f"/v2/models/{name}"))
+        return result
+
+    async def ready(self) -> bool:
+        return (await self._http.get("/v2/health/ready")).status_code == 200
+
+    async def functions(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = wire.checked(await self._http.get("/v1/functions"))["functions"]
+        return result

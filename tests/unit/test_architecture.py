@@ -52,7 +52,9 @@ def _imports(path: Path) -> set[str]:
 
 def test_public_api_is_pinned() -> None:
     assert sorted(smss.__all__) == [
+        "AsyncClient",
         "Batching",
+        "Client",
         "FunctionSpec",
         "Resources",
         "Scaling",
