@@ -191,3 +191,64 @@ def test_predict_rejecting_its_input_is_invalid_input() -> None:
 
     (result,) = serve(predict, 1, [request(1)])
     assert isinstance(result, InvalidInput)
+
+
+# ---------------------------------------------------------------------------- BYTES
+
+
+def bytes_spec() -> FunctionSpec:
+    return FunctionSpec(
+        name="s",
+        inputs=(TensorSpec("text", "BYTES", (-1,)),),
+        outputs=(TensorSpec("upper", "BYTES", (-1,)),),
+        entrypoint="model.py:Model",
+        batching=Batching(max_batch_size=8),
+    ).validate()
+
+
+def strings(*values: bytes) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = list(values)
+    return array
+
+
+Results = list[dict[str, np.ndarray] | BaseException]
+
+
+def serve_bytes(predict: Predict, requests: Sequence[np.ndarray]) -> Results:
+    async def main() -> Results:
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = Batcher(bytes_spec(), predict, executor)
+            loop = asyncio.get_running_loop()
+            pending = [Pending({"text": t}, ("upper",), loop.create_future()) for t in requests]
+            for p in pending:
+                batcher.submit(p)
+            task = asyncio.create_task(batcher.run())
+            try:
+                return await asyncio.wait_for(
+                    asyncio.gather(*(p.future for p in pending), return_exceptions=True), 10.0
+                )
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def test_bytes_requests_batch_and_str_outputs_come_back_as_bytes() -> None:
+    seen: list[np.ndarray] = []
+
+    def upper(inputs: dict[str, np.ndarray]) -> Mapping[str, object]:
+        seen.append(inputs["text"])
+        return {"upper": [t.decode().upper() for t in inputs["text"]]}  # str, not bytes
+
+    results = serve_bytes(upper, [strings(b"a", b"bc"), strings("\u00e9".encode()), strings(b"")])
+    assert [ok(r)["upper"].tolist() for r in results] == [[b"A", b"BC"], ["\u00c9".encode()], [b""]]
+    assert all(ok(r)["upper"].dtype == object for r in results)
+    assert all(a.dtype == object and all(type(t) is bytes for t in a) for a in seen)
+
+
+def test_a_bytes_output_of_numbers_is_a_model_failure() -> None:
+    (result,) = serve_bytes(lambda inputs: {"upper": np.arange(len(inputs["text"]))}, [strings(b"a")])
+    assert isinstance(result, ModelFailure)
+    assert "'upper'" in str(result)

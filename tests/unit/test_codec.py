@@ -530,3 +530,41 @@ def test_fuzz_mutated_tritonclient_request(data: st.DataObject) -> None:
         mutated[position] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(mutated)))
     decodes_or_refuses(bytes(mutated[:cut]), data.draw(st.sampled_from([length, None, cut])))
+
+
+# --- BYTES -------------------------------------------------------------------------
+
+
+def bytes_body(data: Any, shape: list[int]) -> bytes:
+    return request_json([{"name": "x", "datatype": "BYTES", "shape": shape, "data": data}])
+
+
+def test_bytes_json_nested_and_flat_decode_to_object_arrays_of_bytes() -> None:
+    spec = spec_for("BYTES")
+    flat = decode_request(bytes_body(["a", "b", "c", "d", "e", "\u00e9"], [2, 3]), None, spec, LIMITS)
+    nested = decode_request(bytes_body([["a", "b", "c"], ["d", "e", "\u00e9"]], [2, 3]), None, spec, LIMITS)
+    for request in (flat, nested):
+        got = request.inputs["x"]
+        assert got.dtype == object
+        assert got.shape == (2, 3)
+        assert got.ravel().tolist() == [b"a", b"b", b"c", b"d", b"e", "\u00e9".encode()]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [[["a", "b", "c"], ["d", "e"]], [["a", "b", "c"], ["d", "e", "f", "g"]], [1, 2, 3, 4, 5, 6], ["a"] * 5],
+    ids=["ragged-short", "ragged-long", "numbers", "too-few"],
+)
+def test_bad_bytes_json_is_refused_naming_the_input(data: Any) -> None:
+    with pytest.raises(InvalidInput, match="'x'"):
+        decode_request(bytes_body(data, [2, 3]), None, spec_for("BYTES"), LIMITS)
+
+
+def test_bytes_that_are_not_utf8_go_binary_but_not_into_json() -> None:
+    outputs = {"y": np.array([[b"\xff\xfe", b"ok", b""]], dtype=object)}
+    binary = DecodedRequest(None, {}, (RequestedOutput("y", True),), False)
+    body, headers = encode_response("m", "1", None, outputs, binary)
+    assert triton_parse(body, headers).as_numpy("y").tolist() == [[b"\xff\xfe", b"ok", b""]]
+    as_json = DecodedRequest(None, {}, (RequestedOutput("y", False),), False)
+    with pytest.raises(ModelError, match=r"'y'.*UTF-8"):
+        encode_response("m", "1", None, outputs, as_json)
