@@ -82,6 +82,19 @@ def test_model_metadata_and_readiness(client: Any, model: str) -> None:
     assert client.is_model_ready(model, model_version="1")
 
 
+@pytest.mark.parametrize(("model", "max_batch"), [("mlp", 32), ("cnn", 8)])
+def test_model_config_as_triton_describes_it(client: Any, model: str, max_batch: int) -> None:
+    in_name, row, out_name, _ = MODELS[model]
+    config = client.get_model_config(model, as_json=True)["config"]
+    assert config["name"] == model
+    assert config["max_batch_size"] == max_batch
+    # With batching the batch dimension is left out of dims, as in Triton.
+    assert [(t["name"], t["data_type"], [int(d) for d in t["dims"]]) for t in config["input"]] == [
+        (in_name, "TYPE_FP32", list(row))
+    ]
+    assert [t["name"] for t in config["output"]] == [out_name]
+
+
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_tritonclient_grpc_infer_matches_in_process_model(
@@ -191,3 +204,32 @@ def test_a_deadline_already_short_is_deadline_exceeded(client: Any) -> None:
     assert code == "StatusCode.DEADLINE_EXCEEDED"
     # ... and the server still answers the next call.
     assert client.is_server_live()
+
+
+def test_a_workflow_answers_over_grpc_as_over_http(client: Any, demo_server: ServerProcess) -> None:
+    import httpx
+
+    from smss.demo.behavior import FRAME_SHAPE
+
+    meta = client.get_model_metadata("behavior", as_json=True)
+    assert meta["platform"] == "workflow"
+    frame = np.random.default_rng(3).standard_normal(FRAME_SHAPE, dtype=np.float32)
+    # Two fresh sessions on their first turn: the same frame gives the same action.
+    result = client.infer(
+        "behavior", [infer_input("frame", frame)], headers={"smss-session": "grpc-s1"}, client_timeout=120
+    )
+    body = {
+        "inputs": [
+            {"name": "frame", "datatype": "FP32", "shape": list(frame.shape), "data": frame.ravel().tolist()}
+        ]
+    }
+    r = httpx.post(
+        f"{demo_server.url}/v2/models/behavior/infer",
+        json=body,
+        headers={"smss-session": "http-s1"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    want = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(result.as_numpy("action"), want, rtol=1e-6, atol=1e-6)

@@ -1,6 +1,6 @@
 """``inference.GRPCInferenceService`` of the Open Inference Protocol, as tritonclient.grpc calls it.
 
-Health, metadata, ``ModelInfer`` and the repository RPCs; every handler asks
+Health, metadata (and Triton's ``ModelConfig``), ``ModelInfer`` and the repository RPCs; every handler asks
 the application facade (:class:`smss.app.platform.Platform`) what the REST
 routes ask it, with the same limits, timeouts, token and metrics. Errors
 become status codes through :func:`smss.api.errors.grpc_status_of` (overload
@@ -27,6 +27,7 @@ from smss.api import deadlines
 from smss.api.context import AppContext
 from smss.api.errors import grpc_status_of, retry_after_of, status_of
 from smss.api.grpc_api import tensors
+from smss.api.grpc_api.model_config import model_config
 from smss.errors import SmssError
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
             inputs=[meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in spec.inputs],
             outputs=[meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in spec.outputs],
         )
+
+    @answered
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        described = self._platform.describe(request.name, request.version or None)
+        return pb.ModelConfigResponse(config=model_config(described.spec, described.platform))
 
     @answered
     async def ModelInfer(
