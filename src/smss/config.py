@@ -20,6 +20,9 @@ class Limits:
     max_upload_bytes: int = 4 * 1024 * 1024 * 1024
     max_inputs: int = 64
     max_tensor_elements: int = 64 * 1024 * 1024
+    #: Elements of one BYTES tensor: each becomes a Python ``bytes`` object (tens of bytes
+    #: of overhead), so strings get a tighter bound than numbers to keep memory flat.
+    max_bytes_elements: int = 1024 * 1024
     max_json_depth: int = 64
 
 

@@ -15,7 +15,7 @@ from tritonclient.grpc._utils import _get_inference_request  # noqa: E402
 
 from smss.api.grpc_api.tensors import decode_request, encode_response  # noqa: E402
 from smss.config import Limits  # noqa: E402
-from smss.errors import InvalidInput, ModelError  # noqa: E402
+from smss.errors import InvalidInput, ModelError, PayloadTooLarge  # noqa: E402
 from smss.spec import DATATYPES  # noqa: E402
 
 LIMITS = Limits()
@@ -131,3 +131,23 @@ def test_a_shape_too_large_is_refused_before_any_data_is_read() -> None:
 def test_an_output_without_a_protocol_datatype_is_a_model_error() -> None:
     with pytest.raises(ModelError, match="'y'"):
         encode_response(spec_for("FP32"), "", {"y": np.array([1 + 2j])})
+
+
+def test_too_many_inputs_or_dimensions_are_refused_before_they_are_copied() -> None:
+    many = pb.ModelInferRequest(model_name="m")
+    for i in range(LIMITS.max_inputs + 1):
+        many.inputs.add(name=f"x{i}", datatype="FP32", shape=[1, 3])
+    with pytest.raises(InvalidInput, match="inputs"):
+        decode_request(many, spec_for("FP32"), LIMITS)
+    deep = pb.ModelInferRequest(model_name="m")
+    deep.inputs.add(name="x", datatype="FP32", shape=[1] * 100_000)
+    with pytest.raises(InvalidInput, match="'x'"):
+        decode_request(deep, spec_for("FP32"), LIMITS)
+
+
+def test_bytes_tensors_have_a_tighter_element_bound() -> None:
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="BYTES", shape=[LIMITS.max_bytes_elements + 1, 3])
+    request.raw_input_contents.append(b"")
+    with pytest.raises(PayloadTooLarge, match=r"'x'.*BYTES"):
+        decode_request(request, spec_for("BYTES"), LIMITS)

@@ -132,6 +132,11 @@ def _checked_shape(wire: InputWire, spec: TensorSpec | None, limits: Limits) -> 
             f"input {show(wire.name)}: shape {_show_shape(shape)} has more than "
             f"{limits.max_tensor_elements} elements"
         )
+    if wire.datatype == bytes_tensors.DATATYPE and span > limits.max_bytes_elements:
+        raise PayloadTooLarge(
+            f"input {show(wire.name)}: shape {_show_shape(shape)} has more than "
+            f"{limits.max_bytes_elements} BYTES elements"
+        )
     if spec is not None and not spec.accepts(shape):
         raise InvalidInput(
             f"input {show(wire.name)}: shape {list(shape)} does not match {list(spec.shape)} (-1 is any size)"

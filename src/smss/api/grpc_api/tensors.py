@@ -22,7 +22,7 @@ from smss.api._json_tensors import element_count, show
 from smss.api.codec import output_raw, requested_outputs
 from smss.config import Limits
 from smss.errors import InvalidInput
-from smss.spec import DATATYPES, FunctionSpec
+from smss.spec import DATATYPES, MAX_DIMS, FunctionSpec
 
 #: The typed ``contents`` field of each datatype (FP16 has none: raw only, as in Triton).
 _CONTENTS = {
@@ -45,6 +45,13 @@ def decode_request(
     request: pb.ModelInferRequest, spec: FunctionSpec, limits: Limits
 ) -> tuple[dict[str, np.ndarray[Any, Any]], tuple[str, ...]]:
     """The checked inputs of a request, and the outputs it asks for (() means all)."""
+    # Counted before anything is copied out of the message (a hostile one may list
+    # millions of inputs or dimensions within its size limit).
+    if len(request.inputs) > limits.max_inputs:
+        raise InvalidInput(f"request has {len(request.inputs)} inputs, at most {limits.max_inputs} allowed")
+    for t in request.inputs:
+        if len(t.shape) > MAX_DIMS:
+            raise InvalidInput(f"input {show(t.name)}: shape has more than {MAX_DIMS} dimensions")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
