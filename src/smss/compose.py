@@ -201,4 +201,8 @@ def run(ctx: AppContext) -> None:
         timeout_graceful_shutdown=int(settings.serving.drain_grace_s),
     )
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # The gateway only forks to exec (zygotes, exec-mode instances) and no child uses
+    # gRPC: grpc's fork handlers would only pause its threads around each spawn.
+    # Read by grpc when it is first imported (by the app's lifespan, below).
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     _Server(config, ctx).run()
