@@ -6,6 +6,7 @@ deployed here: ``upper`` (BYTES in and out) and ``sleepy`` (sleeps as long as it
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import struct
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ if os.environ.get("CI") == "true":  # in CI a missing gRPC stack fails, it does 
 else:
     grpc = pytest.importorskip("grpc")
     tritongrpc = pytest.importorskip("tritonclient.grpc")
-from e2e_helpers import MODELS, REQUEST_TIMEOUT_S, assert_error, functions, start, stop_checked
+from e2e_helpers import MODELS, REQUEST_TIMEOUT_S, assert_error, functions, smss_cli, start, stop_checked
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
@@ -138,6 +139,12 @@ def test_bytes_through_smss_clients(server: ServerProcess, binary: bool) -> None
             return await client.infer("upper", {"text": strings(TEXT)}, binary=binary)
 
     assert_upper(asyncio.run(main()))
+
+
+def test_bytes_through_smss_invoke(server: ServerProcess) -> None:
+    done = smss_cli("invoke", "upper", json.dumps({"text": ["ab", "\u00e9"]}), "--url", server.url, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"upper": ["AB", "\u00c9"], "length": [2, 2]}
 
 
 def binary_request(text_bytes: bytes, shape: list[int]) -> tuple[bytes, dict[str, str]]:

@@ -139,6 +139,13 @@ def serve(
     run(ctx)
 
 
+def _listed(array: np.ndarray) -> Any:
+    """An output as nested lists for JSON: BYTES elements as text (undecodable bytes escaped)."""
+    if array.dtype == object:
+        return np.vectorize(lambda b: b.decode(errors="backslashreplace"), otypes=[object])(array).tolist()
+    return array.tolist()
+
+
 def _grpc_port(asked: int | None) -> int:
     """The gRPC port to serve: as asked, or 8001 when the grpc extra is installed."""
     import importlib.util
@@ -303,7 +310,7 @@ def invoke(
         raw: dict[str, Any] = json.loads(inputs)
         arrays = {k: np.asarray(v, dtype=dtypes.get(k)) for k, v in raw.items()}
         outputs = client.infer(name, arrays)
-    result = {k: v.tolist() for k, v in outputs.items()}
+    result = {k: _listed(v) for k, v in outputs.items()}
     if as_json:
         _print_json(result)
     else:
