@@ -288,7 +288,7 @@ def simulate(ctx: typer.Context) -> None:
     Usage: smss simulate TRACE.csv --policy fixed:600|hybrid [--memory-mb N] [--cold-start-ms N]
     [--concurrency N] [--tick-s S] [--prices FILE] [--json]
     """
-    from smss.sim.simulator import main as simulate_main
+    from smss.sim.cli import main as simulate_main
 
     raise typer.Exit(simulate_main(list(ctx.args)))
 
