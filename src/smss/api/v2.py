@@ -103,6 +103,7 @@ def routes(ctx: AppContext) -> list[Route]:
             outputs, served = await platform.infer(rt, decoded.inputs, wanted, serving.request_timeout_s)
             payload, headers = codec.encode_response(spec.name, spec.version, decoded.id, outputs, decoded)
             headers[COLD_START] = "1" if served.cold else "0"
+            ctx.metrics.request_split(name, served.queued_s, served.instance_s)
             status = "200"
             return Response(payload, 200, headers)
         except SmssError as e:
