@@ -90,6 +90,11 @@ class TokenAuth:
         failure detail): without a configured token every caller may (see README, Security)."""
         return self._token is None or self._matches(authorization)
 
+    def proves_admin(self, authorization: str | None) -> bool:
+        """Whether a token is configured and this header carries it: what a data-plane answer
+        needs before it may carry failure detail (predict()'s exception text)."""
+        return self._matches(authorization)
+
     def check(self, authorization: str | None, client: str) -> None:
         """Raise unless the Authorization header carries the admin token (no-op without one)."""
         if self._token is None or self._matches(authorization):

@@ -105,7 +105,7 @@ def routes(ctx: AppContext) -> list[Route]:
             return Response(payload, 200, headers)
         except ModelError as e:
             status = "500"
-            raise reported(e, detail=ctx.auth.is_admin(request.headers.get("authorization"))) from None
+            raise reported(e, detail=ctx.auth.proves_admin(request.headers.get("authorization"))) from None
         except SmssError as e:
             status = str(status_of(e))
             raise
