@@ -14,7 +14,7 @@ import time
 
 import httpx
 import msgspec
-from security_helpers import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, Server, read_reply, run_body, status_of
+from security_helpers import BODY_TIMEOUT_S, Server, read_reply, run_body, status_of
 
 
 def served(server: Server) -> bool:
@@ -46,14 +46,12 @@ def test_headers_sent_a_byte_at_a_time_are_cut_off(open_server: Server) -> None:
     head = b"GET /v1/functions HTTP/1.1\r\nHost: localhost\r\n" + b"X-Padding: " + b"p" * 400 + b"\r\n\r\n"
     # At one byte per 0.25 s these headers would take about two minutes.
     with open_server.connect() as sock:
-        started = time.monotonic()
         reply, sent = dribble(sock, head, 1, 0.25)
-        took = time.monotonic() - started
         assert reply is not None, "the server waited for the whole slow header"
     assert sent < len(head)
     assert status_of(reply) == 408, reply[:300]
     assert b"request_timeout" in reply
-    assert took >= HEADER_TIMEOUT_S  # it was the header timeout, not something else
+    assert b"headers not received in time" in reply  # the header timeout, nothing else
     assert served(open_server)
 
 
@@ -75,6 +73,7 @@ def test_a_stalled_body_is_closed(open_server: Server) -> None:
         reply = read_reply(sock)  # the rest never comes
     assert status_of(reply) == 408, reply[:300]
     assert b"request_timeout" in reply
+    assert b"body stalled" in reply
     assert served(open_server)
 
 
@@ -106,6 +105,7 @@ def test_a_slow_but_steady_body_is_served(open_server: Server) -> None:
         started = time.monotonic()
         reply, sent = dribble(sock, body, step, BODY_TIMEOUT_S / 2)
         assert sent == len(body), f"cut off after {sent} of {len(body)} bytes: {reply!r}"
+        # Longer than the body timeout in all: only the idle time between chunks counts.
         assert time.monotonic() - started > BODY_TIMEOUT_S
         reply = reply if reply is not None else read_reply(sock)
     assert status_of(reply) == 200, reply[:500]

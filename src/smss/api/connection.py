@@ -21,8 +21,9 @@ httptools protocol with:
   at most; only then is the socket closed, so the client reads the answer.
 
 :class:`CloseEarlyAnswers` (ASGI) adds ``Connection: close`` to an answer sent
-before its request's body was read: such a connection is not reused, and so
-its rest of the body is not drained without bound; the lingering close ends it.
+before its request's large body was read: such a connection is not reused, so
+the rest of its body is not drained without bound; the lingering close ends it.
+A small body (64 KiB at most) is dropped and the connection kept.
 
 The protocol subclasses uvicorn's ``HttpToolsProtocol`` and relies on its parser
 callbacks, ``transport``, ``flow`` and ``cycle``: tests/security/test_slow_clients.py
@@ -45,6 +46,9 @@ from smss.errors import RequestTimeout, SmssError
 
 log = logging.getLogger(__name__)
 
+#: A connection whose answer came before its body was read stays open (uvicorn drops the
+#: rest of the body, then reads the next request) when the body is at most this large.
+SMALL_BODY_BYTES = 64 * 1024
 #: While lingering, how long the client may send nothing before the socket is closed.
 LINGER_IDLE_S = 2.0
 
@@ -168,6 +172,15 @@ class _GuardedProtocol(HttpToolsProtocol):
             return
         super().data_received(data)
 
+    def shutdown(self) -> None:
+        # The server is stopping: a connection no answer is owed to closes now, not after a linger.
+        if self.lingering and self._socket is not None:
+            self._socket.close_now()
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            self._body_arriving = False
+        super().shutdown()
+
     def eof_received(self) -> None:
         # The client finished (while lingering: the rest of its body is in): close our end too.
         self._disarm()
@@ -247,13 +260,13 @@ def protocol_class(serving: ServingSettings) -> type[HttpToolsProtocol]:
 
 class CloseEarlyAnswers:
     """ASGI middleware: ``Connection: close`` on an answer that starts before its request's
-    body was read to the end (see the module docstring)."""
+    large body was read to the end (see the module docstring)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _has_body(scope):
+        if scope["type"] != "http" or not _large_body(scope):
             await self._app(scope, receive, send)
             return
         body_done = False
@@ -273,10 +286,13 @@ class CloseEarlyAnswers:
         await self._app(scope, receive_tracked, send_marked)
 
 
-def _has_body(scope: Scope) -> bool:
+def _large_body(scope: Scope) -> bool:
+    """Whether the request's body may be too large to drain for a reused connection:
+    chunked (size unknown) or declared over :data:`SMALL_BODY_BYTES`."""
     for name, value in scope["headers"]:
         if name == b"transfer-encoding":
             return True
         if name == b"content-length":
-            return bytes(value).strip() not in (b"0", b"")
+            raw = bytes(value).strip()
+            return not raw.isdigit() or int(raw) > SMALL_BODY_BYTES
     return False
