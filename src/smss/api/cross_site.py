@@ -91,6 +91,8 @@ def split_host(host: str) -> tuple[str, int | None]:
     else:
         name, sep, port_text = host.rpartition(":")
         name, rest = (name, sep + port_text) if sep else (host, "")
+        if ":" in name:
+            return "", None  # an unbracketed IPv6 literal or junk: names nothing we serve
     if not rest:
         return name, None
     if not rest.startswith(":") or not rest[1:].isdigit():
