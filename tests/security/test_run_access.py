@@ -9,7 +9,10 @@ server log; a failed run's answer says it failed and where to look.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from security_helpers import (
@@ -110,3 +113,24 @@ def test_without_a_token_infer_hides_detail_and_runs_stay_readable(open_server: 
         assert error_of(r, 500)["code"] == "model_error"
         assert_no_leak(r.text)
         assert anonymous.get("/v1/runs").status_code == 200
+
+
+def smss_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SMSS_TOKEN": "", "SMSS_URL": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "smss.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_smss_runs_commands_send_the_token(token_server: Server) -> None:
+    run_id = failed_run(token_server)
+    refused = smss_cli("runs", "list", "--url", token_server.url, "--json")
+    assert refused.returncode != 0
+    assert "401" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    listed = smss_cli("runs", "list", "--url", token_server.url, "--token", TOKEN, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert run_id in listed.stdout
+    shown = smss_cli("runs", "show", run_id, "--url", token_server.url, "--token", TOKEN, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert SECRET in shown.stdout
