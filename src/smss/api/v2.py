@@ -15,8 +15,8 @@ from starlette.routing import Route
 from smss import __version__
 from smss.api import codec
 from smss.api.context import AppContext
-from smss.api.errors import status_of
-from smss.api.http import client_of, endpoint, json_response, read_body
+from smss.api.errors import reported, status_of
+from smss.api.http import client_of, endpoint, json_response, read_body, require_content_type
 from smss.control.controller import FunctionRuntime
 from smss.errors import InvalidInput, ModelError, SmssError, Unavailable
 from smss.headers import COLD_START, RUN_ID
@@ -106,6 +106,9 @@ def routes(ctx: AppContext) -> list[Route]:
             ctx.metrics.request_split(name, served.queued_s, served.instance_s)
             status = "200"
             return Response(payload, 200, headers)
+        except ModelError as e:
+            status = "500"
+            raise reported(e, detail=ctx.auth.proves_admin(request.headers.get("authorization"))) from None
         except SmssError as e:
             status = str(status_of(e))
             raise
@@ -138,6 +141,7 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def repository_index(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
+        require_content_type(request, optional=True)
         out = []
         for st in platform.status():
             state = "READY" if st.instances else ("UNAVAILABLE" if st.last_error else "UNLOADED")
@@ -149,12 +153,14 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def repository_load(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
+        require_content_type(request, optional=True)
         platform.controller.load(request.path_params["name"])
         return json_response({})
 
     @endpoint
     async def repository_unload(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
+        require_content_type(request, optional=True)
         platform.controller.scale_to_zero(request.path_params["name"])
         return json_response({})
 

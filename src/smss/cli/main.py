@@ -85,6 +85,16 @@ def serve(
             help="Host memory the platform may place, e.g. 8GiB [default: the machine's less 512 MiB + 5 %]"
         ),
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(help="A Host name clients may use besides loopback and --host (repeatable)"),
+    ] = None,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a client may take to send a request's headers")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request body may stall before the client is closed")
+    ] = 60.0,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
     """Run the platform: gateway, controller and a local node."""
@@ -98,10 +108,13 @@ def serve(
         port=port,
         data_dir=data_dir or Path.home() / ".smss",
         token=token or config.env_token(),
+        allowed_hosts=tuple(allow_host or ()),
         demo=demo,
         log_level=log_level,
         serving=config.ServingSettings(
-            keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0)
+            keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0),
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
         ),
         start_mode=start_mode,
         spares=spares,
@@ -328,11 +341,12 @@ def runs_list(
     workflow: Annotated[str | None, typer.Option(help="Only runs of this workflow")] = None,
     limit: Annotated[int, typer.Option(help="Most recent N")] = 50,
     url: Url = None,
+    token: Token = None,
     as_json: AsJson = False,
 ) -> None:
     """Recent runs, newest first."""
     params = "&".join(f"{k}={v}" for k, v in (("status", status), ("workflow", workflow)) if v)
-    with _client(url, None) as client:
+    with _client(url, token) as client:
         runs = client.get(f"/v1/runs?limit={limit}&{params}")["runs"]
     if as_json:
         _print_json(runs)
@@ -346,11 +360,11 @@ def runs_list(
 
 
 @runs_app.command("show")
-def runs_show(run_id: str, url: Url = None, as_json: AsJson = False) -> None:
+def runs_show(run_id: str, url: Url = None, token: Token = None, as_json: AsJson = False) -> None:
     """A run's timeline: every event, per-stage durations, and where and why it failed."""
     from smss.cli.timeline import render_run
 
-    with _client(url, None) as client:
+    with _client(url, token) as client:
         run = client.get(f"/v1/runs/{run_id}")
     if as_json:
         _print_json(run)
