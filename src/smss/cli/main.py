@@ -414,6 +414,38 @@ def bench_overhead(
     _print_json(run(requests=requests))
 
 
+@bench_app.command("load")
+def bench_load(
+    as_json: AsJson = True,
+    duration: Annotated[float, typer.Option(help="Seconds of the steady phase at 70% of the knee")] = 120.0,
+    step: Annotated[float, typer.Option(help="Seconds of each step of the saturation sweep")] = 5.0,
+    target: Annotated[
+        list[str] | None, typer.Option(help="mlp and/or behavior (repeatable; default both)")
+    ] = None,
+    p99_limit_ms: Annotated[float, typer.Option(help="A sweep step above this p99 is past the knee")] = 500.0,
+) -> None:
+    """Open-loop load (coordinated omission corrected): saturation sweep, knee, steady state at 70%."""
+    from smss.bench.load import TARGETS, run
+
+    targets = tuple(target or ("mlp", "behavior"))
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        _error(f"unknown --target {', '.join(unknown)}; choose from {', '.join(sorted(TARGETS))}")
+        raise typer.Exit(2)
+    _print_json(run(duration_s=duration, step_s=step, targets=targets, p99_limit_ms=p99_limit_ms))
+
+
+@bench_app.command("soak")
+def bench_soak(
+    as_json: AsJson = True,
+    minutes: Annotated[float, typer.Option(help="How long to churn")] = 5.0,
+) -> None:
+    """Churn (scale to zero, cancelled requests, reloads); memory, fds, threads, segments, log per cycle."""
+    from smss.bench.soak import run
+
+    _print_json(run(minutes=minutes))
+
+
 @bench_app.command("cold-start")
 def bench_cold_start(as_json: AsJson = True) -> None:
     """Cold start of cnn and cnn_large: container-style vs fork-and-attach (one JSON object per model)."""
