@@ -82,7 +82,8 @@ def test_scale_from_zero_and_back_to_zero(
         np.testing.assert_allclose(output_of(first, "y"), reference["mlp"](X), rtol=1e-5, atol=1e-5)
         assert first.headers["SMSS-Cold-Start"] == "1"
         second = client.post("/v2/models/mlp/infer", json=json_infer_body({"x": X}))
-        assert second.status_code == 200 and second.headers["SMSS-Cold-Start"] == "0"
+        assert second.status_code == 200
+        assert second.headers["SMSS-Cold-Start"] == "0"
         # The start is metered by the tier it began from: the first start of the
         # torch runtime had to start its zygote too.
         metrics = client.get("/metrics").text

@@ -551,7 +551,8 @@ def test_concurrent_first_starts_of_a_model_build_one_template(
             template = template_of(backend, mlp)["pid"]
             # Every process under the zygote is that template (no orphaned second build).
             zygote = backend.zygotes.zygote_pid("torch")
-            assert zygote is not None and child_pids(zygote) == {template}
+            assert zygote is not None
+            assert child_pids(zygote) == {template}
             for s in started:
                 assert np.array_equal(await predict(mlp, s.info, x), reference["mlp"](x))
             await run.close_and_check()

@@ -598,7 +598,9 @@ def test_a_request_taken_by_a_new_instance_is_a_cold_start_and_others_are_not() 
         await until(lambda: len(busy.held) == 1)
         busy.release_all()
         result, served = await first
-        assert value_of(result) == 1.0 and served.cold and served.instance.id == "i0"
+        assert value_of(result) == 1.0
+        assert served.cold
+        assert served.instance.id == "i0"
         # The second waited for a busy instance to finish: queued, not a cold start.
         busy.blocked = False
         _, served = await second

@@ -44,6 +44,14 @@ class PrometheusMetrics:
             registry=r,
         )
         self.cold_starts = Counter("smss_cold_starts", "Instance starts", ["function"], registry=r)
+        self.request_part = Histogram(
+            "smss_request_part_seconds",
+            "Where answered requests' time went: queue (waiting for a slot), instance "
+            "(sent to answered: transfer, batching, compute)",
+            ["function", "part"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.start_seconds = Histogram(
             "smss_start_seconds",
             "Instance starts, ask to ready, by the tier of readiness they began from",
@@ -83,6 +91,12 @@ class PrometheusMetrics:
     def request_done(self, function: str, status: str, seconds: float) -> None:
         self.requests.labels(function, status).inc()
         self.latency.labels(function).observe(seconds)
+
+    def request_split(self, function: str, queued_s: float, instance_s: float) -> None:
+        """Where an answered request's time went in the gateway: waiting for a slot,
+        and on the instance (the rest of ``smss_request_seconds`` is HTTP and codec)."""
+        self.request_part.labels(function, "queue").observe(queued_s)
+        self.request_part.labels(function, "instance").observe(instance_s)
 
     def cold_start(self, function: str, timings: StartTimings) -> None:
         self.cold_starts.labels(function).inc()

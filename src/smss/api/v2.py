@@ -15,9 +15,9 @@ from starlette.routing import Route
 from smss import __version__
 from smss.api import codec, deadlines
 from smss.api.context import AppContext
-from smss.api.errors import status_of
-from smss.api.http import client_of, endpoint, json_response, read_body
-from smss.errors import InvalidInput, SmssError
+from smss.api.errors import reported, status_of
+from smss.api.http import client_of, endpoint, json_response, read_body, require_content_type
+from smss.errors import InvalidInput, ModelError, SmssError
 from smss.headers import COLD_START, RUN_ID
 from smss.spec import FunctionSpec, TensorSpec
 
@@ -99,8 +99,12 @@ def routes(ctx: AppContext) -> list[Route]:
                 headers[RUN_ID] = answer.run_id
             else:
                 headers[COLD_START] = "1" if answer.cold else "0"
+                ctx.metrics.request_split(name, answer.queued_s, answer.instance_s)
             status = "200"
             return Response(payload, 200, headers)
+        except ModelError as e:
+            status = "500"
+            raise reported(e, detail=ctx.auth.proves_admin(request.headers.get("authorization"))) from None
         except SmssError as e:
             status = str(status_of(e))
             raise
@@ -111,17 +115,20 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def repository_index(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
+        require_content_type(request, optional=True)
         return json_response(platform.repository_index())
 
     @endpoint
     async def repository_load(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
+        require_content_type(request, optional=True)
         platform.load(request.path_params["name"])
         return json_response({})
 
     @endpoint
     async def repository_unload(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
+        require_content_type(request, optional=True)
         platform.unload(request.path_params["name"])
         return json_response({})
 

@@ -70,6 +70,9 @@ class Answer:
     outputs: dict[str, np.ndarray]
     #: Whether the request waited for its instance to start (functions only).
     cold: bool = False
+    #: Where a function call's time went: waiting for a slot, and on the instance.
+    queued_s: float = 0.0
+    instance_s: float = 0.0
     #: The workflow run that answered (workflows only).
     run_id: str | None = None
 
@@ -196,7 +199,7 @@ class Platform:
             runtime = self.function(name, version)
             wanted = outputs or tuple(t.name for t in runtime.record.spec.outputs)
             result, served = await self.infer(runtime, inputs, wanted, timeout_s)
-            return Answer(result, cold=served.cold)
+            return Answer(result, served.cold, served.queued_s, served.instance_s)
         outcome = await self.engine.submit(
             wf.name, inputs, session=session, idempotency_key=idempotency_key, wait=True, timeout_s=timeout_s
         )

@@ -81,7 +81,8 @@ from smss.control.keepalive import scale_policy
 from smss.errors import InvalidSpec
 from smss.headers import COLD_START
 from smss.packaging import load_class, package_class
-from smss.sim.simulator import SimConfig, simulate
+from smss.sim.config import SimConfig
+from smss.sim.simulator import simulate
 from smss.sim.trace import Trace, peak_concurrency, read_trace
 from smss.spec import Resources
 from smss.testing.server import running_server

@@ -97,6 +97,16 @@ def serve(
             help="Host memory the platform may place, e.g. 8GiB [default: the machine's less 512 MiB + 5 %]"
         ),
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(help="A Host name clients may use besides loopback and --host (repeatable)"),
+    ] = None,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a client may take to send a request's headers")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request body may stall before the client is closed")
+    ] = 60.0,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
     """Run the platform: gateway, controller and a local node."""
@@ -111,11 +121,14 @@ def serve(
         grpc_port=_grpc_port(grpc_port),
         data_dir=data_dir or Path.home() / ".smss",
         token=token or config.env_token(),
+        allowed_hosts=tuple(allow_host or ()),
         demo=demo,
         log_level=log_level,
         serving=config.ServingSettings(
             keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0),
             request_timeout_s=request_timeout,
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
         ),
         start_mode=start_mode,
         spares=spares,
@@ -325,7 +338,7 @@ def simulate(ctx: typer.Context) -> None:
     Usage: smss simulate TRACE.csv --policy fixed:600|hybrid [--memory-mb N] [--cold-start-ms N]
     [--concurrency N] [--tick-s S] [--prices FILE] [--json]
     """
-    from smss.sim.simulator import main as simulate_main
+    from smss.sim.cli import main as simulate_main
 
     raise typer.Exit(simulate_main(list(ctx.args)))
 
@@ -365,11 +378,12 @@ def runs_list(
     workflow: Annotated[str | None, typer.Option(help="Only runs of this workflow")] = None,
     limit: Annotated[int, typer.Option(help="Most recent N")] = 50,
     url: Url = None,
+    token: Token = None,
     as_json: AsJson = False,
 ) -> None:
     """Recent runs, newest first."""
     params = "&".join(f"{k}={v}" for k, v in (("status", status), ("workflow", workflow)) if v)
-    with _client(url, None) as client:
+    with _client(url, token) as client:
         runs = client.get(f"/v1/runs?limit={limit}&{params}")["runs"]
     if as_json:
         _print_json(runs)
@@ -383,11 +397,11 @@ def runs_list(
 
 
 @runs_app.command("show")
-def runs_show(run_id: str, url: Url = None, as_json: AsJson = False) -> None:
+def runs_show(run_id: str, url: Url = None, token: Token = None, as_json: AsJson = False) -> None:
     """A run's timeline: every event, per-stage durations, and where and why it failed."""
     from smss.cli.timeline import render_run
 
-    with _client(url, None) as client:
+    with _client(url, token) as client:
         run = client.get(f"/v1/runs/{run_id}")
     if as_json:
         _print_json(run)
@@ -435,6 +449,38 @@ def bench_overhead(
     from smss.bench.overhead import run
 
     _print_json(run(requests=requests))
+
+
+@bench_app.command("load")
+def bench_load(
+    as_json: AsJson = True,
+    duration: Annotated[float, typer.Option(help="Seconds of the steady phase at 70% of the knee")] = 120.0,
+    step: Annotated[float, typer.Option(help="Seconds of each step of the saturation sweep")] = 5.0,
+    target: Annotated[
+        list[str] | None, typer.Option(help="mlp and/or behavior (repeatable; default both)")
+    ] = None,
+    p99_limit_ms: Annotated[float, typer.Option(help="A sweep step above this p99 is past the knee")] = 500.0,
+) -> None:
+    """Open-loop load (coordinated omission corrected): saturation sweep, knee, steady state at 70%."""
+    from smss.bench.load import TARGETS, run
+
+    targets = tuple(target or ("mlp", "behavior"))
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        _error(f"unknown --target {', '.join(unknown)}; choose from {', '.join(sorted(TARGETS))}")
+        raise typer.Exit(2)
+    _print_json(run(duration_s=duration, step_s=step, targets=targets, p99_limit_ms=p99_limit_ms))
+
+
+@bench_app.command("soak")
+def bench_soak(
+    as_json: AsJson = True,
+    minutes: Annotated[float, typer.Option(help="How long to churn")] = 5.0,
+) -> None:
+    """Churn (scale to zero, cancelled requests, reloads); memory, fds, threads, segments, log per cycle."""
+    from smss.bench.soak import run
+
+    _print_json(run(minutes=minutes))
 
 
 @bench_app.command("cold-start")

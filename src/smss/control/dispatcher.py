@@ -77,10 +77,15 @@ class DispatchHooks:
 
 @dataclass(frozen=True)
 class Served:
-    """Who answered a request, and whether it waited for that instance to start."""
+    """Who answered a request, whether it waited for that instance to start, and
+    where its time went: ``queued_s`` waiting for a slot (for an instance to start
+    or to free one), ``instance_s`` on the instance (sending, batching, compute,
+    the answer's way back)."""
 
     instance: InstanceInfo
     cold: bool
+    queued_s: float = 0.0
+    instance_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -170,10 +175,16 @@ class FunctionDispatcher:
         ``instance`` and ``node`` attributes."""
         attempts = 2 if self.spec.idempotent else 1
         self._hooks.on_arrival()
+        clock = self._clock
+        queued = 0.0
         for attempt in range(attempts):
+            asked = clock.monotonic()
             slot, cold = await self._acquire(deadline)
+            sent = clock.monotonic()
+            queued += sent - asked
             try:
-                return await self._call(slot, inputs, outputs, deadline), Served(slot.info, cold)
+                result = await self._call(slot, inputs, outputs, deadline)
+                return result, Served(slot.info, cold, queued, clock.monotonic() - sent)
             except InstanceLost as e:
                 self._lost(slot, e.message)
                 if attempt + 1 < attempts:

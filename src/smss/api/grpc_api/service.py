@@ -25,10 +25,10 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from smss import __version__
 from smss.api import deadlines
 from smss.api.context import AppContext
-from smss.api.errors import grpc_status_of, retry_after_of, status_of
+from smss.api.errors import grpc_status_of, reported, retry_after_of, status_of
 from smss.api.grpc_api import tensors
 from smss.api.grpc_api.model_config import model_config
-from smss.errors import SmssError
+from smss.errors import ModelError, SmssError
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
             response = tensors.encode_response(spec, request.id, answer.outputs)
             status = "200"
             return response
+        except ModelError as error:  # predict()'s text only for the admin, as over REST
+            status = "500"
+            detail = self._ctx.auth.proves_admin(_metadata(context, "authorization"))
+            raise reported(error, detail=detail) from None
         except SmssError as error:
             status = str(status_of(error))
             raise
