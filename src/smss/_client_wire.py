@@ -17,10 +17,11 @@ import msgspec
 import numpy as np
 
 from smss import bytes_tensors, errors
+from smss.headers import REQUEST_TIMEOUT
 from smss.spec import DATATYPES, datatype_of
 
+#: The binary tensor extension's header (the protocol's name).
 HEADER_LENGTH = "Inference-Header-Content-Length"
-TIMEOUT_HEADER = "x-request-timeout-seconds"
 
 
 def _error_types(root: type[errors.SmssError]) -> dict[str, type[errors.SmssError]]:
@@ -57,7 +58,7 @@ def infer_request(
 ) -> httpx.Request:
     headers: dict[str, str] = {}
     if timeout_s is not None:
-        headers[TIMEOUT_HEADER] = repr(float(timeout_s))
+        headers[REQUEST_TIMEOUT] = repr(float(timeout_s))
     wanted = [{"name": o, "parameters": {"binary_data": binary}} for o in outputs or ()]
     url = f"/v2/models/{name}/infer"
     inputs = as_sendable(inputs)

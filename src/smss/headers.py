@@ -7,3 +7,5 @@ from __future__ import annotations
 COLD_START = "SMSS-Cold-Start"
 #: On the answer of a workflow called through the v2 infer route: its run's id.
 RUN_ID = "SMSS-Run-Id"
+#: On a request: the seconds it may take, at most the server's maximum (Ray Serve's name).
+REQUEST_TIMEOUT = "x-request-timeout-seconds"

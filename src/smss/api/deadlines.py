@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 
 from smss.errors import DeadlineExceeded, InvalidInput
+from smss.headers import REQUEST_TIMEOUT
 
 #: The HTTP request header (lower case, as Starlette looks it up).
-TIMEOUT_HEADER = "x-request-timeout-seconds"
+TIMEOUT_HEADER = REQUEST_TIMEOUT
 
 
 def from_header(raw: str | None, maximum_s: float) -> float:
