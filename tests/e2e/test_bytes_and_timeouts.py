@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 import tritonclient.http as tritonhttp
@@ -30,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 import smss
 from smss.testing.server import ServerProcess, wait_until
+from smss.workflow.builder import Workflow
 
 TOKEN = "bytes-and-timeouts-token"
 MAX_TIMEOUT_S = 3.0
@@ -55,6 +57,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
                 # Started now: a cold start must not eat the short request timeout below.
                 admin.post(f"/v2/repository/models/{name}/load")
                 wait_until(lambda n=name: functions(srv.url)[n]["instances"], 120, f"{name} to start")
+            shout = Workflow("shout").stage("up", "upper", inputs={"text": "request.text"})
+            shout = shout.output("upper", "up.upper")
+            admin.post("/v1/workflows", msgspec.to_builtins(shout.spec()))
         yield srv
     finally:
         stop_checked(srv)
@@ -145,6 +150,14 @@ def test_bytes_through_smss_invoke(server: ServerProcess) -> None:
     done = smss_cli("invoke", "upper", json.dumps({"text": ["ab", "\u00e9"]}), "--url", server.url, "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"upper": ["AB", "\u00c9"], "length": [2, 2]}
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_bytes_through_a_durable_workflow(server: ServerProcess, binary: bool) -> None:
+    # The run's inputs and outputs are stored as blobs: BYTES ones too, length-prefixed.
+    with smss.Client(server.url, timeout=REQUEST_TIMEOUT_S) as client:
+        out = client.infer("shout", {"text": strings(TEXT)}, binary=binary)
+    assert out["upper"].tolist() == UPPER
 
 
 def binary_request(text_bytes: bytes, shape: list[int]) -> tuple[bytes, dict[str, str]]:
