@@ -98,6 +98,8 @@ def build(settings: Settings) -> AppContext:
         mode="exec" if settings.start_mode == "exec" else "fork",
         spares=settings.spares,
         inventory=inventory,
+        state_file=data / "node.json",
+        adopt_window_s=settings.adopt_window_s,
     )
     controller = Controller(
         backend,

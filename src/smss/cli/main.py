@@ -83,6 +83,13 @@ def serve(
             help="Host memory the platform may place, e.g. 8GiB [default: the machine's less 512 MiB + 5 %]"
         ),
     ] = None,
+    adopt_window: Annotated[
+        float,
+        typer.Option(
+            help="Seconds instances outlive a killed server, waiting for the next one on this "
+            "data dir to adopt them (0: they die with it)"
+        ),
+    ] = 30.0,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
     """Run the platform: gateway, controller and a local node."""
@@ -103,6 +110,7 @@ def serve(
         ),
         start_mode=start_mode,
         spares=spares,
+        adopt_window_s=adopt_window,
         keep_alive_policy=keep_alive_policy,
         prices_path=prices,
         cpus=cpus,

@@ -74,6 +74,10 @@ class ZygoteConfig(msgspec.Struct, frozen=True):
     runtime: str
     control_path: str
     prepare_timeout_s: float = 120.0
+    #: None: die with the agent (``PR_SET_PDEATHSIG``). Seconds: outlive it, waiting
+    #: this long for a restarted agent to connect (:mod:`smss.node.roster`); exit,
+    #: and so end its templates and their instances, when none does.
+    linger_s: float | None = None
 
 
 def preload(runtime: str) -> None:
@@ -104,20 +108,28 @@ def _serve_control(
     listener: socket.socket,
     handle: Any,
     on_idle: Callable[[socket.socket, socket.socket | None], None] | None = None,
+    linger_s: float | None = None,
 ) -> None:
     """Blocking request/reply loop: one agent connection at a time. ``on_idle`` runs
-    once whenever no request came for ``IDLE_S`` (with the sockets a fork must close)."""
+    once whenever no request came for ``IDLE_S`` (with the sockets a fork must close).
+    With ``linger_s``, returns when no agent connects for that long. An agent that
+    goes away mid-request (killed) ends its connection, not the loop."""
     while True:
+        if linger_s is not None and not _readable(listener, linger_s):
+            return
         if on_idle is not None and not _readable(listener, IDLE_S):
             on_idle(listener, None)
         conn, _ = listener.accept()
         with conn:
-            while True:
-                if on_idle is not None and not _readable(conn, IDLE_S):
-                    on_idle(listener, conn)
-                if (request := proto.recv_request(conn)) is None:
-                    break
-                conn.sendall(proto.encode(handle(request, listener, conn)))
+            try:
+                while True:
+                    if on_idle is not None and not _readable(conn, IDLE_S):
+                        on_idle(listener, conn)
+                    if (request := proto.recv_request(conn)) is None:
+                        break
+                    conn.sendall(proto.encode(handle(request, listener, conn)))
+            except OSError:
+                log.warning("the agent's control connection broke", exc_info=True)
 
 
 def _readable(sock: socket.socket, timeout_s: float) -> bool:
@@ -267,7 +279,7 @@ def _instance_main(config: WorkerConfig, model: Any, sock: socket.socket, parent
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(args[0], type=ZygoteConfig)
-    ready_fd = start_child_process("pid %(process)d")
+    ready_fd = start_child_process("pid %(process)d", die_with_agent=config.linger_s is None)
     t0 = time.perf_counter()
     preload(config.runtime)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
@@ -281,7 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     def handle(req: proto.Request, lst: socket.socket, conn: socket.socket) -> Any:
         return _prepare(config, req, lst, conn)
 
-    _serve_control(listener, handle)
+    _serve_control(listener, handle, linger_s=config.linger_s)
+    if config.linger_s is not None:
+        log.info("no agent connected within %.0f s: exiting with templates and instances", config.linger_s)
 
 
 if __name__ == "__main__":
