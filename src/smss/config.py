@@ -108,6 +108,10 @@ class Settings:
             raise InvalidSpec(f"start mode must be 'fork' or 'exec', not {self.start_mode!r}")
         if self.cpus is not None and not (math.isfinite(self.cpus) and self.cpus > 0):
             raise InvalidSpec(f"--cpus must be a positive number of cores, not {self.cpus:g}")
+        if not (math.isfinite(self.serving.drain_grace_s) and self.serving.drain_grace_s >= 0):
+            raise InvalidSpec(
+                f"--drain-timeout must be 0 or more seconds, not {self.serving.drain_grace_s:g}"
+            )
         if not (math.isfinite(self.adopt_window_s) and self.adopt_window_s >= 0):
             raise InvalidSpec(f"--adopt-window must be 0 or more seconds, not {self.adopt_window_s:g}")
         if self.memory_mb is not None and self.memory_mb < 1:

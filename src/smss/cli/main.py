@@ -90,9 +90,16 @@ def serve(
             "data dir to adopt them (0: they die with it)"
         ),
     ] = 30.0,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            help="On SIGTERM, seconds the requests in flight (and then each instance) get to finish"
+        ),
+    ] = 10.0,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
-    """Run the platform: gateway, controller and a local node."""
+    """Run the platform: gateway, controller and a local node. SIGTERM drains it:
+    no new connections, the requests in flight finish, instances stop, exit 0."""
     from smss.compose import build, run
 
     logging.basicConfig(
@@ -106,7 +113,8 @@ def serve(
         demo=demo,
         log_level=log_level,
         serving=config.ServingSettings(
-            keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0)
+            keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0),
+            drain_grace_s=drain_timeout,
         ),
         start_mode=start_mode,
         spares=spares,

@@ -23,9 +23,11 @@ Fork safety (why forking here is sound):
 * no CUDA context exists in a zygote or template (CPU runtimes only; a CUDA
   context is created after the fork, by the instance);
 * every process dies with its parent (``PR_SET_PDEATHSIG``): agent -> zygote ->
-  template -> instance, so a killed platform leaves no orphans. Children are
-  reaped automatically (``SIGCHLD`` ignored); the agent watches each instance
-  with a pidfd.
+  template -> instance, so a killed platform leaves no orphans. With ``linger_s``
+  the first link is a wait instead: the zygote outlives a killed agent by that long
+  for a restarted one to adopt it (:mod:`smss.node.roster`), then exits, and the
+  rest follows. Children are reaped automatically (``SIGCHLD`` ignored); the agent
+  watches each instance with a pidfd.
 
 ``python -m smss.node.zygote CONFIG_JSON`` runs a zygote.
 """

@@ -94,6 +94,9 @@ class ZygotePool:
         self._zygotes: dict[str, _Zygote] = {}
         self._templates: dict[str, Template] = {}
         self._starting: dict[str, asyncio.Lock] = {}
+        self._preparing: dict[str, asyncio.Lock] = {}
+        #: Adopted templates of a key already held (from before one template per key).
+        self._extra: list[Template] = []
         self.zygote_starts = 0
 
     def zygote_pid(self, runtime: str) -> int | None:
@@ -125,7 +128,11 @@ class ZygotePool:
             log.info("adopted the %s zygote (pid %d)", entry.runtime, entry.pid)
         else:
             path = Path(entry.control_path)
-            self._templates[entry.key] = Template(entry.key, entry.pid, control, entry.prepared, path)
+            template = Template(entry.key, entry.pid, control, entry.prepared, path)
+            if entry.key in self._templates:  # its instances live while it does: kept, untracked
+                self._extra.append(template)
+            else:
+                self._templates[entry.key] = template
             log.info("adopted the template of %s (pid %d)", entry.key, entry.pid)
 
     def template(self, key: str) -> Template | None:
@@ -200,12 +207,20 @@ class ZygotePool:
 
     async def prepare(self, key: str, config: WorkerConfig, segment: Path | None) -> tuple[Template, bool]:
         """The template for ``key``, forked from the runtime's zygote if missing.
-        Returns (template, already_prepared)."""
+        Returns (template, already_prepared). Concurrent cold starts of one model wait
+        for one template, rather than each forking its own (all but one untracked)."""
         existing = self._templates.get(key)
         if existing is not None and process_alive(existing.pid):
             return existing, True
-        if existing is not None:
-            self.discard(key)
+        async with self._preparing.setdefault(key, asyncio.Lock()):
+            existing = self._templates.get(key)
+            if existing is not None and process_alive(existing.pid):
+                return existing, True
+            if existing is not None:
+                self.discard(key)
+            return await self._prepare_new(key, config, segment), False
+
+    async def _prepare_new(self, key: str, config: WorkerConfig, segment: Path | None) -> Template:
         # Unique across agents: an adopted template keeps the path it listens on.
         control_path = self._run_dir / f"tpl-{uuid4().hex[:12]}.sock"
         request = proto.Prepare(config, str(segment) if segment else None, str(control_path), self._spares)
@@ -225,7 +240,7 @@ class ZygotePool:
         template = Template(key, reply.pid, _Control(reader, writer), reply, control_path)
         self._templates[key] = template
         self._roster.put(_template_entry(template))
-        return template, False
+        return template
 
     async def spawn(self, template: Template, config: WorkerConfig) -> proto.Spawned:
         reply = await template.control.call(proto.Spawn(config))
@@ -256,6 +271,10 @@ class ZygotePool:
     async def close(self) -> None:
         for key in list(self._templates):
             self.discard(key)
+        for template in self._extra:
+            self._templates[template.key] = template
+            self.discard(template.key)
+        self._extra.clear()
         for z in self._zygotes.values():
             await _kill(z)
             self._roster.drop(z.entry)
