@@ -112,6 +112,10 @@ class Settings:
             raise InvalidSpec(
                 f"--drain-timeout must be 0 or more seconds, not {self.serving.drain_grace_s:g}"
             )
+        if self.serving.max_start_failures < 1:
+            raise InvalidSpec(
+                f"--max-start-failures must be at least 1, not {self.serving.max_start_failures}"
+            )
         if not (math.isfinite(self.adopt_window_s) and self.adopt_window_s >= 0):
             raise InvalidSpec(f"--adopt-window must be 0 or more seconds, not {self.adopt_window_s:g}")
         if self.memory_mb is not None and self.memory_mb < 1:

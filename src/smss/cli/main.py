@@ -90,6 +90,13 @@ def serve(
             "data dir to adopt them (0: they die with it)"
         ),
     ] = 30.0,
+    max_start_failures: Annotated[
+        int,
+        typer.Option(
+            help="Failed starts in a row (retried with back-off) before a function is failed "
+            "until it is loaded or deployed again"
+        ),
+    ] = 6,
     drain_timeout: Annotated[
         float,
         typer.Option(
@@ -115,6 +122,7 @@ def serve(
         serving=config.ServingSettings(
             keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0),
             drain_grace_s=drain_timeout,
+            max_start_failures=max_start_failures,
         ),
         start_mode=start_mode,
         spares=spares,
@@ -218,8 +226,10 @@ def status(url: Url = None, as_json: AsJson = False) -> None:
     for f in items:
         if not f["instances"]:
             state = f"starting ({f['starting']})" if f["starting"] else "scaled to zero"
-            if f["last_error"]:
+            if f["state"] == "failed":  # no more starts are tried until it is loaded again
                 state = f"failed: {f['last_error']}"
+            elif f["last_error"]:
+                state = f"retrying: {f['last_error']}"
             table.add_row(f["name"], "-", "-", "-", state, str(f["queued"]), "-")
         for i in f["instances"]:
             table.add_row(
