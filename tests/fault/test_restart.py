@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from smss.client import Client
@@ -34,6 +35,8 @@ from smss.testing.server import ServerProcess, start_server, wait_until
 pytestmark = pytest.mark.slow
 
 MODEL = Path(__file__).parent / "models" / "sleeper.py"
+WEIGHTED = Path(__file__).parent / "models" / "weighted.py"
+X2 = np.array([1.0, 2.0], dtype=np.float32)
 #: Settings come from flags only, never from the developer's shell.
 ENV = {"SMSS_KEEP_ALIVE_S": "", "SMSS_TOKEN": "", "SMSS_URL": ""}
 ARGS = ["--keep-alive", "300", "--adopt-window", "120"]
@@ -290,3 +293,39 @@ def refused(url: str) -> bool:
     except httpx.ConnectError:
         return True
     return False
+
+
+def test_an_adopted_instance_keeps_its_weights_and_the_store_counts_them(
+    tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    from safetensors.numpy import save_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file({"w": np.array([3.0, 5.0], dtype=np.float32)}, str(weights))
+    data = tmp_path / "data"
+    first = serve(data)
+    servers.append(first)
+    with Client(first.url) as client:
+        client.deploy(f"{WEIGHTED}:Weighted", weights)
+        np.testing.assert_array_equal(client.infer("weighted", {"x": X2})["y"], [3.0, 10.0])
+        (pid,) = [i["pid"] for f in client.functions() for i in f["instances"]]
+    run_dir = run_dir_of(data)
+    kill9(first)
+
+    second = serve(data)
+    servers.append(second)
+    with Client(second.url) as client:
+        wait_until(
+            lambda: [i["pid"] for f in client.functions() for i in f["instances"]] == [pid],
+            WAIT_S,
+            "the instance to be adopted",
+        )
+        np.testing.assert_array_equal(client.infer("weighted", {"x": X2})["y"], [3.0, 10.0])
+        # Its weights are in the new store again: counted, and held while it runs.
+        store = client.get("/v1/weights")["local"]
+        assert any(key.startswith("weighted@") for key in store["templates"]), store
+        assert store["entries"] == 1, store
+        evicted = httpx.delete(f"{second.url}/v1/weights/weighted", timeout=REQUEST_TIMEOUT_S)
+        assert evicted.json()["evicted"] is False, evicted.text
+        assert [i["pid"] for f in client.functions() for i in f["instances"]] == [pid]
+    stop_cleanly(second, run_dir)

@@ -403,7 +403,7 @@ def _claim_run_dir(state_file: Path | None) -> Path:
     paths are limited to ~107 bytes, so it lives in a short tmp dir."""
     reap_orphans()
     previous = read_pointer(state_file) if state_file is not None else None
-    if previous is not None and previous.is_dir() and not _owner_alive(previous):
+    if previous is not None and previous.is_dir() and not _held_by_agent(previous):
         (previous / "owner").write_text(str(os.getpid()))
         # The killed agent's weight store: nothing maps it but that agent (templates
         # hold their own copy), and the new store starts empty.
@@ -419,11 +419,14 @@ def _claim_run_dir(state_file: Path | None) -> Path:
     return run_dir
 
 
-def _owner_alive(run_dir: Path) -> bool:
+def _held_by_agent(run_dir: Path) -> bool:
+    """Its owner runs and is not one of its zygotes (which own it while they wait to
+    be adopted): another agent serves it."""
     try:
-        return process_alive(int((run_dir / "owner").read_text()))
+        owner = int((run_dir / "owner").read_text())
     except (OSError, ValueError):
         return False
+    return process_alive(owner) and owner not in {z.pid for z in live_zygotes(run_dir)}
 
 
 def reap_orphans(tmp: Path | None = None, shm: Path = Path("/dev/shm")) -> list[str]:

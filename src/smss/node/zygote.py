@@ -111,11 +111,13 @@ def _serve_control(
     handle: Any,
     on_idle: Callable[[socket.socket, socket.socket | None], None] | None = None,
     linger_s: float | None = None,
+    on_alone: Callable[[], None] | None = None,
 ) -> None:
     """Blocking request/reply loop: one agent connection at a time. ``on_idle`` runs
     once whenever no request came for ``IDLE_S`` (with the sockets a fork must close).
-    With ``linger_s``, returns when no agent connects for that long. An agent that
-    goes away mid-request (killed) ends its connection, not the loop."""
+    With ``linger_s``, returns when no agent connects for that long (``on_alone`` runs
+    as each connection ends). An agent that goes away mid-request (killed) ends its
+    connection, not the loop."""
     while True:
         if linger_s is not None and not _readable(listener, linger_s):
             return
@@ -132,6 +134,8 @@ def _serve_control(
                     conn.sendall(proto.encode(handle(request, listener, conn)))
             except OSError:
                 log.warning("the agent's control connection broke", exc_info=True)
+        if on_alone is not None:
+            on_alone()
 
 
 def _readable(sock: socket.socket, timeout_s: float) -> bool:
@@ -295,7 +299,16 @@ def main(argv: list[str] | None = None) -> None:
     def handle(req: proto.Request, lst: socket.socket, conn: socket.socket) -> Any:
         return _prepare(config, req, lst, conn)
 
-    _serve_control(listener, handle, linger_s=config.linger_s)
+    def alone() -> None:
+        # The run directory's owner is this zygote while no agent holds it: a node
+        # starting meanwhile leaves the directory alone instead of removing it.
+        run_dir = Path(config.control_path).parent
+        with contextlib.suppress(OSError):
+            (run_dir / "owner.tmp").write_text(str(os.getpid()))
+            os.replace(run_dir / "owner.tmp", run_dir / "owner")
+        log.info("the agent went away: waiting %.0f s for another to adopt this node", config.linger_s)
+
+    _serve_control(listener, handle, linger_s=config.linger_s, on_alone=alone if config.linger_s else None)
     if config.linger_s is not None:
         log.info("no agent connected within %.0f s: exiting with templates and instances", config.linger_s)
 
