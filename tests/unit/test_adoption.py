@@ -7,9 +7,13 @@ import asyncio
 
 from test_controller import World, make_record, run, value_of
 
+from smss.config import ServingSettings
 from smss.control.adoption import choose
+from smss.control.controller import Controller
+from smss.control.keepalive import FixedKeepAlive
 from smss.errors import InstanceLost
 from smss.ports import InstanceInfo, RunningInstance
+from smss.testing.fakes import FakeBackend, NullMetrics
 
 
 def left(
@@ -69,5 +73,24 @@ def test_an_unreachable_instance_is_stopped_and_a_fresh_one_started() -> None:
             assert [iid for iid, _ in w.backend.stops] == ["m-a"]
             assert w.backend.starts == ["m"]  # min_instances is met by a new start
             assert value_of(await w.request(5.0)) == 5.0
+
+    run(main())
+
+
+def test_a_recovery_that_fails_leaves_the_functions_deployed_and_serving() -> None:
+    class Broken(FakeBackend):
+        async def recover(self) -> list[RunningInstance]:
+            raise OSError("the run directory is unreadable")
+
+    async def main() -> None:
+        w = World()
+        w.backend = Broken(w.clock)
+        w.controller = Controller(
+            w.backend, w.channels, w.clock, ServingSettings(tick_s=0.2), NullMetrics(), FixedKeepAlive(300.0)
+        )
+        async with w.controller.running():
+            await w.controller.restore([make_record()])
+            assert value_of(await w.request(7.0)) == 7.0
+            assert w.backend.starts == ["m"]
 
     run(main())

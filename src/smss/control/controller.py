@@ -189,7 +189,11 @@ class Controller:
         """Deploy the registered functions and adopt the instances an earlier platform
         process left running (or stop them). Call once, inside :meth:`running`, before
         anything else is deployed."""
-        found = await self._backend.recover()
+        try:
+            found = await self._backend.recover()
+        except Exception:  # what was left running is not adopted; serving goes on without it
+            log.exception("could not recover the instances left running by the last platform")
+            found = []
         for record in records:
             self.deploy(record)
         # No await from here on: no reconcile runs between the deploys and the adoptions.

@@ -12,9 +12,10 @@ hands the instances to the controller, which adopts them or stops them.
 A pid is trusted only while the process's start time (``/proc/PID/stat``) is the
 one recorded, so a recycled pid is never adopted or signalled.
 
-Known gap: an instance forked in the moment between its template's reply and the
-agent's record of it (the agent killed just then) is not in the roster; it is not
-adopted and lives until its template is stopped.
+Known gap: an instance (or template) forked in the moment between its parent's
+reply and the agent's record of it (the agent killed just then) is not in the
+roster; it is not adopted and lives until its template (or zygote) is stopped:
+at the latest when the adopting platform shuts down, or the window ends unadopted.
 """
 
 from __future__ import annotations
