@@ -30,7 +30,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -44,9 +43,10 @@ from smss.errors import StartFailed, StorageUnavailable
 from smss.inventory import Allocation, AllocationKind, Capacity, NodeInventory
 from smss.node.devices import discover
 from smss.node.memory import PssCache, children
-from smss.node.roster import InstanceEntry, Roster, live_zygotes, read_pointer, start_time, write_pointer
+from smss.node.roster import InstanceEntry, Roster, start_time
+from smss.node.rundir import claim_run_dir
 from smss.node.weightstore import WeightStore
-from smss.node.worker import Ready, WorkerConfig, process_alive
+from smss.node.worker import Ready, WorkerConfig
 from smss.node.zygotes import ZygotePool, watch_exit
 from smss.ports import ExitCallback, InstanceInfo, RunningInstance, StartedInstance, StartTimings
 from smss.spec import FunctionSpec
@@ -94,7 +94,7 @@ class NodeAgent:
         self._log_dir = log_dir
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self._state_file = state_file
-        self._run_dir = _claim_run_dir(state_file)
+        self._run_dir = claim_run_dir(state_file)
         self._roster = Roster(self._run_dir)
         self._start_timeout_s = start_timeout_s
         self.mode = mode
@@ -380,6 +380,9 @@ class NodeAgent:
                     log.warning("instance %s: its weights are gone (%s); stopping it", entry.info.id, e)
                     await self.stop_instance(entry.info.id, 0.0)
                     continue
+                if inst.exited.is_set():  # it exited meanwhile, and released nothing
+                    self.store.release(entry.weights_key)
+                    continue
                 inst.weights_key = entry.weights_key
             log.info("found instance %s (pid %d) still running", entry.info.id, entry.info.pid)
             found.append(RunningInstance(entry.info, entry.artifact_dir))
@@ -395,61 +398,6 @@ class NodeAgent:
 def _resident(alloc_id: str, key: str, kind: AllocationKind, size: int) -> Allocation:
     function = key.partition("@")[0]
     return Allocation(alloc_id, function, kind, NODE, Capacity(memory_mb=-(-size // (1 << 20))))
-
-
-def _claim_run_dir(state_file: Path | None) -> Path:
-    """The run directory of this agent: the one its state file names when its owner is
-    gone (a killed agent whose processes may be adopted), else a new one. Unix socket
-    paths are limited to ~107 bytes, so it lives in a short tmp dir."""
-    reap_orphans()
-    previous = read_pointer(state_file) if state_file is not None else None
-    if previous is not None and previous.is_dir() and not _held_by_agent(previous):
-        (previous / "owner").write_text(str(os.getpid()))
-        # The killed agent's weight store: nothing maps it but that agent (templates
-        # hold their own copy), and the new store starts empty.
-        for segment in Path("/dev/shm").glob(f"{previous.name}-*"):
-            with contextlib.suppress(OSError):
-                segment.unlink()
-        log.info("taking over the run directory %s of a stopped node", previous)
-        return previous
-    run_dir = Path(tempfile.mkdtemp(prefix="smss-"))
-    (run_dir / "owner").write_text(str(os.getpid()))
-    if state_file is not None:
-        write_pointer(state_file, run_dir)
-    return run_dir
-
-
-def _held_by_agent(run_dir: Path) -> bool:
-    """Its owner runs and is not one of its zygotes (which own it while they wait to
-    be adopted): another agent serves it."""
-    try:
-        owner = int((run_dir / "owner").read_text())
-    except (OSError, ValueError):
-        return False
-    return process_alive(owner) and owner not in {z.pid for z in live_zygotes(run_dir)}
-
-
-def reap_orphans(tmp: Path | None = None, shm: Path = Path("/dev/shm")) -> list[str]:
-    """Remove what a killed node left: run directories whose owner process is gone
-    and whose zygotes (waiting to be adopted) are gone too, and the weight segments
-    named after them. (kill -9 runs no cleanup; the next start does it.) Returns the
-    run directories removed."""
-    removed = []
-    for run_dir in (tmp or Path(tempfile.gettempdir())).glob("smss-*"):
-        try:
-            owner = int((run_dir / "owner").read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or still being set up
-        if process_alive(owner) or live_zygotes(run_dir):
-            continue
-        for segment in shm.glob(f"{run_dir.name}-*"):
-            with contextlib.suppress(OSError):
-                segment.unlink()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        removed.append(run_dir.name)
-    if removed:
-        log.info("removed %d run directories left by killed nodes", len(removed))
-    return removed
 
 
 def _signal(pid: int, sig: int) -> None:
