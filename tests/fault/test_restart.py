@@ -1,6 +1,6 @@
 """``smss serve`` killed and restarted, and stopped by SIGTERM, as real processes.
 
-* SIGKILL with instances running: they outlive the server (for its adoption window),
+* SIGKILL with requests in flight: the instances outlive the server (for its adoption window),
   and a new ``smss serve`` on the same data directory adopts them into routing: the
   same pids serve, nothing more starts, and a clean stop leaves no process behind.
 * Instances of a function no longer deployed are stopped by the restarted server.
@@ -192,7 +192,15 @@ def test_a_restarted_server_adopts_the_running_instances(
     family = node_processes(run_dir)
     assert pids <= family
 
-    kill9(first)
+    # Killed under load: both instances hold a request (its client loses it with the server).
+    with Load(first.url, 2, 2.0) as cut_off:
+        wait_until(
+            lambda: sum(i["in_flight"] for i in status(first.url)["instances"]) == 2,
+            WAIT_S,
+            "both requests to be in flight",
+        )
+        kill9(first)
+    assert all(isinstance(r, httpx.TransportError) for r in cut_off.responses), cut_off.responses
     assert all(alive(p) for p in family), "the node's processes died with the server"
 
     second = serve(data)
