@@ -2,8 +2,9 @@
 
 Composes the durable registry, the artifact store and the controller. The
 registry is the source of truth: on start every registered function is handed
-to the controller again (at zero instances, or ``min_instances``), so a
-restart of ``smss serve`` keeps every deployment.
+to the controller again (at zero instances, or ``min_instances``, or with the
+instances a killed platform left running, adopted), so a restart of ``smss
+serve`` keeps every deployment.
 """
 
 from __future__ import annotations
@@ -78,8 +79,7 @@ class Platform:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Platform]:
         async with self.controller.running():
-            for record in self.registry.list_functions():
-                self.controller.deploy(record)
+            await self.controller.restore(self.registry.list_functions())
             async with self.engine.running():
                 yield self
 
