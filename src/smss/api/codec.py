@@ -46,6 +46,7 @@ __all__ = [
     "decode_tensor_list",
     "encode_response",
     "encode_tensor_json",
+    "parse_header_length",
 ]
 
 MAX_ID_CHARS = 1024
@@ -106,6 +107,16 @@ def decode_request(
     outputs = _requested_outputs(wire.outputs or [], spec)
     inputs = decode_inputs(wire.inputs, spec.inputs, limits, tail)
     return DecodedRequest(wire.id, inputs, outputs, binary_default)
+
+
+def parse_header_length(raw: str | None) -> int | None:
+    """The ``Inference-Header-Content-Length`` header's value (None when absent)."""
+    if raw is None:
+        return None
+    # Digits only: int() would also take "+1", " 1", "1_000" and thousands of digits.
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer")
+    return int(raw)
 
 
 def decode_tensor_list(

@@ -18,7 +18,7 @@ from smss.api.context import AppContext
 from smss.api.errors import status_of
 from smss.api.http import client_of, endpoint, json_response, read_body
 from smss.control.controller import FunctionRuntime
-from smss.errors import InvalidInput, ModelError, SmssError, Unavailable
+from smss.errors import ModelError, SmssError, Unavailable
 from smss.spec import FunctionSpec, TensorSpec
 from smss.workflow.spec import WorkflowSpec
 
@@ -172,13 +172,4 @@ def routes(ctx: AppContext) -> list[Route]:
 
 
 def _header_length(request: Request) -> int | None:
-    raw = request.headers.get(HEADER_LENGTH)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
-    if value < 0:
-        raise InvalidInput("Inference-Header-Content-Length must not be negative")
-    return value
+    return codec.parse_header_length(request.headers.get(HEADER_LENGTH))

@@ -11,8 +11,8 @@ from starlette.routing import Route
 
 from smss.api import codec
 from smss.api.context import AppContext
-from smss.api.http import client_of, endpoint, json_response, read_body
-from smss.errors import InvalidInput, InvalidSpec, NotFound
+from smss.api.http import client_of, decode_json, endpoint, json_response, read_body
+from smss.errors import InvalidInput, NotFound
 from smss.workflow.engine import RunOutcome
 from smss.workflow.events import Record, RunSummary
 from smss.workflow.spec import WorkflowSpec, decode_workflow, load_yaml
@@ -53,6 +53,12 @@ def summary_json(s: RunSummary) -> dict[str, object]:
     return msgspec.to_builtins(s)  # type: ignore[no-any-return]
 
 
+def _limit(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4 and 1 <= int(raw) <= 1000):
+        raise InvalidInput("limit must be an integer from 1 to 1000")
+    return int(raw)
+
+
 def routes(ctx: AppContext) -> list[Route]:
     platform, limits = ctx.platform, ctx.settings.limits
 
@@ -86,10 +92,7 @@ def routes(ctx: AppContext) -> list[Route]:
     async def start_run(request: Request) -> Response:
         spec: WorkflowSpec = platform.workflows.get(request.path_params["name"])
         body = await read_body(request, limits.max_body_bytes)
-        try:
-            req = msgspec.json.decode(body, type=RunRequest)
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
-            raise InvalidInput('body must be {"inputs": [...], "session"?, "wait"?}') from None
+        req = decode_json(body, RunRequest)
         inputs = codec.decode_tensor_list(req.inputs, spec.inputs, limits, None)
         if not req.durable:
             outcome = await platform.engine.run_direct(spec.name, inputs, req.session)
@@ -107,10 +110,7 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def list_runs(request: Request) -> Response:
         q = request.query_params
-        try:
-            limit = min(int(q.get("limit", "100")), 1000)
-        except ValueError:
-            raise InvalidInput("limit must be an integer") from None
+        limit = _limit(q.get("limit", "100"))
         # Log reads may wait on the store (its busy timeout): never on the event loop.
         runs = await asyncio.to_thread(platform.log.list_runs, q.get("status"), q.get("workflow"), limit)
         return json_response({"runs": [summary_json(s) for s in runs]})
@@ -147,10 +147,7 @@ def routes(ctx: AppContext) -> list[Route]:
     async def replay(request: Request) -> Response:
         admin(request)
         body = await read_body(request, MAX_SPEC_BODY)
-        try:
-            req = msgspec.json.decode(body, type=ReplayRequest)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            raise InvalidSpec('body must be {"from": "<stage>", "wait"?: bool}') from None
+        req = decode_json(body, ReplayRequest)
         outcome = await platform.engine.replay_from(request.path_params["run_id"], req.stage, wait=req.wait)
         return json_response(outcome_json(outcome), 200 if outcome.status != "running" else 202)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from smss.errors import UnsafeArtifact
-from smss.safetensors_header import parse_image
 from smss.node.weightstore import HEADER, HEADER_SIZE, MAGIC
+from smss.safetensors_header import parse_image
 
 _ST_DTYPES = {
     "F64": "<f8",
