@@ -163,8 +163,14 @@ def _safetensors() -> bytes:
 
 
 def _yaml_with_aliases() -> bytes:
-    text = yaml.safe_dump(_workflow())
-    return (text + "extra: &a [1, 2]\nmore: *a\n").encode()
+    return b"""\
+name: wf
+version: 2
+stages:
+  - &first {name: a, function: f, inputs: &in {x: request.x}}
+  - {name: b, function: f, inputs: *in}
+outputs: {out: b.y, again: a.y}
+"""
 
 
 BINARY, HEADER_LEN = binary_request()
