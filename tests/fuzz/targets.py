@@ -17,10 +17,9 @@ import msgspec
 import numpy as np
 
 from smss.api import codec
-from smss.api.admin import DeployRequest
 from smss.api.errors import status_of
 from smss.api.http import decode_json
-from smss.api.workflows import ReplayRequest, RunRequest
+from smss.api.wire import DeployRequest, ReplayRequest, RunRequest
 from smss.config import Limits
 from smss.errors import SmssError
 from smss.node.attach import safetensors_views

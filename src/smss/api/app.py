@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,7 +14,6 @@ from starlette.routing import Route
 from smss.api import admin, openapi, v2, workflows
 from smss.api.context import AppContext
 from smss.api.errors import error_response
-from smss.api.http import json_response
 from smss.errors import NotFound
 
 
@@ -34,7 +34,7 @@ def create_app(ctx: AppContext) -> Starlette:
                 hook()
 
     async def spec(request: Request) -> Response:
-        return json_response(openapi.document())
+        return Response(document, media_type="application/json")
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(NotFound(f"no route {request.method} {request.url.path}"))
@@ -53,6 +53,7 @@ def create_app(ctx: AppContext) -> Starlette:
         *workflows.routes(ctx),
         Route("/openapi.json", spec, methods=["GET"]),
     ]
+    document = msgspec.json.encode(openapi.document(routes))
     return Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -10,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from smss.api import codec
+from smss.api import wire as w
 from smss.api.context import AppContext
 from smss.api.http import client_of, decode_json, endpoint, json_response, read_body
 from smss.errors import InvalidInput, NotFound
@@ -20,43 +23,34 @@ from smss.workflow.spec import WorkflowSpec, decode_workflow, load_yaml
 MAX_SPEC_BODY = 1 << 20
 
 
-class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    inputs: msgspec.Raw
-    session: str | None = None
-    wait: bool = True
-    timeout_s: float = 300.0
-    durable: bool = True
+def _outputs(outcome: RunOutcome) -> dict[str, w.TensorJson] | None:
+    if outcome.outputs is None:
+        return None
+    return {k: codec.encode_tensor_json(k, v) for k, v in outcome.outputs.items()}
 
 
-class ReplayRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    stage: str = msgspec.field(name="from")
-    wait: bool = True
-
-
-def outcome_json(outcome: RunOutcome) -> dict[str, object]:
-    body: dict[str, object] = {"run_id": outcome.run_id, "status": outcome.status}
-    if outcome.outputs is not None:
-        body["outputs"] = {k: codec.encode_tensor_json(k, v) for k, v in outcome.outputs.items()}
+def outcome_json(outcome: RunOutcome) -> w.RunOutcomeJson:
+    body = w.RunOutcomeJson(run_id=outcome.run_id, status=outcome.status)
+    outputs = _outputs(outcome)
+    if outputs is not None:
+        body["outputs"] = outputs
     if outcome.error is not None:
         body["error"] = outcome.error
     return body
 
 
-def event_json(record: Record) -> dict[str, object]:
+def event_json(record: Record) -> dict[str, Any]:
     fields = msgspec.to_builtins(record.event)
     assert isinstance(fields, dict)  # structs encode to dicts
     kind = fields.pop("type", type(record.event).__name__)
     return {"seq": record.seq, "type": kind, "ts": record.ts, **fields}
 
 
-def summary_json(s: RunSummary) -> dict[str, object]:
-    return msgspec.to_builtins(s)  # type: ignore[no-any-return]
-
-
-def _limit(raw: str) -> int:
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4 and 1 <= int(raw) <= 1000):
-        raise InvalidInput("limit must be an integer from 1 to 1000")
-    return int(raw)
+def runs_query(params: Mapping[str, str]) -> w.RunsQuery:
+    try:
+        return msgspec.convert(dict(params), w.RunsQuery, strict=False)
+    except msgspec.ValidationError as e:
+        raise InvalidInput(f"invalid query: {e}") from None
 
 
 def routes(ctx: AppContext) -> list[Route]:
@@ -72,27 +66,27 @@ def routes(ctx: AppContext) -> list[Route]:
         kind = request.headers.get("content-type", "")
         spec = load_yaml(body.decode("utf-8", "replace")) if "yaml" in kind else decode_workflow(body)
         spec = platform.workflows.deploy(spec)
-        return json_response({"name": spec.name, "stages": [s.name for s in spec.stages]}, 201)
+        return json_response(w.WorkflowDeployed(name=spec.name, stages=[s.name for s in spec.stages]), 201)
 
     @endpoint
     async def list_workflows(request: Request) -> Response:
-        return json_response({"workflows": [msgspec.to_builtins(s) for s in platform.workflows.list()]})
+        return json_response(w.WorkflowList(workflows=list(platform.workflows.list())))
 
     @endpoint
     async def get_workflow(request: Request) -> Response:
-        return json_response(msgspec.to_builtins(platform.workflows.get(request.path_params["name"])))
+        return json_response(platform.workflows.get(request.path_params["name"]))
 
     @endpoint
     async def delete_workflow(request: Request) -> Response:
         admin(request)
         platform.workflows.delete(request.path_params["name"])
-        return json_response({"deleted": request.path_params["name"]})
+        return json_response(w.Deleted(deleted=request.path_params["name"]))
 
     @endpoint
     async def start_run(request: Request) -> Response:
         spec: WorkflowSpec = platform.workflows.get(request.path_params["name"])
         body = await read_body(request, limits.max_body_bytes)
-        req = decode_json(body, RunRequest)
+        req = decode_json(body, w.RunRequest)
         inputs = codec.decode_tensor_list(req.inputs, spec.inputs, limits, None)
         if not req.durable:
             outcome = await platform.engine.run_direct(spec.name, inputs, req.session)
@@ -109,11 +103,10 @@ def routes(ctx: AppContext) -> list[Route]:
 
     @endpoint
     async def list_runs(request: Request) -> Response:
-        q = request.query_params
-        limit = _limit(q.get("limit", "100"))
+        q = runs_query(request.query_params)
         # Log reads may wait on the store (its busy timeout): never on the event loop.
-        runs = await asyncio.to_thread(platform.log.list_runs, q.get("status"), q.get("workflow"), limit)
-        return json_response({"runs": [summary_json(s) for s in runs]})
+        runs = await asyncio.to_thread(platform.log.list_runs, q.status, q.workflow, q.limit)
+        return json_response(w.RunList(runs=runs))
 
     @endpoint
     async def log_stats(request: Request) -> Response:
@@ -131,10 +124,16 @@ def routes(ctx: AppContext) -> list[Route]:
             return summary, records, platform.engine.outcome(records)  # outputs read from blobs
 
         summary, records, outcome = await asyncio.to_thread(read)
-        body = outcome_json(outcome)
-        body.update(workflow=summary.workflow, session=summary.session, status=summary.status)
-        body.setdefault("outputs", None)
-        body["events"] = [event_json(r) for r in records]
+        body = w.RunDetail(
+            run_id=outcome.run_id,
+            status=summary.status,
+            outputs=_outputs(outcome),
+            workflow=summary.workflow,
+            session=summary.session,
+            events=[event_json(r) for r in records],
+        )
+        if outcome.error is not None:
+            body["error"] = outcome.error
         return json_response(body)
 
     @endpoint
@@ -147,7 +146,7 @@ def routes(ctx: AppContext) -> list[Route]:
     async def replay(request: Request) -> Response:
         admin(request)
         body = await read_body(request, MAX_SPEC_BODY)
-        req = decode_json(body, ReplayRequest)
+        req = decode_json(body, w.ReplayRequest)
         outcome = await platform.engine.replay_from(request.path_params["run_id"], req.stage, wait=req.wait)
         return json_response(outcome_json(outcome), 200 if outcome.status != "running" else 202)
 
