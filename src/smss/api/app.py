@@ -40,8 +40,12 @@ def create_app(ctx: AppContext) -> Starlette:
         return error_response(NotFound(f"no route {request.method} {request.url.path}"))
 
     async def not_allowed(request: Request, exc: Exception) -> Response:
+        headers = getattr(exc, "headers", None) or {}  # Starlette's 405 names the allowed methods
         return Response(
-            b'{"error":"method not allowed","code":"method_not_allowed"}', 405, media_type="application/json"
+            b'{"error":"method not allowed","code":"method_not_allowed"}',
+            405,
+            {k: v for k, v in headers.items() if k.lower() == "allow"},
+            media_type="application/json",
         )
 
     async def server_error(request: Request, exc: Exception) -> Response:

@@ -9,7 +9,9 @@ or a declaration names no route.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from smss.api import wire as w
 from smss.api.codec import InferRequest
@@ -59,11 +61,18 @@ _ADMIN = (401, 403, 429)
 _BODY = (400, 413)
 _INFER_ERRORS = (*_BODY, 404, 429, 500, 503, 504)
 
+_TENSOR_EXAMPLE = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.5, 1.0, 1.5, 2.0]}
+_INFER_EXAMPLE = {"inputs": [_TENSOR_EXAMPLE]}
+_RUN_EXAMPLE = {"inputs": [_TENSOR_EXAMPLE], "session": "user-1"}
+
 _INFER = Operation(
     "Run inference (Open Inference Protocol v2): JSON tensors, or the binary tensor extension",
     (Body(w.InferResponse), Body(RawBytes, "application/octet-stream")),
     errors=_INFER_ERRORS,
-    request=(Body(InferRequest), Body(RawBytes, "application/octet-stream")),
+    request=(
+        Body(Annotated[InferRequest, msgspec.Meta(examples=[_INFER_EXAMPLE])]),
+        Body(RawBytes, "application/octet-stream"),
+    ),
     headers=w.InferHeaders,
 )
 _METADATA = Operation("Model or workflow metadata", _json(w.ModelMetadata), errors=(404,))
@@ -114,7 +123,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("GET", "/v1/weights"): Operation("Each node's weight store", _json(w.WeightCache)),
     ("DELETE", "/v1/weights/{name}"): Operation(
-        "Evict a function's idle weights", _json(w.Evicted), errors=_ADMIN, admin=True
+        "Evict a function's idle weights", _json(w.Evicted), errors=(*_ADMIN, 404), admin=True
     ),
     ("GET", "/v1/devices"): Operation(
         "Each node's devices: capacity, reserved, allocated and what is placed there",
@@ -141,7 +150,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         _OUTCOME,
         ok=(200, 202),
         errors=(*_BODY, 404, 409, 429, 503),
-        request=_json(w.RunRequest),
+        request=_json(Annotated[w.RunRequest, msgspec.Meta(examples=[_RUN_EXAMPLE])]),
     ),
     ("GET", "/v1/runs"): Operation("Runs, newest first", _json(w.RunList), errors=(400,), query=w.RunsQuery),
     ("GET", "/v1/log/stats"): Operation("The event log's size", _json(w.LogStats)),
