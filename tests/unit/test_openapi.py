@@ -56,9 +56,10 @@ def test_schemas_are_generated_from_the_route_types(app: Starlette) -> None:
     assert set(components["RunOutcomeJson"]["required"]) == {"run_id", "status"}
     assert components["ReplayRequest"]["required"] == ["from"]
     infer = document["paths"]["/v2/models/{name}/infer"]["post"]  # type: ignore[index]
-    assert infer["requestBody"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/InferRequest"
-    }
+    body = infer["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"] == "#/components/schemas/InferRequest"
+    assert body["examples"][0]["inputs"][0]["name"] == "x"
+    assert infer["requestBody"]["content"]["application/octet-stream"]["schema"]["format"] == "binary"
     assert [p["name"] for p in infer["parameters"]] == ["name", "Inference-Header-Content-Length"]
     runs = document["paths"]["/v1/runs"]["get"]  # type: ignore[index]
     limit = next(p for p in runs["parameters"] if p["name"] == "limit")
