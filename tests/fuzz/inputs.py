@@ -402,3 +402,61 @@ STRATEGIES: dict[str, st.SearchStrategy[bytes]] = {
     "workflow_yaml": _anything("workflow_yaml", yaml_documents(), _edited_yaml()),
     "safetensors": _anything("safetensors", safetensors_images(), _edited_safetensors()),
 }
+
+
+def _deep(prefix: bytes, opener: bytes = b"[", depth: int = 100_000, suffix: bytes = b"") -> bytes:
+    return prefix + opener * depth + suffix
+
+
+def _st(length: int, header: bytes, data: bytes = b"") -> bytes:
+    return length.to_bytes(8, "little") + header + data
+
+
+_TENSOR = b'{"name":"x","datatype":"FP32","shape":[1,4],"data":'
+#: Hand-made hostile inputs, run on every test run: deep nesting, aliases, pickle tags,
+#: sizes past the data, overflowing shapes.
+HOSTILE: dict[str, list[bytes]] = {
+    "infer_json": [
+        _deep(b'{"inputs":[' + _TENSOR, suffix=b"]}]}"),
+        _deep(b'{"unknown":'),
+        b'{"inputs":[{"name":"x","datatype":"FP32","shape":[4294967296,4294967296],"data":[]}]}',
+        b'{"inputs":[{"name":"x","datatype":"FP32","shape":[-1,4],"data":[]}]}',
+        b'{"inputs":[' + _TENSOR + b"[NaN,Infinity,-Infinity,1e999]}]}",
+        b'{"inputs":[' + _TENSOR + b'[1,2,3,4]}], "id": "\xff\xfe"}',
+        b"[]",
+        b"",
+    ],
+    "infer_binary": [
+        bytes([1]) + (2**16 - 1).to_bytes(2, "little") + b'{"inputs":[]}',
+        bytes([1]) + (10).to_bytes(2, "little") + b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],'
+        b'"parameters":{"binary_data_size":18446744073709551615}}]}',
+        bytes([2 | (3 << 5)]) + b"-10" + b"{}",
+    ],
+    "tensor_list": [_deep(b""), _deep(b"[" + _TENSOR, suffix=b"]}]"), b"{}", b"null"],
+    "deploy_body": [_deep(b'{"spec":'), _deep(b'{"spec":{"x":'), b'{"spec":null,"source":"\xc3"}'],
+    "run_body": [_deep(b'{"inputs":'), _deep(b'{"inputs":[' + _TENSOR, suffix=b"]}]}"), b'{"inputs":1e999}'],
+    "replay_body": [_deep(b'{"from":'), b'{"from":"\\ud800"}'],
+    "workflow_json": [_deep(b""), _deep(b'{"name":"a","stages":'), b'{"name":"a","stages":[],"outputs":{}}'],
+    "workflow_yaml": [
+        _deep(b""),
+        _deep(b"a: ", depth=5000),
+        b"- " * 50_000,
+        b"a: &a [*a]",
+        b"? [a]\n: b",
+        b"name: !!python/object/apply:os.system [ls]",
+        b"a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+        b"e: [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n",
+        b"name: wf\nversion: 1e400\noutputs: {y: a.y}\n"
+        b"stages: [{name: a, function: f, inputs: {x: request.x}, timeout_s: .nan}]\n",
+    ],
+    "safetensors": [
+        _st(10**6, b"{"),
+        _st(20, _deep(b'{"a":', depth=12)),
+        _st(2**64 - 1, b"{}"),
+        _st(len(b'{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}'),
+            b'{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}'),
+        _st(len(b'{"w":{"dtype":"F32","shape":[-1,-4],"data_offsets":[0,16]}}'),
+            b'{"w":{"dtype":"F32","shape":[-1,-4],"data_offsets":[0,16]}}', b"\0" * 16),
+    ],
+}  # fmt: skip

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import given
-from inputs import SEEDS, STRATEGIES
+from inputs import HOSTILE, SEEDS, STRATEGIES
 from targets import TARGETS
 
 
@@ -16,6 +16,12 @@ def test_seeds_decode(name: str) -> None:
     """The seeds are valid inputs, so the fuzzer starts from inputs that reach deep."""
     for seed in SEEDS[name]:
         assert TARGETS[name](seed)
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_hostile_inputs_are_refused_cleanly(name: str) -> None:
+    for data in HOSTILE[name]:
+        TARGETS[name](data)  # decodes or refuses; raises only on a crash
 
 
 def _property(name: str):  # type: ignore[no-untyped-def]
