@@ -82,3 +82,10 @@ def test_generated_bodies_against_a_deployed_model_and_workflow(
     if "version" in case.path_parameters:
         case.path_parameters["version"] = "1"
     case.call_and_validate(base_url=server.url, headers=AUTH, checks=CHECKS)
+
+
+def test_an_unsupported_method_is_405_with_allow(server: ServerProcess) -> None:
+    response = httpx.request("TRACE", f"{server.url}/v1/functions", timeout=10)
+    assert response.status_code == 405
+    assert set(response.headers["allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+    assert response.json()["code"] == "method_not_allowed"
