@@ -40,11 +40,12 @@ def create_app(ctx: AppContext) -> Starlette:
         return error_response(NotFound(f"no route {request.method} {request.url.path}"))
 
     async def not_allowed(request: Request, exc: Exception) -> Response:
-        headers = getattr(exc, "headers", None) or {}  # Starlette's 405 names the allowed methods
+        # Starlette's own Allow names only the first route of the path; a path may have several.
+        allow = sorted({m for r in routes if r.path_regex.match(request.url.path) for m in r.methods or ()})
         return Response(
             b'{"error":"method not allowed","code":"method_not_allowed"}',
             405,
-            {k: v for k, v in headers.items() if k.lower() == "allow"},
+            {"Allow": ", ".join(allow)},
             media_type="application/json",
         )
 
