@@ -19,7 +19,8 @@ import msgspec
 import uvicorn
 
 from smss.api.app import create_app
-from smss.api.auth import TokenAuth
+from smss.api.auth import MIN_TOKEN_CHARS, TokenAuth
+from smss.api.connection import protocol_class
 from smss.api.context import AppContext
 from smss.api.metrics import PrometheusMetrics
 from smss.app.platform import Platform
@@ -73,6 +74,12 @@ def build(settings: Settings) -> AppContext:
     """The object graph of one platform process. Raises SmssError (before anything is
     created) on settings this machine cannot honour, e.g. ``--cpus`` above its cores."""
     settings.check()
+    if settings.token is not None and len(settings.token) < MIN_TOKEN_CHARS:
+        log.warning(
+            "the admin token has fewer than %d characters: use a long random one "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+            MIN_TOKEN_CHARS,
+        )
     inventory = discover(
         NODE,
         cpus=settings.cpus,
@@ -193,7 +200,7 @@ def run(ctx: AppContext) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(settings.serving),
         log_config=None,
         access_log=False,
         limit_concurrency=2048,

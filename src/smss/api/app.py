@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from smss.api import admin, openapi, v2, workflows
+from smss.api.connection import CloseEarlyAnswers
 from smss.api.context import AppContext
+from smss.api.cross_site import CrossSiteGuard, SitePolicy
 from smss.api.errors import error_response
 from smss.errors import NotFound
 
@@ -59,8 +62,11 @@ def create_app(ctx: AppContext) -> Starlette:
         Route("/openapi.json", spec, methods=["GET"]),
     ]
     document = msgspec.json.encode(openapi.document(routes))
+    policy = SitePolicy.for_bind(ctx.settings.host, ctx.settings.allowed_hosts)
     return Starlette(
         routes=routes,
+        # Outermost first: a refused cross-site request, whose body is never read, closes too.
+        middleware=[Middleware(CloseEarlyAnswers), Middleware(CrossSiteGuard, policy=policy)],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: not_allowed, 500: server_error},
     )

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from smss import __version__
 from smss.api import wire
-from smss.api.operations import OPERATIONS, Body, Operation, RawBytes, Text
+from smss.api.operations import OPERATIONS, Body, Operation, RawBytes, Text, common_errors
 
 _REF = "#/components/schemas/{name}"
 _PATH_PARAM = re.compile(r"{(\w+)(?::\w+)?}")
@@ -28,10 +28,12 @@ _REASONS = {
     202: "accepted: still running",
     400: "invalid request",
     401: "no admin token",
-    403: "wrong admin token",
+    403: "wrong admin token, or a request from another web origin",
     404: "not found",
     409: "conflict",
     413: "too large",
+    415: "a body not of the route's Content-Type",
+    421: "the Host header names another server",
     429: "overloaded, or too many failed authentications",
     500: "the model's predict() raised",
     503: "unavailable: retry after Retry-After",
@@ -62,7 +64,7 @@ def document(routes: Iterable[BaseRoute]) -> dict[str, object]:
     schemas = _Schemas([wire.ErrorBody, *(t for _, _, op in ops for t in _types(op))])
     paths: dict[str, dict[str, object]] = {}
     for method, path, op in ops:
-        paths.setdefault(path, {})[method.lower()] = _operation(path, op, schemas)
+        paths.setdefault(path, {})[method.lower()] = _operation(path, op, common_errors(method), schemas)
     return {
         "openapi": "3.1.0",
         "info": {"title": "SMSS", "version": __version__},
@@ -97,7 +99,7 @@ def _types(op: Operation) -> list[Any]:
     return found + [t for t in (op.query, op.headers) if t is not None]
 
 
-def _operation(path: str, op: Operation, schemas: _Schemas) -> dict[str, object]:
+def _operation(path: str, op: Operation, common: tuple[int, ...], schemas: _Schemas) -> dict[str, object]:
     out: dict[str, object] = {"summary": op.summary}
     params = [
         {"name": m.group(1), "in": "path", "required": True, "schema": {"type": "string"}}
@@ -114,7 +116,8 @@ def _operation(path: str, op: Operation, schemas: _Schemas) -> dict[str, object]
         for status in op.ok
     }
     error = {"content": {"application/json": {"schema": schemas.of(wire.ErrorBody)}}}
-    responses.update({str(s): {"description": _REASONS[s], **error} for s in op.errors})
+    errors = sorted({*op.errors, *common})
+    responses.update({str(s): {"description": _REASONS[s], **error} for s in errors})
     out["responses"] = responses
     if op.admin:
         out["security"] = [{"bearer": []}, {}]  # the token is needed only when one is set

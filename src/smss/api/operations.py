@@ -15,6 +15,7 @@ import msgspec
 
 from smss.api import wire as w
 from smss.api.codec import InferRequest
+from smss.api.cross_site import SAFE_METHODS
 from smss.control.cost import CostReport
 from smss.workflow.spec import WorkflowSpec
 
@@ -56,9 +57,15 @@ def _json(t: Any) -> tuple[Body, ...]:
     return (Body(t),)
 
 
+def common_errors(method: str) -> tuple[int, ...]:
+    """What every route may answer before it runs (smss.api.cross_site): 421 for a Host
+    naming another server, and for a state-changing method 403 for another web Origin."""
+    return (421,) if method in SAFE_METHODS else (403, 421)
+
+
 # Statuses common to groups of routes.
 _ADMIN = (401, 403, 429)
-_BODY = (400, 413)
+_BODY = (400, 413, 415)  # 415: a body not of the route's Content-Type
 _INFER_ERRORS = (*_BODY, 404, 429, 500, 503, 504)
 
 _TENSOR_EXAMPLE = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.5, 1.0, 1.5, 2.0]}
@@ -91,13 +98,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/v2/models/{name}/infer"): _INFER,
     ("POST", "/v2/models/{name}/versions/{version}/infer"): _INFER,
     ("POST", "/v2/repository/index"): Operation(
-        "Model repository index", _json(list[w.RepositoryEntry]), errors=_ADMIN, admin=True
+        "Model repository index", _json(list[w.RepositoryEntry]), errors=(*_ADMIN, 415), admin=True
     ),
     ("POST", "/v2/repository/models/{name}/load"): Operation(
-        "Start an instance", _json(w.Empty), errors=(*_ADMIN, 404), admin=True
+        "Start an instance", _json(w.Empty), errors=(*_ADMIN, 404, 415), admin=True
     ),
     ("POST", "/v2/repository/models/{name}/unload"): Operation(
-        "Scale to zero", _json(w.Empty), errors=(*_ADMIN, 404), admin=True
+        "Scale to zero", _json(w.Empty), errors=(*_ADMIN, 404, 415), admin=True
     ),
     # --- functions, weights, devices, cost ---
     ("PUT", "/v1/uploads/{sha256}"): Operation(
@@ -152,11 +159,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         errors=(*_BODY, 404, 409, 429, 503),
         request=_json(Annotated[w.RunRequest, msgspec.Meta(examples=[_RUN_EXAMPLE])]),
     ),
-    ("GET", "/v1/runs"): Operation("Runs, newest first", _json(w.RunList), errors=(400,), query=w.RunsQuery),
-    ("GET", "/v1/log/stats"): Operation("The event log's size", _json(w.LogStats)),
-    ("GET", "/v1/runs/{run_id}"): Operation("One run and its events", _json(w.RunDetail), errors=(404,)),
+    ("GET", "/v1/runs"): Operation(
+        "Runs, newest first", _json(w.RunList), errors=(400, *_ADMIN), query=w.RunsQuery, admin=True
+    ),
+    ("GET", "/v1/log/stats"): Operation("The event log's size", _json(w.LogStats), errors=_ADMIN, admin=True),
+    ("GET", "/v1/runs/{run_id}"): Operation(
+        "One run and its events", _json(w.RunDetail), errors=(*_ADMIN, 404), admin=True
+    ),
     ("POST", "/v1/runs/{run_id}/resume"): Operation(
-        "Resume an unfinished run", _OUTCOME, ok=(202,), errors=(*_ADMIN, 404, 409), admin=True
+        "Resume an unfinished run", _OUTCOME, ok=(202,), errors=(*_ADMIN, 404, 409, 415), admin=True
     ),
     ("POST", "/v1/runs/{run_id}/replay"): Operation(
         "Run again from a stage",

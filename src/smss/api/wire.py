@@ -67,6 +67,8 @@ class ErrorBody(TypedDict):
 
     error: str
     code: str
+    #: A model error's id in the server log, where its message and traceback are.
+    request_id: NotRequired[str]
 
 
 class Live(TypedDict):
