@@ -14,11 +14,12 @@ from starlette.routing import Route
 
 from smss import __version__
 from smss.api import codec
+from smss.api import wire as w
 from smss.api.context import AppContext
 from smss.api.errors import reported, status_of
 from smss.api.http import client_of, endpoint, json_response, read_body, require_content_type
 from smss.control.controller import FunctionRuntime
-from smss.errors import InvalidInput, ModelError, SmssError, Unavailable
+from smss.errors import ModelError, SmssError, Unavailable
 from smss.headers import COLD_START, RUN_ID
 from smss.spec import FunctionSpec, TensorSpec
 from smss.workflow.spec import WorkflowSpec
@@ -26,23 +27,23 @@ from smss.workflow.spec import WorkflowSpec
 HEADER_LENGTH = "inference-header-content-length"
 
 
-def _tensor_meta(t: TensorSpec) -> dict[str, object]:
-    return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+def _tensor_meta(t: TensorSpec) -> w.TensorMetadata:
+    return w.TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
 
 
-def model_metadata(rt: FunctionRuntime) -> dict[str, object]:
+def model_metadata(rt: FunctionRuntime) -> w.ModelMetadata:
     spec = rt.record.spec
     return spec_metadata(spec, {"torch": "pytorch", "onnx": "onnxruntime", "python": "python"}[spec.runtime])
 
 
-def spec_metadata(spec: FunctionSpec, platform: str) -> dict[str, object]:
-    return {
-        "name": spec.name,
-        "versions": [spec.version],
-        "platform": platform,
-        "inputs": [_tensor_meta(t) for t in spec.inputs],
-        "outputs": [_tensor_meta(t) for t in spec.outputs],
-    }
+def spec_metadata(spec: FunctionSpec, platform: str) -> w.ModelMetadata:
+    return w.ModelMetadata(
+        name=spec.name,
+        versions=[spec.version],
+        platform=platform,
+        inputs=[_tensor_meta(t) for t in spec.inputs],
+        outputs=[_tensor_meta(t) for t in spec.outputs],
+    )
 
 
 def routes(ctx: AppContext) -> list[Route]:
@@ -50,17 +51,16 @@ def routes(ctx: AppContext) -> list[Route]:
 
     @endpoint
     async def live(request: Request) -> Response:
-        return json_response({"live": True})
+        return json_response(w.Live(live=True))
 
     @endpoint
     async def ready(request: Request) -> Response:
-        return json_response({"ready": ctx.ready}, 200 if ctx.ready else 503)
+        return json_response(w.Ready(ready=ctx.ready), 200 if ctx.ready else 503)
 
     @endpoint
     async def server_metadata(request: Request) -> Response:
-        return json_response(
-            {"name": "smss", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
-        )
+        extensions = ["binary_tensor_data", "model_repository"]
+        return json_response(w.ServerMetadata(name="smss", version=__version__, extensions=extensions))
 
     def runtime_of(request: Request) -> FunctionRuntime:
         return platform.function(request.path_params["name"], request.path_params.get("version"))
@@ -75,11 +75,11 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def model_ready(request: Request) -> Response:
         if platform.workflows.find(request.path_params["name"]) is not None:
-            return json_response({"name": request.path_params["name"], "ready": True})
+            return json_response(w.ModelReady(name=request.path_params["name"], ready=True))
         rt = runtime_of(request)
         d = rt.dispatcher
         ok = bool(d.slots) or d.start_error is None
-        return json_response({"name": rt.record.spec.name, "ready": ok}, 200 if ok else 503)
+        return json_response(w.ModelReady(name=rt.record.spec.name, ready=ok), 200 if ok else 503)
 
     @endpoint
     async def infer(request: Request) -> Response:
@@ -144,10 +144,13 @@ def routes(ctx: AppContext) -> list[Route]:
         require_content_type(request, optional=True)
         out = []
         for st in platform.status():
-            state = "READY" if st.instances else ("UNAVAILABLE" if st.last_error else "UNLOADED")
-            entry: dict[str, object] = {"name": st.spec.name, "version": st.spec.version, "state": state}
-            entry["reason"] = st.last_error or ""
-            out.append(entry)
+            state: w.RepositoryState = (
+                "READY" if st.instances else ("UNAVAILABLE" if st.last_error else "UNLOADED")
+            )
+            reason = st.last_error or ""
+            out.append(
+                w.RepositoryEntry(name=st.spec.name, version=st.spec.version, state=state, reason=reason)
+            )
         return json_response(out)
 
     @endpoint
@@ -155,14 +158,14 @@ def routes(ctx: AppContext) -> list[Route]:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
         require_content_type(request, optional=True)
         platform.controller.load(request.path_params["name"])
-        return json_response({})
+        return json_response(w.Empty())
 
     @endpoint
     async def repository_unload(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
         require_content_type(request, optional=True)
         platform.controller.scale_to_zero(request.path_params["name"])
-        return json_response({})
+        return json_response(w.Empty())
 
     return [
         Route("/v2/health/live", live, methods=["GET"]),
@@ -181,13 +184,4 @@ def routes(ctx: AppContext) -> list[Route]:
 
 
 def _header_length(request: Request) -> int | None:
-    raw = request.headers.get(HEADER_LENGTH)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
-    if value < 0:
-        raise InvalidInput("Inference-Header-Content-Length must not be negative")
-    return value
+    return codec.parse_header_length(request.headers.get(HEADER_LENGTH))
