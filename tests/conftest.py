@@ -26,6 +26,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis profiles: ``ci`` (the default) keeps property tests short; ``long``
+# (HYPOTHESIS_PROFILE=long) runs many more examples, e.g. of the decoder fuzz tests.
+# A test's own ``@settings(max_examples=...)`` still wins.
+settings.register_profile(
+    "ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile("long", parent=settings.get_profile("ci"), max_examples=20_000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 #: How long children and segments may take to go away once a test body returned.
 LEAK_GRACE_S = 10.0

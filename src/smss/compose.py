@@ -1,7 +1,9 @@
 """Composition of one platform process: store, backend, controller, gateway.
 
 ``build`` wires the object graph from :class:`Settings`; ``serve`` runs it
-under uvicorn until SIGINT/SIGTERM, then drains and stops every instance.
+under uvicorn until SIGINT/SIGTERM. On SIGTERM it stops accepting connections,
+lets the requests in flight finish (up to ``drain_grace_s``), stops every
+instance and exits 0.
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
+from types import FrameType
 
 import msgspec
 import uvicorn
@@ -105,6 +110,8 @@ def build(settings: Settings) -> AppContext:
         mode="exec" if settings.start_mode == "exec" else "fork",
         spares=settings.spares,
         inventory=inventory,
+        state_file=data / "node.json",
+        adopt_window_s=settings.adopt_window_s,
     )
     controller = Controller(
         backend,
@@ -205,11 +212,23 @@ def run(ctx: AppContext) -> None:
         access_log=False,
         limit_concurrency=2048,
         timeout_keep_alive=30,
-        timeout_graceful_shutdown=int(settings.serving.drain_grace_s),
+        # How long uvicorn waits for the requests in flight once it stopped accepting.
+        timeout_graceful_shutdown=max(1, math.ceil(settings.serving.drain_grace_s)),
     )
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     # The gateway only forks to exec (zygotes, exec-mode instances) and no child uses
     # gRPC: grpc's fork handlers would only pause its threads around each spawn.
     # Read by grpc when it is first imported (by the app's lifespan, below).
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    _Server(config, ctx).run()
+    # uvicorn handles SIGTERM (drain, then the lifespan's shutdown) and afterwards
+    # raises it again under the handler it found: this one, so that a drained stop
+    # ends with exit status 0 instead of death by the signal.
+    previous = signal.signal(signal.SIGTERM, _drained)
+    try:
+        _Server(config, ctx).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _drained(signum: int, frame: FrameType | None) -> None:
+    log.info("stopped on SIGTERM after draining")

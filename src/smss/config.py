@@ -91,6 +91,9 @@ class Settings:
     start_mode: str = "fork"
     #: Each model template keeps its next instance forked and rehearsed (smss.node.spare).
     spares: bool = True
+    #: How long instances outlive a killed ``smss serve``, waiting for the next one on
+    #: this data directory to adopt them (fork mode); 0: they die with it.
+    adopt_window_s: float = 30.0
     #: Keep-alive policy of every function without its own keep_alive_s: "fixed:SECONDS" or "hybrid".
     keep_alive_policy: str | None = None
     #: A TOML price table overriding the defaults (see smss.control.cost).
@@ -131,6 +134,16 @@ class Settings:
         ):
             if not (math.isfinite(value) and value > 0):
                 raise InvalidSpec(f"the {name} must be a positive number of seconds, not {value:g}")
+        if not (math.isfinite(self.serving.drain_grace_s) and self.serving.drain_grace_s >= 0):
+            raise InvalidSpec(
+                f"--drain-timeout must be 0 or more seconds, not {self.serving.drain_grace_s:g}"
+            )
+        if self.serving.max_start_failures < 1:
+            raise InvalidSpec(
+                f"--max-start-failures must be at least 1, not {self.serving.max_start_failures}"
+            )
+        if not (math.isfinite(self.adopt_window_s) and self.adopt_window_s >= 0):
+            raise InvalidSpec(f"--adopt-window must be 0 or more seconds, not {self.adopt_window_s:g}")
         if self.memory_mb is not None and self.memory_mb < 1:
             raise InvalidSpec(f"--memory must be at least 1 MiB, not {self.memory_mb} MiB")
         return self

@@ -168,6 +168,14 @@ class StartedInstance(msgspec.Struct, frozen=True):
     timings: StartTimings
 
 
+class RunningInstance(msgspec.Struct, frozen=True):
+    """An instance a backend found running when it started (one a killed platform
+    left, see ``ClusterBackend.recover``), and the artifacts it was started from."""
+
+    info: InstanceInfo
+    artifact_dir: str
+
+
 ExitCallback = Callable[[str, int | None], None]
 """Called with (instance id, exit code or None when killed by a signal)."""
 
@@ -191,6 +199,12 @@ class ClusterBackend(Protocol):
         ...
 
     async def stop_instance(self, instance_id: str, grace_s: float) -> None: ...
+
+    async def recover(self) -> list[RunningInstance]:
+        """The instances still running from an earlier platform process (killed), now
+        watched by this backend as if it had started them: each is then adopted or
+        stopped by the caller. Called once, before any start."""
+        ...
 
     def set_exit_callback(self, callback: ExitCallback) -> None: ...
 

@@ -154,7 +154,9 @@ class Platform:
         env = {**SERVER_ENV, **self.env}
         port = free_port()
         self.last_log = self.data_dir / f"server-{port}.log"
-        server = start_server(self.data_dir, args, env=env, port=port)
+        # --adopt-window 0: a killed platform's processes die with it (these tests check
+        # that; adoption by the next platform is tests/fault/test_restart.py's subject).
+        server = start_server(self.data_dir, ["--adopt-window", "0", *args], env=env, port=port)
         self.server = server
         try:
             wait_until(lambda: self._started(server), WAIT_S, "smss serve to finish starting")

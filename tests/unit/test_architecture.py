@@ -32,6 +32,7 @@ LEAVES = {
     "spec": ("smss.errors",),
     "config": ("smss.errors",),
     "bytes_tensors": ("smss.errors",),
+    "safetensors_header": ("smss.errors",),
 }
 FORBIDDEN_LIBS = {
     "control": ("sqlite3", "socket", "ray", "torch", "starlette", "uvicorn"),

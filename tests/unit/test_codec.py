@@ -21,6 +21,7 @@ from smss.api.codec import (
     decode_tensor_list,
     encode_response,
     encode_tensor_json,
+    parse_header_length,
 )
 from smss.config import Limits
 from smss.errors import InvalidInput, ModelError, PayloadTooLarge
@@ -304,6 +305,19 @@ def test_malformed_json_is_invalid_input(body: bytes) -> None:
 def test_bad_header_length(length: int) -> None:
     with pytest.raises(InvalidInput, match=HEADER_LENGTH):
         decode_request(request_json([x_input(), flag_input()]), length, SPEC, LIMITS)
+
+
+@pytest.mark.parametrize("raw", ["", "-1", "+1", " 1", "1 ", "1_0", "0x10", "\u0663", "1" * 20, "1.0"])
+def test_header_length_header_must_be_plain_digits(raw: str) -> None:
+    with pytest.raises(InvalidInput, match=HEADER_LENGTH):
+        parse_header_length(raw)
+
+
+def test_header_length_header_values() -> None:
+    assert parse_header_length(None) is None
+    assert parse_header_length("0") == 0
+    assert parse_header_length("0123") == 123
+    assert parse_header_length("9" * 19) == 10**19 - 1  # refused later: longer than any body
 
 
 BIN = {"binary_data_size": 32}

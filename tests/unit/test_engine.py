@@ -50,6 +50,7 @@ class FakeCaller:
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
         self.failures: dict[str, int] = {}
+        self.refusals: dict[str, int] = {}  # admission refusals (queue full) to answer first
         self.gate: dict[str, asyncio.Event] = {}
         self.prewarmed: list[str] = []
 
@@ -63,6 +64,9 @@ class FakeCaller:
         await asyncio.sleep(0)
         if function in self.gate:
             await self.gate[function].wait()
+        if self.refusals.get(function, 0) > 0:
+            self.refusals[function] -= 1
+            raise Overloaded(f"model {function!r} is overloaded: queue full", retry_after_s=1.0)
         if self.failures.get(function, 0) > 0:
             self.failures[function] -= 1
             err = ModelError(f"{function} exploded")
@@ -438,5 +442,36 @@ def test_non_durable_session_state_is_bounded_by_count_and_age() -> None:
             clock.advance(60.0)
             assert await turn("s3") == 3.0  # unused for the TTL: dropped
         assert log.records == []  # never logged
+
+    asyncio.run(main())
+
+
+def test_a_stage_refused_at_admission_is_tried_again_without_spending_its_retries() -> None:
+    """Queue full (nothing ran): the call is tried again after a back-off, within the
+    stage's timeout, and the run completes with no failure recorded."""
+
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        caller.refusals["inc"] = 5  # more than b's retries (2)
+        specs = {"chain": chain()}
+        async with Engine(log, caller, lambda name: specs[name], FakeClock(autojump=True)).running() as e:
+            outcome = await e.submit("chain", {"x": X}, session="s1")
+        assert outcome.status == "completed", outcome.error
+        assert caller.calls["inc"] == 6
+        assert not any(isinstance(r.event, StageFailed) for r in log.read_run(outcome.run_id))
+
+    asyncio.run(main())
+
+
+def test_refusals_past_the_stage_timeout_fail_the_attempt_as_overloaded() -> None:
+    async def main() -> None:
+        log, caller = MemoryEventLog(), FakeCaller()
+        caller.refusals["inc"] = 10_000  # never admitted
+        specs = {"chain": chain()}
+        async with Engine(log, caller, lambda name: specs[name], FakeClock(autojump=True)).running() as e:
+            outcome = await e.submit("chain", {"x": X}, session="s1")
+        assert outcome.status == "failed"
+        failed = [r.event for r in log.read_run(outcome.run_id) if isinstance(r.event, StageFailed)]
+        assert [f.error_type for f in failed] == ["Overloaded"] * 3  # its attempt and 2 retries
 
     asyncio.run(main())

@@ -148,10 +148,20 @@ def test_safetensors_views_refuse_a_hostile_header() -> None:
         safetensors_views(memoryview(b"\1\2"))
     with pytest.raises(UnsafeArtifact, match="header length"):
         safetensors_views(memoryview(struct.pack("<Q", 1 << 40) + b"{}"))
-    with pytest.raises(UnsafeArtifact, match="outside the image"):
+    with pytest.raises(UnsafeArtifact, match="extend past its end"):
         safetensors_views(image({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8))
-    with pytest.raises(UnsafeArtifact, match="malformed"):
+    with pytest.raises(UnsafeArtifact, match="unknown dtype"):
         safetensors_views(image({"w": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4))
+    with pytest.raises(UnsafeArtifact, match="malformed"):
+        safetensors_views(image({"w": {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}}, b"\0" * 16))
+    with pytest.raises(UnsafeArtifact, match="not a JSON object"):
+        safetensors_views(memoryview(struct.pack("<Q", 2) + b"[]"))
+    entries = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    entries["b"] = {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}
+    with pytest.raises(UnsafeArtifact, match="overlap"):
+        safetensors_views(image(entries, b"\0" * 8))
+    with pytest.raises(UnsafeArtifact, match="no numpy view"):
+        safetensors_views(image({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4))
 
 
 # ------------------------------------------------------------------ eviction

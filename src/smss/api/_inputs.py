@@ -31,7 +31,7 @@ class InputWire(msgspec.Struct):
     name: str
     datatype: str
     shape: list[int]
-    data: msgspec.Raw = msgspec.Raw()  # decoded later, once the datatype is known
+    data: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)  # decoded once the datatype is known
     parameters: Params | None = None
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from smss.api import wire as w
 from smss.api.context import AppContext
 from smss.api.http import (
     body_chunks,
@@ -26,32 +26,25 @@ from smss.api.http import (
 )
 from smss.app.platform import FunctionStatus
 from smss.control.cost import report as cost_report
-from smss.spec import FunctionSpec
 
 MAX_DEPLOY_BODY = 2 * 1024 * 1024
 
 
-class DeployRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    spec: FunctionSpec
-    source: str
-    weights_sha256: str | None = None
-
-
-def function_json(st: FunctionStatus) -> dict[str, object]:
-    return {
-        "name": st.spec.name,
-        "version": st.spec.version,
-        "generation": st.generation,
-        "runtime": st.spec.runtime,
-        "spec": msgspec.to_builtins(st.spec),
-        "instances": [msgspec.to_builtins(i) for i in st.instances],
-        "starting": st.starting,
-        "queued": st.queued,
-        "cold_starts": st.cold_starts,
-        "last_error": st.last_error,
-        "state": st.state,
-        "replaced": st.replaced,
-    }
+def function_json(st: FunctionStatus) -> w.FunctionJson:
+    return w.FunctionJson(
+        name=st.spec.name,
+        version=st.spec.version,
+        generation=st.generation,
+        runtime=st.spec.runtime,
+        spec=st.spec,
+        instances=list(st.instances),
+        starting=st.starting,
+        queued=st.queued,
+        cold_starts=st.cold_starts,
+        last_error=st.last_error,
+        state=st.state,
+        replaced=st.replaced,
+    )
 
 
 def routes(ctx: AppContext) -> list[Route]:
@@ -67,21 +60,22 @@ def routes(ctx: AppContext) -> list[Route]:
         check_length(request, limits.max_upload_bytes)
         sha = request.path_params["sha256"]
         size = await platform.artifacts.save_upload(sha, body_chunks(request), limits.max_upload_bytes)
-        return json_response({"sha256": sha, "size": size}, 201)
+        return json_response(w.Uploaded(sha256=sha, size=size), 201)
 
     @endpoint
     async def deploy(request: Request) -> Response:
         admin(request)
         require_content_type(request)
-        body = await read_json(request, MAX_DEPLOY_BODY, DeployRequest)
+        body = await read_json(request, MAX_DEPLOY_BODY, w.DeployRequest)
         record = await platform.deploy(body.spec, body.source, body.weights_sha256)
+        spec = record.spec
         return json_response(
-            {"name": record.spec.name, "version": record.spec.version, "generation": record.generation}, 201
+            w.Deployed(name=spec.name, version=spec.version, generation=record.generation), 201
         )
 
     @endpoint
     async def list_functions(request: Request) -> Response:
-        return json_response({"functions": [function_json(st) for st in platform.status()]})
+        return json_response(w.FunctionList(functions=[function_json(st) for st in platform.status()]))
 
     @endpoint
     async def get_function(request: Request) -> Response:
@@ -94,7 +88,7 @@ def routes(ctx: AppContext) -> list[Route]:
     async def delete_function(request: Request) -> Response:
         admin(request)
         await platform.delete(request.path_params["name"])
-        return json_response({"deleted": request.path_params["name"]})
+        return json_response(w.Deleted(deleted=request.path_params["name"]))
 
     @endpoint
     async def weights(request: Request) -> Response:
@@ -104,18 +98,18 @@ def routes(ctx: AppContext) -> list[Route]:
     async def evict_weights(request: Request) -> Response:
         admin(request)
         name = request.path_params["name"]
-        return json_response({"name": name, "evicted": platform.evict_weights(name)})
+        return json_response(w.Evicted(name=name, evicted=platform.evict_weights(name)))
 
     @endpoint
     async def devices(request: Request) -> Response:
-        return json_response({"devices": platform.devices()})
+        return json_response(w.Devices(devices=platform.devices()))
 
     @endpoint
     async def cost(request: Request) -> Response:
         usage = platform.controller.meter.usage(time.monotonic())
         specs = {rt.name: rt.record.spec for rt in platform.controller.functions()}
         result = cost_report(usage, ctx.prices, ctx.metered_period_s(), specs)
-        return json_response(result.to_builtins())
+        return json_response(result)
 
     @endpoint
     async def metrics(request: Request) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -16,7 +17,6 @@ from smss.api.connection import CloseEarlyAnswers
 from smss.api.context import AppContext
 from smss.api.cross_site import CrossSiteGuard, SitePolicy
 from smss.api.errors import error_response
-from smss.api.http import json_response
 from smss.errors import NotFound
 
 
@@ -49,14 +49,19 @@ def create_app(ctx: AppContext) -> Starlette:
                 hook()
 
     async def spec(request: Request) -> Response:
-        return json_response(openapi.document())
+        return Response(document, media_type="application/json")
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(NotFound(f"no route {request.method} {request.url.path}"))
 
     async def not_allowed(request: Request, exc: Exception) -> Response:
+        # Starlette's own Allow names only the first route of the path; a path may have several.
+        allow = sorted({m for r in routes if r.path_regex.match(request.url.path) for m in r.methods or ()})
         return Response(
-            b'{"error":"method not allowed","code":"method_not_allowed"}', 405, media_type="application/json"
+            b'{"error":"method not allowed","code":"method_not_allowed"}',
+            405,
+            {"Allow": ", ".join(allow)},
+            media_type="application/json",
         )
 
     async def server_error(request: Request, exc: Exception) -> Response:
@@ -68,6 +73,7 @@ def create_app(ctx: AppContext) -> Starlette:
         *workflows.routes(ctx),
         Route("/openapi.json", spec, methods=["GET"]),
     ]
+    document = msgspec.json.encode(openapi.document(routes))
     policy = SitePolicy.for_bind(ctx.settings.host, ctx.settings.allowed_hosts)
     return Starlette(
         routes=routes,

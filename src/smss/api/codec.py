@@ -35,6 +35,7 @@ import numpy as np
 from smss import bytes_tensors
 from smss.api._inputs import HEADER_LENGTH, InputWire, Params, decode_inputs
 from smss.api._json_tensors import encode_data, show
+from smss.api.wire import BinaryParameters, InferResponse, OutputTensor, TensorJson
 from smss.config import Limits
 from smss.errors import InvalidInput, ModelError, PayloadTooLarge
 from smss.spec import DTYPE_TO_DATATYPE, FunctionSpec, TensorSpec
@@ -42,12 +43,14 @@ from smss.spec import DTYPE_TO_DATATYPE, FunctionSpec, TensorSpec
 __all__ = [
     "HEADER_LENGTH",
     "DecodedRequest",
+    "InferRequest",
     "RequestedOutput",
     "decode_request",
     "decode_tensor_list",
     "encode_response",
     "encode_tensor_json",
     "output_raw",
+    "parse_header_length",
     "raw_bytes",
     "requested_outputs",
 ]
@@ -69,16 +72,20 @@ class DecodedRequest:
     binary_default: bool
 
 
-class _OutputWire(msgspec.Struct):
+class OutputRequest(msgspec.Struct):
+    """An output the client asks for (and whether in binary)."""
+
     name: str
     parameters: Params | None = None
 
 
-class _RequestWire(msgspec.Struct):
+class InferRequest(msgspec.Struct):
+    """An infer request's JSON (the binary extension's header)."""
+
     inputs: list[InputWire]
     id: str | None = None
     parameters: Params | None = None
-    outputs: list[_OutputWire] | None = None
+    outputs: list[OutputRequest] | None = None
 
 
 class _NameOnly(msgspec.Struct):
@@ -89,7 +96,7 @@ class _NamesWire(msgspec.Struct):
     inputs: list[_NameOnly] | None = None
 
 
-_REQUEST = msgspec.json.Decoder(_RequestWire)
+_REQUEST = msgspec.json.Decoder(InferRequest)
 _INPUTS = msgspec.json.Decoder(list[InputWire])
 _NAMES_IN_REQUEST = msgspec.json.Decoder(_NamesWire)
 _NAMES_IN_LIST = msgspec.json.Decoder(list[_NameOnly])
@@ -110,6 +117,16 @@ def decode_request(
     outputs = _requested_outputs(wire.outputs or [], spec)
     inputs = decode_inputs(wire.inputs, spec.inputs, limits, tail)
     return DecodedRequest(wire.id, inputs, outputs, binary_default)
+
+
+def parse_header_length(raw: str | None) -> int | None:
+    """The ``Inference-Header-Content-Length`` header's value (None when absent)."""
+    if raw is None:
+        return None
+    # Digits only: int() would also take "+1", " 1", "1_000" and thousands of digits.
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer")
+    return int(raw)
 
 
 def decode_tensor_list(
@@ -181,10 +198,10 @@ def requested_outputs(
     outputs: Sequence[tuple[str, Params]], spec: FunctionSpec
 ) -> tuple[RequestedOutput, ...]:
     """Outputs a request names (with their parameters), checked against ``spec``."""
-    return _requested_outputs([_OutputWire(name, params) for name, params in outputs], spec)
+    return _requested_outputs([OutputRequest(name, params) for name, params in outputs], spec)
 
 
-def _requested_outputs(wires: list[_OutputWire], spec: FunctionSpec) -> tuple[RequestedOutput, ...]:
+def _requested_outputs(wires: list[OutputRequest], spec: FunctionSpec) -> tuple[RequestedOutput, ...]:
     known = [t.name for t in spec.outputs]
     outputs: dict[str, RequestedOutput] = {}
     for wire in wires:
@@ -208,19 +225,14 @@ def _param_bool(params: Params | None, key: str, where: str) -> bool | None:
     return value
 
 
-def encode_tensor_json(name: str, array: np.ndarray[Any, Any]) -> dict[str, object]:
+def encode_tensor_json(name: str, array: np.ndarray[Any, Any]) -> TensorJson:
     """The JSON form ``{"name", "datatype", "shape", "data"}`` of one output tensor.
 
     ``data`` is a flat list, or a ``msgspec.Raw`` holding NaN/Infinity tokens
     when the tensor has non-finite values: encode the dict with msgspec.json.
     """
     array, datatype = _wire_array(name, array)
-    return {
-        "name": name,
-        "datatype": datatype,
-        "shape": list(array.shape),
-        "data": encode_data(array, name),
-    }
+    return TensorJson(name=name, datatype=datatype, shape=list(array.shape), data=encode_data(array, name))
 
 
 def encode_response(
@@ -235,27 +247,23 @@ def encode_response(
     When any output is binary the body is the JSON header followed by the raw
     tensors, and the headers carry its length; otherwise the body is JSON.
     """
-    tensors: list[dict[str, object]] = []
+    tensors: list[OutputTensor] = []
     buffers: list[memoryview] = []
     for name, binary in _selected(outputs, request):
         if not binary:
-            tensors.append(encode_tensor_json(name, outputs[name]))
+            t = encode_tensor_json(name, outputs[name])
+            tensors.append(
+                OutputTensor(name=t["name"], datatype=t["datatype"], shape=t["shape"], data=t["data"])
+            )
             continue
         array, datatype = _wire_array(name, outputs[name])
         raw = raw_bytes(array)
-        tensors.append(
-            {
-                "name": name,
-                "datatype": datatype,
-                "shape": list(array.shape),
-                "parameters": {"binary_data_size": raw.nbytes},
-            }
-        )
+        size = BinaryParameters(binary_data_size=raw.nbytes)
+        tensors.append(OutputTensor(name=name, datatype=datatype, shape=list(array.shape), parameters=size))
         buffers.append(raw)
-    response: dict[str, object] = {"model_name": model_name, "model_version": model_version}
+    response = InferResponse(model_name=model_name, model_version=model_version, outputs=tensors)
     if request_id is not None:
         response["id"] = request_id
-    response["outputs"] = tensors
     header = msgspec.json.encode(response)
     if not buffers:
         return header, {"Content-Type": "application/json"}

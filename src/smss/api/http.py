@@ -91,12 +91,17 @@ async def body_chunks(request: Request) -> AsyncIterator[bytes]:
 
 
 async def read_json(request: Request, limit: int, type: type[T]) -> T:
-    body = await read_body(request, limit)
+    return decode_json(await read_body(request, limit), type)
+
+
+def decode_json(body: bytes, type: type[T]) -> T:
+    """A request body as ``type``, or :class:`InvalidInput` (an invalid field of ``type``
+    that checks itself may raise its own 4xx error, e.g. :class:`InvalidSpec`)."""
     try:
         return msgspec.json.decode(body, type=type)
     except msgspec.ValidationError as e:
         raise InvalidInput(f"invalid request body: {e}") from None
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, ValueError, RecursionError):  # ValueError: invalid UTF-8
         raise InvalidInput("request body is not valid JSON") from None
 
 

@@ -14,28 +14,29 @@ from starlette.routing import Route
 
 from smss import __version__
 from smss.api import codec, deadlines
+from smss.api import wire as w
 from smss.api.context import AppContext
 from smss.api.errors import reported, status_of
 from smss.api.http import client_of, endpoint, json_response, read_body, require_content_type
-from smss.errors import InvalidInput, ModelError, SmssError
+from smss.errors import ModelError, SmssError
 from smss.headers import COLD_START, RUN_ID
 from smss.spec import FunctionSpec, TensorSpec
 
 HEADER_LENGTH = "inference-header-content-length"
 
 
-def _tensor_meta(t: TensorSpec) -> dict[str, object]:
-    return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+def _tensor_meta(t: TensorSpec) -> w.TensorMetadata:
+    return w.TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
 
 
-def spec_metadata(spec: FunctionSpec, platform: str) -> dict[str, object]:
-    return {
-        "name": spec.name,
-        "versions": [spec.version],
-        "platform": platform,
-        "inputs": [_tensor_meta(t) for t in spec.inputs],
-        "outputs": [_tensor_meta(t) for t in spec.outputs],
-    }
+def spec_metadata(spec: FunctionSpec, platform: str) -> w.ModelMetadata:
+    return w.ModelMetadata(
+        name=spec.name,
+        versions=[spec.version],
+        platform=platform,
+        inputs=[_tensor_meta(t) for t in spec.inputs],
+        outputs=[_tensor_meta(t) for t in spec.outputs],
+    )
 
 
 def routes(ctx: AppContext) -> list[Route]:
@@ -43,17 +44,16 @@ def routes(ctx: AppContext) -> list[Route]:
 
     @endpoint
     async def live(request: Request) -> Response:
-        return json_response({"live": True})
+        return json_response(w.Live(live=True))
 
     @endpoint
     async def ready(request: Request) -> Response:
-        return json_response({"ready": ctx.ready}, 200 if ctx.ready else 503)
+        return json_response(w.Ready(ready=ctx.ready), 200 if ctx.ready else 503)
 
     @endpoint
     async def server_metadata(request: Request) -> Response:
-        return json_response(
-            {"name": "smss", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
-        )
+        extensions = ["binary_tensor_data", "model_repository"]
+        return json_response(w.ServerMetadata(name="smss", version=__version__, extensions=extensions))
 
     def name_of(request: Request) -> tuple[str, str | None]:
         return request.path_params["name"], request.path_params.get("version")
@@ -67,7 +67,7 @@ def routes(ctx: AppContext) -> list[Route]:
     async def model_ready(request: Request) -> Response:
         name, version = name_of(request)
         ok = platform.model_ready(name, version)
-        return json_response({"name": name, "ready": ok}, 200 if ok else 503)
+        return json_response(w.ModelReady(name=name, ready=ok), 200 if ok else 503)
 
     @endpoint
     async def infer(request: Request) -> Response:
@@ -116,21 +116,25 @@ def routes(ctx: AppContext) -> list[Route]:
     async def repository_index(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
         require_content_type(request, optional=True)
-        return json_response(platform.repository_index())
+        entries = [
+            w.RepositoryEntry(name=m.name, version=m.version, state=m.state, reason=m.reason)
+            for m in platform.repository_index()
+        ]
+        return json_response(entries)
 
     @endpoint
     async def repository_load(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
         require_content_type(request, optional=True)
         platform.load(request.path_params["name"])
-        return json_response({})
+        return json_response(w.Empty())
 
     @endpoint
     async def repository_unload(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
         require_content_type(request, optional=True)
         platform.unload(request.path_params["name"])
-        return json_response({})
+        return json_response(w.Empty())
 
     return [
         Route("/v2/health/live", live, methods=["GET"]),
@@ -149,13 +153,4 @@ def routes(ctx: AppContext) -> list[Route]:
 
 
 def _header_length(request: Request) -> int | None:
-    raw = request.headers.get(HEADER_LENGTH)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
-    if value < 0:
-        raise InvalidInput("Inference-Header-Content-Length must not be negative")
-    return value
+    return codec.parse_header_length(request.headers.get(HEADER_LENGTH))

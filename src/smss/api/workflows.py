@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -10,9 +12,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from smss.api import codec
+from smss.api import wire as w
 from smss.api.context import AppContext
-from smss.api.http import client_of, endpoint, json_response, read_body, require_content_type
-from smss.errors import InvalidInput, InvalidSpec, NotFound
+from smss.api.http import client_of, decode_json, endpoint, json_response, read_body, require_content_type
+from smss.errors import InvalidInput, NotFound
 from smss.workflow.engine import RunOutcome
 from smss.workflow.events import Record, RunSummary
 from smss.workflow.spec import WorkflowSpec, decode_workflow, load_yaml
@@ -21,25 +24,19 @@ MAX_SPEC_BODY = 1 << 20
 SPEC_TYPES = ("application/json", "application/yaml", "application/x-yaml", "text/yaml")
 
 
-class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    inputs: msgspec.Raw
-    session: str | None = None
-    wait: bool = True
-    timeout_s: float = 300.0
-    durable: bool = True
+def _outputs(outcome: RunOutcome) -> dict[str, w.TensorJson] | None:
+    if outcome.outputs is None:
+        return None
+    return {k: codec.encode_tensor_json(k, v) for k, v in outcome.outputs.items()}
 
 
-class ReplayRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    stage: str = msgspec.field(name="from")
-    wait: bool = True
-
-
-def outcome_json(outcome: RunOutcome, *, detail: bool = True) -> dict[str, object]:
+def outcome_json(outcome: RunOutcome, *, detail: bool = True) -> w.RunOutcomeJson:
     """A run's outcome; without ``detail`` (a caller who may not read runs) a failure says
     only that the run failed: its message may quote predict()'s exception text."""
-    body: dict[str, object] = {"run_id": outcome.run_id, "status": outcome.status}
-    if outcome.outputs is not None:
-        body["outputs"] = {k: codec.encode_tensor_json(k, v) for k, v in outcome.outputs.items()}
+    body = w.RunOutcomeJson(run_id=outcome.run_id, status=outcome.status)
+    outputs = _outputs(outcome)
+    if outputs is not None:
+        body["outputs"] = outputs
     if outcome.error is not None:
         hidden = not detail and outcome.status == "failed"
         body["error"] = (
@@ -48,15 +45,18 @@ def outcome_json(outcome: RunOutcome, *, detail: bool = True) -> dict[str, objec
     return body
 
 
-def event_json(record: Record) -> dict[str, object]:
+def event_json(record: Record) -> dict[str, Any]:
     fields = msgspec.to_builtins(record.event)
     assert isinstance(fields, dict)  # structs encode to dicts
     kind = fields.pop("type", type(record.event).__name__)
     return {"seq": record.seq, "type": kind, "ts": record.ts, **fields}
 
 
-def summary_json(s: RunSummary) -> dict[str, object]:
-    return msgspec.to_builtins(s)  # type: ignore[no-any-return]
+def runs_query(params: Mapping[str, str]) -> w.RunsQuery:
+    try:
+        return msgspec.convert(dict(params), w.RunsQuery, strict=False)
+    except msgspec.ValidationError as e:
+        raise InvalidInput(f"invalid query: {e}") from None
 
 
 def routes(ctx: AppContext) -> list[Route]:
@@ -75,31 +75,28 @@ def routes(ctx: AppContext) -> list[Route]:
         body = await read_body(request, MAX_SPEC_BODY)
         spec = load_yaml(body.decode("utf-8", "replace")) if "yaml" in kind else decode_workflow(body)
         spec = platform.workflows.deploy(spec)
-        return json_response({"name": spec.name, "stages": [s.name for s in spec.stages]}, 201)
+        return json_response(w.WorkflowDeployed(name=spec.name, stages=[s.name for s in spec.stages]), 201)
 
     @endpoint
     async def list_workflows(request: Request) -> Response:
-        return json_response({"workflows": [msgspec.to_builtins(s) for s in platform.workflows.list()]})
+        return json_response(w.WorkflowList(workflows=list(platform.workflows.list())))
 
     @endpoint
     async def get_workflow(request: Request) -> Response:
-        return json_response(msgspec.to_builtins(platform.workflows.get(request.path_params["name"])))
+        return json_response(platform.workflows.get(request.path_params["name"]))
 
     @endpoint
     async def delete_workflow(request: Request) -> Response:
         admin(request)
         platform.workflows.delete(request.path_params["name"])
-        return json_response({"deleted": request.path_params["name"]})
+        return json_response(w.Deleted(deleted=request.path_params["name"]))
 
     @endpoint
     async def start_run(request: Request) -> Response:
         require_content_type(request)
         spec: WorkflowSpec = platform.workflows.get(request.path_params["name"])
         body = await read_body(request, limits.max_body_bytes)
-        try:
-            req = msgspec.json.decode(body, type=RunRequest)
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
-            raise InvalidInput('body must be {"inputs": [...], "session"?, "wait"?}') from None
+        req = decode_json(body, w.RunRequest)
         inputs = codec.decode_tensor_list(req.inputs, spec.inputs, limits, None)
         if not req.durable:
             outcome = await platform.engine.run_direct(spec.name, inputs, req.session)
@@ -118,14 +115,10 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def list_runs(request: Request) -> Response:
         admin(request)  # runs hold outputs, session names and tracebacks
-        q = request.query_params
-        try:
-            limit = min(int(q.get("limit", "100")), 1000)
-        except ValueError:
-            raise InvalidInput("limit must be an integer") from None
+        q = runs_query(request.query_params)
         # Log reads may wait on the store (its busy timeout): never on the event loop.
-        runs = await asyncio.to_thread(platform.log.list_runs, q.get("status"), q.get("workflow"), limit)
-        return json_response({"runs": [summary_json(s) for s in runs]})
+        runs = await asyncio.to_thread(platform.log.list_runs, q.status, q.workflow, q.limit)
+        return json_response(w.RunList(runs=runs))
 
     @endpoint
     async def log_stats(request: Request) -> Response:
@@ -145,10 +138,16 @@ def routes(ctx: AppContext) -> list[Route]:
             return summary, records, platform.engine.outcome(records)  # outputs read from blobs
 
         summary, records, outcome = await asyncio.to_thread(read)
-        body = outcome_json(outcome)
-        body.update(workflow=summary.workflow, session=summary.session, status=summary.status)
-        body.setdefault("outputs", None)
-        body["events"] = [event_json(r) for r in records]
+        body = w.RunDetail(
+            run_id=outcome.run_id,
+            status=summary.status,
+            outputs=_outputs(outcome),
+            workflow=summary.workflow,
+            session=summary.session,
+            events=[event_json(r) for r in records],
+        )
+        if outcome.error is not None:
+            body["error"] = outcome.error
         return json_response(body)
 
     @endpoint
@@ -163,10 +162,7 @@ def routes(ctx: AppContext) -> list[Route]:
         admin(request)
         require_content_type(request)
         body = await read_body(request, MAX_SPEC_BODY)
-        try:
-            req = msgspec.json.decode(body, type=ReplayRequest)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            raise InvalidSpec('body must be {"from": "<stage>", "wait"?: bool}') from None
+        req = decode_json(body, w.ReplayRequest)
         outcome = await platform.engine.replay_from(request.path_params["run_id"], req.stage, wait=req.wait)
         return json_response(outcome_json(outcome), 200 if outcome.status != "running" else 202)
 

@@ -2,8 +2,9 @@
 
 Composes the durable registry, the artifact store and the controller. The
 registry is the source of truth: on start every registered function is handed
-to the controller again (at zero instances, or ``min_instances``), so a
-restart of ``smss serve`` keeps every deployment.
+to the controller again (at zero instances, or ``min_instances``, or with the
+instances a killed platform left running, adopted), so a restart of ``smss
+serve`` keeps every deployment.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -77,12 +79,15 @@ class Answer:
     run_id: str | None = None
 
 
+RepositoryState = Literal["READY", "UNAVAILABLE", "UNLOADED"]
+
+
 @dataclass(frozen=True)
 class RepositoryEntry:
     name: str
     version: str
-    #: ``READY``, ``UNAVAILABLE`` (starting it failed: see ``reason``) or ``UNLOADED``.
-    state: str
+    #: ``UNAVAILABLE``: starting it failed (see ``reason``); ``UNLOADED``: no instance runs.
+    state: RepositoryState
     reason: str
 
 
@@ -114,8 +119,7 @@ class Platform:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Platform]:
         async with self.controller.running():
-            for record in self.registry.list_functions():
-                self.controller.deploy(record)
+            await self.controller.restore(self.registry.list_functions())
             async with self.engine.running():
                 yield self
 

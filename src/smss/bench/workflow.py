@@ -120,7 +120,9 @@ def measure_overhead(server: ServerProcess, runs: int) -> dict[str, Any]:
 
 
 def measure_recovery(data: Path, runs: int = 100) -> dict[str, Any]:
-    server = start_server(data, ["--demo", "--log-level", "warning"])
+    # --adopt-window 0: the crash takes every instance with it, so the figure is a
+    # recovery from the log alone (not one helped by adopted warm instances).
+    server = start_server(data, ["--demo", "--log-level", "warning", "--adopt-window", "0"])
     server.wait_for_model("behavior")
     _runs(server.url, 4, 2, durable=True)  # every stage has an instance
     rng = np.random.default_rng(1000)

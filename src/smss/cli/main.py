@@ -107,9 +107,30 @@ def serve(
     body_timeout: Annotated[
         float, typer.Option(help="Seconds a request body may stall before the client is closed")
     ] = 60.0,
+    adopt_window: Annotated[
+        float,
+        typer.Option(
+            help="Seconds instances outlive a killed server, waiting for the next one on this "
+            "data dir to adopt them (0: they die with it)"
+        ),
+    ] = 30.0,
+    max_start_failures: Annotated[
+        int,
+        typer.Option(
+            help="Failed starts in a row (retried with back-off) before a function is failed "
+            "until it is loaded or deployed again"
+        ),
+    ] = 6,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            help="On SIGTERM, seconds the requests in flight (and then each instance) get to finish"
+        ),
+    ] = 10.0,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
-    """Run the platform: gateway, controller and a local node."""
+    """Run the platform: gateway, controller and a local node. SIGTERM drains it:
+    no new connections, the requests in flight finish, instances stop, exit 0."""
     from smss.compose import build, run
 
     logging.basicConfig(
@@ -129,9 +150,12 @@ def serve(
             request_timeout_s=request_timeout,
             header_timeout_s=header_timeout,
             body_timeout_s=body_timeout,
+            drain_grace_s=drain_timeout,
+            max_start_failures=max_start_failures,
         ),
         start_mode=start_mode,
         spares=spares,
+        adopt_window_s=adopt_window,
         keep_alive_policy=keep_alive_policy,
         prices_path=prices,
         cpus=cpus,
@@ -254,8 +278,10 @@ def status(url: Url = None, as_json: AsJson = False) -> None:
     for f in items:
         if not f["instances"]:
             state = f"starting ({f['starting']})" if f["starting"] else "scaled to zero"
-            if f["last_error"]:
+            if f["state"] == "failed":  # no more starts are tried until it is loaded again
                 state = f"failed: {f['last_error']}"
+            elif f["last_error"]:
+                state = f"retrying: {f['last_error']}"
             table.add_row(f["name"], "-", "-", "-", state, str(f["queued"]), "-")
         for i in f["instances"]:
             table.add_row(

@@ -28,7 +28,12 @@ outlives it. Guarantees:
   returns), and one the dispatcher found lost (its connection ended or stopped
   taking requests). It is taken out of rotation, its process killed, and its
   requests fail with :class:`InstanceLost` (retried once elsewhere, or 503);
-* ``close`` drains every instance within the grace period and stops them.
+* ``close`` drains every instance within the grace period and stops them;
+* on a restart (:meth:`Controller.restore`) the instances a killed platform left
+  running are adopted into routing when their function is deployed from the same
+  artifacts, up to its ``max_instances`` (:mod:`smss.control.adoption`); the others
+  are stopped. An adoption counts as a start until its channel is connected, so no
+  reconcile starts a duplicate meanwhile.
 
 Waiting goes through the :class:`Clock` port, so tests run the loop on a virtual
 clock (``FakeClock(autojump=True)``).
@@ -41,17 +46,18 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from smss.config import ServingSettings
+from smss.control import adoption
 from smss.control.autoscaler import Autoscaler, AutoscalerConfig
 from smss.control.dispatcher import DispatchHooks, FunctionDispatcher, Slot
 from smss.control.keepalive import KeepAlivePolicy
 from smss.control.metering import Meter
-from smss.control.placement import ClusterState, Locality, NoFit, Placement, need_of
+from smss.control.placement import ClusterState, Locality, NoFit, Placement, host_part, need_of
 from smss.control.reconcile import Commands, Observed, Policies, reconcile
 from smss.errors import InstanceLost, InvalidSpec, NotFound, StartFailed
 from smss.inventory import Allocation, DeviceReport
@@ -63,6 +69,7 @@ from smss.ports import (
     InstanceChannel,
     InstanceInfo,
     Metrics,
+    RunningInstance,
 )
 from smss.spec import FunctionSpec
 
@@ -176,6 +183,60 @@ class Controller:
         if old is not None:
             old.dispatcher.close(f"model {record.spec.name!r} was redeployed")
             self._stop_all(old)
+        self.wake()
+
+    async def restore(self, records: Sequence[FunctionRecord]) -> None:
+        """Deploy the registered functions and adopt the instances an earlier platform
+        process left running (or stop them). Call once, inside :meth:`running`, before
+        anything else is deployed."""
+        try:
+            found = await self._backend.recover()
+        except Exception:  # what was left running is not adopted; serving goes on without it
+            log.exception("could not recover the instances left running by the last platform")
+            found = []
+        for record in records:
+            self.deploy(record)
+        # No await from here on: no reconcile runs between the deploys and the adoptions.
+        choice = adoption.choose(found, {rt.name: rt.record for rt in self._functions.values()})
+        for r, reason in choice.stop:
+            log.info("stopping instance %s left running by the last platform: %s", r.info.id, reason)
+            self._spawn(self._backend.stop_instance(r.info.id, self._settings.drain_grace_s))
+        for r in choice.adopt:
+            self._adopt(self._functions[r.info.function], r)
+
+    def _adopt(self, runtime: FunctionRuntime, found: RunningInstance) -> None:
+        info = found.info
+        alloc = Allocation(
+            info.id, runtime.name, "instance", info.node, host_part(need_of(runtime.record.spec.resources))
+        )
+        runtime.placed[info.id] = alloc
+        runtime.dispatcher.starting += 1
+        self._spawn(self._take_over(runtime, info))
+
+    async def _take_over(self, runtime: FunctionRuntime, info: InstanceInfo) -> None:
+        d = runtime.dispatcher
+        try:
+            channel = await self._channels(info)
+        except BaseException as e:
+            d.starting -= 1
+            runtime.placed.pop(info.id, None)
+            if isinstance(e, Exception):
+                log.warning("could not adopt instance %s (%s): stopping it", info.id, _describe(e))
+                await self._backend.stop_instance(info.id, 0.0)
+                self.wake()
+                return
+            raise
+        d.starting -= 1
+        if d.closed_reason is not None:  # deleted or redeployed meanwhile
+            runtime.placed.pop(info.id, None)
+            await channel.close()
+            await self._backend.stop_instance(info.id, 0.0)
+            return
+        d.add(info, channel)
+        self.meter.instance_started(
+            info.id, runtime.name, runtime.record.spec.resources, self._clock.monotonic()
+        )
+        log.info("adopted instance %s of %s (pid %d)", info.id, runtime.name, info.pid)
         self.wake()
 
     def remove(self, name: str) -> None:

@@ -14,6 +14,10 @@ Instances are local processes. Implements :class:`smss.ports.ClusterBackend`. Tw
 Either way each instance listens on its own Unix socket in a private run
 directory, and an unexpected exit is reported through the exit callback at
 once, unless the platform itself stopped the instance.
+
+With a ``state_file`` and an ``adopt_window_s`` (fork mode), the zygotes, templates
+and instances outlive a killed agent by that window, and the next agent on the same
+state file takes them over (:meth:`NodeAgent.recover`, :mod:`smss.node.roster`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -36,14 +39,16 @@ from typing import Literal
 
 import msgspec
 
-from smss.errors import StartFailed
+from smss.errors import StartFailed, StorageUnavailable
 from smss.inventory import Allocation, AllocationKind, Capacity, NodeInventory
 from smss.node.devices import discover
 from smss.node.memory import ResidentReadings
+from smss.node.roster import InstanceEntry, Roster, start_time
+from smss.node.rundir import claim_run_dir
 from smss.node.weightstore import WeightStore
-from smss.node.worker import Ready, WorkerConfig, process_alive
+from smss.node.worker import Ready, WorkerConfig
 from smss.node.zygotes import ZygotePool, watch_exit
-from smss.ports import ExitCallback, InstanceInfo, StartedInstance, StartTimings
+from smss.ports import ExitCallback, InstanceInfo, RunningInstance, StartedInstance, StartTimings
 from smss.spec import FunctionSpec
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,7 @@ class _Instance:
     cancel_watch: Callable[[], None]
     process: asyncio.subprocess.Process | None = None
     stopping: bool = False
+    entry: InstanceEntry | None = None
 
 
 def default_weight_budget(inventory: NodeInventory) -> int:
@@ -78,14 +84,18 @@ class NodeAgent:
         mode: StartMode = "fork",
         spares: bool = True,
         inventory: NodeInventory | None = None,
+        state_file: Path | None = None,
+        adopt_window_s: float = 0.0,
     ) -> None:
+        """``state_file``: where the run directory is recorded for the next agent
+        (``<data>/node.json``); ``adopt_window_s``: how long this node's processes
+        outlive a killed agent, waiting to be adopted (0: they die with it)."""
         self._inventory = inventory or discover(NODE)
         self._log_dir = log_dir
         self._log_dir.mkdir(parents=True, exist_ok=True)
-        # Unix socket paths are limited to ~107 bytes, so they live in a short tmp dir.
-        reap_orphans()
-        self._run_dir = Path(tempfile.mkdtemp(prefix="smss-"))
-        (self._run_dir / "owner").write_text(str(os.getpid()))
+        self._state_file = state_file
+        self._run_dir = claim_run_dir(state_file)
+        self._roster = Roster(self._run_dir)
         self._start_timeout_s = start_timeout_s
         self.mode = mode
         self.store = WeightStore(
@@ -93,7 +103,14 @@ class NodeAgent:
         )
         self.store.on_evict = self._evicted
         # spares: each template keeps its next instance forked and rehearsed (smss.node.spare).
-        self.zygotes = ZygotePool(self._run_dir, log_dir, prepare_timeout_s=start_timeout_s, spares=spares)
+        lingers = adopt_window_s > 0 and mode == "fork" and state_file is not None
+        self.zygotes = ZygotePool(
+            self._run_dir,
+            log_dir,
+            prepare_timeout_s=start_timeout_s,
+            spares=spares,
+            linger_s=adopt_window_s if lingers else None,
+        )
         # The store is not thread-safe: misses load one at a time, or two concurrent cold
         # starts of one model both load it and the first segment is orphaned in /dev/shm.
         self._store_misses = asyncio.Lock()
@@ -224,7 +241,15 @@ class NodeAgent:
                 self.store.release(weights_key)
             raise
         info = self._info(config, spawned.pid)
-        inst = _Instance(info, weights_key, asyncio.Event(), lambda: None)
+        entry = InstanceEntry(
+            info,
+            start_time(spawned.pid) or 0,
+            str(artifact_dir),
+            weights_key,
+            str(artifact_dir / spec.weights) if spec.weights is not None else None,
+        )
+        self._roster.put(entry)
+        inst = _Instance(info, weights_key, asyncio.Event(), lambda: None, entry=entry)
         inst.cancel_watch = watch_exit(spawned.pid, lambda: self._exited(inst, None))
         self._instances[info.id] = inst
         total = (time.perf_counter() - t0) * 1000
@@ -301,6 +326,8 @@ class NodeAgent:
             return
         inst.exited.set()
         self._instances.pop(inst.info.id, None)
+        if inst.entry is not None:
+            self._roster.drop(inst.entry)
         if inst.weights_key is not None:
             self.store.release(inst.weights_key)
         with contextlib.suppress(FileNotFoundError):
@@ -327,33 +354,55 @@ class NodeAgent:
         await self._readings.close()
         self.store.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
+        if self._state_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._state_file.unlink()
+
+    # ------------------------------------------------------------ adoption
+
+    async def recover(self) -> list[RunningInstance]:
+        """Take over what a killed agent of this state file left running: its zygotes
+        and templates (reconnected), and its instances (watched, and returned for the
+        controller to adopt or stop). An instance whose weights file is gone (its
+        function was redeployed or deleted) is stopped here."""
+        await self.zygotes.adopt()
+        found: list[RunningInstance] = []
+        for entry in self._roster.entries():
+            if not isinstance(entry, InstanceEntry):
+                continue
+            if start_time(entry.info.pid) != entry.started:
+                self._roster.drop(entry)
+                continue
+            inst = self._watch_adopted(entry)
+            if entry.weights_key is not None and entry.weights_source is not None:
+                # Counted as a user of its template's weights, so they are not evicted under it.
+                try:
+                    async with self._store_misses:
+                        await asyncio.to_thread(
+                            self.store.acquire, entry.weights_key, Path(entry.weights_source)
+                        )
+                except (OSError, StorageUnavailable) as e:
+                    log.warning("instance %s: its weights are gone (%s); stopping it", entry.info.id, e)
+                    await self.stop_instance(entry.info.id, 0.0)
+                    continue
+                if inst.exited.is_set():  # it exited meanwhile, and released nothing
+                    self.store.release(entry.weights_key)
+                    continue
+                inst.weights_key = entry.weights_key
+            log.info("found instance %s (pid %d) still running", entry.info.id, entry.info.pid)
+            found.append(RunningInstance(entry.info, entry.artifact_dir))
+        return found
+
+    def _watch_adopted(self, entry: InstanceEntry) -> _Instance:
+        inst = _Instance(entry.info, None, asyncio.Event(), lambda: None, entry=entry)
+        inst.cancel_watch = watch_exit(entry.info.pid, lambda: self._exited(inst, None))
+        self._instances[entry.info.id] = inst
+        return inst
 
 
 def _resident(alloc_id: str, key: str, kind: AllocationKind, size: int) -> Allocation:
     function = key.partition("@")[0]
     return Allocation(alloc_id, function, kind, NODE, Capacity(memory_mb=-(-size // (1 << 20))))
-
-
-def reap_orphans(tmp: Path | None = None, shm: Path = Path("/dev/shm")) -> list[str]:
-    """Remove what a killed node left: run directories whose owner process is gone,
-    and the weight segments named after them. (kill -9 runs no cleanup; the next
-    start does it.) Returns the run directories removed."""
-    removed = []
-    for run_dir in (tmp or Path(tempfile.gettempdir())).glob("smss-*"):
-        try:
-            owner = int((run_dir / "owner").read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or still being set up
-        if process_alive(owner):
-            continue
-        for segment in shm.glob(f"{run_dir.name}-*"):
-            with contextlib.suppress(OSError):
-                segment.unlink()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        removed.append(run_dir.name)
-    if removed:
-        log.info("removed %d run directories left by killed nodes", len(removed))
-    return removed
 
 
 def _signal(pid: int, sig: int) -> None:

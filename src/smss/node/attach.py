@@ -9,16 +9,15 @@ not check out is refused (:class:`UnsafeArtifact`) instead of being read.
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from smss.errors import UnsafeArtifact
 from smss.node.weightstore import HEADER, HEADER_SIZE, MAGIC
+from smss.safetensors_header import parse_image
 
 _ST_DTYPES = {
     "F64": "<f8",
@@ -29,6 +28,9 @@ _ST_DTYPES = {
     "I16": "<i2",
     "I8": "i1",
     "U8": "u1",
+    "U16": "<u2",
+    "U32": "<u4",
+    "U64": "<u8",
     "BOOL": "?",
 }
 
@@ -101,31 +103,16 @@ class HotCopy:
 
 
 def safetensors_views(data: memoryview) -> dict[str, np.ndarray]:
-    if len(data) < 8:
-        raise UnsafeArtifact("safetensors image is truncated")
-    (header_len,) = struct.unpack_from("<Q", data, 0)
-    if header_len > len(data) - 8:
-        raise UnsafeArtifact("safetensors header length exceeds the image")
-    try:
-        header = json.loads(bytes(data[8 : 8 + header_len]))
-    except (ValueError, UnicodeDecodeError):
-        raise UnsafeArtifact("safetensors header is not valid JSON") from None
-    base = 8 + header_len
+    """Read-only numpy views of the tensors of a safetensors image (its header checked by
+    the same parser as at deploy)."""
+    header = parse_image(data)
     out: dict[str, np.ndarray] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = np.dtype(_ST_DTYPES[entry["dtype"]])
-            start, end = (int(x) for x in entry["data_offsets"])
-            shape = tuple(int(d) for d in entry["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise UnsafeArtifact(f"safetensors entry {name!r} is malformed") from None
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if not 0 <= start <= end <= len(data) - base or (end - start) != count * dtype.itemsize:
-            raise UnsafeArtifact(f"safetensors entry {name!r} lies outside the image")
-        array = np.frombuffer(data, dtype=dtype, count=count, offset=base + start).reshape(shape)
-        out[name] = array  # read-only: the buffer is a PROT_READ mapping
+    for t in header.tensors:
+        numpy_dtype = _ST_DTYPES.get(t.dtype)
+        if numpy_dtype is None:
+            raise UnsafeArtifact(f"safetensors tensor {t.name!r:.80}: dtype {t.dtype} has no numpy view")
+        array = np.frombuffer(data, dtype=np.dtype(numpy_dtype), count=t.count, offset=t.start)
+        out[t.name] = array.reshape(t.shape)  # read-only: the buffer is a PROT_READ mapping
     return out
 
 

@@ -374,11 +374,13 @@ def public_reason(error: BaseException) -> str:
     return _PATH.sub(r"\1", text)
 
 
-def start_child_process(label: str) -> int:
+def start_child_process(label: str, *, die_with_agent: bool = True) -> int:
     """Common start of a process the agent spawns (worker or zygote): die with the
-    agent, keep the real stdout for the one readiness line (returned as an fd) and
-    send everything else, user prints included, to stderr, the process's log."""
-    die_with_parent()
+    agent (unless it is a zygote that may be adopted), keep the real stdout for the
+    one readiness line (returned as an fd) and send everything else, user prints
+    included, to stderr, the process's log."""
+    if die_with_agent:
+        die_with_parent()
     ready_fd = os.dup(1)
     os.dup2(2, 1)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {label} %(levelname)s %(name)s: %(message)s")

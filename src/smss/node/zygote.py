@@ -23,9 +23,11 @@ Fork safety (why forking here is sound):
 * no CUDA context exists in a zygote or template (CPU runtimes only; a CUDA
   context is created after the fork, by the instance);
 * every process dies with its parent (``PR_SET_PDEATHSIG``): agent -> zygote ->
-  template -> instance, so a killed platform leaves no orphans. Children are
-  reaped automatically (``SIGCHLD`` ignored); the agent watches each instance
-  with a pidfd.
+  template -> instance, so a killed platform leaves no orphans. With ``linger_s``
+  the first link is a wait instead: the zygote outlives a killed agent by that long
+  for a restarted one to adopt it (:mod:`smss.node.roster`), then exits, and the
+  rest follows. Children are reaped automatically (``SIGCHLD`` ignored); the agent
+  watches each instance with a pidfd.
 
 ``python -m smss.node.zygote CONFIG_JSON`` runs a zygote.
 """
@@ -74,6 +76,10 @@ class ZygoteConfig(msgspec.Struct, frozen=True):
     runtime: str
     control_path: str
     prepare_timeout_s: float = 120.0
+    #: None: die with the agent (``PR_SET_PDEATHSIG``). Seconds: outlive it, waiting
+    #: this long for a restarted agent to connect (:mod:`smss.node.roster`); exit,
+    #: and so end its templates and their instances, when none does.
+    linger_s: float | None = None
 
 
 def preload(runtime: str) -> None:
@@ -104,20 +110,32 @@ def _serve_control(
     listener: socket.socket,
     handle: Any,
     on_idle: Callable[[socket.socket, socket.socket | None], None] | None = None,
+    linger_s: float | None = None,
+    on_alone: Callable[[], None] | None = None,
 ) -> None:
     """Blocking request/reply loop: one agent connection at a time. ``on_idle`` runs
-    once whenever no request came for ``IDLE_S`` (with the sockets a fork must close)."""
+    once whenever no request came for ``IDLE_S`` (with the sockets a fork must close).
+    With ``linger_s``, returns when no agent connects for that long (``on_alone`` runs
+    as each connection ends). An agent that goes away mid-request (killed) ends its
+    connection, not the loop."""
     while True:
+        if linger_s is not None and not _readable(listener, linger_s):
+            return
         if on_idle is not None and not _readable(listener, IDLE_S):
             on_idle(listener, None)
         conn, _ = listener.accept()
         with conn:
-            while True:
-                if on_idle is not None and not _readable(conn, IDLE_S):
-                    on_idle(listener, conn)
-                if (request := proto.recv_request(conn)) is None:
-                    break
-                conn.sendall(proto.encode(handle(request, listener, conn)))
+            try:
+                while True:
+                    if on_idle is not None and not _readable(conn, IDLE_S):
+                        on_idle(listener, conn)
+                    if (request := proto.recv_request(conn)) is None:
+                        break
+                    conn.sendall(proto.encode(handle(request, listener, conn)))
+            except OSError:
+                log.warning("the agent's control connection broke", exc_info=True)
+        if on_alone is not None:
+            on_alone()
 
 
 def _readable(sock: socket.socket, timeout_s: float) -> bool:
@@ -267,7 +285,7 @@ def _instance_main(config: WorkerConfig, model: Any, sock: socket.socket, parent
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(args[0], type=ZygoteConfig)
-    ready_fd = start_child_process("pid %(process)d")
+    ready_fd = start_child_process("pid %(process)d", die_with_agent=config.linger_s is None)
     t0 = time.perf_counter()
     preload(config.runtime)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
@@ -281,7 +299,18 @@ def main(argv: list[str] | None = None) -> None:
     def handle(req: proto.Request, lst: socket.socket, conn: socket.socket) -> Any:
         return _prepare(config, req, lst, conn)
 
-    _serve_control(listener, handle)
+    def alone() -> None:
+        # The run directory's owner is this zygote while no agent holds it: a node
+        # starting meanwhile leaves the directory alone instead of removing it.
+        run_dir = Path(config.control_path).parent
+        with contextlib.suppress(OSError):
+            (run_dir / "owner.tmp").write_text(str(os.getpid()))
+            os.replace(run_dir / "owner.tmp", run_dir / "owner")
+        log.info("the agent went away: waiting %.0f s for another to adopt this node", config.linger_s)
+
+    _serve_control(listener, handle, linger_s=config.linger_s, on_alone=alone if config.linger_s else None)
+    if config.linger_s is not None:
+        log.info("no agent connected within %.0f s: exiting with templates and instances", config.linger_s)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,15 @@ One zygote per runtime kind, started on first use and restarted when it dies.
 One template per resident model (keyed like its weight-store segment). Each
 control connection carries one request at a time (a lock per connection).
 Instances are not the agent's children (they are forked by templates), so
-their exits are watched through pidfds.
+their exits are watched through pidfds; so are zygotes, which may be adopted from
+an agent that was killed (``linger_s``, :mod:`smss.node.roster`): each one and each
+template is written to the run directory's roster while it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import signal
@@ -19,11 +20,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from uuid import uuid4
 
 import msgspec
 
 from smss.errors import StartFailed
 from smss.node import zygote_proto as proto
+from smss.node.roster import Roster, TemplateEntry, ZygoteEntry, alive, start_time
 from smss.node.worker import WorkerConfig, process_alive
 from smss.node.zygote import ZygoteConfig
 
@@ -58,30 +61,81 @@ class Template:
 
 @dataclass
 class _Zygote:
-    process: asyncio.subprocess.Process
+    entry: ZygoteEntry
     control: _Control
+    exited: asyncio.Event
+    #: Set when this agent started it (its child, reaped by asyncio); None when adopted.
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.entry.pid
+
+    def alive(self) -> bool:
+        return not self.exited.is_set() and alive(self.entry.pid, self.entry.started)
 
 
 class ZygotePool:
     def __init__(
-        self, run_dir: Path, log_dir: Path, *, prepare_timeout_s: float = 120.0, spares: bool = True
+        self,
+        run_dir: Path,
+        log_dir: Path,
+        *,
+        prepare_timeout_s: float = 120.0,
+        spares: bool = True,
+        linger_s: float | None = None,
     ) -> None:
         self._run_dir = run_dir
+        self._roster = Roster(run_dir)
         self._spares = spares
         self._log_dir = log_dir
         self._prepare_timeout_s = prepare_timeout_s
+        self._linger_s = linger_s
         self._zygotes: dict[str, _Zygote] = {}
         self._templates: dict[str, Template] = {}
         self._starting: dict[str, asyncio.Lock] = {}
         #: One template build at a time per key: concurrent first starts of a model
         #: wait for the one template instead of each building (and leaking) another.
         self._preparing: dict[str, asyncio.Lock] = {}
+        #: Adopted templates of a key already held (from before one template per key).
+        self._extra: list[Template] = []
         self.zygote_starts = 0
-        self._serial = itertools.count(1)
 
     def zygote_pid(self, runtime: str) -> int | None:
         z = self._zygotes.get(runtime)
-        return z.process.pid if z is not None and z.process.returncode is None else None
+        return z.pid if z is not None and z.alive() else None
+
+    async def adopt(self) -> None:
+        """Take over the zygotes and templates in the roster that still run (a killed
+        agent's): reconnect to their control sockets. Entries of dead ones are dropped."""
+        for entry in self._roster.entries():
+            if isinstance(entry, ZygoteEntry | TemplateEntry):
+                await self._adopt(entry)
+
+    async def _adopt(self, entry: ZygoteEntry | TemplateEntry) -> None:
+        if not alive(entry.pid, entry.started):
+            self._roster.drop(entry)
+            return
+        try:
+            reader, writer = await asyncio.open_unix_connection(entry.control_path)
+        except OSError as e:
+            log.warning("could not adopt pid %d (%s): stopping it", entry.pid, e)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(entry.pid, signal.SIGKILL)
+            self._roster.drop(entry)
+            return
+        control = _Control(reader, writer)
+        if isinstance(entry, ZygoteEntry):
+            self._zygotes[entry.runtime] = _Zygote(entry, control, _watch(entry.pid))
+            log.info("adopted the %s zygote (pid %d)", entry.runtime, entry.pid)
+        else:
+            path = Path(entry.control_path)
+            template = Template(entry.key, entry.pid, control, entry.prepared, path)
+            if entry.key in self._templates:  # its instances live while it does: kept, untracked
+                self._extra.append(template)
+            else:
+                self._templates[entry.key] = template
+            log.info("adopted the template of %s (pid %d)", entry.key, entry.pid)
 
     def template(self, key: str) -> Template | None:
         return self._templates.get(key)
@@ -93,11 +147,12 @@ class ZygotePool:
         lock = self._starting.setdefault(runtime, asyncio.Lock())
         async with lock:
             z = self._zygotes.get(runtime)
-            if z is not None and z.process.returncode is None:
+            if z is not None and z.alive():
                 return z
             if z is not None:
-                log.warning("zygote for %s died (code %s); restarting", runtime, z.process.returncode)
+                log.warning("zygote for %s (pid %d) died; restarting", runtime, z.pid)
                 z.control.close()
+                self._roster.drop(z.entry)
                 self._forget_templates_of_dead_zygote()
             z = await self._start_zygote(runtime)
             self._zygotes[runtime] = z
@@ -108,7 +163,10 @@ class ZygotePool:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         config = ZygoteConfig(
-            runtime=runtime, control_path=str(path), prepare_timeout_s=self._prepare_timeout_s
+            runtime=runtime,
+            control_path=str(path),
+            prepare_timeout_s=self._prepare_timeout_s,
+            linger_s=self._linger_s,
         )
         with (self._log_dir / f"zygote-{runtime}.log").open("ab") as log_file:
             process = await asyncio.create_subprocess_exec(
@@ -120,6 +178,8 @@ class ZygotePool:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
                 env={**os.environ, **_SINGLE_THREADED},
+                # One that may outlive this agent is kept out of its terminal's signals.
+                start_new_session=self._linger_s is not None,
             )
         if process.stdout is None:
             raise StartFailed("zygote has no stdout")
@@ -135,7 +195,9 @@ class ZygotePool:
         reader, writer = await asyncio.open_unix_connection(str(path))
         self.zygote_starts += 1
         log.info("zygote for %s ready (pid %d)", runtime, process.pid)
-        return _Zygote(process, _Control(reader, writer))
+        entry = ZygoteEntry(runtime, process.pid, start_time(process.pid) or 0, str(path))
+        self._roster.put(entry)
+        return _Zygote(entry, _Control(reader, writer), _watch(process.pid), process)
 
     def _forget_templates_of_dead_zygote(self) -> None:
         # Templates die with their zygote (PDEATHSIG); drop the ones whose process is gone.
@@ -143,21 +205,26 @@ class ZygotePool:
             if not process_alive(t.pid):
                 t.control.close()
                 del self._templates[key]
+                self._roster.drop(_template_entry(t))
 
     async def prepare(self, key: str, config: WorkerConfig, segment: Path | None) -> tuple[Template, bool]:
         """The template for ``key``, forked from the runtime's zygote if missing.
-        Returns (template, already_prepared)."""
-        lock = self._preparing.setdefault(key, asyncio.Lock())
-        async with lock:
-            return await self._prepare(key, config, segment)
-
-    async def _prepare(self, key: str, config: WorkerConfig, segment: Path | None) -> tuple[Template, bool]:
+        Returns (template, already_prepared). Concurrent cold starts of one model wait
+        for one template, rather than each forking its own (all but one untracked)."""
         existing = self._templates.get(key)
         if existing is not None and process_alive(existing.pid):
             return existing, True
-        if existing is not None:
-            self.discard(key)
-        control_path = self._run_dir / f"tpl-{next(self._serial)}.sock"
+        async with self._preparing.setdefault(key, asyncio.Lock()):
+            existing = self._templates.get(key)
+            if existing is not None and process_alive(existing.pid):
+                return existing, True
+            if existing is not None:
+                self.discard(key)
+            return await self._prepare_new(key, config, segment), False
+
+    async def _prepare_new(self, key: str, config: WorkerConfig, segment: Path | None) -> Template:
+        # Unique across agents: an adopted template keeps the path it listens on.
+        control_path = self._run_dir / f"tpl-{uuid4().hex[:12]}.sock"
         request = proto.Prepare(config, str(segment) if segment else None, str(control_path), self._spares)
         zygote = await self._zygote(config.spec.runtime)
         try:
@@ -174,7 +241,8 @@ class ZygotePool:
         reader, writer = await asyncio.open_unix_connection(str(control_path))
         template = Template(key, reply.pid, _Control(reader, writer), reply, control_path)
         self._templates[key] = template
-        return template, False
+        self._roster.put(_template_entry(template))
+        return template
 
     async def spawn(self, template: Template, config: WorkerConfig) -> proto.Spawned:
         reply = await template.control.call(proto.Spawn(config))
@@ -185,10 +253,8 @@ class ZygotePool:
         return reply
 
     async def _kill_zygote(self, runtime: str, zygote: _Zygote) -> None:
-        zygote.control.close()
-        with contextlib.suppress(ProcessLookupError):
-            zygote.process.kill()
-        await zygote.process.wait()
+        await _kill(zygote)
+        self._roster.drop(zygote.entry)
         if self._zygotes.get(runtime) is zygote:
             del self._zygotes[runtime]
         self._forget_templates_of_dead_zygote()
@@ -205,16 +271,43 @@ class ZygotePool:
                 os.kill(template.pid, signal.SIGKILL)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(template.control_path)
+            self._roster.drop(_template_entry(template))
 
     async def close(self) -> None:
         for key in list(self._templates):
             self.discard(key)
+        for template in self._extra:
+            self._templates[template.key] = template
+            self.discard(template.key)
+        self._extra.clear()
         for z in self._zygotes.values():
-            z.control.close()
-            with contextlib.suppress(ProcessLookupError):
-                z.process.kill()
-            await z.process.wait()
+            await _kill(z)
+            self._roster.drop(z.entry)
         self._zygotes.clear()
+
+
+def _template_entry(t: Template) -> TemplateEntry:
+    return TemplateEntry(t.key, t.pid, start_time(t.pid) or 0, str(t.control_path), t.prepared)
+
+
+def _watch(pid: int) -> asyncio.Event:
+    """An event set when ``pid`` exits (the watch ends with it)."""
+    exited = asyncio.Event()
+    watch_exit(pid, exited.set)
+    return exited
+
+
+async def _kill(zygote: _Zygote) -> None:
+    zygote.control.close()
+    if zygote.alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(zygote.pid, signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):  # a pid that is no longer its own never fires
+        async with asyncio.timeout(10.0):
+            if zygote.process is not None:
+                await zygote.process.wait()
+            else:
+                await zygote.exited.wait()
 
 
 _SINGLE_THREADED = {

@@ -12,17 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from smss.errors import InvalidSpec, NotFound, PayloadTooLarge, UnsafeArtifact
+from smss.safetensors_header import read_header
 from smss.spec import FunctionSpec, check_name
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -139,24 +138,7 @@ def check_weights(path: Path, fmt: str) -> None:
         if head.startswith(_PICKLE_MAGIC):
             raise UnsafeArtifact("weights look like a pickle or a zip archive (torch.save); use safetensors")
         if fmt == "safetensors":
-            if len(head) < 8:
-                raise UnsafeArtifact("safetensors file is truncated")
-            (header_len,) = struct.unpack("<Q", head)
-            size = path.stat().st_size
-            if header_len > min(size - 8, 100 * 1024 * 1024):
-                raise UnsafeArtifact("safetensors header length is larger than the file")
-            try:
-                header = json.loads(f.read(header_len))
-            except (ValueError, UnicodeDecodeError):
-                raise UnsafeArtifact("safetensors header is not valid JSON") from None
-            if not isinstance(header, dict):
-                raise UnsafeArtifact("safetensors header is not a JSON object")
-            try:
-                offsets = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-            except (KeyError, TypeError, ValueError, IndexError):
-                raise UnsafeArtifact("safetensors header has malformed tensor entries") from None
-            end = max(offsets, default=0)
-            if 8 + header_len + end > size:
-                raise UnsafeArtifact("safetensors file is truncated: tensors extend past its end")
+            f.seek(0)
+            read_header(f, path.stat().st_size)
         elif fmt != "onnx":
             raise UnsafeArtifact(f"unsupported weights format {fmt!r}: use safetensors or onnx")

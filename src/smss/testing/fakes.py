@@ -24,6 +24,7 @@ from smss.ports import (
     Clock,
     ExitCallback,
     InstanceInfo,
+    RunningInstance,
     StartedInstance,
     StartTimings,
     Tensors,
@@ -61,6 +62,8 @@ class FakeBackend:
     * ``inventories``: the nodes' devices (default: one node of 64 cores, 256 GiB);
       ``placements`` lists the allocation each start was asked to use.
     * ``start_s``: a start takes this long on the clock (``clock.sleep``).
+    * ``left_running``: instances an earlier platform left, which ``recover`` returns
+      (and counts as running from then on).
     * The weight cache holds each function that started once (``cached``) until
       ``evict_weights`` drops it, which it refuses while an instance runs it.
     """
@@ -92,6 +95,7 @@ class FakeBackend:
         self.cached: set[str] = set()
         self.peak = 0
         self.closed = False
+        self.left_running: list[RunningInstance] = []
 
     def fail_next(self, n: int = 1, reason: str = "load error") -> None:
         self._failures.extend([reason] * n)
@@ -128,6 +132,12 @@ class FakeBackend:
         if self._clock is not None:
             self.stop_times.append(self._clock.monotonic())
         self.running.pop(instance_id, None)
+
+    async def recover(self) -> list[RunningInstance]:
+        found, self.left_running = self.left_running, []
+        for r in found:
+            self.running[r.info.id] = r.info
+        return found
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._on_exit = callback

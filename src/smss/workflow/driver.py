@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from smss.errors import InvalidInput, InvalidSpec, NotFound, SmssError, StorageUnavailable
-from smss.ports import AppendResult, CallResult, Clock, EventLog, FunctionCaller
+from smss.errors import InvalidInput, InvalidSpec, NotFound, Overloaded, SmssError, StorageUnavailable
+from smss.ports import AppendResult, CallResult, Clock, EventLog, FunctionCaller, Tensors
 from smss.workflow.blobs import decode_tensor, to_blobs
 from smss.workflow.events import (
     Event,
@@ -352,14 +352,31 @@ class Driver:
         ]
         return prepared
 
+    async def _admitted(self, stage: StageSpec, inputs: Tensors, outputs: tuple[str, ...]) -> CallResult:
+        """The stage's call. A call its function refused at admission (queue full:
+        nothing ran, so no effect to repeat) is tried again after a growing back-off
+        (at most :data:`MAX_BACKOFF_S`) within the stage's ``timeout_s``, rather than
+        spending one of the stage's retries, or failing the run, on overload."""
+        clock = self._s.clock
+        deadline = clock.monotonic() + stage.timeout_s
+        refusals = 0
+        while True:
+            left = deadline - clock.monotonic()
+            try:
+                return await self._s.caller.call(stage.function, inputs, outputs, max(left, 0.001))
+            except Overloaded:
+                refusals += 1
+                wait = min(0.05 * 2**refusals, MAX_BACKOFF_S)
+                if clock.monotonic() + wait >= deadline:
+                    raise
+                await clock.sleep(wait)
+
     async def _call(self, p: _Prepared) -> _Result:
         stage = p.stage
         fn = self._s.caller.spec_of(stage.function)
         t0 = self._s.clock.monotonic()
         try:
-            result: CallResult = await self._s.caller.call(
-                stage.function, p.inputs, tuple(t.name for t in fn.outputs), stage.timeout_s
-            )
+            result: CallResult = await self._admitted(stage, p.inputs, tuple(t.name for t in fn.outputs))
         except Exception as e:
             if not isinstance(e, SmssError):
                 log.exception("run %s stage %s: unexpected error", self._run.run_id, stage.name)
