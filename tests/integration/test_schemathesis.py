@@ -81,7 +81,11 @@ def test_generated_bodies_against_a_deployed_model_and_workflow(
     case.path_parameters = {**(case.path_parameters or {}), "name": "wf" if workflow else "echo"}
     if "version" in case.path_parameters:
         case.path_parameters["version"] = "1"
-    case.call_and_validate(base_url=server.url, headers=AUTH, checks=CHECKS)
+    # A generated x-request-timeout-seconds (5e-324 s) is rightly answered 503/504 by a
+    # real model, which the no-5xx check cannot tell from a fault: the server's maximum
+    # here. The header's parsing is fuzzed by the test above (unknown names: 404 or 400).
+    headers = {**AUTH, "x-request-timeout-seconds": "60"}
+    case.call_and_validate(base_url=server.url, headers=headers, checks=CHECKS)
 
 
 def test_an_unsupported_method_is_405_with_allow(server: ServerProcess) -> None:
