@@ -25,6 +25,9 @@ from smss.spec import FunctionSpec, TensorSpec
 from smss.workflow.spec import WorkflowSpec
 
 HEADER_LENGTH = "inference-header-content-length"
+#: Error types of a failed workflow stage that say "no capacity now", not "the model
+#: failed": a workflow called through infer answers them 503 with Retry-After.
+TRANSIENT = frozenset({"Overloaded", "Unavailable", "StartFailed", "DeadlineExceeded"})
 
 
 def _tensor_meta(t: TensorSpec) -> w.TensorMetadata:
@@ -129,9 +132,13 @@ def routes(ctx: AppContext) -> list[Route]:
             timeout_s=serving.request_timeout_s,
         )
         if outcome.status != "completed" or outcome.outputs is None:
-            raise (ModelError if outcome.status == "failed" else Unavailable)(
+            message = (
                 f"workflow run {outcome.run_id} {outcome.status}: {outcome.error or 'not finished in time'}"
             )
+            if outcome.status == "failed" and outcome.error_type not in TRANSIENT:
+                raise ModelError(message)
+            # not finished in time, or failed for want of capacity: try again later
+            raise Unavailable(message, retry_after_s=serving.retry_after_s)
         wanted = {o.name for o in decoded.outputs} or set(outcome.outputs)
         outputs = {k: v for k, v in outcome.outputs.items() if k in wanted}
         payload, headers = codec.encode_response(spec.name, spec.version, decoded.id, outputs, decoded)
