@@ -91,6 +91,7 @@ def routes(ctx: AppContext) -> list[Route]:
                 timeout_s,
                 session=request.headers.get("smss-session"),
                 idempotency_key=request.headers.get("idempotency-key"),
+                retry_after_s=serving.retry_after_s,
             )
             payload, headers = codec.encode_response(
                 spec.name, spec.version, decoded.id, answer.outputs, decoded

@@ -91,6 +91,9 @@ class RepositoryEntry:
     reason: str
 
 
+#: Error types of a failed workflow stage that say "no capacity now", not "the model
+#: failed": a workflow called through infer answers them 503 with Retry-After.
+TRANSIENT = frozenset({"Overloaded", "Unavailable", "StartFailed", "DeadlineExceeded"})
 _PLATFORMS = {"torch": "pytorch", "onnx": "onnxruntime", "python": "python"}
 
 
@@ -196,8 +199,12 @@ class Platform:
         *,
         session: str | None = None,
         idempotency_key: str | None = None,
+        retry_after_s: float = 1.0,
     ) -> Answer:
-        """Infer on a model, or run a workflow and wait for it; ``outputs`` () means all."""
+        """Infer on a model, or run a workflow and wait for it; ``outputs`` () means all.
+
+        A workflow run that failed for want of capacity (or did not finish in time) is
+        :class:`Unavailable` with ``retry_after_s``; one whose model failed, ModelError."""
         wf = self.workflows.find(name)
         if wf is None:
             runtime = self.function(name, version)
@@ -208,9 +215,13 @@ class Platform:
             wf.name, inputs, session=session, idempotency_key=idempotency_key, wait=True, timeout_s=timeout_s
         )
         if outcome.status != "completed" or outcome.outputs is None:
-            raise (ModelError if outcome.status == "failed" else Unavailable)(
+            message = (
                 f"workflow run {outcome.run_id} {outcome.status}: {outcome.error or 'not finished in time'}"
             )
+            if outcome.status == "failed" and outcome.error_type not in TRANSIENT:
+                raise ModelError(message)
+            # not finished in time, or failed for want of capacity: try again later
+            raise Unavailable(message, retry_after_s=retry_after_s)
         wanted_set = set(outputs) or set(outcome.outputs)
         return Answer({k: v for k, v in outcome.outputs.items() if k in wanted_set}, run_id=outcome.run_id)
 

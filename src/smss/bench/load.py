@@ -144,7 +144,7 @@ def _steady(server: ServerProcess, target: str, rate: float, seconds: float, wor
         "pss_mb_before": round(sum(p.pss_kb for p in procs_before) / 1024, 1),
         "pss_mb_after": round(sum(p.pss_kb for p in procs_after) / 1024, 1),
         "processes": len(procs_after),
-        "shm_segments": shm_segments(),
+        "shm_segments": shm_segments(server.data_dir),
         **({"queue_ms": split["queue_ms"], "instance_ms": split["instance_ms"]} if split else {}),
         "rss_by_process": rows,
     }

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from smss.node.roster import read_pointer
+
 PROC = Path("/proc")
 
 
@@ -84,10 +86,14 @@ def platform_procs(root: int, proc: Path = PROC) -> list[Proc]:
     return out
 
 
-def shm_segments(shm: Path = Path("/dev/shm")) -> int:
-    """The platform's weight segments in ``/dev/shm`` (named ``smss-*``)."""
+def shm_segments(data_dir: Path, shm: Path = Path("/dev/shm")) -> int | None:
+    """The weight segments in ``/dev/shm`` of the platform serving ``data_dir`` (named
+    after its node's run directory); None when it names none."""
+    run_dir = read_pointer(data_dir / "node.json")
+    if run_dir is None:
+        return None
     try:
-        return sum(1 for p in shm.iterdir() if p.name.startswith("smss-"))
+        return sum(1 for p in shm.iterdir() if p.name.startswith(f"{run_dir.name}-"))
     except OSError:
         return 0
 

@@ -93,7 +93,7 @@ def _reload(http: httpx.Client) -> list[int]:
 def _scaled_to_zero(http: httpx.Client, timeout_s: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        functions = {f["name"]: f for f in http.get("/v1/functions").json()}
+        functions = {f["name"]: f for f in http.get("/v1/functions").json()["functions"]}
         if all(not functions[n]["instances"] for n in ("mlp", "cnn")):
             return True
         time.sleep(0.5)
@@ -114,7 +114,7 @@ def _snapshot(server: ServerProcess) -> dict[str, Any]:
         "fds": sum(p.fds for p in procs),
         "gateway_fds": gateway.fds if gateway else None,
         "threads": sum(p.threads for p in procs),
-        "shm_segments": shm_segments(),
+        "shm_segments": shm_segments(server.data_dir),
         "log_bytes": sum(p.stat().st_size for p in sqlite if p.exists()),
     }
 

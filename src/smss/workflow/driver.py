@@ -62,6 +62,8 @@ class RunOutcome:
     status: str
     outputs: dict[str, np.ndarray] | None = None
     error: str | None = None
+    #: A failed run's last error's type (e.g. ``Overloaded``, ``ModelError``).
+    error_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -610,7 +612,9 @@ def outcome_of(view: RunView, cache: dict[str, np.ndarray], event_log: EventLog)
     if isinstance(t, RunCompleted):
         return RunOutcome(view.run_id, "completed", load(dict(t.outputs), cache, event_log))
     if isinstance(t, RunFailed):
-        return RunOutcome(view.run_id, "failed", error=f"{t.error_type}: {t.message}")
+        return RunOutcome(
+            view.run_id, "failed", error=f"{t.error_type}: {t.message}", error_type=t.error_type
+        )
     if isinstance(t, RunParked):
         return RunOutcome(view.run_id, "parked", error=t.reason)
     return RunOutcome(view.run_id, "running")

@@ -152,6 +152,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
                 timeout_s,
                 session=_metadata(context, "smss-session"),
                 idempotency_key=_metadata(context, "idempotency-key"),
+                retry_after_s=self._ctx.settings.serving.retry_after_s,
             )
             response = tensors.encode_response(spec, request.id, answer.outputs)
             status = "200"
