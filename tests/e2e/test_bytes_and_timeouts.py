@@ -52,6 +52,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv = start(data, ["--token", TOKEN, "--request-timeout", str(MAX_TIMEOUT_S), "--keep-alive", "300"])
     try:
         with smss.Client(srv.url, token=TOKEN, timeout=REQUEST_TIMEOUT_S) as admin:
+            admin.deploy(f"{MODELS / 'broken.py'}:Broken")  # never starts: UNAVAILABLE below
             for target in ("upper.py:Upper", "sleepy.py:Sleepy"):
                 name = admin.deploy(f"{MODELS / target}")["name"]
                 # Started now: a cold start must not eat the short request timeout below.
@@ -255,6 +256,18 @@ def test_grpc_deadline_beyond_the_maximum_is_cut_by_the_server(grpc_client: Any)
     assert "sleepy" in caught.value.message()
 
 
+def test_a_model_that_cannot_start_is_unavailable_with_retry_after(server: ServerProcess) -> None:
+    assert server.grpc_address is not None
+    request = pb.ModelInferRequest(model_name="broken")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([0.0] * 4)
+    with grpc.insecure_channel(server.grpc_address) as channel, pytest.raises(grpc.RpcError) as caught:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=REQUEST_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "broken" in caught.value.details()
+    trailing = dict(caught.value.trailing_metadata() or ())
+    assert int(trailing["retry-after"]) >= 1
+
+
 # ---------------------------------------------------------------------- repository RPCs
 
 
@@ -268,7 +281,7 @@ def test_repository_rpcs_need_the_token(grpc_client: Any) -> None:
 
     auth = {"authorization": f"Bearer {TOKEN}"}
     index = grpc_client.get_model_repository_index(headers=auth, as_json=True)
-    assert {m["name"] for m in index["models"]} == {"upper", "sleepy"}
+    assert {m["name"] for m in index["models"]} == {"upper", "sleepy", "broken"}
     grpc_client.load_model("upper", headers=auth)
     with pytest.raises(InferenceServerException) as caught:
         grpc_client.load_model("nope", headers=auth)
