@@ -49,11 +49,11 @@ def as_bytes_array(value: object, where: str) -> np.ndarray[Any, Any]:
     out = np.empty(array.shape, dtype=DTYPE)
     flat_in, flat_out = array.reshape(-1), out.reshape(-1)
     for i, element in enumerate(flat_in):
-        if isinstance(element, bytes):
+        if type(element) is bytes:
             flat_out[i] = element
         elif isinstance(element, str):
             flat_out[i] = element.encode()
-        elif isinstance(element, bytearray | memoryview | np.bytes_):
+        elif isinstance(element, bytes | bytearray | memoryview):  # np.bytes_ too: plain bytes out
             flat_out[i] = bytes(element)
         else:
             raise TypeError(f"{where} must hold bytes or str, not {type(element).__name__}")

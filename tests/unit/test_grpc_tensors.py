@@ -22,6 +22,8 @@ LIMITS = Limits()
 
 
 def triton_request(array: np.ndarray, datatype: str, outputs: list[str] | None = None) -> Any:
+    """The ModelInferRequest tritonclient.grpc's ``infer`` sends (its own builder: private,
+    so a tritonclient upgrade may need this helper changed, never the server)."""
     tensor = tritongrpc.InferInput("x", list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
     wanted = None if outputs is None else [tritongrpc.InferRequestedOutput(o) for o in outputs]
