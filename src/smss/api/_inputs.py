@@ -95,7 +95,7 @@ def decode_checked(
 
 def decode_raw(wire: InputWire, shape: tuple[int, ...], raw: memoryview) -> np.ndarray[Any, Any]:
     """One checked input from its own raw little-endian (or length-prefixed BYTES) bytes."""
-    return _binary_array(wire, shape, len(raw), raw, 0)
+    return _binary_array(wire, shape, len(raw), raw, 0, what="its raw contents")
 
 
 def _spec_for(wire: InputWire, specs: dict[str, TensorSpec] | None) -> TensorSpec | None:
@@ -174,7 +174,13 @@ def _absent(data: msgspec.Raw) -> bool:
 
 
 def _binary_array(
-    wire: InputWire, shape: tuple[int, ...], size: int, tail: memoryview | None, offset: int
+    wire: InputWire,
+    shape: tuple[int, ...],
+    size: int,
+    tail: memoryview | None,
+    offset: int,
+    *,
+    what: str = "binary_data_size",
 ) -> np.ndarray[Any, Any]:
     name = show(wire.name)
     if tail is None:
@@ -188,7 +194,7 @@ def _binary_array(
     count = element_count(shape)
     if size != count * dtype.itemsize:
         raise InvalidInput(
-            f"input {name}: binary_data_size is {size} bytes, shape {list(shape)} of "
+            f"input {name}: {what} is {size} bytes, shape {list(shape)} of "
             f"{wire.datatype} needs {count * dtype.itemsize}"
         )
     array = np.frombuffer(tail, dtype=dtype, count=count, offset=offset)
