@@ -49,12 +49,15 @@ def function(url: str) -> dict[str, Any]:
 
 
 def test_a_burst_at_zero_starts_one_instance_serves_the_queue_and_refuses_the_rest(tmp_path: Path) -> None:
-    server = start_server(tmp_path / "data", ["--queue-limit", str(QUEUE_LIMIT), "--keep-alive", "300"], env=ENV)
+    server = start_server(
+        tmp_path / "data", ["--queue-limit", str(QUEUE_LIMIT), "--keep-alive", "300"], env=ENV
+    )
     try:
         with Client(server.url) as client:
             client.deploy(f"{MODEL}:Burst")
         before = function(server.url)
-        assert before["instances"] == [] and before["cold_starts"] == 0
+        assert before["instances"] == []
+        assert before["cold_starts"] == 0
 
         responses = asyncio.run(burst(server.url, BURST))
 

@@ -102,7 +102,8 @@ def test_sigterm_to_an_instance_finishes_its_request_and_sends_new_ones_elsewher
         )
         for _ in range(3):
             y, pid = answer(infer(server.url, 0.0))
-            assert y == [0.0, 2.0] and pid != victim
+            assert y == [0.0, 2.0]
+            assert pid != victim
         assert function(server.url)["replaced"] == 0, "a drained instance is not a failed one"
     finally:
         assert server.stop() == 0, server.log()[-4000:]
