@@ -210,7 +210,10 @@ def run(ctx: AppContext) -> None:
         http=protocol_class(settings.serving),
         log_config=None,
         access_log=False,
-        limit_concurrency=2048,
+        # The connection cap is the protocol's (a JSON 503 with Retry-After); uvicorn's
+        # own limit, a plain-text 503, only bounds the tasks of requests whose
+        # clients went away, above it.
+        limit_concurrency=2 * settings.serving.max_connections + 64,
         timeout_keep_alive=30,
         # How long uvicorn waits for the requests in flight once it stopped accepting.
         timeout_graceful_shutdown=max(1, math.ceil(settings.serving.drain_grace_s)),

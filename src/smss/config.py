@@ -57,6 +57,10 @@ class ServingSettings:
     #: A connection closed while its request body still arrives (an early 413) reads and
     #: drops the rest for at most this long, so the client can read the answer.
     linger_s: float = 30.0
+    #: Client connections held at once; one more is answered 503 with ``Retry-After``
+    #: and closed, so idle or slow clients cannot take every socket (the header
+    #: timeout then frees the idle ones). Connections already open are unaffected.
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,10 @@ class Settings:
             raise InvalidSpec(
                 f"--drain-timeout must be 0 or more seconds, not {self.serving.drain_grace_s:g}"
             )
+        if self.serving.queue_limit < 1:
+            raise InvalidSpec(f"--queue-limit must be at least 1, not {self.serving.queue_limit}")
+        if self.serving.max_connections < 1:
+            raise InvalidSpec(f"--max-connections must be at least 1, not {self.serving.max_connections}")
         if self.serving.max_start_failures < 1:
             raise InvalidSpec(
                 f"--max-start-failures must be at least 1, not {self.serving.max_start_failures}"

@@ -25,6 +25,7 @@ here knows about HTTP.
     ├── Unavailable             cannot serve now: starting failed, instance died (503)
     │   ├── StartFailed         an instance could not be started (load error)
     │   ├── InstanceLost        an instance died with the request in flight
+    │   │   └── InstanceDraining  an instance refused a request it never ran (it drains)
     │   └── StorageUnavailable  the store could not durably record an event
     ├── DeadlineExceeded        the request's deadline passed (504)
     └── ModelError              the user's predict() raised (500)
@@ -111,6 +112,14 @@ class InstanceLost(Unavailable):
     code = "instance_lost"
 
 
+class InstanceDraining(InstanceLost):
+    """The instance stopped taking requests (it was sent SIGTERM) and refused this one
+    without running it: it may be sent elsewhere, idempotent or not. The instance's
+    requests in flight still finish there."""
+
+    code = "instance_draining"
+
+
 class StorageUnavailable(Unavailable):
     code = "storage_unavailable"
 
@@ -134,6 +143,7 @@ __all__ = [
     "CrossSiteRequest",
     "DeadlineExceeded",
     "Forbidden",
+    "InstanceDraining",
     "InstanceLost",
     "InvalidInput",
     "InvalidSpec",

@@ -39,13 +39,13 @@ DTYPE_TO_DATATYPE["|b1"] = "BOOL"
 DTYPE_TO_DATATYPE["|u1"] = "UINT8"
 DTYPE_TO_DATATYPE["|i1"] = "INT8"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}")  # fullmatch: "$" would let a final newline in
 MAX_DIMS = 8
 
 
 def check_name(kind: str, name: str) -> str:
     """Names become file and URL path parts: letters, digits, ``_ . -``; no ``..``."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise InvalidSpec(
             f"invalid {kind} name {name!r}: use 1-63 letters, digits, '_', '.', '-' "
             "starting with a letter or digit, without '..'"

@@ -22,6 +22,7 @@ from smss.config import ServingSettings
 from smss.control.dispatcher import DispatchHooks, FunctionDispatcher
 from smss.errors import (
     DeadlineExceeded,
+    InstanceDraining,
     InstanceLost,
     NotFound,
     Overloaded,
@@ -356,6 +357,32 @@ def test_instance_lost_is_unavailable_when_not_idempotent() -> None:
             await task
         assert e.value.retry_after_s == 1.5
         assert b.calls == 0
+
+    run(main())
+
+
+def test_a_draining_refusal_goes_elsewhere_even_when_not_idempotent_and_keeps_the_instance() -> None:
+    """An instance sent SIGTERM refuses new requests without running them: the request
+    goes to another instance, and the draining one leaves rotation but is not lost (its
+    requests in flight still finish there)."""
+
+    async def main() -> None:
+        h = Harness(concurrency=2, idempotent=False)
+        a = h.add("a", FakeChannel(blocked=True))
+        held = h.request(1.0)
+        await until(lambda: bool(a.held))
+        a.fail_next(InstanceDraining("instance is draining"))
+        refused = h.request(2.0)
+        await until(lambda: a.calls == 2)
+        b = h.add("b")
+        assert value_of(await refused) == 2.0
+        assert b.calls == 1
+        assert h.d.slots["a"].draining  # out of rotation, still there
+        a.held[0].release()
+        assert value_of(await held) == 1.0
+        third = await h.request(3.0)
+        assert value_of(third) == 3.0
+        assert (a.calls, b.calls) == (2, 2)
 
     run(main())
 

@@ -19,6 +19,8 @@ from smss.errors import InvalidSpec
         (Settings(serving=ServingSettings(drain_grace_s=-0.5)), "--drain-timeout must be 0 or more"),
         (Settings(serving=ServingSettings(drain_grace_s=math.nan)), "--drain-timeout must be 0 or more"),
         (Settings(serving=ServingSettings(max_start_failures=0)), "--max-start-failures must be at least 1"),
+        (Settings(serving=ServingSettings(queue_limit=0)), "--queue-limit must be at least 1"),
+        (Settings(serving=ServingSettings(max_connections=0)), "--max-connections must be at least 1"),
     ],
 )
 def test_nonsense_is_refused(settings: Settings, message: str) -> None:

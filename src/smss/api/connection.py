@@ -18,7 +18,11 @@ httptools protocol with:
 * a **lingering close**: a connection closed while its request body is still
   arriving is half-closed instead (the answer, then FIN), and what the client
   still sends is read and dropped until it stops sending or closes, ``linger_s``
-  at most; only then is the socket closed, so the client reads the answer.
+  at most; only then is the socket closed, so the client reads the answer;
+* a **connection cap**: a connection past ``max_connections`` open at once is
+  answered 503 with ``Retry-After`` at once (before its request is read) and
+  ended by a lingering close; it does not count against the cap, and the
+  connections already open are served as before.
 
 :class:`CloseEarlyAnswers` (ASGI) adds ``Connection: close`` to an answer sent
 before its request's large body was read: such a connection is not reused, so
@@ -42,7 +46,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from smss.api.errors import error_response
 from smss.config import ServingSettings
-from smss.errors import RequestTimeout, SmssError
+from smss.errors import RequestTimeout, SmssError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,7 @@ class _GuardedProtocol(HttpToolsProtocol):
     header_timeout_s: ClassVar[float] = 10.0
     body_timeout_s: ClassVar[float] = 60.0
     linger_s: ClassVar[float] = 30.0
+    max_connections: ClassVar[int] = 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -155,7 +160,20 @@ class _GuardedProtocol(HttpToolsProtocol):
         # A stream server's transport (uvloop's are not asyncio.Transport subclasses).
         self._socket = _LingeringTransport(cast(asyncio.Transport, transport), self)
         super().connection_made(self._socket)
+        if len(self.connections) > self.max_connections:
+            self._refuse()
+            return
         self._arm(self.header_timeout_s, self._headers_late)
+
+    def _refuse(self) -> None:
+        """Past the cap: 503 now, then a lingering close (the request the client is
+        sending is read and dropped, so it reads the answer, not a reset)."""
+        self.connections.discard(self)
+        log.warning("refusing a connection from %s: %d connections open", self.client, self.max_connections)
+        if self._socket is not None:
+            error = Unavailable("too many connections; try again later", retry_after_s=1.0)
+            self._socket.write(_raw_response(error))
+        self.linger()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -248,12 +266,13 @@ class _GuardedProtocol(HttpToolsProtocol):
 
 
 def protocol_class(serving: ServingSettings) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with this server's slow-client timeouts."""
+    """uvicorn's httptools protocol with this server's slow-client timeouts and connection cap."""
 
     class Protocol(_GuardedProtocol):
         header_timeout_s = serving.header_timeout_s
         body_timeout_s = serving.body_timeout_s
         linger_s = serving.linger_s
+        max_connections = serving.max_connections
 
     return Protocol
 

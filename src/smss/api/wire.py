@@ -35,7 +35,8 @@ class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     inputs: msgspec.Raw
     session: str | None = None
     wait: bool = True
-    timeout_s: float = 300.0
+    #: How long a waiting caller waits (at most an hour); a run goes on past it.
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     durable: bool = True
 
 

@@ -127,6 +127,14 @@ def serve(
             help="On SIGTERM, seconds the requests in flight (and then each instance) get to finish"
         ),
     ] = 10.0,
+    queue_limit: Annotated[
+        int,
+        typer.Option(help="Requests a function holds waiting for an instance; past it: 429 with Retry-After"),
+    ] = 256,
+    max_connections: Annotated[
+        int,
+        typer.Option(help="Client connections held at once; past it new ones get 503 with Retry-After"),
+    ] = 1024,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
 ) -> None:
     """Run the platform: gateway, controller and a local node. SIGTERM drains it:
@@ -152,6 +160,8 @@ def serve(
             body_timeout_s=body_timeout,
             drain_grace_s=drain_timeout,
             max_start_failures=max_start_failures,
+            queue_limit=queue_limit,
+            max_connections=max_connections,
         ),
         start_mode=start_mode,
         spares=spares,

@@ -48,6 +48,7 @@ from smss.control.router import Candidate, Ewma, choose
 from smss.control.scaling import InstanceView
 from smss.errors import (
     DeadlineExceeded,
+    InstanceDraining,
     InstanceLost,
     NotFound,
     Overloaded,
@@ -177,7 +178,10 @@ class FunctionDispatcher:
         self._hooks.on_arrival()
         clock = self._clock
         queued = 0.0
-        for attempt in range(attempts):
+        lost = 0
+        # Each refusal by a draining instance takes that instance out of rotation, so
+        # the loop ends: on another instance, a start, or the deadline.
+        while True:
             asked = clock.monotonic()
             slot, cold = await self._acquire(deadline)
             sent = clock.monotonic()
@@ -185,9 +189,16 @@ class FunctionDispatcher:
             try:
                 result = await self._call(slot, inputs, outputs, deadline)
                 return result, Served(slot.info, cold, queued, clock.monotonic() - sent)
+            except InstanceDraining:
+                # Nothing ran: send it elsewhere, idempotent or not. The instance is not
+                # replaced: its requests in flight finish, then it exits (see _on_exit).
+                self.drain(slot.info.id)
+                self._demand_changed()
+                continue
             except InstanceLost as e:
                 self._lost(slot, e.message)
-                if attempt + 1 < attempts:
+                lost += 1
+                if lost < attempts:
                     continue
                 raise _located(
                     Unavailable(
@@ -204,7 +215,6 @@ class FunctionDispatcher:
                 ) from None
             except SmssError as e:
                 raise _located(e, slot.info) from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _call(
         self, slot: Slot, inputs: Tensors, outputs: tuple[str, ...], deadline: float

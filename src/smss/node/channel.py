@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from smss.errors import InstanceLost, InvalidInput, ModelError
+from smss.errors import InstanceDraining, InstanceLost, InvalidInput, ModelError
 from smss.node import ipc
 from smss.ports import InstanceInfo, Tensors
 
@@ -194,7 +194,7 @@ def _infer_answer(message: ipc.Message, payload: bytes) -> dict[str, np.ndarray]
         if message.kind == "invalid_input":
             raise InvalidInput(message.message)
         if message.kind == "draining":
-            raise InstanceLost("instance is draining")
+            raise InstanceDraining("instance is draining")
         err = ModelError(f"predict() failed: {message.message}")
         err.traceback = message.traceback  # type: ignore[attr-defined]
         raise err

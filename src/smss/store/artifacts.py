@@ -24,7 +24,7 @@ from smss.errors import InvalidSpec, NotFound, PayloadTooLarge, UnsafeArtifact
 from smss.safetensors_header import read_header
 from smss.spec import FunctionSpec, check_name
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a final newline in
 MAX_SOURCE_BYTES = 1 << 20
 #: An upload is written (and hashed) in a worker thread this many bytes at a time.
 UPLOAD_WRITE_BYTES = 4 * 1024 * 1024
@@ -48,7 +48,7 @@ class ArtifactStore:
     # ------------------------------------------------------------ uploads
 
     def upload_path(self, sha256: str) -> Path:
-        if not _SHA256.match(sha256):
+        if not _SHA256.fullmatch(sha256):
             raise InvalidSpec("an upload is named by the sha256 of its content (64 hex digits)")
         return self._inside(self.uploads, sha256)
 

@@ -79,7 +79,10 @@ def start_server(
     port: int | None = None,
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 120.0,
+    wrapper: Sequence[str] = (),
 ) -> ServerProcess:
+    """``smss serve`` on ``data_dir``, ready. ``wrapper``: words the server's command line
+    is appended to (e.g. ``unshare`` and a shell that mounts a small ``/dev/shm`` first)."""
     port = port or free_port()
     grpc_args: list[str] = []
     grpc_port: int | None = None
@@ -93,6 +96,7 @@ def start_server(
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [
+                *wrapper,
                 sys.executable,
                 "-m",
                 "smss.cli",
