@@ -18,6 +18,7 @@ from pathlib import Path
 import msgspec
 import uvicorn
 
+from smss import faults
 from smss.api.app import create_app
 from smss.api.auth import TokenAuth
 from smss.api.context import AppContext
@@ -38,7 +39,7 @@ from smss.packaging import package_class
 from smss.ports import SystemClock
 from smss.store.artifacts import ArtifactStore
 from smss.store.sqlite import SqliteRegistry
-from smss.store.sqlite_log import SqliteEventLog
+from smss.store.sqlite_log import SqliteEventLog, log_hooks
 from smss.store.sqlite_workflows import SqliteWorkflows
 from smss.workflow.engine import Engine
 from smss.workflow.spec import spec_hash, validate_workflow
@@ -73,6 +74,9 @@ def build(settings: Settings) -> AppContext:
     """The object graph of one platform process. Raises SmssError (before anything is
     created) on settings this machine cannot honour, e.g. ``--cpus`` above its cores."""
     settings.check()
+    faults.install(settings.faults)  # InvalidSpec on a bad spec, before anything starts
+    if settings.faults:
+        log.warning("fault points switched on: %s", settings.faults)
     inventory = discover(
         NODE,
         cpus=settings.cpus,
@@ -113,7 +117,7 @@ def build(settings: Settings) -> AppContext:
     )
     registry = SqliteRegistry(data / "registry.db")
     workflows = WorkflowRegistry(SqliteWorkflows(data / "workflows.db"), controller)
-    event_log = SqliteEventLog(data / "log.db")
+    event_log = SqliteEventLog(data / "log.db", fault=log_hooks())
     engine = Engine(
         event_log,
         PlatformCaller(controller, clock, settings.serving),

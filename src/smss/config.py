@@ -89,6 +89,10 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     serving: ServingSettings = field(default_factory=ServingSettings)
     workflows: WorkflowLimits = field(default_factory=WorkflowLimits)
+    #: Fault points to switch on (``SMSS_FAULT``, grammar in :mod:`smss.faults`): tests only.
+    faults: str | None = None
+    #: ``--allow-faults``: without it a platform refuses to start with ``faults`` set.
+    allow_faults: bool = False
 
     def check(self) -> Settings:
         """Refuse settings that would expose code execution: deploying a model
@@ -107,6 +111,11 @@ class Settings:
             raise InvalidSpec(f"--cpus must be a positive number of cores, not {self.cpus:g}")
         if self.memory_mb is not None and self.memory_mb < 1:
             raise InvalidSpec(f"--memory must be at least 1 MiB, not {self.memory_mb} MiB")
+        if self.faults and not self.allow_faults:
+            raise InvalidSpec(
+                "refusing to start with SMSS_FAULT set: fault points crash or stall the platform "
+                "on purpose, for tests. Unset it, or pass --allow-faults in a test."
+            )
         return self
 
 
@@ -133,6 +142,11 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise InvalidSpec(f"size must be positive, not {text!r}")
     return int(value * _UNITS[unit])
+
+
+def env_faults() -> str | None:
+    """``SMSS_FAULT``: fault points to switch on (see :mod:`smss.faults`), or None."""
+    return os.environ.get("SMSS_FAULT") or None
 
 
 def env_token() -> str | None:

@@ -84,6 +84,12 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
+    allow_faults: Annotated[
+        bool,
+        typer.Option(
+            "--allow-faults", help="Tests only: switch on the fault points named in $SMSS_FAULT", hidden=True
+        ),
+    ] = False,
 ) -> None:
     """Run the platform: gateway, controller and a local node."""
     from smss.compose import build, run
@@ -107,6 +113,8 @@ def serve(
         prices_path=prices,
         cpus=cpus,
         cuda_visible_devices=config.env_cuda_visible_devices(),
+        faults=config.env_faults(),
+        allow_faults=allow_faults,
     )
     try:
         if weight_cache is not None:

@@ -30,6 +30,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from smss import faults
+from smss.config import env_faults
 from smss.errors import InvalidInput, SmssError, StartFailed
 from smss.node import ipc
 from smss.node.attach import Attached, HotCopy
@@ -141,6 +143,7 @@ class Server:
             self._batcher.submit(Pending(inputs, msg.outputs, future))
             outputs = await future
             metas, buffers = ipc.tensor_metas(outputs)
+            faults.hit("instance.before_reply")
             ipc.write_frame(writer, ipc.Result(msg.id, metas), buffers)
         except ModelFailure as e:
             ipc.write_frame(writer, ipc.Failure(msg.id, "model_error", str(e), e.traceback))
@@ -395,6 +398,7 @@ def set_threads(config: WorkerConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(args[0], type=WorkerConfig)
+    faults.install(env_faults())
     ready_fd = start_child_process(config.instance_id)
     started = time.perf_counter()
     try:

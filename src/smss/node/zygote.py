@@ -48,6 +48,8 @@ from typing import Any
 
 import msgspec
 
+from smss import faults
+from smss.config import env_faults
 from smss.node import zygote_proto as proto
 from smss.node.spare import Spare, fork_spare
 from smss.node.worker import (
@@ -267,6 +269,7 @@ def _instance_main(config: WorkerConfig, model: Any, sock: socket.socket, parent
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(args[0], type=ZygoteConfig)
+    faults.install(env_faults())  # inherited by the templates and instances it forks
     ready_fd = start_child_process("pid %(process)d")
     t0 = time.perf_counter()
     preload(config.runtime)

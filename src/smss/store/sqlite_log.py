@@ -77,6 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from smss import faults
 from smss.errors import NotFound, Overloaded, SmssError, StorageUnavailable
 from smss.ports import AppendResult, Clock, SystemClock
 from smss.store import _log_ops as ops
@@ -118,15 +119,27 @@ _EVENT_TYPES: tuple[type, ...] = typing.get_args(Event)
 
 @dataclass(frozen=True)
 class FaultHooks:
-    """Named fault points, for tests only (``smss.testing.faults`` builds them from a
-    spec string). Each runs on the writer thread; an exception it raises counts as a
-    failure of the step it is attached to (a failed COMMIT or checkpoint: fatal)."""
+    """Named fault points, for tests only (:func:`log_hooks` builds them from the points
+    of :mod:`smss.faults`). Each runs on the writer thread; an exception it raises
+    counts as a failure of the step it is attached to (a failed COMMIT or checkpoint:
+    fatal)."""
 
     before_commit: Callable[[], None] | None = None
     after_commit: Callable[[], None] | None = None
     before_checkpoint: Callable[[], None] | None = None
     #: Called only when a checkpoint completed (the ``-wal`` file was emptied).
     after_checkpoint: Callable[[], None] | None = None
+
+
+def log_hooks(lookup: Callable[[str], Callable[[], None] | None] = faults.point) -> FaultHooks:
+    """The log's hooks from ``lookup`` (point name -> action): by default the points
+    installed in this process (:func:`smss.faults.install`)."""
+    return FaultHooks(
+        before_commit=lookup("log.before_commit"),
+        after_commit=lookup("log.after_commit"),
+        before_checkpoint=lookup("log.before_checkpoint"),
+        after_checkpoint=lookup("log.after_checkpoint"),
+    )
 
 
 class SqliteEventLog:

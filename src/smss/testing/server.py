@@ -78,7 +78,11 @@ def start_server(
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 120.0,
 ) -> ServerProcess:
+    """``smss serve`` on ``data_dir``, returned once ready. With ``SMSS_FAULT`` in
+    ``env`` it is given ``--allow-faults``: the fault points are switched on."""
     port = port or free_port()
+    if (env or {}).get("SMSS_FAULT"):
+        args = [*args, "--allow-faults"]  # the test kit's servers may run fault points
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"server-{port}.log"
     with log_path.open("ab") as log_file:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from smss import faults
 from smss.errors import InvalidInput, InvalidSpec, NotFound, SmssError, StorageUnavailable
 from smss.ports import AppendResult, CallResult, Clock, EventLog, FunctionCaller
 from smss.workflow.blobs import decode_tensor, to_blobs
@@ -357,6 +358,7 @@ class Driver:
         fn = self._s.caller.spec_of(stage.function)
         t0 = self._s.clock.monotonic()
         try:
+            faults.hit("stage.before_call")
             result: CallResult = await self._s.caller.call(
                 stage.function, p.inputs, tuple(t.name for t in fn.outputs), stage.timeout_s
             )
@@ -374,6 +376,7 @@ class Driver:
                 retryable=not isinstance(e, InvalidInput | InvalidSpec | NotFound),
             )
             return _Result(p, failed)
+        faults.hit("stage.after_effect")  # done, not yet recorded
         out_refs, blobs = to_blobs(result.outputs)
         state = None
         if p.key is not None and p.base is not None:

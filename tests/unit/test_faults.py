@@ -1,0 +1,110 @@
+"""The fault-point primitive: its grammar, its actions, and that it is off by default."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from smss import faults
+from smss.config import Settings
+from smss.errors import InvalidSpec
+from smss.testing import inject
+
+
+@pytest.fixture(autouse=True)
+def _off() -> Iterator[None]:
+    yield
+    faults.install(None)
+
+
+def test_no_point_does_anything_when_nothing_is_installed() -> None:
+    for point in faults.POINTS:
+        faults.hit(point)
+        assert faults.point(point) is None
+
+
+def test_eio_enospc_and_the_nth_pass() -> None:
+    faults.install("log.before_commit:eio, stage.after_effect:enospc@2")
+    with pytest.raises(OSError, match="Input/output"):
+        faults.hit("log.before_commit")
+    faults.hit("stage.after_effect")  # the first pass: nothing
+    with pytest.raises(OSError, match="No space"):
+        faults.hit("stage.after_effect")
+    faults.hit("stage.after_effect")  # only the second
+    faults.hit("stage.before_call")  # not named: nothing
+
+
+def test_delay_blocks_the_caller() -> None:
+    faults.install("request.before_dispatch:delay:50")
+    t0 = time.monotonic()
+    faults.hit("request.before_dispatch")
+    assert time.monotonic() - t0 >= 0.05
+
+
+def test_install_replaces_and_clears() -> None:
+    faults.install("log.after_commit:eio")
+    faults.install("")
+    faults.hit("log.after_commit")
+    assert faults.active() == {}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "log.nowhere:eio",
+        "stage.after_effect:explode",
+        "stage.after_effect:kill@x",
+        "stage.after_effect:kill@0",
+        "stage.after_effect:delay",
+        "stage.after_effect:delay:-1",
+        "stage.after_effect:kill:9",
+        "stage.after_effect",
+    ],
+)
+def test_a_bad_spec_is_refused_and_names_the_entry(bad: str) -> None:
+    with pytest.raises(InvalidSpec, match="bad fault"):
+        faults.parse(bad)
+    faults.install("log.after_commit:eio")
+    with pytest.raises(InvalidSpec):
+        faults.install(bad)
+
+
+def test_settings_refuse_faults_without_the_test_flag() -> None:
+    with pytest.raises(InvalidSpec, match="SMSS_FAULT"):
+        Settings(faults="stage.after_effect:kill").check()
+    Settings(faults="stage.after_effect:kill", allow_faults=True).check()
+    Settings().check()
+
+
+def _hitting(spec: str, point: str) -> subprocess.Popen[str]:
+    code = (
+        "import sys; from smss import faults\n"
+        f"faults.install({spec!r}); print('before', flush=True)\n"
+        f"faults.hit({point!r}); print('after', flush=True)\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def test_kill_kills_the_process_at_the_point() -> None:
+    proc = _hitting("stage.after_effect:kill", "stage.after_effect")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -9
+    assert out == "before\n"
+
+
+def test_stop_stops_the_process_until_it_is_resumed() -> None:
+    proc = _hitting("instance.before_reply:stop", "instance.before_reply")
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "before\n"
+        inject.wait_state(proc.pid, "Tt", timeout_s=30)
+        inject.resume(proc.pid)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        inject.kill(proc.pid)
+        proc.wait()
+    assert (out, proc.returncode) == ("after\n", 0)
