@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -12,7 +10,6 @@ import pytest
 from smss import faults
 from smss.config import Settings
 from smss.errors import InvalidSpec
-from smss.testing import inject
 
 
 @pytest.fixture(autouse=True)
@@ -78,33 +75,3 @@ def test_settings_refuse_faults_without_the_test_flag() -> None:
         Settings(faults="stage.after_effect:kill").check()
     Settings(faults="stage.after_effect:kill", allow_faults=True).check()
     Settings().check()
-
-
-def _hitting(spec: str, point: str) -> subprocess.Popen[str]:
-    code = (
-        "import sys; from smss import faults\n"
-        f"faults.install({spec!r}); print('before', flush=True)\n"
-        f"faults.hit({point!r}); print('after', flush=True)\n"
-    )
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-
-
-def test_kill_kills_the_process_at_the_point() -> None:
-    proc = _hitting("stage.after_effect:kill", "stage.after_effect")
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == -9
-    assert out == "before\n"
-
-
-def test_stop_stops_the_process_until_it_is_resumed() -> None:
-    proc = _hitting("instance.before_reply:stop", "instance.before_reply")
-    assert proc.stdout is not None
-    try:
-        assert proc.stdout.readline() == "before\n"
-        inject.wait_state(proc.pid, "Tt", timeout_s=30)
-        inject.resume(proc.pid)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        inject.kill(proc.pid)
-        proc.wait()
-    assert (out, proc.returncode) == ("after\n", 0)

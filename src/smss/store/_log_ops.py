@@ -64,6 +64,7 @@ class Counts:
     state_conflicts: int = 0
     runs_started: int = 0
     voided: int = 0
+    fenced: int = 0
 
 
 @dataclass
@@ -124,6 +125,13 @@ def _refusal(db: sqlite3.Connection, op: Append) -> Outcome | None:
         # Computed from a completion that never took effect (or lost to another): void.
         void = AppendResult(tuple(0 for _ in op.rows), void=True)
         return Outcome(result=void, counts=Counts(appends=1, voided=1))
+    stale = _stale_attempts(db, op)
+    if stale:
+        # Fencing: the stage was reassigned (a later attempt started) since this attempt
+        # began; its result is rejected whether or not the later attempt has finished.
+        logger.warning("run %s: rejected results of stale attempts %s", op.run_id, stale)
+        fenced = AppendResult(tuple(0 for _ in op.rows), fenced=True)
+        return Outcome(result=fenced, counts=Counts(appends=1, fenced=1))
     if op.state is None:
         return None
     if _completion_recorded(db, op):
@@ -140,6 +148,21 @@ def _refusal(db: sqlite3.Connection, op: Append) -> Outcome | None:
         conflict = AppendResult(tuple(0 for _ in op.rows), state_conflict=True)
         return Outcome(result=conflict, counts=Counts(appends=1, state_conflicts=1))
     return None
+
+
+def _stale_attempts(db: sqlite3.Connection, op: Append) -> list[tuple[str, int]]:
+    """(stage, attempt) of each result in ``op`` older than its stage's latest start."""
+    stale = []
+    for row in op.rows:
+        if row.type not in ("StageCompleted", "StageFailed") or row.attempt is None:
+            continue
+        latest = db.execute(
+            "SELECT max(attempt) FROM events WHERE run_id = ? AND stage = ? AND type = 'StageStarted'",
+            (op.run_id, row.stage),
+        ).fetchone()[0]
+        if latest is not None and row.attempt < latest:
+            stale.append((str(row.stage), row.attempt))
+    return stale
 
 
 def _state_is(row: tuple[int, bytes] | None, write: StateWrite) -> bool:

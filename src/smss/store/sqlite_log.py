@@ -186,6 +186,7 @@ class SqliteEventLog:
                 "dropped_completions",
                 "state_conflicts",
                 "voided",
+                "fenced",
                 "runs_started",
             ),
             0,
