@@ -125,7 +125,9 @@ def parse(spec: str) -> dict[str, Action]:
         point, _, action = body.partition(":")
         name, _, arg = action.partition(":")
         if point not in POINTS:
-            raise InvalidSpec(f"bad fault {entry!r}: unknown point {point!r}, expected one of {sorted(POINTS)}")
+            raise InvalidSpec(
+                f"bad fault {entry!r}: unknown point {point!r}, expected one of {sorted(POINTS)}"
+            )
         if nth and not (nth.isdigit() and int(nth) > 0):
             raise InvalidSpec(f"bad fault {entry!r}: @n needs a positive whole number")
         fire = _action(entry, name, arg)

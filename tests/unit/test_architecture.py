@@ -26,7 +26,13 @@ FORBIDDEN = {
     "cli": ("smss.api", "smss.app", "smss.control", "smss.node", "smss.store", "smss.workflow.engine"),
 }
 # Modules at the top level that everything may import: they import no package but these.
-LEAVES = {"errors": (), "inventory": (), "spec": ("smss.errors",), "config": ("smss.errors",), "faults": ("smss.errors",)}
+LEAVES = {
+    "errors": (),
+    "inventory": (),
+    "spec": ("smss.errors",),
+    "config": ("smss.errors",),
+    "faults": ("smss.errors",),
+}
 FORBIDDEN_LIBS = {
     "control": ("sqlite3", "socket", "ray", "torch", "starlette", "uvicorn"),
     "workflow": ("ray", "starlette", "uvicorn"),

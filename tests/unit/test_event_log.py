@@ -199,7 +199,8 @@ def test_results_of_a_reassigned_attempt_are_fenced_off(open_log: Callable[..., 
     early, failed, current, late = run(scenario())
     assert (early.fenced, failed.fenced, late.fenced) == (True, True, True)
     assert not (early.clean or failed.clean or late.clean)
-    assert current.clean and not current.fenced
+    assert current.clean
+    assert not current.fenced
     events = [r.event for r in log.read_run("r1")]
     results = [(type(e).__name__, e.attempt) for e in events if isinstance(e, StageCompleted | StageFailed)]
     assert results == [("StageCompleted", 2)]

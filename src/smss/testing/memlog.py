@@ -116,10 +116,11 @@ class MemoryEventLog:
         if any(self._recorded.get((run_id, c.stage)) != c for c in requires):
             self.counters["voided"] += 1
             return AppendResult(tuple(0 for _ in events), void=True)
+        started = self._started
         stale = [
             e
             for e in events
-            if isinstance(e, StageCompleted | StageFailed) and e.attempt < self._started.get((run_id, e.stage), 0)
+            if isinstance(e, StageCompleted | StageFailed) and e.attempt < started.get((run_id, e.stage), 0)
         ]
         if stale:
             self.counters["fenced"] += 1
