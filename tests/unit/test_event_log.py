@@ -198,7 +198,7 @@ def test_results_of_a_reassigned_attempt_are_fenced_off(open_log: Callable[..., 
 
     early, failed, current, late = run(scenario())
     assert (early.fenced, failed.fenced, late.fenced) == (True, True, True)
-    assert not (early.clean or failed.clean or late.clean)
+    assert (early.clean, failed.clean, late.clean) == (False, False, False)
     assert current.clean
     assert not current.fenced
     events = [r.event for r in log.read_run("r1")]
