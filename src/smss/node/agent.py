@@ -36,7 +36,7 @@ from typing import Literal
 
 import msgspec
 
-from smss.errors import StartFailed
+from smss.errors import CorruptWeights, StartFailed
 from smss.inventory import Allocation, AllocationKind, Capacity, NodeInventory
 from smss.node.devices import discover
 from smss.node.memory import PssCache, children
@@ -60,6 +60,8 @@ class _Instance:
     cancel_watch: Callable[[], None]
     process: asyncio.subprocess.Process | None = None
     stopping: bool = False
+    #: The generation of the segment it uses (a dropped segment's users release nothing).
+    weights_generation: int | None = None
 
 
 def default_weight_budget(inventory: NodeInventory) -> int:
@@ -179,6 +181,7 @@ class NodeAgent:
         t0 = time.perf_counter()
         segment = None
         weights_key = None
+        generation = None
         if spec.weights is not None:
             source = artifact_dir / spec.weights
             cached = self.store.get(key)
@@ -187,7 +190,7 @@ class NodeAgent:
             else:
                 async with self._store_misses:
                     seg, hit = await asyncio.to_thread(self.store.acquire, key, source)
-            segment, weights_key = seg.path, key
+            segment, weights_key, generation = seg.path, key, seg.generation
             if not hit:
                 phases["weights"] = (time.perf_counter() - t0) * 1000
         try:
@@ -215,12 +218,17 @@ class NodeAgent:
             phases["fork"] = spawned.fork_ms
             phases["spare"] = 1.0 if spawned.spare else 0.0
             phases["spawn_call"] = (time.perf_counter() - t2) * 1000
-        except BaseException:
+        except BaseException as e:
             if weights_key is not None:
-                self.store.release(weights_key)
+                self.store.release(weights_key, generation)
+                if isinstance(e, CorruptWeights):
+                    # Not served again: the next start reloads the weights file (the
+                    # instances that map the segment keep their mappings).
+                    log.error("weights of %s: %s", key, e.message)
+                    self.store.drop(weights_key)
             raise
         info = self._info(config, spawned.pid)
-        inst = _Instance(info, weights_key, asyncio.Event(), lambda: None)
+        inst = _Instance(info, weights_key, asyncio.Event(), lambda: None, weights_generation=generation)
         inst.cancel_watch = watch_exit(spawned.pid, lambda: self._exited(inst, None))
         self._instances[info.id] = inst
         total = (time.perf_counter() - t0) * 1000
@@ -298,7 +306,7 @@ class NodeAgent:
         inst.exited.set()
         self._instances.pop(inst.info.id, None)
         if inst.weights_key is not None:
-            self.store.release(inst.weights_key)
+            self.store.release(inst.weights_key, inst.weights_generation)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(inst.info.address.partition(":")[2])
         if not inst.stopping:

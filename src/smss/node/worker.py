@@ -34,7 +34,7 @@ from smss import faults
 from smss.config import env_faults
 from smss.errors import InvalidInput, SmssError, StartFailed
 from smss.node import ipc
-from smss.node.attach import Attached, HotCopy
+from smss.node.attach import Attached, HotCopy, verify
 from smss.node.batching import Batcher, ModelFailure, Pending
 from smss.node.mainthread import MainThreadExecutor
 from smss.node.weights import Weights
@@ -83,8 +83,12 @@ def load_model(
             attached = Attached(segment)
             if hot:
                 shared = attached
-                attached = HotCopy(shared.data)
-                shared.close()
+                try:
+                    attached = HotCopy(shared.data)
+                    # Checked on the copy the template and its instances will serve from.
+                    verify(attached.data, shared.checksum, segment.name)
+                finally:
+                    shared.close()
         weights = Weights(artifact_dir / spec.weights, spec.weights_format, attached=attached)
     instance.load(weights)
     with contextlib.suppress(AttributeError, TypeError):

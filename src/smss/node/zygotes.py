@@ -22,7 +22,7 @@ from pathlib import Path
 
 import msgspec
 
-from smss.errors import StartFailed
+from smss.errors import CorruptWeights, StartFailed
 from smss.node import zygote_proto as proto
 from smss.node.worker import WorkerConfig, process_alive
 from smss.node.zygote import ZygoteConfig
@@ -160,7 +160,7 @@ class ZygotePool:
             zygote = await self._zygote(config.spec.runtime)
             reply = await zygote.control.call(request)
         if isinstance(reply, proto.Failed):
-            raise StartFailed(reply.message)
+            raise (CorruptWeights if reply.corrupt_weights else StartFailed)(reply.message)
         if not isinstance(reply, proto.Prepared):
             raise StartFailed("unexpected reply from the zygote")
         reader, writer = await asyncio.open_unix_connection(str(control_path))
