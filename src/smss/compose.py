@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import shutil
 import socket
@@ -39,7 +40,7 @@ from smss.packaging import package_class
 from smss.ports import SystemClock
 from smss.store.artifacts import ArtifactStore
 from smss.store.sqlite import SqliteRegistry
-from smss.store.sqlite_log import SqliteEventLog, log_hooks
+from smss.store.sqlite_log import Retention, SqliteEventLog, log_hooks
 from smss.store.sqlite_workflows import SqliteWorkflows
 from smss.workflow.engine import Engine
 from smss.workflow.spec import spec_hash, validate_workflow
@@ -117,7 +118,13 @@ def build(settings: Settings) -> AppContext:
     )
     registry = SqliteRegistry(data / "registry.db")
     workflows = WorkflowRegistry(SqliteWorkflows(data / "workflows.db"), controller)
-    event_log = SqliteEventLog(data / "log.db", fault=log_hooks())
+    limits = settings.workflows
+    retention = (
+        None
+        if math.isinf(limits.log_retention_s)
+        else Retention(limits.log_retention_s, every_s=limits.compact_every_s)
+    )
+    event_log = SqliteEventLog(data / "log.db", fault=log_hooks(), retention=retention)
     engine = Engine(
         event_log,
         PlatformCaller(controller, clock, settings.serving),

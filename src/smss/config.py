@@ -60,6 +60,10 @@ class WorkflowLimits:
     max_direct_sessions: int = 10_000
     #: A non-durable session's state unused for this long is dropped.
     direct_state_ttl_s: float = 3600.0
+    #: Finished runs (and the blobs only they refer to) are removed from the log this
+    #: long after they finished (``inf``: never); checked at most every ``compact_every_s``.
+    log_retention_s: float = 7 * 86400.0
+    compact_every_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,8 @@ class Settings:
             raise InvalidSpec(f"--cpus must be a positive number of cores, not {self.cpus:g}")
         if self.memory_mb is not None and self.memory_mb < 1:
             raise InvalidSpec(f"--memory must be at least 1 MiB, not {self.memory_mb} MiB")
+        if not self.workflows.log_retention_s >= 0:
+            raise InvalidSpec(f"--log-retention must be >= 0 seconds, not {self.workflows.log_retention_s}")
         if self.faults and not self.allow_faults:
             raise InvalidSpec(
                 "refusing to start with SMSS_FAULT set: fault points crash or stall the platform "

@@ -84,6 +84,13 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
+    log_retention: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a finished run stays in the workflow log before compaction removes it "
+            "(inf: never) [default: 7 days]"
+        ),
+    ] = None,
     allow_faults: Annotated[
         bool,
         typer.Option(
@@ -121,6 +128,9 @@ def serve(
             settings = dataclasses.replace(settings, weight_cache_bytes=config.parse_size(weight_cache))
         if memory is not None:
             settings = dataclasses.replace(settings, memory_mb=config.parse_size(memory) // 2**20)
+        if log_retention is not None:
+            workflows = dataclasses.replace(settings.workflows, log_retention_s=log_retention)
+            settings = dataclasses.replace(settings, workflows=workflows)
         ctx = build(settings)
     except InvalidSpec as e:  # a setting it cannot honour (a cap above the machine's, a bad size)
         _error(e)

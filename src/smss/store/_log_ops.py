@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,15 @@ import msgspec
 
 from smss.errors import Conflict, NotFound, StorageUnavailable
 from smss.ports import AppendResult
-from smss.workflow.events import Event, RunStarted, StateWrite, status_of
+from smss.workflow.events import (
+    Event,
+    RunCompleted,
+    RunStarted,
+    StageCompleted,
+    StageStarted,
+    StateWrite,
+    status_of,
+)
 
 logger = logging.getLogger("smss.store.sqlite_log")
 
@@ -35,6 +43,8 @@ class Row:
     attempt: int | None
     body: bytes
     status: str | None
+    #: The blob refs the event names (kept in ``blob_refs`` for compaction).
+    refs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ def start_run(db: sqlite3.Connection, op: StartRun, now: float) -> Outcome:
         raise Conflict(f"run id {op.run_id!r} is already used")
     _put_blobs(db, op.blobs)
     seq = _insert(db, op.run_id, op.row, now)
+    add_refs(db, op.run_id, [*op.row.refs, *(ref for ref, _ in op.blobs)])
     db.execute(
         "INSERT INTO runs (run_id, workflow, session, status, created, updated, idempotency_key, "
         "started_seq) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
@@ -112,8 +123,11 @@ def append(db: sqlite3.Connection, op: Append, now: float) -> Outcome:
             "DO UPDATE SET version = excluded.version, tensors = excluded.tensors",
             (w.workflow, w.session, w.expected + 1, op.state_tensors),
         )
+        set_state_refs(db, w.workflow, w.session, w.tensors.values())
     _put_blobs(db, op.blobs)
     seqs = [_insert(db, op.run_id, row, now) for row in op.rows]
+    # Refs of dropped rows too: their blobs were written, and go with the run.
+    add_refs(db, op.run_id, [*(ref for row in op.rows for ref in row.refs), *(ref for ref, _ in op.blobs)])
     dropped = seqs.count(0)
     counts = Counts(appends=1, events=len(seqs) - dropped, dropped_completions=dropped)
     return Outcome(result=AppendResult(tuple(seqs)), counts=counts)
@@ -222,7 +236,31 @@ def row_of(event: Event) -> Row:
     stage = getattr(event, "stage", None)
     attempt = getattr(event, "attempt", None)
     tag = event.__struct_config__.tag
-    return Row(str(tag), stage, attempt, encode(event), status_of(event))
+    return Row(str(tag), stage, attempt, encode(event), status_of(event), refs_of(event))
+
+
+def refs_of(event: Event) -> tuple[str, ...]:
+    """The blob refs an event names."""
+    if isinstance(event, RunStarted | StageStarted):
+        return tuple(event.inputs.values())
+    if isinstance(event, StageCompleted | RunCompleted):
+        return tuple(event.outputs.values())
+    return ()
+
+
+def add_refs(db: sqlite3.Connection, run_id: str, refs: list[str]) -> None:
+    if refs:
+        db.executemany(
+            "INSERT OR IGNORE INTO blob_refs (ref, run_id) VALUES (?, ?)", [(r, run_id) for r in set(refs)]
+        )
+
+
+def set_state_refs(db: sqlite3.Connection, workflow: str, session: str, refs: Iterable[str]) -> None:
+    db.execute("DELETE FROM state_refs WHERE workflow = ? AND session = ?", (workflow, session))
+    db.executemany(
+        "INSERT OR IGNORE INTO state_refs (ref, workflow, session) VALUES (?, ?, ?)",
+        [(r, workflow, session) for r in set(refs)],
+    )
 
 
 def blob_rows(blobs: Mapping[str, bytes]) -> list[tuple[str, bytes]]:
