@@ -114,8 +114,10 @@ def referenced_and_stored(path: Path) -> tuple[set[str], set[str]]:
     from smss.workflow.events import Event
 
     events = msgspec.msgpack.Decoder(Event)
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     try:
+        # One snapshot: the writer may be compacting meanwhile (it answers a commit first).
+        db.execute("BEGIN")
         refs: set[str] = set()
         for (body,) in db.execute("SELECT body FROM events"):
             e = events.decode(bytes(body))
@@ -126,6 +128,7 @@ def referenced_and_stored(path: Path) -> tuple[set[str], set[str]]:
         for (tensors,) in db.execute("SELECT tensors FROM session_state"):
             refs.update(decoder.decode(bytes(tensors)).values())
         stored = {str(r[0]) for r in db.execute("SELECT ref FROM blobs")}
+        db.execute("COMMIT")
     finally:
         db.close()
     return refs, stored
@@ -158,6 +161,8 @@ def test_compaction_keeps_the_log_bounded_and_runs_in_flight_whole(tmp_path: Pat
                 # One run that stays in flight throughout (its stage is held back).
                 caller.gate[500.0] = asyncio.Event()
                 stuck = (await e.submit("w", {"x": request(500.0)}, session="stuck", wait=False)).run_id
+                # A session with one early turn: its run goes, its state must stay.
+                await turn(e, "lonely", 7.0)
                 for cycle in range(12):
                     for i in range(10):
                         await turn(e, f"s{i % SESSIONS}", float(cycle * 10 + i + 1))
@@ -169,6 +174,7 @@ def test_compaction_keeps_the_log_bounded_and_runs_in_flight_whole(tmp_path: Pat
                 # Each cycle's runs are removed by the next cycle's commits: at most about
                 # two cycles' runs (and the stuck one) remain.
                 assert sizes[-1]["runs"] <= 2 * 10 + 1, sizes[-1]
+                assert log.get_state("w", "lonely").version == 1
                 assert log.stats()["compacted_runs"] >= 100
                 return stuck
         finally:
@@ -210,3 +216,48 @@ def test_compaction_keeps_the_log_bounded_and_runs_in_flight_whole(tmp_path: Pat
             log.close()
 
     run(restart())
+
+
+def _ref_tables(path: Path) -> tuple[set[tuple[str, str]], set[tuple[str, str, str]]]:
+    db = sqlite3.connect(path)
+    try:
+        runs = {(str(a), str(b)) for a, b in db.execute("SELECT ref, run_id FROM blob_refs")}
+        states = {
+            (str(a), str(b), str(c))
+            for a, b, c in db.execute("SELECT ref, workflow, session FROM state_refs")
+        }
+    finally:
+        db.close()
+    return runs, states
+
+
+def test_a_log_from_before_compaction_is_indexed_when_opened(tmp_path: Path) -> None:
+    """A log of schema 1 (no reference tables) gets them filled from its records at open."""
+    path = tmp_path / "log.db"
+    caller = Caller()
+
+    async def some_runs() -> None:
+        log = SqliteEventLog(path)
+        try:
+            async with engine(log, caller).running() as e:
+                for i in range(6):
+                    await e.submit("w", {"x": request(float(i))}, session=f"s{i % 2}")
+        finally:
+            log.close()
+
+    run(some_runs())
+    written = _ref_tables(path)
+    assert written[0]
+    assert len(written[1]) == 2
+    db = sqlite3.connect(path)
+    for statement in (
+        "DROP TABLE blob_refs",
+        "DROP TABLE state_refs",
+        "DROP INDEX runs_by_updated",
+        "PRAGMA user_version = 1",
+    ):
+        db.execute(statement)
+    db.commit()
+    db.close()
+    SqliteEventLog(path).close()
+    assert _ref_tables(path) == written
