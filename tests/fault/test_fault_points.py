@@ -215,3 +215,35 @@ def test_a_stalled_platforms_late_completion_is_fenced_off(tmp_path: Path) -> No
     # fenced, result of 'first' before it hears of the refusal. That call's records
     # require A's completion of 'first', so they are void: recorded once, B's.
     assert trace(traces, "wf_last")[9] in (1, 2)
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_log_commit_answers_503_and_acknowledges_nothing(tmp_path: Path) -> None:
+    """RELIABILITY 6 through ``log.before_commit:eio`` in a real ``smss serve``: the run's
+    start is not acknowledged (503 with an error body) and nothing of it is in the log
+    after a restart without the fault."""
+    traces = tmp_path / "trace"
+    traces.mkdir()
+    with platform(tmp_path / "data", {TRACE_ENV: str(traces), "SMSS_FAULT": "log.before_commit:eio"}) as p:
+        p.start("--keep-alive", "300")
+        _deploy(p)
+        with httpx.Client(base_url=p.url, timeout=REQUEST_TIMEOUT_S) as client:
+            r = client.post(
+                "/v1/workflows/two/runs",
+                json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [3, 0, 0, 0]}]},
+            )
+            assert r.status_code == 503, r.text
+            assert isinstance(r.json()["error"], str)
+            again = client.post(
+                "/v1/workflows/two/runs",
+                json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [4, 0, 0, 0]}]},
+            )
+            assert again.status_code == 503, again.text  # fatal to the writer: no retry-and-continue
+        p.stop(check=False)
+        p.env.pop("SMSS_FAULT")
+        p.start("--keep-alive", "300")
+        with httpx.Client(base_url=p.url, timeout=REQUEST_TIMEOUT_S) as client:
+            assert client.get("/v1/runs").json()["runs"] == []
+            ok = submit(client, "two", {"x": tagged(5)})
+        p.stop()
+    assert ok["status"] == "completed", ok
