@@ -6,6 +6,7 @@ took the run over has its late completion fenced off (RELIABILITY items 1 and 3)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -24,6 +25,7 @@ from wf_helpers import (
     assert_once_per_stage,
     deploy_stage_models,
     deploy_workflow,
+    descendants,
     events_of,
     get_run,
     output,
@@ -247,3 +249,46 @@ def test_a_failing_log_commit_answers_503_and_acknowledges_nothing(tmp_path: Pat
             ok = submit(client, "two", {"x": tagged(5)})
         p.stop()
     assert ok["status"] == "completed", ok
+
+
+def _infer_first(url: str, value: float, timeout_s: float = 10.0) -> httpx.Response:
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [value, 0, 0, 0]}]}
+    return httpx.post(f"{url}/v2/models/wf_first/infer", json=body, timeout=timeout_s)
+
+
+@pytest.mark.timeout(300)
+def test_request_and_instance_points_fire_in_the_gateway_and_the_instance(tmp_path: Path) -> None:
+    """``request.before_dispatch`` runs in the gateway (``kill`` ends the platform at the
+    first request); ``instance.before_reply`` runs in the instance (``stop`` leaves the
+    instance that computed the answer stopped, the platform itself running)."""
+    traces = tmp_path / "trace"
+    traces.mkdir()
+    env = {TRACE_ENV: str(traces), "SMSS_FAULT": "request.before_dispatch:kill"}
+    with platform(tmp_path / "data", env) as p:
+        p.start("--keep-alive", "300")
+        deploy_stage_models(p.url, ["First"])
+        assert p.server is not None
+        process = p.server.process
+        with pytest.raises(httpx.TransportError):
+            _infer_first(p.url, 1.0, timeout_s=60.0)
+        process.wait(WAIT_S)
+        assert process.returncode == -9
+        assert trace(traces, "wf_first") == {}  # killed before the request was sent
+        p.kill9()
+
+        p.env["SMSS_FAULT"] = "instance.before_reply:stop"
+        p.start("--keep-alive", "300")
+        assert p.server is not None
+        platform_pid = p.server.process.pid
+        # Whatever it answers (a timeout, or 503/504 once the stopped instances were
+        # replaced), it is not the model's answer: every instance stops before replying.
+        with contextlib.suppress(httpx.TimeoutException):
+            assert _infer_first(p.url, 2.0, timeout_s=5.0).status_code >= 500
+        assert trace(traces, "wf_first")[2] >= 1  # computed, never answered (perhaps retried elsewhere)
+
+        def a_stopped_instance() -> bool:
+            return any(inject.state(pid) in ("T", "t") for pid, _ in descendants(platform_pid))
+
+        wait_until(a_stopped_instance, WAIT_S, "an instance stopped at instance.before_reply")
+        assert inject.state(platform_pid) not in ("T", "t")
+        p.stop()
