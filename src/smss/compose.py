@@ -21,7 +21,8 @@ import uvicorn
 
 from smss import faults
 from smss.api.app import create_app
-from smss.api.auth import TokenAuth
+from smss.api.auth import MIN_TOKEN_CHARS, TokenAuth
+from smss.api.connection import protocol_class
 from smss.api.context import AppContext
 from smss.api.metrics import PrometheusMetrics
 from smss.app.platform import Platform
@@ -78,6 +79,12 @@ def build(settings: Settings) -> AppContext:
     faults.install(settings.faults)  # InvalidSpec on a bad spec, before anything starts
     if settings.faults:
         log.warning("fault points switched on: %s", settings.faults)
+    if settings.token is not None and len(settings.token) < MIN_TOKEN_CHARS:
+        log.warning(
+            "the admin token has fewer than %d characters: use a long random one "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+            MIN_TOKEN_CHARS,
+        )
     inventory = discover(
         NODE,
         cpus=settings.cpus,
@@ -204,7 +211,7 @@ def run(ctx: AppContext) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(settings.serving),
         log_config=None,
         access_log=False,
         limit_concurrency=2048,

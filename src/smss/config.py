@@ -47,6 +47,13 @@ class ServingSettings:
     #: Consecutive failed starts of a function before no more are tried (its requests
     #: then get 503 naming the last failure until it is redeployed or loaded again).
     max_start_failures: int = 6
+    #: A request's headers must be in within this long of its first byte; a body may go
+    #: this long without a byte arriving. Slower clients get 408 and are closed.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    #: A connection closed while its request body still arrives (an early 413) reads and
+    #: drops the rest for at most this long, so the client can read the answer.
+    linger_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,9 @@ class Settings:
     port: int = 8000
     data_dir: Path = field(default_factory=lambda: Path.home() / ".smss")
     token: str | None = None
+    #: Host names, besides loopback and the bound address, that requests may name in
+    #: their Host header (see smss.api.cross_site).
+    allowed_hosts: tuple[str, ...] = ()
     demo: bool = False
     log_level: str = "info"
     #: Budget of each node's weight store; None = a quarter of the node's memory capacity (--memory).
@@ -113,6 +123,12 @@ class Settings:
             raise InvalidSpec(f"start mode must be 'fork' or 'exec', not {self.start_mode!r}")
         if self.cpus is not None and not (math.isfinite(self.cpus) and self.cpus > 0):
             raise InvalidSpec(f"--cpus must be a positive number of cores, not {self.cpus:g}")
+        for name, value in (
+            ("header timeout", self.serving.header_timeout_s),
+            ("body timeout", self.serving.body_timeout_s),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidSpec(f"the {name} must be a positive number of seconds, not {value:g}")
         if self.memory_mb is not None and self.memory_mb < 1:
             raise InvalidSpec(f"--memory must be at least 1 MiB, not {self.memory_mb} MiB")
         if not self.workflows.log_retention_s >= 0:

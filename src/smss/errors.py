@@ -10,13 +10,17 @@ here knows about HTTP.
 
     SmssError
     ├── InvalidInput            the request is wrong (shape, datatype, names, JSON)
-    │   └── PayloadTooLarge     the body or a tensor exceeds a size limit
+    │   ├── PayloadTooLarge     the body or a tensor exceeds a size limit
+    │   ├── UnsupportedMediaType  a state-changing route's body is not of its declared type
+    │   ├── RequestTimeout      the client sent its request too slowly (closed)
+    │   └── MisdirectedRequest  the Host header names another server (DNS rebinding)
     ├── InvalidSpec             a model, function or workflow definition is wrong
     ├── UnsafeArtifact          weights or code refused (pickle, path traversal)
     ├── NotFound                unknown function, version, run or instance
     ├── Conflict                a name or idempotency key already used differently
     ├── AuthError               missing or wrong admin token
     │   └── Forbidden           a valid caller asked for something not allowed
+    │       └── CrossSiteRequest  a state-changing request from another web origin
     ├── Overloaded              queue full: come back later (429)
     ├── Unavailable             cannot serve now: starting failed, instance died (503)
     │   ├── StartFailed         an instance could not be started (load error)
@@ -52,6 +56,18 @@ class PayloadTooLarge(InvalidInput):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(InvalidInput):
+    code = "unsupported_media_type"
+
+
+class RequestTimeout(InvalidInput):
+    code = "request_timeout"
+
+
+class MisdirectedRequest(InvalidInput):
+    code = "misdirected_request"
+
+
 class InvalidSpec(SmssError):
     code = "invalid_spec"
 
@@ -74,6 +90,10 @@ class AuthError(SmssError):
 
 class Forbidden(AuthError):
     code = "forbidden"
+
+
+class CrossSiteRequest(Forbidden):
+    code = "cross_site_request"
 
 
 class Overloaded(SmssError):
@@ -110,23 +130,32 @@ class DeadlineExceeded(SmssError):
 class ModelError(SmssError):
     code = "model_error"
 
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        #: Names the failure in the server log, where its detail is (see smss.api.errors).
+        self.request_id = request_id
+
 
 __all__ = [
     "AuthError",
     "Conflict",
     "CorruptWeights",
+    "CrossSiteRequest",
     "DeadlineExceeded",
     "Forbidden",
     "InstanceLost",
     "InvalidInput",
     "InvalidSpec",
+    "MisdirectedRequest",
     "ModelError",
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
+    "RequestTimeout",
     "SmssError",
     "StartFailed",
     "StorageUnavailable",
     "Unavailable",
     "UnsafeArtifact",
+    "UnsupportedMediaType",
 ]

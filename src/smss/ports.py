@@ -144,6 +144,24 @@ class StartTimings(msgspec.Struct, frozen=True):
     total_ms: float
     phases: dict[str, float] = msgspec.field(default_factory=dict)
 
+    @property
+    def tier(self) -> str:
+        """The tier of readiness the start began from, from the phases it ran:
+        ``no_runtime`` (the runtime's zygote had to start), ``cold`` (weights read
+        from disk), ``resident`` (weights in the store, a template was built),
+        ``standby`` (a fork of a resident template), ``process`` (a fresh
+        interpreter, the exec mode)."""
+        phases = self.phases
+        if "zygote" in phases:
+            return "no_runtime"
+        if "weights" in phases:
+            return "cold"
+        if "prepare" in phases:
+            return "resident"
+        if "fork" in phases:
+            return "standby"
+        return "process"
+
 
 class StartedInstance(msgspec.Struct, frozen=True):
     info: InstanceInfo

@@ -76,8 +76,18 @@ def test_scale_from_zero_and_back_to_zero(
     assert before["cold_starts"] == 0
 
     with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
-        # At zero instances the request waits for a start instead of failing.
-        infer_mlp(client, reference)
+        # At zero instances the request waits for a start instead of failing, and its
+        # answer says it was a cold start; the next, on the running instance, was not.
+        first = client.post("/v2/models/mlp/infer", json=json_infer_body({"x": X}))
+        np.testing.assert_allclose(output_of(first, "y"), reference["mlp"](X), rtol=1e-5, atol=1e-5)
+        assert first.headers["SMSS-Cold-Start"] == "1"
+        second = client.post("/v2/models/mlp/infer", json=json_infer_body({"x": X}))
+        assert second.status_code == 200
+        assert second.headers["SMSS-Cold-Start"] == "0"
+        # The start is metered by the tier it began from: the first start of the
+        # torch runtime had to start its zygote too.
+        metrics = client.get("/metrics").text
+        assert 'smss_start_seconds_count{function="mlp",tier="no_runtime"} 1.0' in metrics
         # Keep it busy while looking, so the 1 s keep-alive cannot stop it under our feet.
         stop = threading.Event()
         failures: list[str] = []
@@ -116,6 +126,10 @@ def test_scale_from_zero_and_back_to_zero(
             np.testing.assert_allclose(output_of(r, "y"), want, rtol=1e-5, atol=1e-5)
         after = functions(url)["mlp"]
         assert 2 <= after["cold_starts"] <= 1 + after["spec"]["scaling"]["max_instances"]
+        # Each new instance took at most its concurrency of the waiting requests.
+        cold = sum(r.headers["SMSS-Cold-Start"] == "1" for r in responses)
+        concurrency = after["spec"]["scaling"]["concurrency"]
+        assert 1 <= cold <= (after["cold_starts"] - 1) * concurrency
     stop_checked(server)
 
 

@@ -526,3 +526,35 @@ def test_close_leaves_no_process_and_no_segment_behind(
             assert backend.store.stats().entries == 0
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ concurrent first starts
+
+
+def test_concurrent_first_starts_of_a_model_build_one_template(
+    tmp_path: Path, demo: dict[str, Function], reference: dict[str, Predict]
+) -> None:
+    """Three starts of a model asked for at once, before it has a template: one template is
+    built (the others wait for it and fork), and no template process is left over."""
+    mlp = demo["mlp"]
+    x = sample(mlp.spec, 2, seed=9)
+
+    async def scenario() -> None:
+        async with local_backend(tmp_path / "logs") as (backend, run):
+            started = await asyncio.gather(
+                *(backend.start_instance(mlp.spec, mlp.artifact_dir) for _ in range(3))
+            )
+            run.note()
+            assert len(backend.zygotes.templates()) == 1
+            tiers = sorted(s.timings.tier for s in started)
+            assert tiers.count("standby") == 2, tiers  # two forks of the one template
+            template = template_of(backend, mlp)["pid"]
+            # Every process under the zygote is that template (no orphaned second build).
+            zygote = backend.zygotes.zygote_pid("torch")
+            assert zygote is not None
+            assert child_pids(zygote) == {template}
+            for s in started:
+                assert np.array_equal(await predict(mlp, s.info, x), reference["mlp"](x))
+            await run.close_and_check()
+
+    asyncio.run(scenario())

@@ -579,3 +579,48 @@ def test_waiter_cancelled_just_after_being_handed_a_slot_gives_it_back() -> None
         assert value_of(await h.request(2.0)) == 2.0
 
     run(main())
+
+
+# ---------------------------------------------------------------- cold starts
+
+
+def traced(h: Harness, value: float) -> asyncio.Task[Any]:
+    inputs = {"x": np.array([value], dtype=np.float32)}
+    return asyncio.create_task(h.d.infer_traced(inputs, ("y",), h.clock.monotonic() + LONG))
+
+
+def test_a_request_taken_by_a_new_instance_is_a_cold_start_and_others_are_not() -> None:
+    async def main() -> None:
+        h = Harness(concurrency=1)
+        first, second = traced(h, 1.0), traced(h, 2.0)  # nothing ready: both queue
+        await until(lambda: h.d.queued == 2)
+        busy = h.add("i0", FakeChannel(blocked=True))  # becomes ready: takes the first
+        await until(lambda: len(busy.held) == 1)
+        busy.release_all()
+        result, served = await first
+        assert value_of(result) == 1.0
+        assert served.cold
+        assert served.instance.id == "i0"
+        # The second waited for a busy instance to finish: queued, not a cold start.
+        busy.blocked = False
+        _, served = await second
+        assert not served.cold
+        # A free slot at arrival: not a cold start either.
+        _, served = await traced(h, 3.0)
+        assert not served.cold
+
+    run(main())
+
+
+def test_a_new_instance_takes_up_to_its_concurrency_of_waiters_as_cold_starts() -> None:
+    async def main() -> None:
+        h = Harness(concurrency=2)
+        tasks = [traced(h, float(k)) for k in range(3)]
+        await until(lambda: h.d.queued == 3)
+        h.add("i0")
+        h.add("i1")
+        results = [await t for t in tasks]
+        assert [served.cold for _, served in results] == [True, True, True]
+        assert [served.instance.id for _, served in results] == ["i0", "i0", "i1"]
+
+    run(main())

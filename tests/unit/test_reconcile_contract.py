@@ -23,7 +23,8 @@ from smss.control.controller import Controller
 from smss.control.keepalive import FixedKeepAlive
 from smss.inventory import Capacity, Device, NodeInventory
 from smss.ports import FunctionRecord, Tensors
-from smss.sim.simulator import SimConfig, Simulation
+from smss.sim.config import SimConfig
+from smss.sim.simulator import Simulation
 from smss.sim.trace import Trace
 from smss.spec import FunctionSpec, Resources, Scaling, TensorSpec
 from smss.testing.clock import FakeClock

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from smss.sim.simulator import SimConfig, Simulation, main, simulate
+from smss.sim.cli import main
+from smss.sim.config import SimConfig
+from smss.sim.simulator import Simulation, simulate
 from smss.sim.trace import Trace
 
 FIELDS = {
@@ -182,3 +184,33 @@ def test_main_takes_a_speedup(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert out["speedup"] == 4.0
     assert out["instance_seconds"] == pytest.approx(0.035)  # 10 ms start + 25 ms request
     assert main([str(path), "--speedup", "0"]) == 2
+
+
+def test_a_functions_first_start_builds_its_template_and_later_starts_fork() -> None:
+    # Two requests 100 s apart with a 10 s keep-alive: two starts of one function.
+    trace = Trace.from_rows([(1000.0, "f", 100.0), (101_000.0, "f", 100.0)])
+    out = run(trace, policy="fixed:10", cold_start_ms=5.0, first_start_ms=800.0)
+    assert out["instances_started"] == 2
+    assert out["template_builds"] == 1
+    assert out["cold_starts"] == 2
+    # The first waited for the template and the fork (800 ms), the second for a fork.
+    assert out["p99_added_ms"] == pytest.approx(800.0, abs=10.0)
+    assert out["p50_added_ms"] == pytest.approx(402.5, abs=5.0)  # the mean of 800 and 5
+
+
+def test_starts_asked_for_while_the_template_builds_wait_for_it() -> None:
+    # Three concurrent requests: three starts, one template, all ready together.
+    trace = Trace.from_rows([(1000.0, "f", 2000.0)] * 3)
+    out = run(trace, policy="fixed:600", cold_start_ms=5.0, first_start_ms=800.0, max_instances=3)
+    assert out["instances_started"] == 3
+    assert out["template_builds"] == 1
+    assert out["cold_starts"] == 3
+    assert out["p50_added_ms"] == pytest.approx(800.0, abs=1.0)
+    assert out["p99_added_ms"] == pytest.approx(800.0, abs=1.0)
+
+
+def test_without_first_start_ms_every_start_takes_cold_start_ms() -> None:
+    trace = Trace.from_rows([(1000.0, "f", 100.0), (101_000.0, "f", 100.0)])
+    out = run(trace, policy="fixed:10", cold_start_ms=300.0)
+    assert out["p50_added_ms"] == pytest.approx(300.0)
+    assert out["p99_added_ms"] == pytest.approx(300.0)

@@ -87,3 +87,27 @@ def test_reads_the_shared_dev_trace() -> None:
     assert len(trace.functions) == 87
     assert trace.functions[0] == "f000"
     assert np.all(np.diff(trace.t_ms) >= 0)
+
+
+def test_an_orcbench_trace_is_converted_to_the_platforms_format(tmp_path: Path) -> None:
+    from smss.sim.orcbench import convert
+
+    raw = tmp_path / "raw.csv"
+    raw.write_text(
+        "Logical Time Clock (minutes), Function ID, Runtime (ms), Model"
+        "0.5, bbb, 56.5, 0-model\n0.25, aaa, 0.2, 18-model\n1.0, bbb, 10, 3-model\n"
+    )
+    trace = convert(raw, tmp_path / "out.csv")
+    assert trace.functions == ("f000", "f001")  # in order of first appearance, by time
+    assert trace.t_ms.tolist() == [15_000.0, 30_000.0, 60_000.0]
+    assert trace.duration_ms.tolist() == [1.0, 56.5, 10.0]  # at least 1 ms
+    assert trace.function.tolist() == [0, 1, 1]
+
+
+def test_a_file_that_is_not_an_orcbench_trace_is_refused(tmp_path: Path) -> None:
+    from smss.sim.orcbench import convert
+
+    raw = tmp_path / "raw.csv"
+    raw.write_text("t_ms,function,duration_ms\n1,f,1\n")
+    with pytest.raises(InvalidSpec, match="not an OrcBench trace"):
+        convert(raw, tmp_path / "out.csv")

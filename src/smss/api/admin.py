@@ -1,7 +1,8 @@
 """Admin and platform routes under ``/v1``: uploads, deploy, delete, list, status, devices.
 
 Deploying a model runs its code, so every mutating route here checks the
-admin token (when one is configured) before reading the body.
+admin token (when one is configured) and the body's Content-Type before
+reading the body (see smss.api.cross_site for why the type matters).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from smss.api.context import AppContext
-from smss.api.http import body_chunks, check_length, client_of, endpoint, json_response, read_json
+from smss.api.http import (
+    body_chunks,
+    check_length,
+    client_of,
+    endpoint,
+    json_response,
+    read_json,
+    require_content_type,
+)
 from smss.app.platform import FunctionStatus
 from smss.control.cost import report as cost_report
 from smss.spec import FunctionSpec
@@ -54,6 +63,7 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def upload(request: Request) -> Response:
         admin(request)
+        require_content_type(request, ("application/octet-stream",), optional=True)
         check_length(request, limits.max_upload_bytes)
         sha = request.path_params["sha256"]
         size = await platform.artifacts.save_upload(sha, body_chunks(request), limits.max_upload_bytes)
@@ -62,6 +72,7 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def deploy(request: Request) -> Response:
         admin(request)
+        require_content_type(request)
         body = await read_json(request, MAX_DEPLOY_BODY, DeployRequest)
         record = await platform.deploy(body.spec, body.source, body.weights_sha256)
         return json_response(

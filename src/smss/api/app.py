@@ -6,12 +6,15 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from smss.api import admin, openapi, v2, workflows
+from smss.api.connection import CloseEarlyAnswers
 from smss.api.context import AppContext
+from smss.api.cross_site import CrossSiteGuard, SitePolicy
 from smss.api.errors import error_response
 from smss.api.http import json_response
 from smss.errors import NotFound
@@ -53,8 +56,11 @@ def create_app(ctx: AppContext) -> Starlette:
         *workflows.routes(ctx),
         Route("/openapi.json", spec, methods=["GET"]),
     ]
+    policy = SitePolicy.for_bind(ctx.settings.host, ctx.settings.allowed_hosts)
     return Starlette(
         routes=routes,
+        # Outermost first: a refused cross-site request, whose body is never read, closes too.
+        middleware=[Middleware(CloseEarlyAnswers), Middleware(CrossSiteGuard, policy=policy)],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: not_allowed, 500: server_error},
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 
 import msgspec
 from starlette.responses import Response
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 STATUS: tuple[tuple[type[e.SmssError], int], ...] = (
     # Most specific first: the first match wins.
     (e.PayloadTooLarge, 413),
+    (e.UnsupportedMediaType, 415),
+    (e.MisdirectedRequest, 421),
+    (e.RequestTimeout, 408),
     (e.InvalidInput, 400),
     (e.InvalidSpec, 400),
     (e.UnsafeArtifact, 400),
@@ -43,6 +47,8 @@ def error_response(error: Exception) -> Response:
     if isinstance(error, e.SmssError):
         status = status_of(error)
         body = {"error": error.message, "code": error.code}
+        if isinstance(error, e.ModelError) and error.request_id is not None:
+            body["request_id"] = error.request_id
         headers = {}
         if error.retry_after_s is not None or status in (429, 503):
             headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s or 1)))
@@ -53,3 +59,15 @@ def error_response(error: Exception) -> Response:
         status, headers = 500, {}
         body = {"error": "internal server error", "code": "internal"}
     return Response(msgspec.json.encode(body), status, headers, media_type="application/json")
+
+
+def reported(error: e.ModelError, *, detail: bool) -> e.ModelError:
+    """What a caller sees of a failed predict(): its text (and a request id) only when
+    ``detail`` (the admin); otherwise "model error" and the request id, which names the
+    failure in the server log, where its message and traceback always go."""
+    request_id = uuid.uuid4().hex[:16]
+    trace = getattr(error, "traceback", "")  # set by the instance channel on predict() failures
+    log.warning("model error, request id %s: %s%s", request_id, error.message, f"\n{trace}" if trace else "")
+    if detail:
+        return e.ModelError(f"{error.message} (request id {request_id})", request_id=request_id)
+    return e.ModelError(f"model error (request id {request_id})", request_id=request_id)

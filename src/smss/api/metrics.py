@@ -44,6 +44,21 @@ class PrometheusMetrics:
             registry=r,
         )
         self.cold_starts = Counter("smss_cold_starts", "Instance starts", ["function"], registry=r)
+        self.request_part = Histogram(
+            "smss_request_part_seconds",
+            "Where answered requests' time went: queue (waiting for a slot), instance "
+            "(sent to answered: transfer, batching, compute)",
+            ["function", "part"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.start_seconds = Histogram(
+            "smss_start_seconds",
+            "Instance starts, ask to ready, by the tier of readiness they began from",
+            ["function", "tier"],
+            buckets=_START_BUCKETS,
+            registry=r,
+        )
         self.start_phase = Histogram(
             "smss_start_phase_seconds",
             "Duration of each phase of an instance start",
@@ -77,10 +92,17 @@ class PrometheusMetrics:
         self.requests.labels(function, status).inc()
         self.latency.labels(function).observe(seconds)
 
+    def request_split(self, function: str, queued_s: float, instance_s: float) -> None:
+        """Where an answered request's time went in the gateway: waiting for a slot,
+        and on the instance (the rest of ``smss_request_seconds`` is HTTP and codec)."""
+        self.request_part.labels(function, "queue").observe(queued_s)
+        self.request_part.labels(function, "instance").observe(instance_s)
+
     def cold_start(self, function: str, timings: StartTimings) -> None:
         self.cold_starts.labels(function).inc()
         for phase, ms in (*timings.phases.items(), ("total", timings.total_ms)):
             self.start_phase.labels(function, phase).observe(ms / 1000)
+        self.start_seconds.labels(function, timings.tier).observe(timings.total_ms / 1000)
 
     def instances(self, function: str, state: str, count: int) -> None:
         self.instance_count.labels(function, state).set(count)

@@ -15,10 +15,11 @@ from starlette.routing import Route
 from smss import __version__
 from smss.api import codec
 from smss.api.context import AppContext
-from smss.api.errors import status_of
-from smss.api.http import client_of, endpoint, json_response, read_body
+from smss.api.errors import reported, status_of
+from smss.api.http import client_of, endpoint, json_response, read_body, require_content_type
 from smss.control.controller import FunctionRuntime
 from smss.errors import InvalidInput, ModelError, SmssError, Unavailable
+from smss.headers import COLD_START, RUN_ID
 from smss.spec import FunctionSpec, TensorSpec
 from smss.workflow.spec import WorkflowSpec
 
@@ -99,10 +100,15 @@ def routes(ctx: AppContext) -> list[Route]:
             body = await read_body(request, limits.max_body_bytes)
             decoded = codec.decode_request(body, _header_length(request), spec, limits)
             wanted = tuple(o.name for o in decoded.outputs) or tuple(t.name for t in spec.outputs)
-            outputs = await platform.infer(rt, decoded.inputs, wanted, serving.request_timeout_s)
+            outputs, served = await platform.infer(rt, decoded.inputs, wanted, serving.request_timeout_s)
             payload, headers = codec.encode_response(spec.name, spec.version, decoded.id, outputs, decoded)
+            headers[COLD_START] = "1" if served.cold else "0"
+            ctx.metrics.request_split(name, served.queued_s, served.instance_s)
             status = "200"
             return Response(payload, 200, headers)
+        except ModelError as e:
+            status = "500"
+            raise reported(e, detail=ctx.auth.proves_admin(request.headers.get("authorization"))) from None
         except SmssError as e:
             status = str(status_of(e))
             raise
@@ -129,12 +135,13 @@ def routes(ctx: AppContext) -> list[Route]:
         wanted = {o.name for o in decoded.outputs} or set(outcome.outputs)
         outputs = {k: v for k, v in outcome.outputs.items() if k in wanted}
         payload, headers = codec.encode_response(spec.name, spec.version, decoded.id, outputs, decoded)
-        headers["SMSS-Run-Id"] = outcome.run_id
+        headers[RUN_ID] = outcome.run_id
         return Response(payload, 200, headers)
 
     @endpoint
     async def repository_index(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
+        require_content_type(request, optional=True)
         out = []
         for st in platform.status():
             state = "READY" if st.instances else ("UNAVAILABLE" if st.last_error else "UNLOADED")
@@ -146,12 +153,14 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def repository_load(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
+        require_content_type(request, optional=True)
         platform.controller.load(request.path_params["name"])
         return json_response({})
 
     @endpoint
     async def repository_unload(request: Request) -> Response:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
+        require_content_type(request, optional=True)
         platform.controller.scale_to_zero(request.path_params["name"])
         return json_response({})
 

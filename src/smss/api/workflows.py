@@ -11,13 +11,14 @@ from starlette.routing import Route
 
 from smss.api import codec
 from smss.api.context import AppContext
-from smss.api.http import client_of, endpoint, json_response, read_body
+from smss.api.http import client_of, endpoint, json_response, read_body, require_content_type
 from smss.errors import InvalidInput, InvalidSpec, NotFound
 from smss.workflow.engine import RunOutcome
 from smss.workflow.events import Record, RunSummary
 from smss.workflow.spec import WorkflowSpec, decode_workflow, load_yaml
 
 MAX_SPEC_BODY = 1 << 20
+SPEC_TYPES = ("application/json", "application/yaml", "application/x-yaml", "text/yaml")
 
 
 class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -33,12 +34,17 @@ class ReplayRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     wait: bool = True
 
 
-def outcome_json(outcome: RunOutcome) -> dict[str, object]:
+def outcome_json(outcome: RunOutcome, *, detail: bool = True) -> dict[str, object]:
+    """A run's outcome; without ``detail`` (a caller who may not read runs) a failure says
+    only that the run failed: its message may quote predict()'s exception text."""
     body: dict[str, object] = {"run_id": outcome.run_id, "status": outcome.status}
     if outcome.outputs is not None:
         body["outputs"] = {k: codec.encode_tensor_json(k, v) for k, v in outcome.outputs.items()}
     if outcome.error is not None:
-        body["error"] = outcome.error
+        hidden = not detail and outcome.status == "failed"
+        body["error"] = (
+            f"run {outcome.run_id} failed (its log needs the admin token)" if hidden else outcome.error
+        )
     return body
 
 
@@ -59,11 +65,14 @@ def routes(ctx: AppContext) -> list[Route]:
     def admin(request: Request) -> None:
         ctx.auth.check(request.headers.get("authorization"), client_of(request))
 
+    def detail(request: Request) -> bool:
+        return ctx.auth.is_admin(request.headers.get("authorization"))
+
     @endpoint
     async def deploy(request: Request) -> Response:
         admin(request)
+        kind = require_content_type(request, SPEC_TYPES)
         body = await read_body(request, MAX_SPEC_BODY)
-        kind = request.headers.get("content-type", "")
         spec = load_yaml(body.decode("utf-8", "replace")) if "yaml" in kind else decode_workflow(body)
         spec = platform.workflows.deploy(spec)
         return json_response({"name": spec.name, "stages": [s.name for s in spec.stages]}, 201)
@@ -84,6 +93,7 @@ def routes(ctx: AppContext) -> list[Route]:
 
     @endpoint
     async def start_run(request: Request) -> Response:
+        require_content_type(request)
         spec: WorkflowSpec = platform.workflows.get(request.path_params["name"])
         body = await read_body(request, limits.max_body_bytes)
         try:
@@ -93,7 +103,7 @@ def routes(ctx: AppContext) -> list[Route]:
         inputs = codec.decode_tensor_list(req.inputs, spec.inputs, limits, None)
         if not req.durable:
             outcome = await platform.engine.run_direct(spec.name, inputs, req.session)
-            return json_response(outcome_json(outcome))
+            return json_response(outcome_json(outcome, detail=detail(request)))
         outcome = await platform.engine.submit(
             spec.name,
             inputs,
@@ -102,10 +112,12 @@ def routes(ctx: AppContext) -> list[Route]:
             wait=req.wait,
             timeout_s=min(req.timeout_s, 3600.0),
         )
-        return json_response(outcome_json(outcome), 200 if outcome.status != "running" else 202)
+        answer = outcome_json(outcome, detail=detail(request))
+        return json_response(answer, 200 if outcome.status != "running" else 202)
 
     @endpoint
     async def list_runs(request: Request) -> Response:
+        admin(request)  # runs hold outputs, session names and tracebacks
         q = request.query_params
         try:
             limit = min(int(q.get("limit", "100")), 1000)
@@ -117,10 +129,12 @@ def routes(ctx: AppContext) -> list[Route]:
 
     @endpoint
     async def log_stats(request: Request) -> Response:
+        admin(request)
         return json_response(platform.log.stats())
 
     @endpoint
     async def get_run(request: Request) -> Response:
+        admin(request)
         run_id = request.path_params["run_id"]
 
         def read() -> tuple[RunSummary, list[Record], RunOutcome]:
@@ -140,12 +154,14 @@ def routes(ctx: AppContext) -> list[Route]:
     @endpoint
     async def resume(request: Request) -> Response:
         admin(request)
+        require_content_type(request, optional=True)
         outcome = await platform.engine.resume(request.path_params["run_id"])
         return json_response(outcome_json(outcome), 202)
 
     @endpoint
     async def replay(request: Request) -> Response:
         admin(request)
+        require_content_type(request)
         body = await read_body(request, MAX_SPEC_BODY)
         try:
             req = msgspec.json.decode(body, type=ReplayRequest)

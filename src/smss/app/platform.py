@@ -18,6 +18,7 @@ import numpy as np
 
 from smss.app.workflow_registry import WorkflowRegistry
 from smss.control.controller import Controller, FunctionRuntime
+from smss.control.dispatcher import Served
 from smss.errors import Conflict, NotFound
 from smss.inventory import DeviceReport
 from smss.ports import Clock, ClusterBackend, EventLog, FunctionRecord, RegistryStore, Tensors
@@ -123,9 +124,10 @@ class Platform:
 
     async def infer(
         self, runtime: FunctionRuntime, inputs: Tensors, outputs: tuple[str, ...], timeout_s: float
-    ) -> dict[str, np.ndarray]:
+    ) -> tuple[dict[str, np.ndarray], Served]:
+        """The outputs, and who served them (whether the request waited for a start)."""
         deadline = self._clock.monotonic() + timeout_s
-        return await runtime.dispatcher.infer(inputs, outputs, deadline)
+        return await runtime.dispatcher.infer_traced(inputs, outputs, deadline)
 
     def devices(self) -> list[DeviceReport]:
         """Every node's devices: capacity, what is allocated and what is placed there."""

@@ -31,8 +31,8 @@ class PlatformCaller:
     ) -> CallResult:
         dispatcher = self._controller.get(function).dispatcher
         deadline = self._clock.monotonic() + timeout_s
-        result, info = await dispatcher.infer_traced(inputs, outputs, deadline)
-        return CallResult(result, info.id, info.node)
+        result, served = await dispatcher.infer_traced(inputs, outputs, deadline)
+        return CallResult(result, served.instance.id, served.instance.node)
 
     def prewarm(self, function: str) -> None:
         with contextlib.suppress(NotFound):

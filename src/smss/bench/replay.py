@@ -5,7 +5,11 @@ one synthetic python-runtime function per function of the trace (concurrency 1,
 ``max_instances`` instances at most, ``cpu`` cores declared (0.1), ``memory_mb``), and replays the trace
 open loop, ``speedup`` (K) times faster than recorded: the request of row ``t_ms``
 is sent at ``t_ms / K`` after the start whether or not earlier ones were answered,
-and asks its function to spend ``duration_ms / K`` of wall time (a busy loop).
+and asks its function to spend ``duration_ms / K`` of wall time: asleep by default
+(``work="sleep"``), so that an instance uses about the 0.1 core it declares, as the
+simulator assumes, and what is measured is the platform's own decisions and
+overhead; with ``work="spin"`` it spins on a core for that long (every busy instance
+then takes a whole core, and on a small machine the gateway competes with them).
 
 **Time scaling.** With speedup K the platform sees every idle gap K times shorter,
 so every duration of the keep-alive policy is divided by K too
@@ -16,8 +20,10 @@ The simulator is then run in-process on the same compressed trace with the same
 settings (and the live node's capacity, from ``GET /v1/devices``, as its one node:
 both sides place instances on the same cores and memory; the simulator does not
 place the templates and spares the live node keeps resident; ``speedup=K``, the
-live tick, the same instance limits) and the *measured* start time as
-``cold_start_ms``, and both results are reported side by side
+live tick, the same instance limits) and the *measured* start times: a start
+from a resident template (``fork_start_ms``) as ``cold_start_ms``, a function's
+first start, which builds its template (``template_start_ms``), as
+``first_start_ms``; both results are reported side by side
 (``simulate``, ``cold_starts_diff_pct``, ``instance_starts_diff_pct``). A second run
 (``simulate_with_overhead``) also holds each instance for the platform's measured
 per-request overhead (``warm_overhead_p50_ms``), which trace durations leave out and
@@ -27,12 +33,11 @@ difference that accounts for.
 **What is measured.**
 
 * ``cold_starts``: requests that waited for an instance to start, the simulator's
-  definition. Each answer names its instance's fork time and how many requests that
-  instance served before; a request is a cold start when it was its instance's first
-  and was sent before that instance was ready: its fork time plus the mean time from
-  the agent's spawn call to a ready instance (``fork_to_ready_ms``, from /metrics).
-  Requests that waited only for a busy instance, or that found an instance a
-  pre-warm or an earlier burst had started, are not.
+  definition, as the platform's dispatcher marks them (the ``SMSS-Cold-Start: 1``
+  header of the answer): the request found no free slot and was then taken by an
+  instance that had just become ready. Requests that waited only for a busy
+  instance, or that found an instance a pre-warm or an earlier burst had started,
+  are not.
 * ``instance_starts``: every instance start the platform counted
   (``GET /v1/functions`` ``cold_starts``: starts for demand and pre-warms alike);
   compare with the simulator's ``instances_started``.
@@ -45,9 +50,11 @@ difference that accounts for.
   ``platform_cost_ratio``.
 * ``p50_added_ms`` / ``p99_added_ms``: client latency minus ``duration_ms / K``
   (``cold_added_p50_ms``: of the cold starts; ``warm_overhead_p50_ms``: of the rest).
-* ``start_ms``: the mean instance start the platform measured (``total`` phase: ask
-  to ready, a model's first start including its template); the simulator beside the
-  replay runs with it as ``cold_start_ms``.
+* ``start_ms``: the mean instance start the platform measured (ask to ready, all
+  starts); ``fork_start_ms``: of the starts from a resident template (tier
+  ``standby``); ``template_start_ms``: of the starts that built the function's
+  template first (tiers ``resident``, ``cold``, ``no_runtime``), ``template_starts``
+  of them (the simulator's ``template_builds``), from ``smss_start_seconds`` in /metrics.
 * ``errors``: answers other than 200 and failed requests, by reason.
 
 The small trace (3,096 invocations, 20 minutes) at K = 10 takes about two minutes.
@@ -69,19 +76,22 @@ import msgspec
 import numpy as np
 
 from smss.client import Client
-from smss.control.cost import PriceTable
+from smss.control.cost import ContainerSize, PriceTable
 from smss.control.keepalive import scale_policy
 from smss.errors import InvalidSpec
+from smss.headers import COLD_START
 from smss.packaging import load_class, package_class
-from smss.sim.simulator import SimConfig, simulate
+from smss.sim.config import SimConfig
+from smss.sim.simulator import simulate
 from smss.sim.trace import Trace, peak_concurrency, read_trace
+from smss.spec import Resources
 from smss.testing.server import running_server
 
 #: The live controller's tick (ServingSettings.tick_s), for the simulator beside it.
 LIVE_TICK_S = 0.2
 
 MODEL_SOURCE = '''\
-"""A synthetic function for trace replay: spends the requested wall time busy."""
+"""A synthetic function for trace replay: spends the requested wall time (WORK)."""
 
 import os
 import time
@@ -115,6 +125,8 @@ class Busy:
             self._pid = os.getpid()
             self._served = 0
         end = time.perf_counter() + float(ms.sum()) / 1000.0
+        if "WORK" == "sleep":
+            time.sleep(max(end - time.perf_counter(), 0.0))
         while time.perf_counter() < end:
             pass
         served = self._served
@@ -134,6 +146,7 @@ class _Result:
     latency_s: float = math.nan
     born: float = math.nan  # its instance's fork time (wall)
     served: int = -1  # requests its instance served before it
+    cold: bool = False  # it waited for its instance to start (the platform says)
     error: str | None = None
 
 
@@ -155,6 +168,7 @@ async def _send(http: httpx.AsyncClient, name: str, body: bytes, out: _Result) -
     if response.status_code != 200:
         out.error = f"HTTP {response.status_code}"
         return
+    out.cold = response.headers.get(COLD_START) == "1"
     outputs = {o["name"]: o["data"] for o in response.json()["outputs"]}
     out.born = float(outputs["born"][0])
     out.served = int(outputs["served"][0])
@@ -181,16 +195,23 @@ async def _replay(url: str, trace: Trace, speedup: float) -> tuple[list[_Result]
     return results, period
 
 
-def _phase_ms(metrics: str, phase: str) -> float:
-    """Mean duration of one phase of the instance starts, in ms, from /metrics."""
+#: Tiers whose start builds the function's template (see StartTimings.tier).
+TEMPLATE_TIERS = ("resident", "cold", "no_runtime")
+
+
+def _starts(metrics: str, tiers: tuple[str, ...] | None = None) -> tuple[float, int]:
+    """Mean duration in ms and count of the instance starts from ``tiers`` (None:
+    all), from ``smss_start_seconds`` in /metrics."""
     total = count = 0.0
-    pattern = rf'^smss_start_phase_seconds_(sum|count)\{{[^}}]*phase="{phase}"[^}}]*\}} ([0-9.eE+-]+)$'
-    for kind, value in re.findall(pattern, metrics, flags=re.MULTILINE):
+    pattern = r'^smss_start_seconds_(sum|count)\{[^}]*tier="([a-z_]+)"[^}]*\} ([0-9.eE+-]+)$'
+    for kind, tier, value in re.findall(pattern, metrics, flags=re.MULTILINE):
+        if tiers is not None and tier not in tiers:
+            continue
         if kind == "sum":
             total += float(value)
         else:
             count += float(value)
-    return 1000.0 * total / count if count else 0.0
+    return (1000.0 * total / count if count else 0.0), int(count)
 
 
 def _deploy(client: Client, source: Path, functions: tuple[str, ...]) -> None:
@@ -206,16 +227,15 @@ def _figures(
     speedup: float,
     results: list[_Result],
     period_s: float,
-    start_ms: float,
-    ready_ms: float,
+    starts: dict[str, float],
     cost: dict[str, Any],
     functions: list[dict[str, Any]],
     prices: PriceTable,
     memory_mb: int,
+    cpu: float,
 ) -> dict[str, object]:
     ok = [r for r in results if r.error is None]
-    ready_after_s = ready_ms / 1000.0
-    cold = [r for r in ok if r.served == 0 and r.sent < r.born + ready_after_s]
+    cold = [r for r in ok if r.cold]
     duration_s = trace.duration_ms / (1000.0 * speedup)
     added = np.asarray(
         [
@@ -236,7 +256,8 @@ def _figures(
         if r.error is not None:
             errors[r.error] = errors.get(r.error, 0) + 1
     total = cost["total"]
-    per_container_s = prices.usd_per_vcpu_second + memory_mb / 1024 * prices.usd_per_gb_second
+    # the simulator's containers: the instance's declared size, concurrency 1
+    per_container_s = ContainerSize(Resources(cpu=cpu, memory_mb=memory_mb)).usd_per_second(prices)
     containers = int(peak_concurrency(trace).sum())
     container_cost = containers * period_s * per_container_s
     n = len(trace)
@@ -259,8 +280,8 @@ def _figures(
         "metered_invocations": total["invocations"],
         "p50_added_ms": round(p50, 3),
         "p99_added_ms": round(p99, 3),
-        "start_ms": round(start_ms, 3),
-        "fork_to_ready_ms": round(ready_ms, 3),
+        **{key: round(value, 3) if key.endswith("_ms") else int(value) for key, value in starts.items()},
+        "functions_started": sum(1 for f in functions if int(f["cold_starts"]) > 0),
         "cold_added_p50_ms": round(float(np.median(cold_added)), 3) if cold_added else None,
         "warm_overhead_p50_ms": round(float(np.median(warm_added)), 3) if warm_added else 0.0,
         "period_s": round(period_s, 3),
@@ -275,10 +296,13 @@ def run(
     max_instances: int = 8,
     default_ttl_s: float = 600.0,
     cpu: float = 0.1,
+    work: str = "sleep",
 ) -> dict[str, object]:
     """Replay ``trace_path`` live and in the simulator; one JSON-ready dict."""
     if not (math.isfinite(speedup) and speedup > 0):
         raise InvalidSpec(f"speedup must be > 0, got {speedup}")
+    if work not in ("sleep", "spin"):
+        raise InvalidSpec(f"work must be 'sleep' or 'spin', got {work!r}")
     trace = read_trace(trace_path)
     live_policy, live_ttl = scale_policy(policy, default_ttl_s, 1.0 / speedup)
     prices = PriceTable()
@@ -290,6 +314,7 @@ def run(
             MODEL_SOURCE.replace("MAX_INSTANCES", str(max_instances))
             .replace("MEMORY_MB", str(memory_mb))
             .replace("CPU_SHARE", repr(float(cpu)))
+            .replace("WORK", work)
         )
         args = ["--keep-alive-policy", live_policy, "--keep-alive", repr(live_ttl), "--log-level", "warning"]
         with running_server(data / "platform", args) as server, Client(server.url) as client:
@@ -301,15 +326,24 @@ def run(
             functions = client.functions()
             metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
             node = next(d for d in client.devices() if d["kind"] == "cpu")
-    start_ms, ready_ms = _phase_ms(metrics, "total"), _phase_ms(metrics, "spawn_call")
-    live = _figures(trace, speedup, results, period, start_ms, ready_ms, cost, functions, prices, memory_mb)
+    start_ms, _ = _starts(metrics)
+    fork_ms, _ = _starts(metrics, ("standby",))
+    template_ms, template_starts = _starts(metrics, TEMPLATE_TIERS)
+    starts = {
+        "start_ms": start_ms,
+        "fork_start_ms": fork_ms,
+        "template_start_ms": template_ms,
+        "template_starts": float(template_starts),
+    }
+    live = _figures(trace, speedup, results, period, starts, cost, functions, prices, memory_mb, cpu)
     config = SimConfig(
         policy=policy,
         default_ttl_s=default_ttl_s,
         memory_mb=memory_mb,
         concurrency=1,
         max_instances=max_instances,
-        cold_start_ms=start_ms,
+        cold_start_ms=fork_ms or start_ms,
+        first_start_ms=template_ms or None,
         tick_s=LIVE_TICK_S,
         speedup=speedup,
         prices=prices,
@@ -340,6 +374,7 @@ def run(
         "memory_mb": memory_mb,
         "max_instances": max_instances,
         "cpu": cpu,
+        "work": work,
         "node_capacity": node["capacity"],
         **live,
         "simulate": sim,

@@ -135,7 +135,9 @@ def measure_recovery(data: Path, runs: int = 100) -> dict[str, Any]:
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             for body in bodies:
-                r = http.post("/v1/workflows/behavior/runs", content=body)
+                r = http.post(
+                    "/v1/workflows/behavior/runs", content=body, headers={"Content-Type": "application/json"}
+                )
                 r.raise_for_status()
                 ids.append(r.json()["run_id"])
     finally:

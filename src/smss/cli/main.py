@@ -30,6 +30,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints one 
 app.add_typer(bench_app, name="bench")
 runs_app = typer.Typer(no_args_is_help=True, help="Workflow runs: list, show, resume, replay.")
 app.add_typer(runs_app, name="runs")
+traces_app = typer.Typer(no_args_is_help=True, help="Invocation traces for simulate and bench replay.")
+app.add_typer(traces_app, name="traces")
 console = Console()
 #: Errors go to stderr, so that stdout holds only a command's output (``--json``).
 err_console = Console(stderr=True)
@@ -83,6 +85,16 @@ def serve(
             help="Host memory the platform may place, e.g. 8GiB [default: the machine's less 512 MiB + 5 %]"
         ),
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(help="A Host name clients may use besides loopback and --host (repeatable)"),
+    ] = None,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a client may take to send a request's headers")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request body may stall before the client is closed")
+    ] = 60.0,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
     log_retention: Annotated[
         float | None,
@@ -109,10 +121,13 @@ def serve(
         port=port,
         data_dir=data_dir or Path.home() / ".smss",
         token=token or config.env_token(),
+        allowed_hosts=tuple(allow_host or ()),
         demo=demo,
         log_level=log_level,
         serving=config.ServingSettings(
-            keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0)
+            keep_alive_s=keep_alive if keep_alive is not None else (config.env_keep_alive() or 300.0),
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
         ),
         start_mode=start_mode,
         spares=spares,
@@ -304,7 +319,7 @@ def simulate(ctx: typer.Context) -> None:
     Usage: smss simulate TRACE.csv --policy fixed:600|hybrid [--memory-mb N] [--cold-start-ms N]
     [--concurrency N] [--tick-s S] [--prices FILE] [--json]
     """
-    from smss.sim.simulator import main as simulate_main
+    from smss.sim.cli import main as simulate_main
 
     raise typer.Exit(simulate_main(list(ctx.args)))
 
@@ -344,11 +359,12 @@ def runs_list(
     workflow: Annotated[str | None, typer.Option(help="Only runs of this workflow")] = None,
     limit: Annotated[int, typer.Option(help="Most recent N")] = 50,
     url: Url = None,
+    token: Token = None,
     as_json: AsJson = False,
 ) -> None:
     """Recent runs, newest first."""
     params = "&".join(f"{k}={v}" for k, v in (("status", status), ("workflow", workflow)) if v)
-    with _client(url, None) as client:
+    with _client(url, token) as client:
         runs = client.get(f"/v1/runs?limit={limit}&{params}")["runs"]
     if as_json:
         _print_json(runs)
@@ -362,11 +378,11 @@ def runs_list(
 
 
 @runs_app.command("show")
-def runs_show(run_id: str, url: Url = None, as_json: AsJson = False) -> None:
+def runs_show(run_id: str, url: Url = None, token: Token = None, as_json: AsJson = False) -> None:
     """A run's timeline: every event, per-stage durations, and where and why it failed."""
     from smss.cli.timeline import render_run
 
-    with _client(url, None) as client:
+    with _client(url, token) as client:
         run = client.get(f"/v1/runs/{run_id}")
     if as_json:
         _print_json(run)
@@ -416,6 +432,38 @@ def bench_overhead(
     _print_json(run(requests=requests))
 
 
+@bench_app.command("load")
+def bench_load(
+    as_json: AsJson = True,
+    duration: Annotated[float, typer.Option(help="Seconds of the steady phase at 70% of the knee")] = 120.0,
+    step: Annotated[float, typer.Option(help="Seconds of each step of the saturation sweep")] = 5.0,
+    target: Annotated[
+        list[str] | None, typer.Option(help="mlp and/or behavior (repeatable; default both)")
+    ] = None,
+    p99_limit_ms: Annotated[float, typer.Option(help="A sweep step above this p99 is past the knee")] = 500.0,
+) -> None:
+    """Open-loop load (coordinated omission corrected): saturation sweep, knee, steady state at 70%."""
+    from smss.bench.load import TARGETS, run
+
+    targets = tuple(target or ("mlp", "behavior"))
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        _error(f"unknown --target {', '.join(unknown)}; choose from {', '.join(sorted(TARGETS))}")
+        raise typer.Exit(2)
+    _print_json(run(duration_s=duration, step_s=step, targets=targets, p99_limit_ms=p99_limit_ms))
+
+
+@bench_app.command("soak")
+def bench_soak(
+    as_json: AsJson = True,
+    minutes: Annotated[float, typer.Option(help="How long to churn")] = 5.0,
+) -> None:
+    """Churn (scale to zero, cancelled requests, reloads); memory, fds, threads, segments, log per cycle."""
+    from smss.bench.soak import run
+
+    _print_json(run(minutes=minutes))
+
+
 @bench_app.command("cold-start")
 def bench_cold_start(as_json: AsJson = True) -> None:
     """Cold start of cnn and cnn_large: container-style vs fork-and-attach (one JSON object per model)."""
@@ -451,6 +499,9 @@ def bench_replay(
         float, typer.Option(help="fixed's / hybrid's fallback TTL before scaling")
     ] = 600.0,
     cpu: Annotated[float, typer.Option(help="Declared cores of each instance (placed on the node)")] = 0.1,
+    work: Annotated[
+        str, typer.Option(help="How a function spends each request's duration: sleep, or spin on a core")
+    ] = "sleep",
     as_json: AsJson = True,
 ) -> None:
     """Replay a trace open loop against a live platform, beside `smss simulate` on the same settings."""
@@ -465,8 +516,21 @@ def bench_replay(
             max_instances=max_instances,
             default_ttl_s=default_ttl_s,
             cpu=cpu,
+            work=work,
         )
     )
+
+
+@traces_app.command("import-orcbench")
+def traces_import_orcbench(
+    raw: Annotated[Path, typer.Argument(help="A trace written by `orcbench trace --out`")],
+    out: Annotated[Path, typer.Argument(help="The CSV to write (t_ms,function,duration_ms,cluster)")],
+) -> None:
+    """Convert an OrcBench trace to the CSV that `smss simulate` and `smss bench replay` read."""
+    from smss.sim.orcbench import convert
+
+    trace = convert(raw, out)
+    print(f"{out}: {len(trace)} invocations of {len(trace.functions)} functions over {trace.span_s:.0f} s")
 
 
 def main() -> None:

@@ -106,6 +106,15 @@ class ContainerSize(msgspec.Struct, frozen=True):
     resources: Resources = Resources()
     concurrency: int = 1
 
+    def usd_per_second(self, prices: PriceTable) -> float:
+        """What one such container costs a second, at ``prices``."""
+        r = self.resources
+        return (
+            r.cpu * prices.usd_per_vcpu_second
+            + r.memory_mb / 1024 * prices.usd_per_gb_second
+            + r.gpu * prices.usd_per_gpu_second
+        )
+
 
 def container_size(spec: FunctionSpec) -> ContainerSize:
     return ContainerSize(spec.resources, spec.scaling.concurrency)
@@ -172,13 +181,7 @@ def function_cost(
     request_usd = usage.invocations / 1e6 * prices.usd_per_million_requests
     cost = cpu_usd + memory_usd + gpu_usd + request_usd
     containers = math.ceil(usage.peak_concurrency / max(size.concurrency, 1))
-    r = size.resources
-    per_second = (
-        r.cpu * prices.usd_per_vcpu_second
-        + r.memory_mb / 1024 * prices.usd_per_gb_second
-        + r.gpu * prices.usd_per_gpu_second
-    )
-    container_cost = containers * period_s * per_second
+    container_cost = containers * period_s * size.usd_per_second(prices)
     return FunctionCost(
         invocations=usage.invocations,
         alive_s=usage.alive_s,

@@ -20,6 +20,10 @@ slot frees or a new instance is ready. Guarantees:
 * an instance found lost (its connection ended or stopped taking requests) is
   taken out of rotation at once and reported (``DispatchHooks.on_lost``), so the
   controller makes sure its process is gone;
+* a request that found no free slot and was then taken by an instance that had
+  just become ready is a *cold start* (:attr:`Served.cold`): it waited for that
+  instance's start, the simulator's definition too; one that waited only for a
+  busy instance to finish is not;
 * when starting an instance fails and none is left, queued requests get
   :class:`StartFailed` (503) naming the model, and new ones fail fast while
   the start back-off runs, or for good once the controller gave up starting it.
@@ -72,6 +76,19 @@ class DispatchHooks:
     on_lost: Callable[[Slot, str], None] = lambda _slot, _reason: None
 
 
+@dataclass(frozen=True)
+class Served:
+    """Who answered a request, whether it waited for that instance to start, and
+    where its time went: ``queued_s`` waiting for a slot (for an instance to start
+    or to free one), ``instance_s`` on the instance (sending, batching, compute,
+    the answer's way back)."""
+
+    instance: InstanceInfo
+    cold: bool
+    queued_s: float = 0.0
+    instance_s: float = 0.0
+
+
 @dataclass(eq=False)
 class Slot:
     info: InstanceInfo
@@ -115,6 +132,8 @@ class FunctionDispatcher:
         self._rng = rng or random.Random(0)
         self.slots: dict[str, Slot] = {}
         self._waiters: deque[asyncio.Future[Slot]] = deque()
+        #: Waiters handed a slot of an instance that had just become ready (cold starts).
+        self._cold: set[asyncio.Future[Slot]] = set()
         self._tokens = itertools.count()
         self.starting = 0
         self.start_error: StartFailed | None = None
@@ -151,15 +170,22 @@ class FunctionDispatcher:
 
     async def infer_traced(
         self, inputs: Tensors, outputs: tuple[str, ...], deadline: float
-    ) -> tuple[dict[str, np.ndarray], InstanceInfo]:
-        """Like :meth:`infer`, also naming the instance that answered. An error
-        raised from an instance carries its ``instance`` and ``node`` attributes."""
+    ) -> tuple[dict[str, np.ndarray], Served]:
+        """Like :meth:`infer`, also naming the instance that answered and whether the
+        request waited for it to start. An error raised from an instance carries its
+        ``instance`` and ``node`` attributes."""
         attempts = 2 if self.spec.idempotent else 1
         self._hooks.on_arrival()
+        clock = self._clock
+        queued = 0.0
         for attempt in range(attempts):
-            slot = await self._acquire(deadline)
+            asked = clock.monotonic()
+            slot, cold = await self._acquire(deadline)
+            sent = clock.monotonic()
+            queued += sent - asked
             try:
-                return await self._call(slot, inputs, outputs, deadline), slot.info
+                result = await self._call(slot, inputs, outputs, deadline)
+                return result, Served(slot.info, cold, queued, clock.monotonic() - sent)
             except InstanceLost as e:
                 self._lost(slot, e.message)
                 if attempt + 1 < attempts:
@@ -228,13 +254,15 @@ class FunctionDispatcher:
             del self.slots[slot.info.id]
             self._hooks.on_lost(slot, reason)
 
-    async def _acquire(self, deadline: float) -> Slot:
+    async def _acquire(self, deadline: float) -> tuple[Slot, bool]:
+        """A slot, and whether it came from an instance that became ready while the
+        request waited (a cold start)."""
         if self.closed_reason is not None:
             raise NotFound(self.closed_reason)
         slot = self._pick()
         if slot is not None:
             self._demand_changed()
-            return slot
+            return slot, False
         retry = self._settings.retry_after_s
         now = self._clock.monotonic()
         if self.start_error is not None and not self.slots and now < self.backoff_until:
@@ -262,8 +290,11 @@ class FunctionDispatcher:
                 waiter.cancel()
                 self._demand_changed()
             raise
+        finally:
+            cold = waiter in self._cold
+            self._cold.discard(waiter)
         if waiter.done() and not waiter.cancelled():
-            return waiter.result()  # raises the error it was failed with, if any
+            return waiter.result(), cold  # raises the error it was failed with, if any
         waiter.cancel()
         self._demand_changed()
         if self.waiting_for is not None:
@@ -301,7 +332,9 @@ class FunctionDispatcher:
     def _demand_changed(self) -> None:
         self._hooks.on_demand_change(self.demand)
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, fresh: Slot | None = None) -> None:
+        """Free slots to the longest-waiting requests; those handed ``fresh`` (an
+        instance that has just become ready) are cold starts."""
         while self._waiters:
             waiter = self._waiters[0]
             if waiter.done():
@@ -312,13 +345,16 @@ class FunctionDispatcher:
                 return
             self._waiters.popleft()
             waiter.set_result(slot)
+            if slot is fresh:
+                self._cold.add(waiter)
 
     # ------------------------------------------------------------ instances
 
     def add(self, info: InstanceInfo, channel: InstanceChannel) -> None:
         self.start_error = None
-        self.slots[info.id] = Slot(info, channel, self.spec.scaling.concurrency, self._clock.monotonic())
-        self._hand_over()
+        slot = Slot(info, channel, self.spec.scaling.concurrency, self._clock.monotonic())
+        self.slots[info.id] = slot
+        self._hand_over(fresh=slot)
 
     def drain(self, instance_id: str) -> Slot | None:
         slot = self.slots.get(instance_id)

@@ -39,7 +39,7 @@ import msgspec
 from smss.errors import CorruptWeights, StartFailed
 from smss.inventory import Allocation, AllocationKind, Capacity, NodeInventory
 from smss.node.devices import discover
-from smss.node.memory import PssCache, children
+from smss.node.memory import ResidentReadings
 from smss.node.weightstore import WeightStore
 from smss.node.worker import Ready, WorkerConfig, process_alive
 from smss.node.zygotes import ZygotePool, watch_exit
@@ -101,7 +101,7 @@ class NodeAgent:
         self._store_misses = asyncio.Lock()
         self._instances: dict[str, _Instance] = {}
         self._on_exit: ExitCallback = lambda _id, _code: None
-        self._pss = PssCache()
+        self._readings = ResidentReadings()
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._on_exit = callback
@@ -113,18 +113,22 @@ class NodeAgent:
         return [self._inventory]
 
     def resident(self) -> list[Allocation]:
-        """Weight segments (their size), templates and spares (their PSS), as
-        allocations of host memory on this node."""
+        """Weight segments (their size), templates and spares (their PSS, as last
+        read off the event loop), as allocations of host memory on this node."""
         out = []
         for key in list(self.store.keys()):
             seg = self.store.get(key)
             if seg is not None:
                 out.append(_resident(f"weights:{key}", key, "weights", seg.size))
-        instance_pids = {inst.info.pid for inst in self._instances.values()}
-        for t in self.zygotes.templates():
-            out.append(_resident(f"template:{t.key}", t.key, "template", self._pss.get(t.pid) or 0))
-            for k, child in enumerate(c for c in children(t.pid) if c not in instance_pids):
-                out.append(_resident(f"spare:{t.key}:{k}", t.key, "spare", self._pss.get(child) or 0))
+        templates = self.zygotes.templates()
+        readings = self._readings.latest(
+            [t.pid for t in templates], {inst.info.pid for inst in self._instances.values()}
+        )
+        for t in templates:
+            reading = readings.get(t.pid)
+            out.append(_resident(f"template:{t.key}", t.key, "template", reading.pss if reading else 0))
+            for k, (_, pss) in enumerate(reading.spares if reading else ()):
+                out.append(_resident(f"spare:{t.key}:{k}", t.key, "spare", pss))
         return out
 
     def pids(self) -> dict[str, int]:
@@ -328,6 +332,7 @@ class NodeAgent:
     async def close(self) -> None:
         await asyncio.gather(*(self.stop_instance(i, 2.0) for i in list(self._instances)))
         await self.zygotes.close()
+        await self._readings.close()
         self.store.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
 

@@ -2,15 +2,23 @@
 
 PSS (proportional set size) charges each shared page to the processes that map
 it in equal parts, so the PSS of a template and of the instances forked from it
-add up to what they hold together, shared weights counted once. Readings are
-cached for ``ttl_s`` (reading ``smaps_rollup`` of a large process walks its page
-tables).
+add up to what they hold together, shared weights counted once. Reading
+``smaps_rollup`` of a large process walks its page tables, so what the node keeps
+resident is read off the event loop (:class:`ResidentReadings`), at most every few
+seconds, and the control loop uses the last readings.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PROC = Path("/proc")
 
@@ -42,21 +50,63 @@ def children(pid: int, proc: Path = PROC) -> list[int]:
     return out
 
 
-class PssCache:
-    """:func:`pss_bytes` per pid, re-read at most every ``ttl_s`` seconds."""
+@dataclass(frozen=True)
+class Reading:
+    """One template process: its PSS, and its children other than instances (its
+    spares), each with its PSS (0 when unreadable)."""
 
-    def __init__(self, ttl_s: float = 5.0, proc: Path = PROC) -> None:
-        self._ttl_s = ttl_s
-        self._proc = proc
-        self._cache: dict[int, tuple[float, int | None]] = {}
+    pss: int
+    spares: tuple[tuple[int, int], ...] = ()
 
-    def get(self, pid: int) -> int | None:
-        now = time.monotonic()
-        hit = self._cache.get(pid)
-        if hit is not None and now - hit[0] < self._ttl_s:
-            return hit[1]
-        value = pss_bytes(pid, self._proc)
-        self._cache[pid] = (now, value)
-        if len(self._cache) > 4096:
-            self._cache = {p: v for p, v in self._cache.items() if now - v[0] < self._ttl_s}
-        return value
+
+def read_templates(
+    pids: Collection[int], instances: Collection[int], proc: Path = PROC
+) -> dict[int, Reading]:
+    """A :class:`Reading` of each template pid (blocking: /proc reads)."""
+    out = {}
+    for pid in pids:
+        spares = tuple((c, pss_bytes(c, proc) or 0) for c in children(pid, proc) if c not in instances)
+        out[pid] = Reading(pss_bytes(pid, proc) or 0, spares)
+    return out
+
+
+@dataclass
+class ResidentReadings:
+    """The last :func:`read_templates` of a node's templates, refreshed in a worker
+    thread at most every ``refresh_s`` seconds, when asked (:meth:`latest`): the
+    control loop never waits on /proc. A template not read yet counts 0 until the
+    next refresh (a few seconds). The refresh task is owned here: :meth:`close`
+    cancels it, and a failed refresh is logged and retried at the next ask."""
+
+    refresh_s: float = 5.0
+    proc: Path = PROC
+    clock: Callable[[], float] = time.monotonic
+    readings: dict[int, Reading] = field(default_factory=dict)
+    _read_at: float = -float("inf")
+    _task: asyncio.Task[None] | None = None
+
+    def latest(self, templates: Collection[int], instances: Collection[int]) -> dict[int, Reading]:
+        """The last readings; starts a refresh when they are older than ``refresh_s``
+        (outside a running loop: reads now)."""
+        now = self.clock()
+        if now - self._read_at >= self.refresh_s and (self._task is None or self._task.done()):
+            self._read_at = now
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.readings = read_templates(templates, instances, self.proc)
+            else:
+                self._task = loop.create_task(self._refresh(tuple(templates), frozenset(instances)))
+        return self.readings
+
+    async def _refresh(self, templates: tuple[int, ...], instances: frozenset[int]) -> None:
+        try:
+            self.readings = await asyncio.to_thread(read_templates, templates, instances, self.proc)
+        except Exception:
+            log.exception("could not read what the node keeps resident")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

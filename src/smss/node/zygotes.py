@@ -73,6 +73,9 @@ class ZygotePool:
         self._zygotes: dict[str, _Zygote] = {}
         self._templates: dict[str, Template] = {}
         self._starting: dict[str, asyncio.Lock] = {}
+        #: One template build at a time per key: concurrent first starts of a model
+        #: wait for the one template instead of each building (and leaking) another.
+        self._preparing: dict[str, asyncio.Lock] = {}
         self.zygote_starts = 0
         self._serial = itertools.count(1)
 
@@ -144,6 +147,11 @@ class ZygotePool:
     async def prepare(self, key: str, config: WorkerConfig, segment: Path | None) -> tuple[Template, bool]:
         """The template for ``key``, forked from the runtime's zygote if missing.
         Returns (template, already_prepared)."""
+        lock = self._preparing.setdefault(key, asyncio.Lock())
+        async with lock:
+            return await self._prepare(key, config, segment)
+
+    async def _prepare(self, key: str, config: WorkerConfig, segment: Path | None) -> tuple[Template, bool]:
         existing = self._templates.get(key)
         if existing is not None and process_alive(existing.pid):
             return existing, True
@@ -188,6 +196,9 @@ class ZygotePool:
     def discard(self, key: str) -> None:
         """Stop a template (its weights are being evicted)."""
         template = self._templates.pop(key, None)
+        lock = self._preparing.get(key)
+        if lock is not None and not lock.locked():
+            del self._preparing[key]
         if template is not None:
             template.control.close()
             with contextlib.suppress(ProcessLookupError):

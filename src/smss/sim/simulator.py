@@ -7,8 +7,11 @@ Per function it drives the same objects as the live controller and dispatcher:
 and :class:`~smss.control.placement.ClusterState` placement inside),
 :func:`~smss.control.router.choose` and the :class:`~smss.control.metering.Meter`,
 on a virtual clock (an event heap; nothing sleeps). Instances are simulated: one
-becomes ready ``cold_start_ms`` after it is asked for and serves up to ``concurrency``
-requests at once, each for the trace's ``duration_ms``.
+becomes ready ``cold_start_ms`` after it is asked for (a fork of the function's
+resident template) and serves up to ``concurrency`` requests at once, each for the
+trace's ``duration_ms``. With ``first_start_ms`` set, a function's first start takes
+that long instead (its template is built first, as the live node does once per
+model; starts asked for while it is being built wait for it, then fork).
 
 What happens, as in the live platform:
 
@@ -77,118 +80,31 @@ over two million invocations a minute on one core.
 
 from __future__ import annotations
 
-import argparse
 import heapq
-import json
 import math
 import random
-import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 import numpy as np
 
-from smss.config import parse_size
-from smss.control.autoscaler import Autoscaler, AutoscalerConfig
-from smss.control.cost import ContainerSize, PriceTable, load_prices, report
+from smss.control.autoscaler import Autoscaler
+from smss.control.cost import ContainerSize, report
 from smss.control.keepalive import KeepAlivePolicy, parse_policy, scale_policy
 from smss.control.metering import Meter
-from smss.control.placement import ClusterState, need_of
+from smss.control.placement import need_of
 from smss.control.reconcile import Observed, Policies, keep_alive_windows, prewarm_wake, reconcile
 from smss.control.router import Candidate, Ewma, choose
 from smss.control.scaling import InstanceView
-from smss.errors import InvalidSpec, SmssError
 from smss.inventory import Allocation
+from smss.sim.config import SimConfig
 from smss.sim.trace import Trace, peak_concurrency, read_trace
-from smss.spec import Resources, Scaling
 
 _DONE, _READY, _WAKE = 0, 1, 2
 _EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """Settings of one simulation. Every function of the trace gets the same instance
-    size and scaling settings (the trace's functions are synthetic)."""
-
-    policy: str = "hybrid"
-    #: TTL of ``fixed`` without seconds, and the fallback of ``hybrid``.
-    default_ttl_s: float = 600.0
-    memory_mb: int = 512
-    cpu: float = 1.0
-    gpu: float = 0.0
-    concurrency: int = 1
-    #: None: the controller's default, max(1, 0.7 x concurrency).
-    target_concurrency: float | None = None
-    min_instances: int = 0
-    max_instances: int = 1000
-    cold_start_ms: float = 500.0
-    tick_s: float = 1.0
-    seed: int = 0
-    #: Replay K times faster (trace times, durations and the policy's windows / K).
-    speedup: float = 1.0
-    #: The functions' own keep-alive (``Scaling.keep_alive_s``): overrides the policy.
-    keep_alive_s: float | None = None
-    #: A cluster of ``nodes`` nodes of ``cpus_per_node`` cores and ``memory_per_node_mb``
-    #: each; None: one node that nothing fills (the figures of earlier runs).
-    nodes: int | None = None
-    cpus_per_node: float = 2.0
-    memory_per_node_mb: int = 4096
-    #: A request still queued after this long is dropped (``timed_out``), as the live
-    #: platform answers 503 at its deadline; None: requests wait as long as it takes.
-    request_timeout_s: float | None = None
-    prices: PriceTable = field(default_factory=PriceTable)
-
-    def __post_init__(self) -> None:
-        if self.memory_mb <= 0 or not self.cpu > 0 or not self.gpu >= 0:
-            raise InvalidSpec("need memory_mb > 0, cpu > 0 and gpu >= 0")
-        if not 1 <= self.concurrency <= 4096:
-            raise InvalidSpec(f"concurrency must be 1-4096, got {self.concurrency}")
-        if not (math.isfinite(self.cold_start_ms) and self.cold_start_ms >= 0):
-            raise InvalidSpec(f"cold_start_ms must be >= 0, got {self.cold_start_ms}")
-        if not (math.isfinite(self.tick_s) and self.tick_s > 0):
-            raise InvalidSpec(f"tick_s must be > 0, got {self.tick_s}")
-        if not (math.isfinite(self.speedup) and self.speedup > 0):
-            raise InvalidSpec(f"speedup must be > 0, got {self.speedup}")
-        if self.nodes is not None and not (
-            self.nodes >= 1 and self.cpus_per_node > 0 and self.memory_per_node_mb > 0
-        ):
-            raise InvalidSpec("need nodes >= 1, cpus_per_node > 0 and memory_per_node_mb > 0")
-        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
-            raise InvalidSpec(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
-        if self.keep_alive_s is not None and not self.keep_alive_s >= 0:
-            raise InvalidSpec(f"keep_alive_s must be >= 0, got {self.keep_alive_s}")
-        self.autoscaler_config()  # validates the scaling bounds
-
-    def autoscaler_config(self) -> AutoscalerConfig:
-        target = self.target_concurrency or max(1.0, 0.7 * self.concurrency)
-        return AutoscalerConfig(
-            target_concurrency=target, min_instances=self.min_instances, max_instances=self.max_instances
-        )
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(cpu=self.cpu, memory_mb=self.memory_mb, gpu=self.gpu)
-
-    @property
-    def scaling(self) -> Scaling:
-        """Every function's scaling settings (its spec's, in the live platform)."""
-        return Scaling(
-            min_instances=self.min_instances,
-            max_instances=self.max_instances,
-            concurrency=self.concurrency,
-            target_concurrency=self.target_concurrency,
-            keep_alive_s=self.keep_alive_s,
-        )
-
-    def cluster(self) -> ClusterState:
-        if self.nodes is None:
-            return ClusterState.unbounded()
-        return ClusterState.uniform(self.nodes, self.cpus_per_node, self.memory_per_node_mb)
 
 
 class _Inst:
@@ -216,6 +132,7 @@ class _Fn:
         "ready",
         "started",
         "starting",
+        "template_at",
     )
 
     def __init__(self, name: str, policies: Policies) -> None:
@@ -231,6 +148,7 @@ class _Fn:
         self.started = 0
         self.next_wake = math.inf
         self.prewarmed_for = -math.inf
+        self.template_at: float | None = None  # when its template is (will be) ready
 
 
 class Simulation:
@@ -244,6 +162,9 @@ class Simulation:
         self.meter = Meter()
         self.rng = random.Random(config.seed)
         self._cold_s = config.cold_start_ms / 1000.0
+        first = config.cold_start_ms if config.first_start_ms is None else config.first_start_ms
+        self._build_s = max(first - config.cold_start_ms, 0.0) / 1000.0  # the template's build
+        self.template_builds = 0
         scaling, need = config.scaling, need_of(config.resources)
         self._fns = [
             _Fn(
@@ -397,8 +318,12 @@ class Simulation:
         self.meter.instance_started(instance_id, fn.name, self._resources, now)
         if not self._unbounded:
             self.cluster.add(msgspec.structs.replace(alloc, id=instance_id))
+        if fn.template_at is None:
+            fn.template_at = now + self._build_s
+            self.template_builds += 1
         self._seq += 1
-        heapq.heappush(self._heap, (now + self._cold_s, self._seq, _READY, (fn, instance_id), 0))
+        ready_at = max(now, fn.template_at) + self._cold_s
+        heapq.heappush(self._heap, (ready_at, self._seq, _READY, (fn, instance_id), 0))
 
     def _ready(self, started: tuple[_Fn, str], now: float) -> None:
         fn, instance_id = started
@@ -550,6 +475,7 @@ class Simulation:
             "p50_added_ms": round(p50, 3),
             "p99_added_ms": round(p99, 3),
             "instances_started": sum(f.started for f in self._fns),
+            "template_builds": self.template_builds,
             "prewarm_starts": self.prewarm_starts,
             "rejected": self.rejected,
             "queued_for_capacity": len(self._capacity_waited),
@@ -573,85 +499,3 @@ def simulate(trace: Path | str | Trace, config: SimConfig | None = None) -> dict
     out["wall_s"] = round(wall, 3)
     out["invocations_per_min_wall"] = round(len(trace) / wall * 60.0) if wall > 0 else None
     return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smss simulate", description=__doc__.split("\n")[0] if __doc__ else None)
-    d = SimConfig()
-    p.add_argument("trace", type=Path, help="CSV trace: t_ms,function,duration_ms[,cluster]")
-    p.add_argument("--policy", default=d.policy, help="fixed:SECONDS | hybrid | hybrid:key=value,...")
-    p.add_argument(
-        "--default-ttl-s", type=float, default=d.default_ttl_s, help="fixed's / hybrid's fallback TTL"
-    )
-    p.add_argument("--memory-mb", type=int, default=d.memory_mb)
-    p.add_argument("--cpu", type=float, default=d.cpu)
-    p.add_argument("--gpu", type=float, default=d.gpu)
-    p.add_argument(
-        "--concurrency", type=int, default=d.concurrency, help="requests one instance serves at once"
-    )
-    p.add_argument("--max-instances", type=int, default=d.max_instances)
-    p.add_argument("--cold-start-ms", type=float, default=d.cold_start_ms)
-    p.add_argument("--tick-s", type=float, default=d.tick_s)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument(
-        "--speedup",
-        type=float,
-        default=d.speedup,
-        help="replay K times faster: times, durations and the policy's windows / K (as bench replay)",
-    )
-    p.add_argument(
-        "--keep-alive-s",
-        type=float,
-        default=None,
-        help="the functions' own keep-alive, overriding the policy",
-    )
-    p.add_argument(
-        "--nodes", type=int, default=None, help="a cluster of N nodes (default: one node nothing fills)"
-    )
-    p.add_argument(
-        "--request-timeout-s", type=float, default=None, help="drop requests queued this long (live: 60)"
-    )
-    p.add_argument("--cpus-per-node", type=float, default=d.cpus_per_node, help="cores of each node")
-    p.add_argument("--memory-per-node", default="4GiB", help="memory of each node, e.g. 4GiB")
-    p.add_argument("--prices", type=Path, default=None, help="TOML price table overriding the defaults")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        config = SimConfig(
-            policy=args.policy,
-            default_ttl_s=args.default_ttl_s,
-            memory_mb=args.memory_mb,
-            cpu=args.cpu,
-            gpu=args.gpu,
-            concurrency=args.concurrency,
-            max_instances=args.max_instances,
-            cold_start_ms=args.cold_start_ms,
-            tick_s=args.tick_s,
-            seed=args.seed,
-            speedup=args.speedup,
-            keep_alive_s=args.keep_alive_s,
-            nodes=args.nodes,
-            request_timeout_s=args.request_timeout_s,
-            cpus_per_node=args.cpus_per_node,
-            memory_per_node_mb=parse_size(args.memory_per_node) // (1 << 20),
-            prices=load_prices(args.prices),
-        )
-        out = simulate(args.trace, config)
-    except SmssError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(out))
-    else:
-        width = max(len(k) for k in out)
-        for key, value in out.items():
-            print(f"{key:<{width}}  {value}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

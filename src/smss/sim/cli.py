@@ -1,0 +1,107 @@
+"""``smss simulate``: the simulator's command line (one JSON object or a table of figures)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from smss.config import parse_size
+from smss.control.cost import load_prices
+from smss.errors import SmssError
+from smss.sim import simulator
+from smss.sim.config import SimConfig
+from smss.sim.simulator import simulate
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smss simulate", description=(simulator.__doc__ or "").split("\n")[0])
+    d = SimConfig()
+    p.add_argument("trace", type=Path, help="CSV trace: t_ms,function,duration_ms[,cluster]")
+    p.add_argument("--policy", default=d.policy, help="fixed:SECONDS | hybrid | hybrid:key=value,...")
+    p.add_argument(
+        "--default-ttl-s", type=float, default=d.default_ttl_s, help="fixed's / hybrid's fallback TTL"
+    )
+    p.add_argument("--memory-mb", type=int, default=d.memory_mb)
+    p.add_argument("--cpu", type=float, default=d.cpu)
+    p.add_argument("--gpu", type=float, default=d.gpu)
+    p.add_argument(
+        "--concurrency", type=int, default=d.concurrency, help="requests one instance serves at once"
+    )
+    p.add_argument("--max-instances", type=int, default=d.max_instances)
+    p.add_argument(
+        "--cold-start-ms", type=float, default=d.cold_start_ms, help="an instance start (a template's fork)"
+    )
+    p.add_argument(
+        "--first-start-ms",
+        type=float,
+        default=None,
+        help="a function's first start, its template built first (default: --cold-start-ms)",
+    )
+    p.add_argument("--tick-s", type=float, default=d.tick_s)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=d.speedup,
+        help="replay K times faster: times, durations and the policy's windows / K (as bench replay)",
+    )
+    p.add_argument(
+        "--keep-alive-s",
+        type=float,
+        default=None,
+        help="the functions' own keep-alive, overriding the policy",
+    )
+    p.add_argument(
+        "--nodes", type=int, default=None, help="a cluster of N nodes (default: one node nothing fills)"
+    )
+    p.add_argument(
+        "--request-timeout-s", type=float, default=None, help="drop requests queued this long (live: 60)"
+    )
+    p.add_argument("--cpus-per-node", type=float, default=d.cpus_per_node, help="cores of each node")
+    p.add_argument("--memory-per-node", default="4GiB", help="memory of each node, e.g. 4GiB")
+    p.add_argument("--prices", type=Path, default=None, help="TOML price table overriding the defaults")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = SimConfig(
+            policy=args.policy,
+            default_ttl_s=args.default_ttl_s,
+            memory_mb=args.memory_mb,
+            cpu=args.cpu,
+            gpu=args.gpu,
+            concurrency=args.concurrency,
+            max_instances=args.max_instances,
+            cold_start_ms=args.cold_start_ms,
+            first_start_ms=args.first_start_ms,
+            tick_s=args.tick_s,
+            seed=args.seed,
+            speedup=args.speedup,
+            keep_alive_s=args.keep_alive_s,
+            nodes=args.nodes,
+            request_timeout_s=args.request_timeout_s,
+            cpus_per_node=args.cpus_per_node,
+            memory_per_node_mb=parse_size(args.memory_per_node) // (1 << 20),
+            prices=load_prices(args.prices),
+        )
+        out = simulate(args.trace, config)
+    except SmssError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        width = max(len(k) for k in out)
+        for key, value in out.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
