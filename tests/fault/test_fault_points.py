@@ -6,7 +6,6 @@ took the run over has its late completion fenced off (RELIABILITY items 1 and 3)
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import subprocess
@@ -25,7 +24,6 @@ from wf_helpers import (
     assert_once_per_stage,
     deploy_stage_models,
     deploy_workflow,
-    descendants,
     events_of,
     get_run,
     output,
@@ -259,8 +257,8 @@ def _infer_first(url: str, value: float, timeout_s: float = 10.0) -> httpx.Respo
 @pytest.mark.timeout(300)
 def test_request_and_instance_points_fire_in_the_gateway_and_the_instance(tmp_path: Path) -> None:
     """``request.before_dispatch`` runs in the gateway (``kill`` ends the platform at the
-    first request); ``instance.before_reply`` runs in the instance (``stop`` leaves the
-    instance that computed the answer stopped, the platform itself running)."""
+    first request); ``instance.before_reply`` runs in the instance (``kill``: the
+    instance that computed the answer dies before replying, the platform goes on)."""
     traces = tmp_path / "trace"
     traces.mkdir()
     env = {TRACE_ENV: str(traces), "SMSS_FAULT": "request.before_dispatch:kill"}
@@ -276,19 +274,16 @@ def test_request_and_instance_points_fire_in_the_gateway_and_the_instance(tmp_pa
         assert trace(traces, "wf_first") == {}  # killed before the request was sent
         p.kill9()
 
-        p.env["SMSS_FAULT"] = "instance.before_reply:stop"
+        p.env["SMSS_FAULT"] = "instance.before_reply:kill"
         p.start("--keep-alive", "300")
         assert p.server is not None
-        platform_pid = p.server.process.pid
-        # Whatever it answers (a timeout, or 503/504 once the stopped instances were
-        # replaced), it is not the model's answer: every instance stops before replying.
-        with contextlib.suppress(httpx.TimeoutException):
-            assert _infer_first(p.url, 2.0, timeout_s=5.0).status_code >= 500
-        assert trace(traces, "wf_first")[2] >= 1  # computed, never answered (perhaps retried elsewhere)
-
-        def a_stopped_instance() -> bool:
-            return any(inject.state(pid) in ("T", "t") for pid, _ in descendants(platform_pid))
-
-        wait_until(a_stopped_instance, WAIT_S, "an instance stopped at instance.before_reply")
-        assert inject.state(platform_pid) not in ("T", "t")
+        # Every instance dies after computing, before replying: the request is retried
+        # once on a replacement, then refused; never answered with the model's output.
+        try:
+            status = _infer_first(p.url, 2.0, timeout_s=60.0).status_code
+        except httpx.TimeoutException:
+            status = 0
+        assert status != 200
+        assert trace(traces, "wf_first")[2] >= 1  # computed, never answered
+        assert p.server.process.poll() is None  # the platform itself is unaffected
         p.stop()
