@@ -41,6 +41,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -64,7 +65,10 @@ POINTS = frozenset(
 
 def _signal_self(sig: signal.Signals) -> Action:
     def send() -> None:
-        os.kill(os.getpid(), sig)
+        # To the calling thread, not the process: a process-directed SIGSTOP is taken
+        # by the main thread, and the caller (an event loop in another thread) would
+        # run on past the point until the group stop reaches it.
+        signal.pthread_kill(threading.get_ident(), sig)
 
     return send
 

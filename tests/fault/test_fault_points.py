@@ -71,6 +71,38 @@ def test_stop_stops_the_process_until_it_is_resumed() -> None:
     assert (out, proc.returncode) == ("after\n", 0)
 
 
+def test_stop_in_a_thread_stops_that_thread_at_the_point() -> None:
+    """The point fires in an event loop's thread while the main thread is busy: the
+    calling thread must not run on past the point (a process-directed SIGSTOP would be
+    taken by the main thread, and the caller would go on until the group stop caught it)."""
+    code = (
+        "import threading, time\n"
+        "from smss import faults\n"
+        "faults.install('instance.before_reply:stop')\n"
+        "def loop():\n"
+        "    print('before', flush=True)\n"
+        "    faults.hit('instance.before_reply')\n"
+        "    print('after', flush=True)\n"
+        "t = threading.Thread(target=loop); t.start()\n"
+        "while t.is_alive(): sum(range(1000))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == b"before\n"
+        inject.wait_state(proc.pid, "Tt", timeout_s=30)
+        os.set_blocking(proc.stdout.fileno(), False)
+        for _ in range(20):  # whatever the stopped process wrote is in the pipe by now
+            assert proc.stdout.read() in (None, b""), "the caller ran on past the point"
+        os.set_blocking(proc.stdout.fileno(), True)
+        inject.resume(proc.pid)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        inject.kill(proc.pid)
+        proc.wait()
+    assert (out, proc.returncode) == (b"after\n", 0)
+
+
 def _serve(tmp_path: Path, spec: str, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
