@@ -319,3 +319,15 @@ def test_request_and_instance_points_fire_in_the_gateway_and_the_instance(tmp_pa
         assert trace(traces, "wf_first")[2] >= 1  # computed, never answered
         assert p.server.process.poll() is None  # the platform itself is unaffected
         p.stop()
+
+
+def test_filled_reserves_the_space_and_gives_it_back(tmp_path: Path) -> None:
+    """``inject.filled`` leaves at most ``leave_bytes`` free (here: takes about 16 MiB of
+    a shared disk, not all of it), with real allocated blocks, and removes its file."""
+    free = inject.free_bytes(tmp_path)
+    want = 16 << 20
+    with inject.filled(tmp_path, leave_bytes=free - want, chunk_bytes=4 << 20) as path:
+        allocated = os.stat(path).st_blocks * 512
+        assert allocated >= want - (4 << 20), allocated  # others may use the disk meanwhile
+        assert allocated <= want + (4 << 20), allocated
+    assert not path.exists()

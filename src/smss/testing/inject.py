@@ -96,7 +96,7 @@ def filled(directory: Path, *, leave_bytes: int = 0, chunk_bytes: int = 64 << 20
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         size = 0
-        while (free := _free(directory) - leave_bytes) > 0:
+        while (free := free_bytes(directory) - leave_bytes) > 0:
             step = min(chunk_bytes, free)
             try:
                 os.posix_fallocate(fd, size, step)
@@ -114,6 +114,7 @@ def filled(directory: Path, *, leave_bytes: int = 0, chunk_bytes: int = 64 << 20
         path.unlink(missing_ok=True)
 
 
-def _free(directory: Path) -> int:
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still allocate on ``directory``'s filesystem."""
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
