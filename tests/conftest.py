@@ -1,5 +1,7 @@
 """Suite-wide leak checks: child processes and ``/dev/shm`` entries.
 
+Also the suite's options: ``--runs`` sizes the random-kill test.
+
 Cheap and dependency-free: a scan of ``/proc/*/stat`` and a ``/dev/shm`` listing
 before and after each test; ``/proc/*/maps`` and ``/proc/*/fd`` are read only
 when a new ``/dev/shm`` entry is still there at the end of a test.
@@ -36,6 +38,25 @@ settings.register_profile(
 )
 settings.register_profile("long", parent=settings.get_profile("ci"), max_examples=20_000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--runs",
+        type=int,
+        default=20,
+        help="runs of the random-kill test (tests/fault/test_random_kills.py); RELIABILITY 2 asks for 500",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    runs = int(config.getoption("--runs"))
+    for item in items:
+        marker = item.get_closest_marker("scaled_timeout")
+        if marker is not None:
+            base_s, per_run_s = marker.args
+            item.add_marker(pytest.mark.timeout(base_s + per_run_s * runs))
+
 
 #: How long children and segments may take to go away once a test body returned.
 LEAK_GRACE_S = 10.0

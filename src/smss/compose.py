@@ -23,6 +23,7 @@ from types import FrameType
 import msgspec
 import uvicorn
 
+from smss import faults
 from smss.api.app import create_app
 from smss.api.auth import MIN_TOKEN_CHARS, TokenAuth
 from smss.api.connection import protocol_class
@@ -44,7 +45,7 @@ from smss.packaging import package_class
 from smss.ports import SystemClock
 from smss.store.artifacts import ArtifactStore
 from smss.store.sqlite import SqliteRegistry
-from smss.store.sqlite_log import SqliteEventLog
+from smss.store.sqlite_log import Retention, SqliteEventLog, log_hooks
 from smss.store.sqlite_workflows import SqliteWorkflows
 from smss.workflow.engine import Engine
 from smss.workflow.spec import spec_hash, validate_workflow
@@ -79,6 +80,9 @@ def build(settings: Settings) -> AppContext:
     """The object graph of one platform process. Raises SmssError (before anything is
     created) on settings this machine cannot honour, e.g. ``--cpus`` above its cores."""
     settings.check()
+    faults.install(settings.faults)  # InvalidSpec on a bad spec, before anything starts
+    if settings.faults:
+        log.warning("fault points switched on: %s", settings.faults)
     if settings.token is not None and len(settings.token) < MIN_TOKEN_CHARS:
         log.warning(
             "the admin token has fewer than %d characters: use a long random one "
@@ -127,7 +131,13 @@ def build(settings: Settings) -> AppContext:
     )
     registry = SqliteRegistry(data / "registry.db")
     workflows = WorkflowRegistry(SqliteWorkflows(data / "workflows.db"), controller)
-    event_log = SqliteEventLog(data / "log.db")
+    limits = settings.workflows
+    retention = (
+        None
+        if math.isinf(limits.log_retention_s)
+        else Retention(limits.log_retention_s, every_s=limits.compact_every_s)
+    )
+    event_log = SqliteEventLog(data / "log.db", fault=log_hooks(), retention=retention)
     engine = Engine(
         event_log,
         PlatformCaller(controller, clock, settings.serving),

@@ -74,6 +74,10 @@ class WorkflowLimits:
     max_direct_sessions: int = 10_000
     #: A non-durable session's state unused for this long is dropped.
     direct_state_ttl_s: float = 3600.0
+    #: Finished runs (and the blobs only they refer to) are removed from the log this
+    #: long after they finished (``inf``: never); checked at most every ``compact_every_s``.
+    log_retention_s: float = 7 * 86400.0
+    compact_every_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,10 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     serving: ServingSettings = field(default_factory=ServingSettings)
     workflows: WorkflowLimits = field(default_factory=WorkflowLimits)
+    #: Fault points to switch on (``SMSS_FAULT``, grammar in :mod:`smss.faults`): tests only.
+    faults: str | None = None
+    #: ``--allow-faults``: without it a platform refuses to start with ``faults`` set.
+    allow_faults: bool = False
 
     def check(self) -> Settings:
         """Refuse settings that would expose code execution: deploying a model
@@ -154,6 +162,13 @@ class Settings:
             raise InvalidSpec(f"--adopt-window must be 0 or more seconds, not {self.adopt_window_s:g}")
         if self.memory_mb is not None and self.memory_mb < 1:
             raise InvalidSpec(f"--memory must be at least 1 MiB, not {self.memory_mb} MiB")
+        if not self.workflows.log_retention_s >= 0:
+            raise InvalidSpec(f"--log-retention must be >= 0 seconds, not {self.workflows.log_retention_s}")
+        if self.faults and not self.allow_faults:
+            raise InvalidSpec(
+                "refusing to start with SMSS_FAULT set: fault points crash or stall the platform "
+                "on purpose, for tests. Unset it, or pass --allow-faults in a test."
+            )
         return self
 
 
@@ -180,6 +195,11 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise InvalidSpec(f"size must be positive, not {text!r}")
     return int(value * _UNITS[unit])
+
+
+def env_faults() -> str | None:
+    """``SMSS_FAULT``: fault points to switch on (see :mod:`smss.faults`), or None."""
+    return os.environ.get("SMSS_FAULT") or None
 
 
 def env_token() -> str | None:

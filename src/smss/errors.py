@@ -24,6 +24,7 @@ here knows about HTTP.
     ├── Overloaded              queue full: come back later (429)
     ├── Unavailable             cannot serve now: starting failed, instance died (503)
     │   ├── StartFailed         an instance could not be started (load error)
+    │   │   └── CorruptWeights  a weight segment failed its checksum at attach
     │   ├── InstanceLost        an instance died with the request in flight
     │   │   └── InstanceDraining  an instance refused a request it never ran (it drains)
     │   └── StorageUnavailable  the store could not durably record an event
@@ -108,6 +109,13 @@ class StartFailed(Unavailable):
     code = "start_failed"
 
 
+class CorruptWeights(StartFailed):
+    """A weight segment's data does not match the checksum written with it: the
+    start fails, and the segment is dropped so the next start reloads the file."""
+
+    code = "corrupt_weights"
+
+
 class InstanceLost(Unavailable):
     code = "instance_lost"
 
@@ -140,6 +148,7 @@ class ModelError(SmssError):
 __all__ = [
     "AuthError",
     "Conflict",
+    "CorruptWeights",
     "CrossSiteRequest",
     "DeadlineExceeded",
     "Forbidden",

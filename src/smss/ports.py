@@ -298,17 +298,23 @@ class AppendResult(msgspec.Struct, frozen=True):
     """``seqs[i]`` is the sequence number of event i, or 0 when the log dropped it
     (a second StageCompleted for a stage). ``state_conflict`` is True when the
     accompanying state write did not match the stored state, ``void`` when a
-    completion the append ``requires`` is not the one recorded: in both cases
-    nothing of the batch was written."""
+    completion the append ``requires`` is not the one recorded, ``fenced`` when a
+    ``StageCompleted`` or ``StageFailed`` in it is of an attempt older than the
+    stage's latest ``StageStarted`` (fencing: the stage was reassigned, so the stale
+    attempt's result is rejected, whether or not the new attempt has finished): in
+    each case nothing of the batch was written."""
 
     seqs: tuple[int, ...]
     state_conflict: bool = False
     void: bool = False
+    #: A completion or failure in the batch came from a stale attempt of its stage (a
+    #: later attempt had started: the stage was reassigned): nothing was written.
+    fenced: bool = False
 
     @property
     def clean(self) -> bool:
         """Everything was written as asked: nothing refused, nothing dropped."""
-        return not (self.state_conflict or self.void) and 0 not in self.seqs
+        return not (self.state_conflict or self.void or self.fenced) and 0 not in self.seqs
 
 
 class EventLog(Protocol):

@@ -33,6 +33,7 @@ LEAVES = {
     "config": ("smss.errors",),
     "bytes_tensors": ("smss.errors",),
     "safetensors_header": ("smss.errors",),
+    "faults": ("smss.errors",),
 }
 FORBIDDEN_LIBS = {
     "control": ("sqlite3", "socket", "ray", "torch", "starlette", "uvicorn"),

@@ -18,7 +18,7 @@ from smss.testing.memlog import MemoryEventLog
 from smss.workflow.blobs import to_blobs
 from smss.workflow.builder import Workflow
 from smss.workflow.engine import Engine
-from smss.workflow.events import RunFailed, RunParked, SessionState, StageCompleted, StageFailed
+from smss.workflow.events import RunFailed, RunParked, SessionState, StageCompleted, StageFailed, StageStarted
 from smss.workflow.spec import WorkflowSpec, validate_workflow
 
 
@@ -177,6 +177,57 @@ def test_a_crashed_engine_resumes_without_rerunning_completed_stages() -> None:
         assert completions(log, outcome.run_id) == {"a": 1, "b": 1, "c": 1}
         assert caller.calls["double"] == 2  # once per run: never re-run for the recovered one
         assert log.get_state("chain", "s").version == 1
+
+    asyncio.run(main())
+
+
+def started_c(log: MemoryEventLog, attempt: int) -> bool:
+    """Whether stage c's start of ``attempt`` is recorded."""
+    return any(
+        isinstance(r.event, StageStarted) and (r.event.stage, r.event.attempt) == ("c", attempt)
+        for r in log.records
+    )
+
+
+@pytest.mark.parametrize("late", ["after_the_new_attempt_completed", "before_it_completed"])
+def test_a_late_completion_of_a_reassigned_attempt_is_fenced_off(late: str) -> None:
+    """Engine A stalls in stage c (stateful) of a run; engine B, on the same log,
+    recovers the run and starts c again (attempt 2). A's late result of attempt 1 is
+    rejected by the log (fenced), whether B's attempt finished first or not; the
+    stage's effect is recorded once, by B; A then reports the outcome the log holds."""
+
+    async def main() -> None:
+        log = MemoryEventLog()
+        stalled, second = FakeCaller(), FakeCaller()
+        stalled.gate["acc"] = asyncio.Event()
+        second.gate["acc"] = asyncio.Event()
+        if late == "after_the_new_attempt_completed":
+            second.gate["acc"].set()
+        async with engine(log, stalled).running() as a:
+            waiting = asyncio.ensure_future(a.submit("chain", {"x": X}, session="s"))
+            await eventually(lambda: stalled.calls["acc"] > 0 and started_c(log, 1))
+            (run_id,) = log.runs
+            async with engine(log, second).running():
+                await eventually(lambda: second.calls["acc"] > 0 and started_c(log, 2))
+                if late == "after_the_new_attempt_completed":
+                    await eventually(lambda: completions(log, run_id)["c"] == 1)
+                stalled.gate["acc"].set()  # A's attempt 1 comes back late
+                await eventually(lambda: log.counters["fenced"] == 1)
+                second.gate["acc"].set()
+                await eventually(lambda: log.run_summary(run_id).status == "completed")  # type: ignore[union-attr]
+            outcome = await waiting
+        assert outcome is not None
+        assert outcome.status == "completed"
+        events = [r.event for r in log.read_run(run_id)]
+        c_results = [
+            (type(e).__name__, e.attempt)
+            for e in events
+            if isinstance(e, StageCompleted | StageFailed) and e.stage == "c"
+        ]
+        assert c_results == [("StageCompleted", 2)]
+        assert log.get_state("chain", "s").version == 1  # the state was written once
+        assert outcome.outputs is not None
+        np.testing.assert_array_equal(outcome.outputs["out"], X * 2 + 1)
 
     asyncio.run(main())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import os
 import random
 import shutil
@@ -173,6 +174,39 @@ def test_second_stage_completed_is_dropped(open_log: Callable[..., SqliteEventLo
     completions = [r.event for r in log.read_run("r1") if isinstance(r.event, StageCompleted)]
     assert [(c.stage, c.attempt) for c in completions] == [("a", 1), ("b", 1)]
     assert log.stats()["dropped_completions"] == 2
+
+
+def test_results_of_a_reassigned_attempt_are_fenced_off(open_log: Callable[..., SqliteEventLog]) -> None:
+    """Attempt 1 of stage a was reassigned (attempt 2 started): attempt 1's completion
+    or failure is rejected whole, state write included, before and after attempt 2
+    completes; attempt 2's completion is recorded once; a fenced result never appears."""
+    log = open_log()
+    blob = b"new state"
+    ref = hashlib.sha256(blob).hexdigest()
+    late_state = StateWrite("wf", "s", 0, {"h": ref})
+
+    async def scenario() -> list[AppendResult]:
+        await log.start_run("r1", started(session="s"), {})
+        await log.append("r1", [StageStarted("a", 1, "fn", {})])
+        await log.append("r1", [StageStarted("a", 2, "fn", {})])  # reassigned
+        return [
+            await log.append("r1", [StageCompleted("a", 1, {}), StageScheduled("b", 1)]),
+            await log.append("r1", [StageFailed("a", 1, "InstanceLost", "gone")]),
+            await log.append("r1", [StageCompleted("a", 2, {})]),
+            await log.append("r1", [StageCompleted("a", 1, {"h": ref})], blobs={ref: blob}, state=late_state),
+        ]
+
+    early, failed, current, late = run(scenario())
+    assert (early.fenced, failed.fenced, late.fenced) == (True, True, True)
+    assert (early.clean, failed.clean, late.clean) == (False, False, False)
+    assert current.clean
+    assert not current.fenced
+    events = [r.event for r in log.read_run("r1")]
+    results = [(type(e).__name__, e.attempt) for e in events if isinstance(e, StageCompleted | StageFailed)]
+    assert results == [("StageCompleted", 2)]
+    assert not any(isinstance(e, StageScheduled) for e in events)  # nothing of a fenced batch
+    assert log.get_state("wf", "s").version == 0  # the late state write never applied
+    assert log.stats()["fenced"] == 3
 
 
 def test_state_write_is_conditional_and_all_or_nothing(open_log: Callable[..., SqliteEventLog]) -> None:

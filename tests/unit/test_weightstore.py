@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from smss.errors import UnsafeArtifact
-from smss.node.attach import HUGE_PAGE, Attached, HotCopy, safetensors_views
+from smss.errors import CorruptWeights, UnsafeArtifact
+from smss.node.attach import HUGE_PAGE, Attached, HotCopy, safetensors_views, verify
 from smss.node.weightstore import HEADER, HEADER_SIZE, MAGIC, SHM_DIR, WeightStore
+from smss.testing.inject import corrupt
 
 MakeStore = Callable[[int], WeightStore]
 
@@ -88,13 +90,15 @@ def test_acquire_publishes_one_complete_segment_and_reuses_it(make_store: MakeSt
     assert segment.path.parent == SHM_DIR
     assert not segment.path.name.endswith(".partial")
     raw = segment.path.read_bytes()
-    magic, generation, length, offset = HEADER.unpack_from(raw, 0)
-    assert (magic, generation, length, offset) == (
+    magic, generation, length, offset, checksum = HEADER.unpack_from(raw, 0)
+    assert (magic, generation, length, offset, checksum) == (
         MAGIC,
         segment.generation,
         source.stat().st_size,
         HEADER_SIZE,
+        zlib.crc32(source.read_bytes()),
     )
+    assert segment.checksum == checksum
     assert raw[HEADER_SIZE:] == source.read_bytes()
 
     again, hit = store.acquire("a@g1", source)
@@ -350,9 +354,9 @@ def _zero_header(path: Path) -> None:
 
 
 def _wrong_offset(path: Path) -> None:
-    magic, generation, length, _ = HEADER.unpack_from(path.read_bytes(), 0)
+    magic, generation, length, _, checksum = HEADER.unpack_from(path.read_bytes(), 0)
     with path.open("r+b") as f:
-        f.write(HEADER.pack(magic, generation, length, 0))
+        f.write(HEADER.pack(magic, generation, length, 0, checksum))
 
 
 @pytest.mark.parametrize(
@@ -473,3 +477,37 @@ def test_a_load_that_runs_out_of_space_fails_cleanly_and_leaves_nothing(tmp_path
     assert "refused: not enough shared memory for the weights of 'big'" in done.stdout
     assert "entries 0" in done.stdout
     assert leftovers == []
+
+
+def test_a_segment_whose_data_changed_fails_its_checksum(make_store: MakeStore, tmp_path: Path) -> None:
+    """One byte overwritten in place in a real segment: its header still checks out,
+    its checksum does not; the store can drop it, and the next acquire reloads the file."""
+    store = make_store(1 << 30)
+    source = weights_file(tmp_path, "a", 1000)
+    segment, _ = store.acquire("a@g1", source)
+    attached = Attached(segment.path)
+    try:
+        verify(attached.data, attached.checksum, segment.path.name)  # intact
+    finally:
+        attached.close()
+    corrupt(segment.path, HEADER_SIZE + 17)
+    attached = Attached(segment.path)  # the header is intact: attaching alone cannot tell
+    try:
+        hot = HotCopy(attached.data)
+        with pytest.raises(CorruptWeights, match="corrupt"):
+            verify(hot.data, attached.checksum, segment.path.name)
+    finally:
+        attached.close()
+    store.drop("a@g1")
+    assert not segment.path.exists()
+    store.release("a@g1", segment.generation)  # the dropped segment's user: a no-op
+    fresh, hit = store.acquire("a@g1", source)
+    assert not hit
+    assert fresh.generation > segment.generation
+    store.release("a@g1", segment.generation)  # a stale release leaves the new one in use
+    assert fresh.users == 1
+    attached = Attached(fresh.path)
+    try:
+        verify(attached.data, attached.checksum, fresh.path.name)
+    finally:
+        attached.close()

@@ -136,6 +136,19 @@ def serve(
         typer.Option(help="Client connections held at once; past it new ones get 503 with Retry-After"),
     ] = 1024,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
+    log_retention: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a finished run stays in the workflow log before compaction removes it "
+            "(inf: never) [default: 7 days]"
+        ),
+    ] = None,
+    allow_faults: Annotated[
+        bool,
+        typer.Option(
+            "--allow-faults", help="Tests only: switch on the fault points named in $SMSS_FAULT", hidden=True
+        ),
+    ] = False,
 ) -> None:
     """Run the platform: gateway, controller and a local node. SIGTERM drains it:
     no new connections, the requests in flight finish, instances stop, exit 0."""
@@ -170,12 +183,17 @@ def serve(
         prices_path=prices,
         cpus=cpus,
         cuda_visible_devices=config.env_cuda_visible_devices(),
+        faults=config.env_faults(),
+        allow_faults=allow_faults,
     )
     try:
         if weight_cache is not None:
             settings = dataclasses.replace(settings, weight_cache_bytes=config.parse_size(weight_cache))
         if memory is not None:
             settings = dataclasses.replace(settings, memory_mb=config.parse_size(memory) // 2**20)
+        if log_retention is not None:
+            workflows = dataclasses.replace(settings.workflows, log_retention_s=log_retention)
+            settings = dataclasses.replace(settings, workflows=workflows)
         ctx = build(settings)
     except InvalidSpec as e:  # a setting it cannot honour (a cap above the machine's, a bad size)
         _error(e)

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from smss import faults
 from smss.config import ServingSettings
 from smss.control.router import Candidate, Ewma, choose
 from smss.control.scaling import InstanceView
@@ -231,6 +232,7 @@ class FunctionDispatcher:
             # A timeout, not wait_for: on 3.11 wait_for runs the call in a task of its
             # own, which sends the request only one loop iteration later.
             async with self._clock.timeout(max(deadline - started, 0.001)):
+                faults.hit("request.before_dispatch")
                 answer = await slot.channel.send(inputs, outputs)
                 # shielded: the answer is still coming when this wait ends early
                 return await asyncio.shield(answer)

@@ -39,7 +39,7 @@ from typing import Literal
 
 import msgspec
 
-from smss.errors import StartFailed, StorageUnavailable
+from smss.errors import CorruptWeights, StartFailed, StorageUnavailable
 from smss.inventory import Allocation, AllocationKind, Capacity, NodeInventory
 from smss.node.devices import discover
 from smss.node.memory import ResidentReadings
@@ -66,6 +66,8 @@ class _Instance:
     process: asyncio.subprocess.Process | None = None
     stopping: bool = False
     entry: InstanceEntry | None = None
+    #: The generation of the segment it uses (a dropped segment's users release nothing).
+    weights_generation: int | None = None
 
 
 def default_weight_budget(inventory: NodeInventory) -> int:
@@ -200,6 +202,7 @@ class NodeAgent:
         t0 = time.perf_counter()
         segment = None
         weights_key = None
+        generation = None
         if spec.weights is not None:
             source = artifact_dir / spec.weights
             cached = self.store.get(key)
@@ -208,7 +211,7 @@ class NodeAgent:
             else:
                 async with self._store_misses:
                     seg, hit = await asyncio.to_thread(self.store.acquire, key, source)
-            segment, weights_key = seg.path, key
+            segment, weights_key, generation = seg.path, key, seg.generation
             if not hit:
                 phases["weights"] = (time.perf_counter() - t0) * 1000
         try:
@@ -236,9 +239,14 @@ class NodeAgent:
             phases["fork"] = spawned.fork_ms
             phases["spare"] = 1.0 if spawned.spare else 0.0
             phases["spawn_call"] = (time.perf_counter() - t2) * 1000
-        except BaseException:
+        except BaseException as e:
             if weights_key is not None:
-                self.store.release(weights_key)
+                self.store.release(weights_key, generation)
+                if isinstance(e, CorruptWeights):
+                    # Not served again: the next start reloads the weights file (the
+                    # instances that map the segment keep their mappings).
+                    log.error("weights of %s: %s", key, e.message)
+                    self.store.drop(weights_key)
             raise
         info = self._info(config, spawned.pid)
         entry = InstanceEntry(
@@ -249,7 +257,9 @@ class NodeAgent:
             str(artifact_dir / spec.weights) if spec.weights is not None else None,
         )
         self._roster.put(entry)
-        inst = _Instance(info, weights_key, asyncio.Event(), lambda: None, entry=entry)
+        inst = _Instance(
+            info, weights_key, asyncio.Event(), lambda: None, entry=entry, weights_generation=generation
+        )
         inst.cancel_watch = watch_exit(spawned.pid, lambda: self._exited(inst, None))
         self._instances[info.id] = inst
         total = (time.perf_counter() - t0) * 1000
@@ -329,7 +339,7 @@ class NodeAgent:
         if inst.entry is not None:
             self._roster.drop(inst.entry)
         if inst.weights_key is not None:
-            self.store.release(inst.weights_key)
+            self.store.release(inst.weights_key, inst.weights_generation)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(inst.info.address.partition(":")[2])
         if not inst.stopping:

@@ -12,8 +12,11 @@ Guarantees:
 * space is reserved with ``posix_fallocate`` before anything is written, so a
   full ``/dev/shm`` is a clear :class:`StorageUnavailable`, never a SIGBUS;
 * a segment is published (renamed to its final name) only after its bytes and
-  a header carrying the magic, length and generation are complete, so an
-  attacher never sees a torn segment;
+  a header carrying the magic, length, generation and a CRC-32 of the data are
+  complete, so an attacher never sees a torn segment; a template verifies the
+  checksum when it attaches (:func:`smss.node.attach.verify`), so damage done
+  to a segment after it was made (a stray write to ``/dev/shm``, bad memory)
+  fails that function's start instead of serving wrong weights;
 * instances map read-only: a write through the mapping faults in that instance
   alone and cannot corrupt the copy the others use;
 * ``close`` unlinks every segment the store made (mappings already held stay valid).
@@ -24,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import mmap
 import os
 import struct
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +41,8 @@ from smss.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"SMSSWGT1"
-HEADER = struct.Struct("<8sQQQ")  # magic, generation, data length, data offset
+MAGIC = b"SMSSWGT2"
+HEADER = struct.Struct("<8sQQQI")  # magic, generation, data length, data offset, crc32 of the data
 HEADER_SIZE = 4096  # data starts page-aligned so tensor views are aligned
 SHM_DIR = Path("/dev/shm")
 
@@ -50,6 +55,7 @@ class Segment:
     generation: int
     load_ms: float
     users: int = 0
+    checksum: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,9 +107,13 @@ class WeightStore:
         self._segments[key] = segment
         return segment, False
 
-    def release(self, key: str) -> None:
+    def release(self, key: str, generation: int | None = None) -> None:
+        """One user of ``key`` is done with it; with ``generation``, only if the segment
+        is still that one (not a reload after :meth:`drop`)."""
         segment = self._segments.get(key)
-        if segment is not None and segment.users > 0:
+        if segment is None or (generation is not None and segment.generation != generation):
+            return
+        if segment.users > 0:
             segment.users -= 1
 
     def evict(self, key: str) -> bool:
@@ -116,6 +126,15 @@ class WeightStore:
         self.evictions += 1
         self.on_evict(key)
         return True
+
+    def drop(self, key: str) -> None:
+        """Forget a segment found damaged and unlink it, even while in use (mappings
+        already held stay valid): the next :meth:`acquire` loads a fresh copy.
+        Releases of the dropped segment's users then find no segment (a no-op)."""
+        segment = self._segments.pop(key, None)
+        if segment is not None:
+            _unlink(segment.path)
+            self.on_evict(key)
 
     def resident_bytes(self) -> int:
         return sum(HEADER_SIZE + s.size for s in self._segments.values())
@@ -172,7 +191,8 @@ class WeightStore:
                     if n == 0:
                         raise StorageUnavailable(f"weights file of {key!r} shrank while loading")
                     copied += n
-            os.pwrite(fd, HEADER.pack(MAGIC, generation, size, HEADER_SIZE), 0)
+            checksum = _crc32(fd, HEADER_SIZE, size)
+            os.pwrite(fd, HEADER.pack(MAGIC, generation, size, HEADER_SIZE, checksum), 0)
             os.rename(partial, final)
         except BaseException:
             _unlink(partial)
@@ -181,7 +201,32 @@ class WeightStore:
             os.close(fd)
         load_ms = (time.perf_counter() - started) * 1000
         log.info("weight store: loaded %s (%d bytes) in %.1f ms", key, size, load_ms)
-        return Segment(key, final, size, generation, load_ms)
+        return Segment(key, final, size, generation, load_ms, checksum=checksum)
+
+
+def crc32(data: memoryview | bytes) -> int:
+    """CRC-32 of ``data`` (zlib's, which releases the GIL), in chunks."""
+    crc = 0
+    view = memoryview(data)
+    for start in range(0, len(view), CHUNK):
+        crc = zlib.crc32(view[start : start + CHUNK], crc)
+    return crc
+
+
+CHUNK = 64 << 20
+
+
+def _crc32(fd: int, offset: int, size: int) -> int:
+    """CRC-32 of ``size`` bytes of ``fd`` from ``offset`` (read back from the segment:
+    what instances will map, not what the file held)."""
+    if size == 0:
+        return 0
+    with mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            return crc32(view[offset:])
+        finally:
+            view.release()
 
 
 def _safe(key: str) -> str:

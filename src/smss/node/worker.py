@@ -30,9 +30,11 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from smss import faults
+from smss.config import env_faults
 from smss.errors import InvalidInput, SmssError, StartFailed
 from smss.node import ipc
-from smss.node.attach import Attached, HotCopy
+from smss.node.attach import Attached, HotCopy, verify
 from smss.node.batching import Batcher, ModelFailure, Pending
 from smss.node.mainthread import MainThreadExecutor
 from smss.node.weights import Weights
@@ -81,8 +83,12 @@ def load_model(
             attached = Attached(segment)
             if hot:
                 shared = attached
-                attached = HotCopy(shared.data)
-                shared.close()
+                try:
+                    attached = HotCopy(shared.data)
+                    # Checked on the copy the template and its instances will serve from.
+                    verify(attached.data, shared.checksum, segment.name)
+                finally:
+                    shared.close()
         weights = Weights(artifact_dir / spec.weights, spec.weights_format, attached=attached)
     instance.load(weights)
     with contextlib.suppress(AttributeError, TypeError):
@@ -141,6 +147,7 @@ class Server:
             self._batcher.submit(Pending(inputs, msg.outputs, future))
             outputs = await future
             metas, buffers = ipc.tensor_metas(outputs)
+            faults.hit("instance.before_reply")
             ipc.write_frame(writer, ipc.Result(msg.id, metas), buffers)
         except ModelFailure as e:
             ipc.write_frame(writer, ipc.Failure(msg.id, "model_error", str(e), e.traceback))
@@ -397,6 +404,7 @@ def set_threads(config: WorkerConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(args[0], type=WorkerConfig)
+    faults.install(env_faults())
     ready_fd = start_child_process(config.instance_id)
     started = time.perf_counter()
     try:

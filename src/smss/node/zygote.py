@@ -50,6 +50,9 @@ from typing import Any
 
 import msgspec
 
+from smss import faults
+from smss.config import env_faults
+from smss.errors import CorruptWeights
 from smss.node import zygote_proto as proto
 from smss.node.spare import Spare, fork_spare
 from smss.node.worker import (
@@ -194,7 +197,8 @@ def _template_main(request: proto.Prepare, report_fd: int, parent: int) -> None:
     except BaseException as e:
         reason = public_reason(e)
         log.exception("template for %s failed to load", config.spec.name)
-        os.write(report_fd, msgspec.json.encode(proto.Failed(reason[:2000])) + b"\n")
+        failed = proto.Failed(reason[:2000], corrupt_weights=isinstance(e, CorruptWeights))
+        os.write(report_fd, msgspec.json.encode(failed) + b"\n")
         os._exit(3)
     # Attach and build are measured together: load() builds the module on the
     # shared tensors; the split is reported as attach 0 when weights are views.
@@ -285,6 +289,7 @@ def _instance_main(config: WorkerConfig, model: Any, sock: socket.socket, parent
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(args[0], type=ZygoteConfig)
+    faults.install(env_faults())  # inherited by the templates and instances it forks
     ready_fd = start_child_process("pid %(process)d", die_with_agent=config.linger_s is None)
     t0 = time.perf_counter()
     preload(config.runtime)

@@ -57,6 +57,8 @@ class Spawned(msgspec.Struct, tag="spawned", frozen=True):
 
 class Failed(msgspec.Struct, tag="failed", frozen=True):
     message: str
+    #: The weight segment failed its checksum (:class:`smss.errors.CorruptWeights`).
+    corrupt_weights: bool = False
 
 
 Request = Prepare | Spawn

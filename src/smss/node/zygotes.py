@@ -24,7 +24,7 @@ from uuid import uuid4
 
 import msgspec
 
-from smss.errors import StartFailed
+from smss.errors import CorruptWeights, StartFailed
 from smss.node import zygote_proto as proto
 from smss.node.roster import Roster, TemplateEntry, ZygoteEntry, alive, start_time
 from smss.node.worker import WorkerConfig, process_alive
@@ -235,7 +235,7 @@ class ZygotePool:
             zygote = await self._zygote(config.spec.runtime)
             reply = await zygote.control.call(request)
         if isinstance(reply, proto.Failed):
-            raise StartFailed(reply.message)
+            raise (CorruptWeights if reply.corrupt_weights else StartFailed)(reply.message)
         if not isinstance(reply, proto.Prepared):
             raise StartFailed("unexpected reply from the zygote")
         reader, writer = await asyncio.open_unix_connection(str(control_path))

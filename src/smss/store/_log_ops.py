@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,15 @@ import msgspec
 
 from smss.errors import Conflict, NotFound, StorageUnavailable
 from smss.ports import AppendResult
-from smss.workflow.events import Event, RunStarted, StateWrite, status_of
+from smss.workflow.events import (
+    Event,
+    RunCompleted,
+    RunStarted,
+    StageCompleted,
+    StageStarted,
+    StateWrite,
+    status_of,
+)
 
 logger = logging.getLogger("smss.store.sqlite_log")
 
@@ -35,6 +43,8 @@ class Row:
     attempt: int | None
     body: bytes
     status: str | None
+    #: The blob refs the event names (kept in ``blob_refs`` for compaction).
+    refs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,7 @@ class Counts:
     state_conflicts: int = 0
     runs_started: int = 0
     voided: int = 0
+    fenced: int = 0
 
 
 @dataclass
@@ -83,6 +94,7 @@ def start_run(db: sqlite3.Connection, op: StartRun, now: float) -> Outcome:
         raise Conflict(f"run id {op.run_id!r} is already used")
     _put_blobs(db, op.blobs)
     seq = _insert(db, op.run_id, op.row, now)
+    add_refs(db, op.run_id, [*op.row.refs, *(ref for ref, _ in op.blobs)])
     db.execute(
         "INSERT INTO runs (run_id, workflow, session, status, created, updated, idempotency_key, "
         "started_seq) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
@@ -111,8 +123,11 @@ def append(db: sqlite3.Connection, op: Append, now: float) -> Outcome:
             "DO UPDATE SET version = excluded.version, tensors = excluded.tensors",
             (w.workflow, w.session, w.expected + 1, op.state_tensors),
         )
+        set_state_refs(db, w.workflow, w.session, w.tensors.values())
     _put_blobs(db, op.blobs)
     seqs = [_insert(db, op.run_id, row, now) for row in op.rows]
+    # Refs of dropped rows too: their blobs were written, and go with the run.
+    add_refs(db, op.run_id, [*(ref for row in op.rows for ref in row.refs), *(ref for ref, _ in op.blobs)])
     dropped = seqs.count(0)
     counts = Counts(appends=1, events=len(seqs) - dropped, dropped_completions=dropped)
     return Outcome(result=AppendResult(tuple(seqs)), counts=counts)
@@ -124,6 +139,13 @@ def _refusal(db: sqlite3.Connection, op: Append) -> Outcome | None:
         # Computed from a completion that never took effect (or lost to another): void.
         void = AppendResult(tuple(0 for _ in op.rows), void=True)
         return Outcome(result=void, counts=Counts(appends=1, voided=1))
+    stale = _stale_attempts(db, op)
+    if stale:
+        # Fencing: the stage was reassigned (a later attempt started) since this attempt
+        # began; its result is rejected whether or not the later attempt has finished.
+        logger.warning("run %s: rejected results of stale attempts %s", op.run_id, stale)
+        fenced = AppendResult(tuple(0 for _ in op.rows), fenced=True)
+        return Outcome(result=fenced, counts=Counts(appends=1, fenced=1))
     if op.state is None:
         return None
     if _completion_recorded(db, op):
@@ -140,6 +162,21 @@ def _refusal(db: sqlite3.Connection, op: Append) -> Outcome | None:
         conflict = AppendResult(tuple(0 for _ in op.rows), state_conflict=True)
         return Outcome(result=conflict, counts=Counts(appends=1, state_conflicts=1))
     return None
+
+
+def _stale_attempts(db: sqlite3.Connection, op: Append) -> list[tuple[str, int]]:
+    """(stage, attempt) of each result in ``op`` older than its stage's latest start."""
+    stale = []
+    for row in op.rows:
+        if row.type not in ("StageCompleted", "StageFailed") or row.attempt is None:
+            continue
+        latest = db.execute(
+            "SELECT max(attempt) FROM events WHERE run_id = ? AND stage = ? AND type = 'StageStarted'",
+            (op.run_id, row.stage),
+        ).fetchone()[0]
+        if latest is not None and row.attempt < latest:
+            stale.append((str(row.stage), row.attempt))
+    return stale
 
 
 def _state_is(row: tuple[int, bytes] | None, write: StateWrite) -> bool:
@@ -199,7 +236,31 @@ def row_of(event: Event) -> Row:
     stage = getattr(event, "stage", None)
     attempt = getattr(event, "attempt", None)
     tag = event.__struct_config__.tag
-    return Row(str(tag), stage, attempt, encode(event), status_of(event))
+    return Row(str(tag), stage, attempt, encode(event), status_of(event), refs_of(event))
+
+
+def refs_of(event: Event) -> tuple[str, ...]:
+    """The blob refs an event names."""
+    if isinstance(event, RunStarted | StageStarted):
+        return tuple(event.inputs.values())
+    if isinstance(event, StageCompleted | RunCompleted):
+        return tuple(event.outputs.values())
+    return ()
+
+
+def add_refs(db: sqlite3.Connection, run_id: str, refs: list[str]) -> None:
+    if refs:
+        db.executemany(
+            "INSERT OR IGNORE INTO blob_refs (ref, run_id) VALUES (?, ?)", [(r, run_id) for r in set(refs)]
+        )
+
+
+def set_state_refs(db: sqlite3.Connection, workflow: str, session: str, refs: Iterable[str]) -> None:
+    db.execute("DELETE FROM state_refs WHERE workflow = ? AND session = ?", (workflow, session))
+    db.executemany(
+        "INSERT OR IGNORE INTO state_refs (ref, workflow, session) VALUES (?, ?, ?)",
+        [(r, workflow, session) for r in set(refs)],
+    )
 
 
 def blob_rows(blobs: Mapping[str, bytes]) -> list[tuple[str, bytes]]:

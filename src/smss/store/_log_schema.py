@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from smss.errors import StorageUnavailable
+from smss.store._log_compact import backfill
 from smss.store._wal import page_size, wal_damage
 
 logger = logging.getLogger("smss.store.sqlite_log")
 
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+#: Each migration: SQL statements, or functions of the connection, in one transaction.
+_MIGRATIONS: tuple[tuple[str | Callable[[sqlite3.Connection], None], ...], ...] = (
     (
         """CREATE TABLE runs (
             run_id TEXT PRIMARY KEY,
@@ -47,6 +50,25 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             tensors BLOB NOT NULL,  -- msgpack of name -> blob ref
             PRIMARY KEY (workflow, session)
         ) WITHOUT ROWID""",
+    ),
+    (
+        # What compaction needs (smss.store._log_compact): which runs and session
+        # states refer to each blob, and finished runs by age.
+        """CREATE TABLE blob_refs (
+            ref TEXT NOT NULL,
+            run_id TEXT NOT NULL,
+            PRIMARY KEY (ref, run_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX blob_refs_by_run ON blob_refs (run_id)",
+        """CREATE TABLE state_refs (
+            ref TEXT NOT NULL,
+            workflow TEXT NOT NULL,
+            session TEXT NOT NULL,
+            PRIMARY KEY (ref, workflow, session)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX state_refs_by_session ON state_refs (workflow, session)",
+        "CREATE INDEX runs_by_updated ON runs (status, updated)",
+        backfill,
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -136,11 +158,14 @@ def setup(db: sqlite3.Connection, path: Path) -> None:
         try:
             db.execute("BEGIN IMMEDIATE")
             if db.execute("PRAGMA user_version").fetchone()[0] == v:  # not done by another process meanwhile
-                for statement in _MIGRATIONS[v]:
-                    db.execute(statement)
+                for step in _MIGRATIONS[v]:
+                    if isinstance(step, str):
+                        db.execute(step)
+                    else:
+                        step(db)
                 db.execute(f"PRAGMA user_version = {v + 1}")
             db.execute("COMMIT")
-        except sqlite3.Error as e:
+        except (sqlite3.Error, StorageUnavailable) as e:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise unavailable(path, "the workflow log schema could not be created", e) from None

@@ -44,6 +44,12 @@ Guarantees:
   unacknowledged transaction is recovered from, as SQLite does. Each event body
   carries a CRC-32, and a blob is checked against its sha256 when read.
 
+**Bounded by compaction.** With a :class:`Retention`, the writer removes finished
+runs older than its age (their events, and the blobs nothing left refers to) after
+a commit, a bounded number at a time (:mod:`smss.store._log_compact`); a run still
+running is never removed. The file's pages are reused, not returned to the OS, so
+under churn its size levels off instead of growing.
+
 The log checkpoints itself (at open, and after a commit once the current ``-wal``
 generation passes ``checkpoint_bytes``) instead of SQLite's auto-checkpoint. A
 checkpoint is ``wal_checkpoint(RESTART)`` followed at once by a one-frame write that
@@ -55,10 +61,11 @@ is reused, not truncated: a commit overwrites blocks the file already has, so it
 fsync need not also journal a larger file size (about half the cost of a commit's
 fsync on ext4). ``journal_size_limit`` keeps a burst from leaving it large.
 
-Four modules, one per concern: this one (submitting, the writer thread and group
+Five modules, one per concern: this one (submitting, the writer thread and group
 commit, reads), :mod:`smss.store._log_batch` (queued requests, the open batch,
-answering callers), :mod:`smss.store._log_ops` (what one request writes) and
-:mod:`smss.store._log_schema` (refusing a damaged file, the schema).
+answering callers), :mod:`smss.store._log_ops` (what one request writes),
+:mod:`smss.store._log_compact` (retention) and :mod:`smss.store._log_schema`
+(refusing a damaged file, the schema).
 """
 
 from __future__ import annotations
@@ -77,10 +84,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from smss import faults
 from smss.errors import NotFound, Overloaded, SmssError, StorageUnavailable
 from smss.ports import AppendResult, Clock, SystemClock
 from smss.store import _log_ops as ops
 from smss.store._log_batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS, Item, OpenBatch, settle
+from smss.store._log_compact import compact
 from smss.store._log_schema import (
     BUSY_TIMEOUT_S,
     SCHEMA_VERSION,
@@ -117,16 +126,39 @@ _EVENT_TYPES: tuple[type, ...] = typing.get_args(Event)
 
 
 @dataclass(frozen=True)
+class Retention:
+    """Log compaction (:mod:`smss.store._log_compact`): finished runs last updated more
+    than ``age_s`` ago are removed, with the blobs only they referred to, by the
+    writer after a commit at most every ``every_s``, ``max_runs`` at a time."""
+
+    age_s: float
+    every_s: float = 60.0
+    max_runs: int = 1000
+
+
+@dataclass(frozen=True)
 class FaultHooks:
-    """Named fault points, for tests only (``smss.testing.faults`` builds them from a
-    spec string). Each runs on the writer thread; an exception it raises counts as a
-    failure of the step it is attached to (a failed COMMIT or checkpoint: fatal)."""
+    """Named fault points, for tests only (:func:`log_hooks` builds them from the points
+    of :mod:`smss.faults`). Each runs on the writer thread; an exception it raises
+    counts as a failure of the step it is attached to (a failed COMMIT or checkpoint:
+    fatal)."""
 
     before_commit: Callable[[], None] | None = None
     after_commit: Callable[[], None] | None = None
     before_checkpoint: Callable[[], None] | None = None
     #: Called only when a checkpoint completed (the ``-wal`` file was emptied).
     after_checkpoint: Callable[[], None] | None = None
+
+
+def log_hooks(lookup: Callable[[str], Callable[[], None] | None] = faults.point) -> FaultHooks:
+    """The log's hooks from ``lookup`` (point name -> action): by default the points
+    installed in this process (:func:`smss.faults.install`)."""
+    return FaultHooks(
+        before_commit=lookup("log.before_commit"),
+        after_commit=lookup("log.after_commit"),
+        before_checkpoint=lookup("log.before_checkpoint"),
+        after_checkpoint=lookup("log.after_checkpoint"),
+    )
 
 
 class SqliteEventLog:
@@ -151,8 +183,11 @@ class SqliteEventLog:
         checkpoint_bytes: int = 4 * 1024 * 1024,
         lazy_delay_s: float = LAZY_DELAY_S,
         max_queued: int = MAX_QUEUED,
+        retention: Retention | None = None,
     ) -> None:
         self.path = Path(path)
+        self._retention = retention
+        self._next_compaction = -float("inf")
         self._max_queued = max_queued
         self._faults = fault or FaultHooks()
         self._clock: Clock = clock or SystemClock()
@@ -173,7 +208,11 @@ class SqliteEventLog:
                 "dropped_completions",
                 "state_conflicts",
                 "voided",
+                "fenced",
                 "runs_started",
+                "compacted_runs",
+                "compacted_events",
+                "compacted_blobs",
             ),
             0,
         )
@@ -373,7 +412,9 @@ class SqliteEventLog:
     def stats(self) -> dict[str, int]:
         """Since this object was opened: appends (acknowledged ``append`` calls), events
         (written), commits (one fsync each), dropped_completions, state_conflicts,
-        voided (appends refused for a ``requires`` not met), runs_started; and queued
+        voided (appends refused for a ``requires`` not met), fenced (appends refused for
+        a stale attempt's result), runs_started, compacted_runs / _events / _blobs
+        (removed by compaction); and queued
         (requests waiting for the writer now)."""
         with self._cond:
             return {**self._counters, "queued": len(self._queue)}
@@ -497,6 +538,7 @@ class SqliteEventLog:
                     self._counters[name] += value
         settle(answers)
         self._maybe_checkpoint()
+        self._maybe_compact()
 
     def _apply(self, db: sqlite3.Connection, op: ops.StartRun | ops.Append, now: float) -> ops.Outcome:
         """One request: refused alone (unknown run, run id used) when its checks fail,
@@ -521,6 +563,39 @@ class SqliteEventLog:
             self._checkpoint()
         except BaseException as e:
             self._fatal("the workflow log could not be checkpointed", e)
+
+    def _maybe_compact(self) -> None:
+        """After a commit, once ``retention.every_s`` has passed since the last pass:
+        remove finished runs past the retention age (at most ``max_runs`` a pass, so
+        the writer is held up briefly; a full pass makes the next one due at once)."""
+        r = self._retention
+        if r is None or self._failure is not None or self._clock.monotonic() < self._next_compaction:
+            return
+        db = self._wdb
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            done = compact(db, self._clock.time() - r.age_s, r.max_runs)
+        except (sqlite3.Error, StorageUnavailable) as e:  # nothing committed: try at the next pass
+            logger.error("workflow log compaction failed: %s", e)
+            self._rollback()
+            self._next_compaction = self._clock.monotonic() + r.every_s
+            return
+        try:
+            db.execute("COMMIT")
+        except BaseException as e:  # as any failed COMMIT: fatal
+            self._fatal("the workflow log could not be written", e)
+            self._rollback()
+            return
+        full = done.runs >= r.max_runs
+        self._next_compaction = -float("inf") if full else self._clock.monotonic() + r.every_s
+        if done.runs:
+            logger.info(
+                "workflow log compacted: %d runs, %d events, %d blobs", done.runs, done.events, done.blobs
+            )
+        with self._cond:
+            self._counters["compacted_runs"] += done.runs
+            self._counters["compacted_events"] += done.events
+            self._counters["compacted_blobs"] += done.blobs
 
     def _checkpoint(self) -> None:
         """Copy the -wal file into the database (fsynced), then start its next

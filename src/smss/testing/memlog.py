@@ -2,7 +2,8 @@
 
 Same semantics as the SQLite log: one StageCompleted per stage (later ones
 dropped), state writes conditional on the version (and base tensors) and
-all-or-nothing with their batch, ``requires`` voiding a batch, idempotency
+all-or-nothing with their batch, ``requires`` voiding a batch, results of a
+stale attempt (older than the stage's latest start) fenced off, idempotency
 keys, run status from terminal events. ``fail_appends`` makes appends raise
 :class:`StorageUnavailable`, like a log whose fsync failed.
 """
@@ -23,6 +24,8 @@ from smss.workflow.events import (
     RunSummary,
     SessionState,
     StageCompleted,
+    StageFailed,
+    StageStarted,
     StateWrite,
     status_of,
 )
@@ -46,10 +49,12 @@ class MemoryEventLog:
             "dropped_completions": 0,
             "state_conflicts": 0,
             "voided": 0,
+            "fenced": 0,
         }
         #: Requests not marked lazy (those a caller waits for at once).
         self.eager = 0
         self._recorded: dict[tuple[str, str], StageCompleted] = {}
+        self._started: dict[tuple[str, str], int] = {}  # the latest attempt started
 
     async def start_run(
         self, run_id: str, started: RunStarted, blobs: Mapping[str, bytes], *, lazy: bool = False
@@ -111,6 +116,15 @@ class MemoryEventLog:
         if any(self._recorded.get((run_id, c.stage)) != c for c in requires):
             self.counters["voided"] += 1
             return AppendResult(tuple(0 for _ in events), void=True)
+        started = self._started
+        stale = [
+            e
+            for e in events
+            if isinstance(e, StageCompleted | StageFailed) and e.attempt < started.get((run_id, e.stage), 0)
+        ]
+        if stale:
+            self.counters["fenced"] += 1
+            return AppendResult(tuple(0 for _ in events), fenced=True)
         completions = [e.stage for e in events if isinstance(e, StageCompleted)]
         if state is not None and any((run_id, stage) in self._recorded for stage in completions):
             self.counters["dropped_completions"] += 1  # recorded already: no second state write
@@ -132,6 +146,9 @@ class MemoryEventLog:
                     seqs.append(0)
                     continue
                 self._recorded[(run_id, event.stage)] = event
+            elif isinstance(event, StageStarted):
+                key = (run_id, event.stage)
+                self._started[key] = max(self._started.get(key, 0), event.attempt)
             seqs.append(self._add(run_id, event))
             status = status_of(event)
             summary = self.runs[run_id]

@@ -82,8 +82,12 @@ def start_server(
     wrapper: Sequence[str] = (),
 ) -> ServerProcess:
     """``smss serve`` on ``data_dir``, ready. ``wrapper``: words the server's command line
-    is appended to (e.g. ``unshare`` and a shell that mounts a small ``/dev/shm`` first)."""
+    is appended to (e.g. ``unshare`` and a shell that mounts a small ``/dev/shm`` first).
+    With ``SMSS_FAULT`` in ``env`` it is given ``--allow-faults``: the fault points are
+    switched on."""
     port = port or free_port()
+    if (env or {}).get("SMSS_FAULT"):
+        args = [*args, "--allow-faults"]  # the test kit's servers may run fault points
     grpc_args: list[str] = []
     grpc_port: int | None = None
     if "--grpc-port" in args:

@@ -6,14 +6,17 @@ durable before acting on it. Each round it queues one append holding what the
 round produced (the completions that came back, the starts of the stages they made
 ready) and goes on. Every append names the completions it was computed from
 (``requires``), and the log writes it only if those are exactly the completions it
-recorded (one writer, in order, so they normally are). The run's end is appended
+recorded (one writer, in order, so they normally are); a result of an attempt
+older than the stage's latest start is fenced off (the stage was reassigned to
+another process, which recovered the run). The run's end is appended
 the same way, and the outputs are returned only once it, and so everything before
 it, is durable. A run therefore pays one commit's latency, at its end, not one
 per stage.
 
 **When the log disagrees.** An append can be refused: a session's state moved on
 under a stateful stage (``state_conflict``), a completion it relied on was refused
-(``void``), or another writer recorded the stage first (a dropped completion). The
+(``void``), the stage was reassigned (``fenced``), or another writer recorded the
+stage first (a dropped completion). The
 driver then stops what it is running, waits for its queued appends, forgets the
 session's remembered state, rebuilds the run's view from the log (as recovery does)
 and carries on from there: a stage whose completion was refused runs again on what
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from smss import faults
 from smss.errors import InvalidInput, InvalidSpec, NotFound, Overloaded, SmssError, StorageUnavailable
 from smss.ports import AppendResult, CallResult, Clock, EventLog, FunctionCaller, Tensors
 from smss.workflow.blobs import decode_tensor, to_blobs
@@ -212,6 +216,12 @@ class Driver:
         run = self._run
         if self._alarm.done():
             raise _Diverged
+        if run.view.terminal is not None:
+            # Another process finished the run (this one's attempt was fenced off): what
+            # the log holds is the outcome.
+            await self._stop_all(discard=False)
+            run.finish(outcome_of(run.view, run.blobs, self._s.log))
+            return True
         running = self._calls.keys() | self._waiting.keys() | {p.stage.name for p in self._ready}
         steps = next_steps(run.view, run.spec, running=running)
         if steps.complete is not None or steps.fail is not None:
@@ -378,6 +388,7 @@ class Driver:
         fn = self._s.caller.spec_of(stage.function)
         t0 = self._s.clock.monotonic()
         try:
+            faults.hit("stage.before_call")
             result: CallResult = await self._admitted(stage, p.inputs, tuple(t.name for t in fn.outputs))
         except Exception as e:
             if not isinstance(e, SmssError):
@@ -393,6 +404,7 @@ class Driver:
                 retryable=not isinstance(e, InvalidInput | InvalidSpec | NotFound),
             )
             return _Result(p, failed)
+        faults.hit("stage.after_effect")  # done, not yet recorded
         out_refs, blobs = to_blobs(result.outputs)
         state = None
         if p.key is not None and p.base is not None:
