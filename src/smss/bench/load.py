@@ -8,9 +8,11 @@ named in the output), latencies corrected for coordinated omission:
 1. **Saturation sweep.** Steps of ``step_s`` seconds at offered rates growing by
    1.5x from a first rate per target; a step is *healthy* when under 1% of its
    requests fail, its goodput is at least 95% of the offered rate and its p99 is
-   under ``p99_limit_ms``. An unhealthy step is run once more at the same rate (a
-   transient, such as a scale-up, is not the knee); the sweep ends at the second
-   unhealthy step in a row, and ``knee_rps`` is the goodput of the last healthy one. The sweep
+   under ``p99_limit_ms`` or 10x the first (lightly loaded) step's p99, whichever
+   is lower (a queue that grows slowly shows in the p99 before the goodput). An
+   unhealthy step is run once more at the same rate (a transient, such as a
+   scale-up, is not the knee); the sweep ends at the second unhealthy step in a
+   row, and ``knee_rps`` is the goodput of the last healthy one. The sweep
    goes on to 2x the knee (``past_knee``) to show what overload does:
    ``goodput_past_knee_pct`` is the goodput at 2x the knee as a share of the knee.
 2. **Steady state.** ``duration_s`` at 70% of the knee: ``p50_ms`` ... ``p999_ms``,
@@ -164,9 +166,13 @@ def _target(
     sweep: list[dict[str, Any]] = []
     knee: dict[str, Any] | None = None
     retried = False
-    for _ in range(max_steps):
+    limit_ms = p99_limit_ms
+    for k in range(max_steps):
         step = _open_loop(server.url, target, rate, step_s, work)
-        step["healthy"] = _healthy(step, p99_limit_ms)
+        if k == 0 and step["p99_ms"] is not None:
+            # a latency knee: past 10x the p99 of light load, the queue is growing
+            limit_ms = min(p99_limit_ms, 10.0 * float(step["p99_ms"]))
+        step["healthy"] = _healthy(step, limit_ms)
         sweep.append(step)
         if not step["healthy"]:
             if retried:
@@ -180,7 +186,7 @@ def _target(
     if knee is not None:
         for factor in (1.5, 2.0):
             step = _open_loop(server.url, target, knee_rps * factor, step_s, work)
-            step["healthy"] = _healthy(step, p99_limit_ms)
+            step["healthy"] = _healthy(step, limit_ms)
             step["factor_of_knee"] = factor
             past.append(step)
     summary = (
@@ -196,6 +202,7 @@ def _target(
     out: dict[str, Any] = {
         "target": target,
         "knee_rps": round(knee_rps, 2),
+        "p99_limit_ms": round(limit_ms, 3),
         "sweep": [{k: s[k] for k in summary} for s in sweep],
         "past_knee": [{"factor_of_knee": s["factor_of_knee"], **{k: s[k] for k in summary}} for s in past],
         "goodput_past_knee_pct": (

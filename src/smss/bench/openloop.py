@@ -95,7 +95,20 @@ async def _one(pool: _Pool, request: bytes, due: float, out: list[float], status
             reader, writer = conn
             try:
                 writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError) as e:
+                    if isinstance(e, asyncio.IncompleteReadError) and e.partial:
+                        raise
+                    # A kept-alive connection the server had closed (its idle timeout)
+                    # before it read anything: sent again on a new one, as HTTP
+                    # clients do; the wait still counts from the schedule.
+                    writer.close()
+                    await pool.lost()
+                    conn = await pool.take()
+                    reader, writer = conn
+                    writer.write(request)
+                    head = await reader.readuntil(b"\r\n\r\n")
                 status = head[9:12].decode()
                 length, close = 0, False
                 for line in head.split(b"\r\n")[1:]:
