@@ -1,6 +1,6 @@
 """``smss bench soak``: churn for N minutes, and what the platform holds after each cycle.
 
-Starts ``smss serve --demo --keep-alive 2`` and repeats, until ``minutes`` are up,
+Starts ``smss serve --demo --keep-alive 2 --log-retention 30`` and repeats, until ``minutes`` are up,
 a cycle of:
 
 * a burst: 128 concurrent ``mlp`` requests and 16 ``cnn`` ones (scale from zero
@@ -124,7 +124,8 @@ def run(minutes: float = 5.0) -> dict[str, object]:
     started = time.monotonic()
     cycles: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="smss-soak-") as tmp:
-        args = ["--demo", "--keep-alive", "2", "--log-level", "warning"]
+        # finished runs compacted after 30 s: the log must stay bounded under churn
+        args = ["--demo", "--keep-alive", "2", "--log-retention", "30", "--log-level", "warning"]
         with (
             running_server(Path(tmp) / "platform", args) as server,
             httpx.Client(base_url=server.url, timeout=120.0) as http,
