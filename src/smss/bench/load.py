@@ -13,9 +13,11 @@ named in the output), latencies corrected for coordinated omission:
    unhealthy step is run once more at the same rate (a transient, such as a
    scale-up, is not the knee); the sweep ends at the second unhealthy step in a
    row, and ``knee_rps`` is the goodput of the last healthy one. The sweep
-   goes on to 2x the knee (``past_knee``) to show what overload does:
+   goes on to 2x the knee (``past_knee``, after the steady phase) to show what
+   overload does:
    ``goodput_past_knee_pct`` is the goodput at 2x the knee as a share of the knee.
-2. **Steady state.** ``duration_s`` at 70% of the knee: ``p50_ms`` ... ``p999_ms``,
+2. **Steady state.** Once what the overloaded steps left queued has drained
+   (``settled_after_s``), ``duration_s`` at 70% of the knee: ``p50_ms`` ... ``p999_ms``,
    ``error_rate``, and ``rss_growth_pct``: the largest RSS growth of any platform
    process alive from 10% into the phase to its end (every process is listed in
    ``rss_by_process``); the PSS of all of them together before and after; and where
@@ -152,6 +154,24 @@ def _steady(server: ServerProcess, target: str, rate: float, seconds: float, wor
     }
 
 
+def _settle(server: ServerProcess, target: str, light_p50_ms: float, limit_s: float = 120.0) -> float:
+    """Wait until a lone request is answered within 3x the light-load p50 (whatever
+    an overloaded step left queued has drained); the seconds it took."""
+    route, body, _, sessions = TARGETS[target]
+    headers = {"Content-Type": "application/json"}
+    if sessions:
+        headers["SMSS-Session"] = "settle"
+    started = time.perf_counter()
+    with httpx.Client(base_url=server.url, timeout=60.0, headers=headers) as http:
+        while time.perf_counter() - started < limit_s:
+            t0 = time.perf_counter()
+            ok = http.post(route, content=body).status_code == 200
+            if ok and (time.perf_counter() - t0) * 1000.0 < 3.0 * light_p50_ms:
+                break
+            time.sleep(0.5)
+    return round(time.perf_counter() - started, 1)
+
+
 def _target(
     server: ServerProcess,
     target: str,
@@ -182,8 +202,16 @@ def _target(
         knee, retried = step, False
         rate *= 1.5
     knee_rps = float(knee["goodput_rps"]) if knee is not None else 0.0
+    steady: dict[str, Any] | None = None
     past: list[dict[str, Any]] = []
     if knee is not None:
+        # the overloaded steps' backlog drained first: the steady phase starts clean
+        settled_s = _settle(server, target, float(sweep[0]["p50_ms"] or 10.0))
+        steady = {
+            "rate_rps": round(0.7 * knee_rps, 2),
+            "settled_after_s": settled_s,
+            **_steady(server, target, 0.7 * knee_rps, duration_s, work),
+        }
         for factor in (1.5, 2.0):
             step = _open_loop(server.url, target, knee_rps * factor, step_s, work)
             step["healthy"] = _healthy(step, limit_ms)
@@ -209,13 +237,8 @@ def _target(
             round(100.0 * float(past[-1]["goodput_rps"]) / knee_rps, 1) if past and knee_rps else None
         ),
     }
-    if knee_rps > 0:
-        out["steady"] = {
-            "rate_rps": round(0.7 * knee_rps, 2),
-            **_steady(server, target, 0.7 * knee_rps, duration_s, work),
-        }
-    else:
-        out["steady"] = None
+    out["steady"] = steady
+    if steady is None:
         out["note"] = f"no healthy step at {TARGETS[target][2]} req/s: no knee, no steady phase"
     return out
 
