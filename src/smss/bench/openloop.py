@@ -76,6 +76,14 @@ class _Pool:
             await self.lost()
             raise
 
+    async def fresh(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection in place of one that was lost (the count stays)."""
+        try:
+            return await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            await self.lost()
+            raise
+
     async def give(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
         async with self.available:
             self.free.append(conn)
@@ -102,10 +110,10 @@ async def _one(pool: _Pool, request: bytes, due: float, out: list[float], status
                         raise
                     # A kept-alive connection the server had closed (its idle timeout)
                     # before it read anything: sent again on a new one, as HTTP
-                    # clients do; the wait still counts from the schedule.
+                    # clients do; the wait still counts from the schedule. (Pooled
+                    # connections idle past the server's keep-alive are closed by it.)
                     writer.close()
-                    await pool.lost()
-                    conn = await pool.take()
+                    conn = await pool.fresh()  # not another kept-alive one: it may be stale too
                     reader, writer = conn
                     writer.write(request)
                     head = await reader.readuntil(b"\r\n\r\n")
