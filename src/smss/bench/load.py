@@ -245,7 +245,7 @@ def _target(
 
 def run(
     duration_s: float = 120.0,
-    step_s: float = 5.0,
+    step_s: float = 15.0,
     targets: tuple[str, ...] = ("mlp", "behavior"),
     p99_limit_ms: float = 500.0,
     max_steps: int = 14,

@@ -509,7 +509,7 @@ def bench_overhead(
 def bench_load(
     as_json: AsJson = True,
     duration: Annotated[float, typer.Option(help="Seconds of the steady phase at 70% of the knee")] = 120.0,
-    step: Annotated[float, typer.Option(help="Seconds of each step of the saturation sweep")] = 5.0,
+    step: Annotated[float, typer.Option(help="Seconds of each step of the saturation sweep")] = 15.0,
     target: Annotated[
         list[str] | None, typer.Option(help="mlp and/or behavior (repeatable; default both)")
     ] = None,
