@@ -12,6 +12,7 @@ segment at attach), never another exception.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -41,6 +42,8 @@ ITEMSIZE = {
     "U64": 8,
 }
 _MAX_DIMS = 64
+#: numpy's limit on an array's nominal size (a signed 64-bit byte count, with room).
+_MAX_ARRAY_BYTES = 1 << 62
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,10 @@ def _entry(name: str, raw: msgspec.Raw, data_start: int) -> TensorEntry:
         raise UnsafeArtifact(f"safetensors entry {_show(name)} has unknown dtype {_show(entry.dtype)}")
     if len(entry.shape) > _MAX_DIMS or any(dim < 0 for dim in entry.shape):
         raise UnsafeArtifact(f"safetensors entry {_show(name)} has an invalid shape")
+    # An empty tensor (a zero dimension) with huge other dimensions has the right size
+    # (0) but no array can take its shape: bound the product of the non-zero ones.
+    if math.prod(dim for dim in entry.shape if dim) * itemsize > _MAX_ARRAY_BYTES:
+        raise UnsafeArtifact(f"safetensors entry {_show(name)} has a shape too large for an array")
     start, end = entry.data_offsets
     tensor = TensorEntry(name, entry.dtype, tuple(entry.shape), data_start + start, data_start + end)
     # Python ints: a shape whose product overflows 64 bits is just a wrong size here.

@@ -511,3 +511,17 @@ def test_a_segment_whose_data_changed_fails_its_checksum(make_store: MakeStore, 
         verify(attached.data, attached.checksum, fresh.path.name)
     finally:
         attached.close()
+
+
+def test_an_empty_tensor_with_a_shape_no_array_can_take_is_refused() -> None:
+    """Found by the decoder fuzz test: size 0 (a zero dimension), the others huge."""
+    import json as _json
+    import struct as _struct
+
+    from smss.errors import UnsafeArtifact
+    from smss.safetensors_header import parse_image
+
+    header = _json.dumps({"t": {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}}).encode()
+    image = _struct.pack("<Q", len(header)) + header
+    with pytest.raises(UnsafeArtifact, match="too large"):
+        parse_image(memoryview(image))
