@@ -93,22 +93,17 @@ LIVE_TICK_S = 0.2
 MODEL_SOURCE = '''\
 """A synthetic function for trace replay: spends the requested wall time (WORK)."""
 
-import os
 import time
 
 import numpy as np
 
 import smss
 
-# Wall time this process began: reset in every process forked from the template.
-_BORN = [time.time()]
-os.register_at_fork(after_in_child=lambda: _BORN.__setitem__(0, time.time()))
-
 
 @smss.model(
     name="replay",
     inputs={"ms": ("FP32", [-1, 1])},
-    outputs={"ok": ("FP32", [-1, 1]), "born": ("FP64", [-1, 1]), "served": ("INT64", [-1, 1])},
+    outputs={"ok": ("FP32", [-1, 1])},
     concurrency=1,
     max_instances=MAX_INSTANCES,
     cpu=CPU_SHARE,
@@ -116,36 +111,22 @@ os.register_at_fork(after_in_child=lambda: _BORN.__setitem__(0, time.time()))
 )
 class Busy:
     def load(self, weights):
-        self._pid = 0
-        self._served = 0
+        pass
 
     def predict(self, inputs):
         ms = inputs["ms"]
-        if os.getpid() != self._pid:  # the template's warm-up call does not count
-            self._pid = os.getpid()
-            self._served = 0
         end = time.perf_counter() + float(ms.sum()) / 1000.0
         if "WORK" == "sleep":
             time.sleep(max(end - time.perf_counter(), 0.0))
         while time.perf_counter() < end:
             pass
-        served = self._served
-        self._served += 1
-        n = ms.shape[0]
-        return {
-            "ok": np.ones((n, 1), np.float32),
-            "born": np.full((n, 1), _BORN[0], np.float64),
-            "served": np.full((n, 1), served, np.int64),
-        }
+        return {"ok": np.ones((ms.shape[0], 1), np.float32)}
 '''
 
 
 @dataclasses.dataclass
 class _Result:
-    sent: float = 0.0  # wall time it was sent
     latency_s: float = math.nan
-    born: float = math.nan  # its instance's fork time (wall)
-    served: int = -1  # requests its instance served before it
     cold: bool = False  # it waited for its instance to start (the platform says)
     error: str | None = None
 
@@ -157,7 +138,6 @@ def _body(ms: float) -> bytes:
 
 
 async def _send(http: httpx.AsyncClient, name: str, body: bytes, out: _Result) -> None:
-    out.sent = time.time()
     t0 = time.perf_counter()
     try:
         response = await http.post(f"/v2/models/{name}/infer", content=body)
@@ -169,9 +149,6 @@ async def _send(http: httpx.AsyncClient, name: str, body: bytes, out: _Result) -
         out.error = f"HTTP {response.status_code}"
         return
     out.cold = response.headers.get(COLD_START) == "1"
-    outputs = {o["name"]: o["data"] for o in response.json()["outputs"]}
-    out.born = float(outputs["born"][0])
-    out.served = int(outputs["served"][0])
 
 
 async def _replay(url: str, trace: Trace, speedup: float) -> tuple[list[_Result], float]:
