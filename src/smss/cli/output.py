@@ -9,6 +9,7 @@ from typing import Annotated
 import msgspec
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 #: Errors go to stderr, so that stdout holds only a command's output (``--json``).
@@ -18,7 +19,8 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON")]
 
 
 def error(message: object) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    # The message is text, not markup: "pip install 'smss[plots]'" keeps its brackets.
+    err_console.print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
 
 
 def print_json(data: object) -> None:

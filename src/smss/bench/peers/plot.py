@@ -7,6 +7,7 @@ Needs matplotlib (the ``plots`` extra).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,14 @@ def _bars(ax: Any, values: dict[str, float | None], ylabel: str, title: str, log
     ax.set_xticks(range(len(names)), [s.replace("_", "\n") for s in names], fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    if log and heights:
+    if log and heights and min(heights) > 0:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        # bars on a log axis start a decade or so below the lowest, so that heights compare
         ax.set_yscale("log")
+        ax.set_ylim(bottom=10 ** math.floor(math.log10(min(heights) / 2)), top=max(heights) * 2)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.bar_label(bars, labels=[f"{h:,.0f}" if h >= 10 else f"{h:.2f}" for h in heights], fontsize=7)
     if not names:
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
@@ -58,7 +65,7 @@ def draw(report: dict[str, Any], path: Path) -> None:
         _bars(axes[0][col], rps, "requests / s", f"{model}: throughput at {at} clients", log=False)
         _bars(axes[1][col], p99, "p99 latency (ms)", f"{model}: p99 at {at} clients", log=True)
         _bars(axes[2][col], burst, "p99 latency (ms)", f"{model}: p99 over 1 -> 32 -> 1 clients", log=True)
-    fig.suptitle("smss bench peers (V2 JSON bodies; same cores, threads and load generator)")
+    fig.suptitle("smss bench peers\nV2 JSON bodies; the same cores, threads and load generator", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
