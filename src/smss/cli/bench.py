@@ -192,6 +192,9 @@ def bench_peers(
     if not levels or min(levels) < 1:
         _error(f"--concurrency takes client counts such as 1,8,32, got {concurrency!r}")
         raise typer.Exit(2)
+    if duration <= 0 or warmup < 0:
+        _error("--duration must be above 0 and --warmup at least 0")
+        raise typer.Exit(2)
     options = Options(
         systems=chosen,
         models=_names(models, "--models", ("mlp", "cnn", "cnn_large")),

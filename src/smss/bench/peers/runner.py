@@ -77,13 +77,8 @@ def run(options: Options, progress: Progress = lambda _: None) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="smss-peers-") as tmp:
         work = Path(tmp)
         infos = {name: demo_model(work / "demo", name) for name in options.models}
-        references = {name: _reference(info) for name, info in infos.items()}
-        pythonpath = venvs.smss_path(work)
-        systems = {}
-        for name in options.systems:
-            systems[name] = _run_system(
-                name, infos, references, options, placement, work, pythonpath, progress
-            )
+        bench = _Bench(options, placement, work, venvs.smss_path(work), progress)
+        systems = {name: bench.system(name, infos) for name in options.systems}
     settings = {
         "duration_s": options.duration_s,
         "warmup_s": options.warmup_s,
@@ -100,87 +95,105 @@ def run(options: Options, progress: Progress = lambda _: None) -> dict[str, Any]
     return report.assemble(systems, list(options.models), list(options.concurrency), settings)
 
 
-def _run_system(
-    name: str,
-    infos: dict[str, ModelInfo],
-    references: dict[str, np.ndarray],
-    options: Options,
-    placement: Placement,
-    work: Path,
-    pythonpath: str,
-    progress: Progress,
-) -> dict[str, Any]:
-    launcher, environment = SYSTEMS[name]
-    version: object
-    if environment is None:
-        python, version = Path(sys.executable), _local_version(name)
-    else:
-        found = venvs.marker(options.peers_dir, environment)
-        if found is None:
-            progress(f"{name}: {venvs.NOT_SET_UP}")
-            return {"error": venvs.NOT_SET_UP}
-        python, version = venvs.python_of(options.peers_dir, environment), found.get("versions")
-    models = {}
-    for model, info in infos.items():
-        model_work = work / name / model
-        model_work.mkdir(parents=True)
-        launch = launcher(info, placement, free_port(), python, model_work)
-        models[model] = _measure(
-            name, info, references[model], launch, options, placement, model_work, pythonpath, progress
-        )
-    return {"version": version, "models": models}
+Body = tuple[Path, list[tuple[str, str]]]
 
 
-def _measure(
-    name: str,
-    info: ModelInfo,
-    reference: np.ndarray,
-    launch: Launch,
-    options: Options,
-    placement: Placement,
-    work: Path,
-    pythonpath: str,
-    progress: Progress,
-) -> dict[str, Any]:
-    out: dict[str, Any] = {"settings": launch.settings}
-    body = json_body(info)
-    (work / "body.json").write_bytes(body)
-    bodies: dict[str, tuple[Path, list[tuple[str, str]]]] = {"json": (work / "body.json", [])}
-    if launch.binary and options.binary:
-        raw, headers = binary_body(info)
-        (work / "body.bin").write_bytes(raw)
-        bodies["binary"] = (work / "body.bin", headers)
-    progress(f"{name} {info.name}: starting")
-    t0 = time.monotonic()
-    server = _start(launch, placement, work, pythonpath)
-    try:
-        answer = _wait_ready(launch, body, server, work)
-        out["startup_s"] = round(time.monotonic() - t0, 1)
-        out["output_check"] = _check(answer, info, reference)
-        url, path = launch.url, launch.infer_path
-        warm = [Phase(1, options.warmup_s, record=False)] if options.warmup_s > 0 else []
-        if options.bursty:
-            progress(f"{name} {info.name}: bursty 1 -> {BURST_CLIENTS} -> 1 clients")
-            d = options.duration_s
-            phases = [*warm, Phase(1, d), Phase(BURST_CLIENTS, d), Phase(1, d)]
-            out["bursty"] = _drive(url, path, bodies["json"], phases, placement, pythonpath)
-        points: dict[str, dict[str, Any]] = {}
-        for kind, body_file in bodies.items():
-            for c in options.concurrency:
-                progress(f"{name} {info.name}: {kind} bodies, {c} clients")
-                warm_c = [Phase(c, options.warmup_s, record=False)] if options.warmup_s > 0 else []
-                measured = _drive(
-                    url, path, body_file, [*warm_c, Phase(c, options.duration_s)], placement, pythonpath
-                )
-                points.setdefault(kind, {})[str(c)] = measured["total"]
-        out["points"] = points
-    except Exception as e:  # one system's failure is its entry, not the bench's end
-        out["error"] = f"{type(e).__name__}: {e}"
-        out["log_tail"] = _tail(work / "server.log")
-        progress(f"{name} {info.name}: {out['error']}")
-    finally:
-        _stop(server)
-    return out
+@dataclass
+class _Bench:
+    """One run: what every system is measured with."""
+
+    options: Options
+    placement: Placement
+    work: Path
+    #: The PYTHONPATH that gives every process (peers in their environments too) this smss.
+    pythonpath: str
+    progress: Progress
+    references: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def system(self, name: str, infos: dict[str, ModelInfo]) -> dict[str, Any]:
+        launcher, environment = SYSTEMS[name]
+        version: object
+        if environment is None:
+            python, version = Path(sys.executable), _local_version(name)
+        else:
+            found = venvs.marker(self.options.peers_dir, environment)
+            if found is None:
+                self.progress(f"{name}: {venvs.NOT_SET_UP}")
+                return {"error": venvs.NOT_SET_UP}
+            python, version = venvs.python_of(self.options.peers_dir, environment), found.get("versions")
+        models = {}
+        for model, info in infos.items():
+            work = self.work / name / model
+            work.mkdir(parents=True)
+            launch = launcher(info, self.placement, free_port(), python, work)
+            models[model] = self.measure(f"{name} {model}", info, launch, work)
+        return {"version": version, "models": models}
+
+    def measure(self, label: str, info: ModelInfo, launch: Launch, work: Path) -> dict[str, Any]:
+        options = self.options
+        out: dict[str, Any] = {"settings": launch.settings}
+        body = json_body(info)
+        (work / "body.json").write_bytes(body)
+        bodies: dict[str, Body] = {"json": (work / "body.json", [])}
+        if launch.binary and options.binary:
+            raw, headers = binary_body(info)
+            (work / "body.bin").write_bytes(raw)
+            bodies["binary"] = (work / "body.bin", headers)
+        if info.name not in self.references:
+            self.references[info.name] = _reference(info)
+        self.progress(f"{label}: starting")
+        t0 = time.monotonic()
+        server = _start(launch, self.placement, work, self.pythonpath)
+        try:
+            answer = _wait_ready(launch, body, server)
+            out["startup_s"] = round(time.monotonic() - t0, 1)
+            out["output_check"] = _check(answer, info, self.references[info.name])
+            if options.bursty:
+                self.progress(f"{label}: bursty 1 -> {BURST_CLIENTS} -> 1 clients")
+                d = options.duration_s
+                phases = [*self._warmup(1), Phase(1, d), Phase(BURST_CLIENTS, d), Phase(1, d)]
+                out["bursty"] = self.drive(launch, bodies["json"], phases)
+            points: dict[str, dict[str, Any]] = {}
+            for kind, body_file in bodies.items():
+                for c in options.concurrency:
+                    self.progress(f"{label}: {kind} bodies, {c} clients")
+                    phases = [*self._warmup(c), Phase(c, options.duration_s)]
+                    points.setdefault(kind, {})[str(c)] = self.drive(launch, body_file, phases)["total"]
+            out["points"] = points
+        except Exception as e:  # one system's failure is its entry, not the bench's end
+            out["error"] = f"{type(e).__name__}: {e}"
+            out["log_tail"] = _tail(work / "server.log")
+            self.progress(f"{label}: {out['error']}")
+        finally:
+            _stop(server)
+        return out
+
+    def _warmup(self, clients: int) -> list[Phase]:
+        return [Phase(clients, self.options.warmup_s, record=False)] if self.options.warmup_s > 0 else []
+
+    def drive(self, launch: Launch, body: Body, phases: list[Phase]) -> dict[str, Any]:
+        """The load generator's result for ``phases``, run in its own process on its own core."""
+        body_file, headers = body
+        spec = ",".join(f"{p.clients}:{p.seconds:g}{'' if p.record else ':warmup'}" for p in phases)
+        cmd = [
+            *self.placement.loadgen_taskset(),
+            sys.executable,
+            "-m",
+            "smss.bench.loadgen",
+            "--phases",
+            spec,
+            *(f"--header={k}:{v}" for k, v in headers),
+            launch.url,
+            launch.infer_path,
+            str(body_file),
+        ]
+        limit = sum(p.seconds for p in phases) + 120
+        env = _env(self.placement, self.pythonpath, {})
+        done = subprocess.run(cmd, capture_output=True, timeout=limit, env=env)
+        if done.returncode:
+            raise RuntimeError(f"the load generator failed: {done.stderr.decode(errors='replace')[-2000:]}")
+        result: dict[str, Any] = msgspec.json.decode(done.stdout)
+        return result
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -209,7 +222,7 @@ def _start(launch: Launch, placement: Placement, work: Path, pythonpath: str) ->
         )
 
 
-def _wait_ready(launch: Launch, body: bytes, server: subprocess.Popen[bytes], work: Path) -> bytes:
+def _wait_ready(launch: Launch, body: bytes, server: subprocess.Popen[bytes]) -> bytes:
     """The first 200 answer to the JSON request (models deploy and scale up on their own)."""
     deadline = time.monotonic() + launch.ready_timeout_s
     with httpx.Client(timeout=60) as client:
@@ -235,36 +248,6 @@ def _stop(server: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(server.pid, signal.SIGKILL)
     server.wait()
-
-
-def _drive(
-    url: str,
-    path: str,
-    body: tuple[Path, list[tuple[str, str]]],
-    phases: list[Phase],
-    placement: Placement,
-    pythonpath: str,
-) -> dict[str, Any]:
-    body_file, headers = body
-    spec = ",".join(f"{p.clients}:{p.seconds:g}{'' if p.record else ':warmup'}" for p in phases)
-    cmd = [
-        *placement.loadgen_taskset(),
-        sys.executable,
-        "-m",
-        "smss.bench.loadgen",
-        "--phases",
-        spec,
-        *(f"--header={k}:{v}" for k, v in headers),
-        url,
-        path,
-        str(body_file),
-    ]
-    limit = sum(p.seconds for p in phases) + 120
-    done = subprocess.run(cmd, capture_output=True, timeout=limit, env=_env(placement, pythonpath, {}))
-    if done.returncode:
-        raise RuntimeError(f"the load generator failed: {done.stderr.decode(errors='replace')[-2000:]}")
-    result: dict[str, Any] = msgspec.json.decode(done.stdout)
-    return result
 
 
 # -- checks and facts ------------------------------------------------------------------------------
