@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from smss.bench.loadgen import Phase, run_phases
+from smss.bench.loadgen import Phase, run, run_phases
 
 
 class _Server:
@@ -102,3 +102,16 @@ def test_a_refused_connection_is_an_error_not_a_hang() -> None:
     assert total["errors"] > 0
     assert total["rps"] == 0
     assert total["p99_ms"] is None
+
+
+def test_the_request_count_mode_reads_the_same_answers() -> None:
+    async def main() -> dict[str, object]:
+        state = _Server()
+        server = await asyncio.start_server(state.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await run(f"http://127.0.0.1:{port}", "/x", b"{}", 2, 4)
+
+    result = asyncio.run(main())
+    assert result["requests"] == 4
+    assert result["errors"] == 0

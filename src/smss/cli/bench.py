@@ -169,6 +169,9 @@ def bench_peers(
 
     if setup:
         peers = [n for n in chosen if n in venvs.PINS]
+        if not peers:
+            _error(f"--setup prepares {', '.join(venvs.PINS)}; --systems names none of them")
+            raise typer.Exit(2)
         result = venvs.setup(directory, peers, progress)
         if as_json:
             _print_json(result)
