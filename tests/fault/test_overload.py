@@ -213,7 +213,7 @@ def test_twice_the_capacity_is_refused_fast_within_the_bound_and_recovers(
     )
     assert set(statuses) <= {200, 429, 503, 504}, statuses
     assert statuses[429] > 0, f"twice the capacity was never refused: {statuses}"
-    assert statuses[200] >= seconds * 3, f"the function served too little under overload: {statuses}"
+    assert statuses[200] >= seconds * 2, f"the function served too little under overload: {statuses}"
     # Concurrency: no batch held more requests than the instance may hold ...
     assert batches, "the model never ran"
     assert max(sizes) <= CONCURRENCY, sizes
