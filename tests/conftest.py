@@ -1,6 +1,7 @@
 """Suite-wide leak checks: child processes and ``/dev/shm`` entries.
 
-Also the suite's options: ``--runs`` sizes the random-kill test.
+Also the suite's options: ``--runs`` sizes the random-kill test, ``--duration`` the
+overload and soak tests.
 
 Cheap and dependency-free: a scan of ``/proc/*/stat`` and a ``/dev/shm`` listing
 before and after each test; ``/proc/*/maps`` and ``/proc/*/fd`` are read only
@@ -47,6 +48,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=20,
         help="runs of the random-kill test (tests/fault/test_random_kills.py); RELIABILITY 2 asks for 500",
     )
+    parser.addoption(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of the long-running tests (overload, soak) instead of their short default; "
+        "RELIABILITY 17 and 33 ask for minutes",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,6 +64,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if marker is not None:
             base_s, per_run_s = marker.args
             item.add_marker(pytest.mark.timeout(base_s + per_run_s * runs))
+        lasting = item.get_closest_marker("duration_timeout")
+        if lasting is not None:
+            (base_s,) = lasting.args
+            item.add_marker(pytest.mark.timeout(base_s + 2 * (config.getoption("--duration") or 0.0)))
 
 
 #: How long children and segments may take to go away once a test body returned.

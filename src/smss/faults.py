@@ -19,6 +19,8 @@ Points (where the code calls :func:`hit`):
 ``stage.before_call``        the workflow engine, before a stage's function is called
 ``stage.after_effect``       the engine, after a stage's call returned (its effect is
                              done), before its completion is recorded
+``state.after_record``       the engine, once the append that carries a session's new
+                             state (a stateful stage's completion) is committed
 ``log.before_commit``        the workflow log's writer, before a group COMMIT
 ``log.after_commit``         ... after it
 ``log.before_checkpoint``    ... before a checkpoint
@@ -55,6 +57,7 @@ POINTS = frozenset(
         "instance.before_reply",
         "stage.before_call",
         "stage.after_effect",
+        "state.after_record",
         "log.before_commit",
         "log.after_commit",
         "log.before_checkpoint",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -224,6 +225,123 @@ def test_binary_size_larger_than_the_shape_needs_is_400(http: httpx.Client) -> N
     assert_error(
         post(http, header + X.tobytes(), **{"Inference-Header-Content-Length": str(len(header))}), 400
     )
+
+
+# ---------------------------------------------------------------------------------- input count
+
+MAX_INPUTS = 64  # smss serve's default Limits.max_inputs
+
+
+def many_inputs(n: int) -> dict[str, Any]:
+    """``x`` and ``n - 1`` more one-value inputs."""
+    extra = [{"name": f"extra{k}", "datatype": "FP32", "shape": [1], "data": [0.0]} for k in range(n - 1)]
+    return {"inputs": [tensor()["inputs"][0], *extra]}
+
+
+@pytest.mark.usefixtures("still_serving")
+@pytest.mark.parametrize("n", [MAX_INPUTS + 1, 100_000])
+def test_too_many_inputs_is_400_naming_the_limit(http: httpx.Client, n: int) -> None:
+    message = assert_error(post(http, many_inputs(n)), 400)
+    assert f"{n} inputs" in message, message
+    assert f"at most {MAX_INPUTS}" in message, message
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_too_many_binary_inputs_is_400_naming_the_limit(http: httpx.Client) -> None:
+    n = MAX_INPUTS + 1
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": f"in{k}", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}
+                for k in range(n)
+            ]
+        }
+    ).encode()
+    body = header + b"\0" * 4 * n
+    message = assert_error(post(http, body, **{"Inference-Header-Content-Length": str(len(header))}), 400)
+    assert f"at most {MAX_INPUTS}" in message, message
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_inputs_at_the_limit_are_not_refused_for_their_count(http: httpx.Client) -> None:
+    message = assert_error(post(http, many_inputs(MAX_INPUTS)), 400)  # refused: unknown names
+    assert "at most" not in message, message
+    assert "extra" in message, message
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_too_many_inputs_to_a_workflow_run_is_400_naming_the_limit(http: httpx.Client) -> None:
+    r = http.post("/v1/workflows/behavior/runs", json=many_inputs(MAX_INPUTS + 1))
+    assert f"at most {MAX_INPUTS}" in assert_error(r, 400)
+
+
+# ---------------------------------------------------------------------------------- memory
+
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (its peak) of ``pid``, in KiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def _bad_shapes() -> list[tuple[bytes, dict[str, str]]]:
+    """Requests whose shapes and sizes do not hold, each as (body, extra headers). Some
+    declare tensors of 64 MiB that a server allocating before it checks would build."""
+    big = [1024, 16384]  # 16 Mi FP32 elements: 64 MiB, within max_tensor_elements
+    cases: list[dict[str, Any]] = [
+        tensor(data=X.ravel().tolist()[:-1]),  # one value short
+        tensor(shape=big),  # 64 values for 16 Mi
+        tensor(shape=[2**32, 2**32]),
+        tensor(shape=[-1, 64]),
+        tensor(datatype="FP128"),
+        tensor(name="nope"),
+    ]
+    out = [(json.dumps(c).encode(), {}) for c in cases]
+    for shape, size in ((big, 4 * 1024 * 16384), ([1, 64], 2**40)):
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": shape,
+                        "parameters": {"binary_data_size": size},
+                    }
+                ]
+            }
+        ).encode()
+        out.append((header + X.tobytes(), {"Inference-Header-Content-Length": str(len(header))}))
+    return out
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_memory_stays_flat_under_a_stream_of_bad_shapes(
+    http: httpx.Client, demo_server: ServerProcess
+) -> None:
+    """RELIABILITY 23: thousands of requests with bad shapes and sizes (some declaring
+    64 MiB tensors) leave the gateway's memory where it was: each is refused with 400
+    before anything of its declared size is allocated, and nothing of it is kept."""
+    cases = _bad_shapes()
+
+    def stream(rounds: int) -> None:
+        for _ in range(rounds):
+            for body, headers in cases:
+                assert_error(post(http, body, **headers), 400)
+
+    stream(30)  # warm-up: lazily built state (caches, pools) is in place
+    before = _memory_kib(demo_server.process.pid)
+    stream(400)  # 3,200 requests
+    after = _memory_kib(demo_server.process.pid)
+    grown_mib = (after["VmRSS"] - before["VmRSS"]) / 1024
+    peak_mib = (after["VmHWM"] - before["VmHWM"]) / 1024
+    # Generous: a request's declared tensor is 64 MiB, the leak of one body per request
+    # would be 3,200 bodies (16 MiB: 5 KiB a request); allocator noise is a few MiB.
+    assert grown_mib < 16, (before, after)
+    assert peak_mib < 32, (before, after)
 
 
 # ---------------------------------------------------------------------------------- body size

@@ -197,6 +197,21 @@ def test_typed_contents_of_the_wrong_count_or_range_are_invalid(stub: Any) -> No
         assert "'x'" in caught.value.details()
 
 
+@pytest.mark.parametrize("n", [65, 100_000])
+def test_too_many_inputs_are_invalid_naming_the_limit(stub: Any, n: int) -> None:
+    """RELIABILITY 24 over gRPC: more inputs than ``Limits.max_inputs`` (64) is refused
+    before any is read, naming the count and the limit."""
+    request = pb.ModelInferRequest(model_name="mlp")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 64]).contents.fp32_contents.extend([0.0] * 64)
+    for k in range(n - 1):
+        request.inputs.add(name=f"extra{k}", datatype="FP32", shape=[1]).contents.fp32_contents.append(0.0)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, timeout=REQUEST_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{n} inputs" in caught.value.details()
+    assert "at most 64" in caught.value.details()
+
+
 def test_a_deadline_already_short_is_deadline_exceeded(client: Any) -> None:
     # The cnn at batch 8 takes far longer than a millisecond: the deadline, not the model, ends it.
     x = sample("cnn", 8)

@@ -100,7 +100,8 @@ def _scaled_to_zero(http: httpx.Client, timeout_s: float = 60.0) -> bool:
     return False
 
 
-def _snapshot(server: ServerProcess) -> dict[str, Any]:
+def snapshot(server: ServerProcess) -> dict[str, Any]:
+    """What the platform holds now: processes, memory, fds, threads, segments, log size."""
     procs = platform_procs(server.process.pid)
     gateway = next((p for p in procs if p.role == "gateway"), None)
     sqlite = [
@@ -119,35 +120,41 @@ def _snapshot(server: ServerProcess) -> dict[str, Any]:
     }
 
 
+#: ``smss serve`` arguments of the soak's platform: finished runs are compacted after
+#: 30 s, so the log must stay bounded under churn.
+SERVE_ARGS = ("--demo", "--keep-alive", "2", "--log-retention", "30", "--log-level", "warning")
+
+
+def cycle(server: ServerProcess, http: httpx.Client) -> dict[str, Any]:
+    """One churn cycle on ``server`` (a platform started with :data:`SERVE_ARGS`): what
+    it answered, and the :func:`snapshot` after it."""
+    t0 = time.monotonic()
+    statuses = asyncio.run(_burst(server.url))
+    _cancelled(server.url, 16)
+    reload = _reload(http)
+    zero = _scaled_to_zero(http)
+    return {
+        "seconds": round(time.monotonic() - t0, 1),
+        "statuses": statuses,
+        "reload_statuses": reload,
+        "scaled_to_zero": zero,
+        **snapshot(server),
+    }
+
+
 def run(minutes: float = 5.0) -> dict[str, object]:
     """The whole soak; one JSON-ready dict."""
     started = time.monotonic()
     cycles: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="smss-soak-") as tmp:
-        # finished runs compacted after 30 s: the log must stay bounded under churn
-        args = ["--demo", "--keep-alive", "2", "--log-retention", "30", "--log-level", "warning"]
-        with (
-            running_server(Path(tmp) / "platform", args) as server,
-            httpx.Client(base_url=server.url, timeout=120.0) as http,
-        ):
-            for name in ("mlp", "cnn", "behavior"):
-                server.wait_for_model(name)
-            while not cycles or time.monotonic() - started < minutes * 60.0:
-                t0 = time.monotonic()
-                statuses = asyncio.run(_burst(server.url))
-                _cancelled(server.url, 16)
-                reload = _reload(http)
-                zero = _scaled_to_zero(http)
-                cycles.append(
-                    {
-                        "cycle": len(cycles) + 1,
-                        "seconds": round(time.monotonic() - t0, 1),
-                        "statuses": statuses,
-                        "reload_statuses": reload,
-                        "scaled_to_zero": zero,
-                        **_snapshot(server),
-                    }
-                )
+    with (
+        tempfile.TemporaryDirectory(prefix="smss-soak-") as tmp,
+        running_server(Path(tmp) / "platform", SERVE_ARGS) as server,
+        httpx.Client(base_url=server.url, timeout=120.0) as http,
+    ):
+        for name in ("mlp", "cnn", "behavior"):
+            server.wait_for_model(name)
+        while not cycles or time.monotonic() - started < minutes * 60.0:
+            cycles.append({"cycle": len(cycles) + 1, **cycle(server, http)})
     first, last = cycles[0], cycles[-1]
     keys = ("processes", "pss_mb", "rss_mb", "fds", "threads", "shm_segments", "log_bytes")
     return {

@@ -288,7 +288,11 @@ class NodeAgent:
         self._instances[info.id] = inst
         waiter = asyncio.get_running_loop().create_task(process.wait())
         waiter.add_done_callback(lambda t: self._exited(inst, t.result() if not t.cancelled() else None))
-        inst.cancel_watch = lambda: None
+
+        def cancel_watch() -> None:  # the instance holds its watcher, as it holds a pidfd watch
+            waiter.cancel()
+
+        inst.cancel_watch = cancel_watch
         total = (time.perf_counter() - t0) * 1000
         phases = {"spawn": (spawned - t0) * 1000, "load": ready.load_ms}
         return StartedInstance(

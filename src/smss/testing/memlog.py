@@ -186,12 +186,12 @@ class MemoryEventLog:
             for r in self.runs.values()
             if (status is None or r.status == status) and (workflow is None or r.workflow == workflow)
         ]
-        return sorted(runs, key=lambda r: r.created, reverse=True)[:limit]
+        # Newest first, in the order the runs were started (``self.runs`` keeps it), as
+        # the SQLite log orders them by sequence number: never by timestamps.
+        return runs[::-1][:limit]
 
     def unfinished_runs(self) -> list[str]:
-        return [
-            r.run_id for r in sorted(self.runs.values(), key=lambda r: r.created) if r.status == "running"
-        ]
+        return [r.run_id for r in self.runs.values() if r.status == "running"]
 
     def get_blob(self, ref: str) -> bytes:
         try:

@@ -455,6 +455,8 @@ class Driver:
         written = self.later(make)
         if b.remember is not None:
             self._s.states.wrote(*b.remember, write=written)
+        if b.state is not None:
+            written.add_done_callback(_state_recorded)
         if final:
             self._make_later()
 
@@ -595,6 +597,16 @@ def _watch(future: asyncio.Future[Any], alarm: asyncio.Future[None]) -> None:
     result = None if error is not None else future.result()
     if (error is not None or (isinstance(result, AppendResult) and not result.clean)) and not alarm.done():
         alarm.set_result(None)
+
+
+def _state_recorded(future: asyncio.Future[Any]) -> None:
+    """Fault point ``state.after_record``: a session's new state is durable (its append
+    was committed as asked), nothing after it is yet."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    result = future.result()
+    if not isinstance(result, AppendResult) or result.clean:
+        faults.hit("state.after_record")
 
 
 def _forward(made: asyncio.Future[Any], answer: asyncio.Future[Any]) -> None:
