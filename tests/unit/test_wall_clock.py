@@ -40,6 +40,7 @@ WALL_CLOCK = {
         "(any order is right)"
     ),
     "app/platform.py:Platform.deploy": "FunctionRecord.deployed_at, shown to operators",
+    "bench/peers/venvs.py:_setup_one": "when a peer's environment was made, written in its marker for people",
     "store/sqlite_workflows.py:SqliteWorkflows.put": "the workflows table's deployed_at, for people",
     "store/sqlite_log.py:SqliteEventLog._apply_all": (
         "events.ts and runs.created/updated beside each record; order comes from seq"
