@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from smss.api import admin, openapi, v2, workflows
+from smss.api import admin, dashboard, openapi, v2, workflows
 from smss.api.connection import CloseEarlyAnswers
 from smss.api.context import AppContext
 from smss.api.cross_site import CrossSiteGuard, SitePolicy
@@ -72,6 +72,7 @@ def create_app(ctx: AppContext) -> Starlette:
         *admin.routes(ctx),
         *workflows.routes(ctx),
         Route("/openapi.json", spec, methods=["GET"]),
+        *dashboard.routes(ctx.auth.enabled),
     ]
     document = msgspec.json.encode(openapi.document(routes))
     policy = SitePolicy.for_bind(ctx.settings.host, ctx.settings.allowed_hosts)
