@@ -70,7 +70,9 @@ def open_page(browser: Any) -> Iterator[Page]:
     page = Page(context.new_page())
     page.page.on(
         "console",
-        lambda m: page.problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None,
+        lambda m: (
+            page.problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None
+        ),
     )
     page.page.on("pageerror", lambda e: page.problems.append(f"uncaught: {e}"))
     page.page.on("request", lambda r: page.requested.append(r.url))

@@ -44,7 +44,9 @@ def _frame_run(url: str, session: str) -> dict[str, Any]:
     frame = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
     body = {
         "session": session,
-        "inputs": [{"name": "frame", "datatype": "FP32", "shape": [1, 3, 64, 64], "data": frame.ravel().tolist()}],
+        "inputs": [
+            {"name": "frame", "datatype": "FP32", "shape": [1, 3, 64, 64], "data": frame.ravel().tolist()}
+        ],
     }
     r = httpx.post(f"{url}/v1/workflows/behavior/runs", json=body, timeout=REQUEST_TIMEOUT_S)
     assert r.status_code == 200, r.text

@@ -10,7 +10,9 @@ import numpy as np
 import smss
 
 
-@smss.model(name="picky", inputs={"x": ("FP32", [-1, 4])}, outputs={"y": ("FP32", [-1, 4])}, cpu=0.5, memory=128)
+@smss.model(
+    name="picky", inputs={"x": ("FP32", [-1, 4])}, outputs={"y": ("FP32", [-1, 4])}, cpu=0.5, memory=128
+)
 class Picky:
     def load(self, weights: Any) -> None:
         pass
