@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -22,10 +21,9 @@ from rich.table import Table
 
 from smss import config
 from smss.client import Client
-from smss.errors import InvalidSpec, SmssError
-from smss.spec import DATATYPES
+from smss.errors import InvalidInput, InvalidSpec, NotFound, SmssError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="SMSS: serverless model serving.")
+app = typer.Typer(no_args_is_help=True, help="SMSS: serverless model serving.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints one JSON object.")
 app.add_typer(bench_app, name="bench")
 runs_app = typer.Typer(no_args_is_help=True, help="Workflow runs: list, show, resume, replay.")
@@ -34,7 +32,7 @@ traces_app = typer.Typer(no_args_is_help=True, help="Invocation traces for simul
 app.add_typer(traces_app, name="traces")
 console = Console()
 #: Errors go to stderr, so that stdout holds only a command's output (``--json``).
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_GRPC_PORT = 8001
 Url = Annotated[str | None, typer.Option("--url", help="Platform URL [default: $SMSS_URL or :8000]")]
@@ -52,6 +50,23 @@ def _error(message: object) -> None:
 
 def _print_json(data: object) -> None:
     sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from smss import __version__
+
+        print(f"smss {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """SMSS: serverless model serving."""
 
 
 @app.command()
@@ -287,11 +302,26 @@ def functions(url: Url = None, as_json: AsJson = False) -> None:
 
 
 @app.command()
-def delete(name: str, url: Url = None, token: Token = None) -> None:
-    """Delete a function and stop its instances."""
+def delete(
+    name: str,
+    workflow: Annotated[
+        bool, typer.Option("--workflow", help="NAME is a workflow [default: a function, else a workflow]")
+    ] = False,
+    url: Url = None,
+    token: Token = None,
+) -> None:
+    """Delete a function and stop its instances, or a workflow definition."""
     with _client(url, token) as client:
-        client.delete(name)
-    console.print(f"deleted {name}")
+        if not workflow:
+            try:
+                client.delete(name)
+            except NotFound:
+                workflow = True  # no function of that name: a workflow's, or an error
+            else:
+                console.print(f"deleted function {name}")
+                return
+        client.delete_workflow(name)
+    console.print(f"deleted workflow {name}")
 
 
 @app.command()
@@ -365,24 +395,61 @@ def _devices_table(reports: list[dict[str, Any]], title: str | None = None) -> T
 def invoke(
     name: str,
     inputs: Annotated[
-        str, typer.Argument(help="JSON object of input name -> nested list, e.g. '{\"x\": [[0.1, ...]]}'")
-    ],
+        str | None,
+        typer.Argument(
+            help="Inputs: a JSON object of name -> nested list ('{\"x\": [[0.1, ...]]}') or an OIP v2 "
+            "request body; omitted or '-': read from stdin"
+        ),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            exists=True,
+            dir_okay=False,
+            help="Read the inputs from FILE: JSON, or .npz / .npy",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the outputs to FILE.npz (binary, all outputs)")
+    ] = None,
     url: Url = None,
+    token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Call a function once with JSON inputs."""
-    with _client(url, None) as client:
+    """Call a function (or a workflow) once: inputs as JSON or NumPy (.npz / .npy), from
+    the argument, --file or stdin; sent as binary tensors."""
+    from smss.cli import inputs as tensors
+
+    with _client(url, token) as client:
         meta = client.get(f"/v2/models/{name}")
-        dtypes = {i["name"]: DATATYPES[i["datatype"]] for i in meta["inputs"]}
-        raw: dict[str, Any] = json.loads(inputs)
-        arrays = {k: np.asarray(v, dtype=dtypes.get(k)) for k, v in raw.items()}
+        arrays = tensors.parse(_input_bytes(inputs, file), meta)
         outputs = client.infer(name, arrays)
+    if out is not None:
+        plain = {k: v.astype(bytes) if v.dtype == object else v for k, v in outputs.items()}
+        np.savez(out, allow_pickle=False, **plain)  # BYTES as fixed-width bytes: nothing pickled
     result = {k: _listed(v) for k, v in outputs.items()}
     if as_json:
         _print_json(result)
-    else:
+    elif out is None:
         for k, v in outputs.items():
             console.print(f"{k} {list(v.shape)} {v.dtype}:\n{v}")
+    else:
+        console.print(f"wrote {', '.join(outputs)} to {out}")
+
+
+def _input_bytes(text: str | None, file: Path | None) -> bytes:
+    """The inputs' bytes: from ``file``, the argument, or stdin (when it is not a terminal)."""
+    if file is not None:
+        if text not in (None, "-"):
+            raise InvalidInput("give the inputs once: as an argument or with --file, not both")
+        return file.read_bytes()
+    if text not in (None, "-"):
+        return text.encode()
+    if sys.stdin.isatty():
+        raise InvalidInput("no inputs: give them as an argument, with --file FILE, or on stdin")
+    return sys.stdin.buffer.read()
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -448,6 +515,53 @@ def runs_list(
             r["run_id"], r["workflow"], r["session"] or "-", r["status"], _ts(r["created"]), _ts(r["updated"])
         )
     console.print(table)
+
+
+@runs_app.command("start")
+def runs_start(
+    workflow: str,
+    session: Annotated[
+        str | None, typer.Option(help="The session whose state the run reads and writes")
+    ] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--inputs",
+            exists=True,
+            dir_okay=False,
+            help="The run's inputs: JSON, OIP v2 request, .npz / .npy",
+        ),
+    ] = None,
+    random: Annotated[
+        bool, typer.Option("--random", help="Random inputs of the workflow's declared shapes")
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed of --random")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the run to finish")] = True,
+    url: Url = None,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Start a run of a workflow: with the inputs in a file, or random ones (--random)."""
+    from smss.cli import inputs as tensors
+
+    if (inputs is None) == (not random):
+        raise InvalidInput("give the run's inputs with --inputs FILE, or --random")
+    with _client(url, token) as client:
+        meta = client.get(f"/v2/models/{workflow}")
+        arrays = (
+            tensors.random_inputs(meta, seed) if inputs is None else tensors.parse(inputs.read_bytes(), meta)
+        )
+        result = client.run(workflow, arrays, session=session, wait=wait)
+    if as_json:
+        _print_json(result)
+        return
+    console.print(f"run {result['run_id']}: {result['status']}")
+    if result.get("error"):
+        _error(result["error"])
+    for name, t in (result.get("outputs") or {}).items():
+        console.print(f"{name} {t['shape']} {t['datatype']}")
+    if result["status"] == "failed":
+        raise typer.Exit(1)
 
 
 @runs_app.command("show")
