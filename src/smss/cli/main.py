@@ -38,6 +38,9 @@ DEFAULT_GRPC_PORT = 8001
 Url = Annotated[str | None, typer.Option("--url", help="Platform URL [default: $SMSS_URL or :8000]")]
 Token = Annotated[str | None, typer.Option("--token", help="Admin token [default: $SMSS_TOKEN]")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON")]
+Plot = Annotated[
+    Path | None, typer.Option("--plot", help="Also draw the figures into FILE.png (needs smss[plots])")
+]
 
 
 def _client(url: str | None, token: str | None) -> Client:
@@ -652,12 +655,19 @@ def bench_soak(
 
 
 @bench_app.command("cold-start")
-def bench_cold_start(as_json: AsJson = True) -> None:
+def bench_cold_start(as_json: AsJson = True, plot: Plot = None) -> None:
     """Cold start of cnn and cnn_large: container-style vs fork-and-attach (one JSON object per model)."""
     from smss.bench.coldstart import run
+    from smss.cli.progress import shown
 
-    for row in run():
+    with shown("bench cold-start: cnn and cnn_large, container-style and SMSS"):
+        rows = run()
+    for row in rows:
         _print_json(row)
+    if plot is not None:
+        from smss.plots import cold_start_figure
+
+        cold_start_figure(plot, rows)
 
 
 @bench_app.command("workflow")
@@ -689,13 +699,15 @@ def bench_replay(
     work: Annotated[
         str, typer.Option(help="How a function spends each request's duration: sleep, or spin on a core")
     ] = "sleep",
+    plot: Plot = None,
     as_json: AsJson = True,
 ) -> None:
     """Replay a trace open loop against a live platform, beside `smss simulate` on the same settings."""
     from smss.bench.replay import run
+    from smss.cli.progress import shown
 
-    _print_json(
-        run(
+    with shown() as progress:
+        result = run(
             trace,
             speedup=speedup,
             policy=policy,
@@ -704,8 +716,10 @@ def bench_replay(
             default_ttl_s=default_ttl_s,
             cpu=cpu,
             work=work,
+            progress=progress,
+            plot=plot,
         )
-    )
+    _print_json(result)
 
 
 @traces_app.command("import-orcbench")
