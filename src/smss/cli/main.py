@@ -618,8 +618,11 @@ def bench_overhead(
 ) -> None:
     """Platform overhead over an in-process predict() for the mlp model."""
     from smss.bench.overhead import run
+    from smss.cli.progress import shown
 
-    _print_json(run(requests=requests))
+    with shown("bench overhead: mlp over HTTP against in-process predict()"):
+        result = run(requests=requests)
+    _print_json(result)
 
 
 @bench_app.command("load")
@@ -640,7 +643,11 @@ def bench_load(
     if unknown:
         _error(f"unknown --target {', '.join(unknown)}; choose from {', '.join(sorted(TARGETS))}")
         raise typer.Exit(2)
-    _print_json(run(duration_s=duration, step_s=step, targets=targets, p99_limit_ms=p99_limit_ms))
+    from smss.cli.progress import shown
+
+    with shown(f"bench load: sweep and {duration:g} s steady ({', '.join(targets)})"):
+        result = run(duration_s=duration, step_s=step, targets=targets, p99_limit_ms=p99_limit_ms)
+    _print_json(result)
 
 
 @bench_app.command("soak")
@@ -650,8 +657,11 @@ def bench_soak(
 ) -> None:
     """Churn (scale to zero, cancelled requests, reloads); memory, fds, threads, segments, log per cycle."""
     from smss.bench.soak import run
+    from smss.cli.progress import shown
 
-    _print_json(run(minutes=minutes))
+    with shown(f"bench soak: {minutes:g} minutes of churn"):
+        result = run(minutes=minutes)
+    _print_json(result)
 
 
 @bench_app.command("cold-start")
@@ -677,8 +687,11 @@ def bench_workflow(
 ) -> None:
     """The behavior pipeline with the durable log vs direct stage calls, and recovery after kill -9."""
     from smss.bench.workflow import run
+    from smss.cli.progress import shown
 
-    _print_json(run(runs=runs))
+    with shown(f"bench workflow: {runs} runs with and without the log, then recovery"):
+        result = run(runs=runs)
+    _print_json(result)
 
 
 @bench_app.command("replay")

@@ -38,10 +38,14 @@ class _Bars:
         self._task: TaskID | None = None
 
     def phase(self, what: str, total: float | None = None) -> None:
+        self.finish()
+        self._task = self._bars.add_task(what, total=total)
+
+    def finish(self) -> None:
+        """Mark the current phase done."""
         if self._task is not None:
             task = self._bars.tasks[-1]
             self._bars.update(self._task, completed=task.total or 1, total=task.total or 1)
-        self._task = self._bars.add_task(what, total=total)
 
     def advance(self, done: float) -> None:
         if self._task is not None:
@@ -69,3 +73,4 @@ def shown(what: str | None = None) -> Iterator[Progress]:
         if what is not None:
             progress.phase(what)
         yield progress
+        progress.finish()
