@@ -17,6 +17,7 @@ from smss.api.connection import CloseEarlyAnswers
 from smss.api.context import AppContext
 from smss.api.cross_site import CrossSiteGuard, SitePolicy
 from smss.api.errors import error_response
+from smss.api.request_ids import RequestIds
 from smss.errors import NotFound
 
 
@@ -79,7 +80,11 @@ def create_app(ctx: AppContext) -> Starlette:
     return Starlette(
         routes=routes,
         # Outermost first: a refused cross-site request, whose body is never read, closes too.
-        middleware=[Middleware(CloseEarlyAnswers), Middleware(CrossSiteGuard, policy=policy)],
+        middleware=[
+            Middleware(CloseEarlyAnswers),
+            Middleware(RequestIds),
+            Middleware(CrossSiteGuard, policy=policy),
+        ],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: not_allowed, 500: server_error},
     )

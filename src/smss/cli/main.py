@@ -72,8 +72,29 @@ def _root(
     """SMSS: serverless model serving."""
 
 
+def _serve_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """``--config FILE.toml``: its settings become the defaults of the flags not given."""
+    if value is not None:
+        known = [p.name for p in ctx.command.params if p.name and p.name != "config_file"]
+        try:
+            settings = config.read_flags_file(value, known)
+        except InvalidSpec as e:
+            raise typer.BadParameter(e.message) from None
+        ctx.default_map = {**(ctx.default_map or {}), **settings}
+    return value
+
+
 @app.command()
 def serve(
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            is_eager=True,
+            callback=_serve_config,
+            help="TOML file of settings named as these flags (a flag given wins)",
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
     grpc_port: Annotated[
@@ -153,7 +174,17 @@ def serve(
         int,
         typer.Option(help="Client connections held at once; past it new ones get 503 with Retry-After"),
     ] = 1024,
+    max_body: Annotated[
+        str, typer.Option(help="Largest request body (infer, run), e.g. 64MiB; past it: 413")
+    ] = "64MiB",
+    max_upload: Annotated[str, typer.Option(help="Largest weights upload, e.g. 4GiB")] = "4GiB",
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            help="text, or json: one object a line with the request, function, instance and run ids"
+        ),
+    ] = "text",
     log_retention: Annotated[
         float | None,
         typer.Option(
@@ -170,16 +201,20 @@ def serve(
 ) -> None:
     """Run the platform: gateway, controller and a local node. SIGTERM drains it:
     no new connections, the requests in flight finish, instances stop, exit 0."""
+    from smss.cli.logsetup import configure_logging
     from smss.compose import build, run
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    data = data_dir or Path.home() / ".smss"
+    try:
+        configure_logging(log_level, log_format, data / "logs" / "platform.log")
+    except InvalidSpec as e:
+        _error(e)
+        raise typer.Exit(2) from None
     settings = config.Settings(
         host=host,
         port=port,
         grpc_port=_grpc_port(grpc_port),
-        data_dir=data_dir or Path.home() / ".smss",
+        data_dir=data,
         token=token or config.env_token(),
         allowed_hosts=tuple(allow_host or ()),
         demo=demo,
@@ -209,6 +244,12 @@ def serve(
             settings = dataclasses.replace(settings, weight_cache_bytes=config.parse_size(weight_cache))
         if memory is not None:
             settings = dataclasses.replace(settings, memory_mb=config.parse_size(memory) // 2**20)
+        limits = dataclasses.replace(
+            settings.limits,
+            max_body_bytes=config.parse_size(max_body),
+            max_upload_bytes=config.parse_size(max_upload),
+        )
+        settings = dataclasses.replace(settings, limits=limits)
         if log_retention is not None:
             workflows = dataclasses.replace(settings.workflows, log_retention_s=log_retention)
             settings = dataclasses.replace(settings, workflows=workflows)
@@ -453,6 +494,33 @@ def _input_bytes(text: str | None, file: Path | None) -> bytes:
     if sys.stdin.isatty():
         raise InvalidInput("no inputs: give them as an argument, with --file FILE, or on stdin")
     return sys.stdin.buffer.read()
+
+
+@app.command()
+def logs(
+    name: Annotated[str, typer.Argument(help="platform, a function, or an instance id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Last N lines of each file")] = 100,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="The platform's data directory [default: ~/.smss]")
+    ] = None,
+) -> None:
+    """A log of a platform on this machine: the platform's, a function's or an instance's
+    (files under DATA/logs, see the README's "Where data and logs live")."""
+    from smss.cli import logs as log_files
+
+    folder = (data_dir or Path.home() / ".smss") / "logs"
+    if not folder.is_dir():
+        raise InvalidInput(f"no logs at {folder}: is --data-dir the one smss serve uses?")
+    paths, pattern = log_files.sources(folder, name)
+    for line in log_files.tail(paths, pattern, lines):
+        print(line)
+    if follow:
+        try:
+            for line in log_files.follow(paths, pattern):
+                print(line, flush=True)
+        except KeyboardInterrupt:
+            return
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

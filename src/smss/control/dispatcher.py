@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from smss import faults
+from smss import faults, logcontext
 from smss.config import ServingSettings
 from smss.control.router import Candidate, Ewma, choose
 from smss.control.scaling import InstanceView
@@ -188,7 +188,8 @@ class FunctionDispatcher:
             sent = clock.monotonic()
             queued += sent - asked
             try:
-                result = await self._call(slot, inputs, outputs, deadline)
+                with logcontext.bound(function=self.spec.name, instance=slot.info.id):
+                    result = await self._call(slot, inputs, outputs, deadline)
                 return result, Served(slot.info, cold, queued, clock.monotonic() - sent)
             except InstanceDraining:
                 # Nothing ran: send it elsewhere, idempotent or not. The instance is not
