@@ -26,7 +26,7 @@ from smss.errors import InvalidInput, InvalidSpec, NotFound, SmssError
 app = typer.Typer(no_args_is_help=True, help="SMSS: serverless model serving.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints one JSON object.")
 app.add_typer(bench_app, name="bench")
-runs_app = typer.Typer(no_args_is_help=True, help="Workflow runs: list, show, resume, replay.")
+runs_app = typer.Typer(no_args_is_help=True, help="Workflow runs: start, list, show, resume, replay.")
 app.add_typer(runs_app, name="runs")
 traces_app = typer.Typer(no_args_is_help=True, help="Invocation traces for simulate and bench replay.")
 app.add_typer(traces_app, name="traces")
@@ -505,8 +505,8 @@ def logs(
         Path | None, typer.Option(help="The platform's data directory [default: ~/.smss]")
     ] = None,
 ) -> None:
-    """A log of a platform on this machine: the platform's, a function's or an instance's
-    (files under DATA/logs, see the README's "Where data and logs live")."""
+    """A log of a platform on this machine: the platform's, a function's or an instance's,
+    read from DATA/logs (DATA: smss serve --data-dir, default ~/.smss)."""
     from smss.cli import logs as log_files
 
     folder = (data_dir or Path.home() / ".smss") / "logs"
