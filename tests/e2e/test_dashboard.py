@@ -76,7 +76,19 @@ def test_the_pages_show_the_demo_and_a_runs_timeline(demo_server: ServerProcess,
     assert set(tiers) <= {"warm", "standby", "resident", "cold", "no runtime", "no_runtime"}, tiers
     mlp_row = p.locator('#functions-table tr[data-function="mlp"]')
     assert "warm" in mlp_row.inner_text() or "standby" in mlp_row.inner_text()
-    # Two samples make a line: the charts draw once the page has refreshed without a reload.
+    # Traffic while the page is open: the request rate shows it without a reload (the
+    # page's CSP forbids eval, so the test polls the cell rather than a JS predicate).
+    rate = p.locator('#functions-table tr[data-function="mlp"] td').nth(6)
+    none = ("\N{EN DASH}", "0")  # what the cell shows with no rate yet
+    shown = []
+    for _ in range(30):
+        for _ in range(5):
+            httpx.post(f"{url}/v2/models/mlp/infer", json=x, timeout=REQUEST_TIMEOUT_S)
+        p.wait_for_timeout(500)
+        shown.append(rate.inner_text())
+        if shown[-1] not in none and len(shown) >= 8:
+            break
+    assert shown[-1] not in none, f"mlp's request rate never showed: {shown}"
     p.wait_for_selector("section.card svg.chart path.series", state="attached", timeout=WAIT_MS)
     assert p.locator("h2", has_text="Instance starts by tier").count() == 1
     page.screenshot("dashboard-functions")
@@ -162,8 +174,9 @@ def test_actions_need_the_admin_token(token_server: ServerProcess, page: Page, t
 
     p.select_option("#replay-stage", "check")
     p.click("#replay")
-    p.wait_for_function(f"!location.hash.endsWith({run_id!r})", timeout=WAIT_MS)
-    replayed = p.evaluate("location.hash").split("/", 1)[1]
+    # The page's CSP forbids eval: wait on the URL, not on a JavaScript expression.
+    p.wait_for_url(lambda url: "#run/" in url and not url.endswith(run_id), timeout=WAIT_MS)
+    replayed = p.url.rsplit("/", 1)[1]
     assert replayed != run_id
     p.wait_for_selector("#gantt rect.bar", timeout=WAIT_MS)
 

@@ -57,7 +57,7 @@ export function lineChart({ series, yLabel, xLabel = "time", height = 200, empty
     return svg;
   }
   const t0 = Math.min(...ts), t1 = Math.max(...ts);
-  const yt = ticks(Math.max(...pts.map((p) => p[1])));
+  const yt = ticks(Math.max(...pts.map((p) => p[1])) * 1.08); // headroom: a line at the maximum stays visible
   const ymax = yt[yt.length - 1];
   const x = (t) => L + ((t - t0) / Math.max(t1 - t0, 1)) * (W - L - R);
   const y = (v) => H - B - (v / ymax) * (H - T - B);
@@ -65,9 +65,10 @@ export function lineChart({ series, yLabel, xLabel = "time", height = 200, empty
     svg.append(s("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" }));
     svg.append(s("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end", class: "tick" }, fmt(v)));
   }
-  for (let i = 0; i <= 3; i++) {
-    const t = t0 + ((t1 - t0) * i) / 3;
-    const anchor = i === 0 ? "start" : i === 3 ? "end" : "middle";
+  const n = t1 - t0 >= 6000 ? 3 : 1; // time labels (hh:mm:ss) that do not overlap
+  for (let i = 0; i <= n; i++) {
+    const t = t0 + ((t1 - t0) * i) / n;
+    const anchor = i === 0 ? "start" : i === n ? "end" : "middle";
     svg.append(s("text", { x: x(t), y: H - B + 16, "text-anchor": anchor, class: "tick" }, clock(t)));
   }
   svg.append(s("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }));
