@@ -125,14 +125,18 @@ def bar_figure(
         if not kept:
             continue
         rects = ax.bar([k[0] for k in kept], [k[1] for k in kept], width=width, label=label)
-        ax.bar_label(rects, labels=[f"{k[1]:.3g}" for k in kept], fontsize=8, padding=2)
+        ax.bar_label(rects, labels=[_value(k[1]) for k in kept], fontsize=8, padding=2)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize=8, frameon=False)
     return _save(fig, path, plt)
+
+
+def _value(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def cold_start_figure(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
