@@ -64,10 +64,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         server.stop()
 
 
-def test_version() -> None:
+def test_version_and_completion() -> None:
     proc = smss("--version")
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"smss {__version__}"
+    helped = smss("--help")
+    assert "--install-completion" in helped.stdout
+    assert "--show-completion" in helped.stdout
 
 
 def test_an_unreachable_platform_is_one_line() -> None:
