@@ -23,7 +23,7 @@ from types import FrameType
 import msgspec
 import uvicorn
 
-from smss import faults
+from smss import faults, heap
 from smss.api.app import create_app
 from smss.api.auth import MIN_TOKEN_CHARS, TokenAuth
 from smss.api.connection import protocol_class
@@ -201,6 +201,8 @@ class _Server(uvicorn.Server):
         if self._ctx.settings.demo and not self.should_exit:
             await deploy_demo(self._ctx.platform, self._ctx.settings.data_dir)
             self._ctx.ready = True
+        # What is alive now lives as long as the server: full collections skip it.
+        heap.settle()
         print(f"smss serving on http://{self._ctx.settings.host}:{self.config.port}", flush=True)
 
 

@@ -23,6 +23,7 @@ import contextlib
 import enum
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -230,6 +231,17 @@ class ClusterBackend(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Reply:
+    """An instance's answer and where its time went there: ``queue_s`` waiting for
+    its batch to start, ``compute_s`` in ``predict`` (the batch's). The rest of the
+    time the gateway waited is transfer: frames both ways, scheduling, decoding."""
+
+    outputs: dict[str, np.ndarray]
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+
+
 class InstanceChannel(Protocol):
     """The data plane to one instance: tensors in, tensors out, no re-encoding.
 
@@ -240,11 +252,12 @@ class InstanceChannel(Protocol):
 
     async def infer(self, inputs: Tensors, outputs: tuple[str, ...]) -> dict[str, np.ndarray]: ...
 
-    async def send(self, inputs: Tensors, outputs: tuple[str, ...]) -> asyncio.Future[dict[str, np.ndarray]]:
+    async def send(self, inputs: Tensors, outputs: tuple[str, ...]) -> asyncio.Future[Reply]:
         """Send one request (waiting, for a bounded time, until the instance takes
         what was sent before it) and return the future of its answer, settled as
-        ``infer`` returns or raises. The future settles when the instance answers or
-        is lost, whether or not anyone still waits for it, so a caller that stops
+        ``infer`` returns (with the instance's timings) or raises. The future
+        settles when the instance answers or is lost, whether or not anyone still
+        waits for it, so a caller that stops
         waiting can still tell when the instance is done with the request.
         Cancelled before it returns: nothing was sent. Raises :class:`InstanceLost`
         when the instance is gone or took nothing for that bounded time."""

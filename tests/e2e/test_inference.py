@@ -238,9 +238,10 @@ def test_metrics(http: httpx.Client) -> None:
     assert after[("smss_cold_starts_total", mlp)] >= 1
     assert after[("smss_instances", (("function", "mlp"), ("state", "ready")))] >= 1
     assert ("smss_queue_length", mlp) in after
-    # Each answered request's time split: waiting for a slot, and on the instance.
+    # Each answered request's time split: waiting for a slot, and on the instance,
+    # which is waiting for a batch, compute and transfer.
     parts = {}
-    for part in ("queue", "instance"):
+    for part in ("queue", "instance", "batch", "compute", "transfer"):
         key = ("smss_request_part_seconds_count", (("function", "mlp"), ("part", part)))
         assert after[key] - before.get(key, 0.0) >= 3
         total = ("smss_request_part_seconds_sum", (("function", "mlp"), ("part", part)))
@@ -248,6 +249,10 @@ def test_metrics(http: httpx.Client) -> None:
     assert parts["instance"] > 0
     e2e = after[("smss_request_seconds_sum", mlp)] - before.get(("smss_request_seconds_sum", mlp), 0.0)
     assert parts["queue"] + parts["instance"] <= e2e
+    # measured inside the instance, within the gateway's wait for the answer
+    assert parts["compute"] > 0
+    assert parts["batch"] + parts["compute"] <= parts["instance"]
+    assert parts["batch"] + parts["compute"] + parts["transfer"] == pytest.approx(parts["instance"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------- concurrency

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from smss.control.dispatcher import Served
 from smss.inventory import KIND_RESOURCES, DeviceReport
 from smss.ports import StartTimings
 
@@ -47,7 +48,8 @@ class PrometheusMetrics:
         self.request_part = Histogram(
             "smss_request_part_seconds",
             "Where answered requests' time went: queue (waiting for a slot), instance "
-            "(sent to answered: transfer, batching, compute)",
+            "(sent to answered), which is batch (waiting in the instance for its batch) "
+            "+ compute (predict) + transfer (the rest: frames both ways, scheduling)",
             ["function", "part"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -92,11 +94,16 @@ class PrometheusMetrics:
         self.requests.labels(function, status).inc()
         self.latency.labels(function).observe(seconds)
 
-    def request_split(self, function: str, queued_s: float, instance_s: float) -> None:
-        """Where an answered request's time went in the gateway: waiting for a slot,
-        and on the instance (the rest of ``smss_request_seconds`` is HTTP and codec)."""
-        self.request_part.labels(function, "queue").observe(queued_s)
-        self.request_part.labels(function, "instance").observe(instance_s)
+    def request_split(self, function: str, served: Served) -> None:
+        """Where an answered request's time went: waiting for a slot, and on the
+        instance, split into batch, compute and transfer (the rest of
+        ``smss_request_seconds`` is HTTP and codec in the gateway)."""
+        part = self.request_part
+        part.labels(function, "queue").observe(served.queued_s)
+        part.labels(function, "instance").observe(served.instance_s)
+        part.labels(function, "batch").observe(served.batch_s)
+        part.labels(function, "compute").observe(served.compute_s)
+        part.labels(function, "transfer").observe(served.transfer_s)
 
     def cold_start(self, function: str, timings: StartTimings) -> None:
         self.cold_starts.labels(function).inc()

@@ -100,7 +100,8 @@ def routes(ctx: AppContext) -> list[Route]:
                 headers[RUN_ID] = answer.run_id
             else:
                 headers[COLD_START] = "1" if answer.cold else "0"
-                ctx.metrics.request_split(name, answer.queued_s, answer.instance_s)
+                if answer.served is not None:
+                    ctx.metrics.request_split(name, answer.served)
             status = "200"
             return Response(payload, 200, headers)
         except ModelError as e:

@@ -72,9 +72,8 @@ class Answer:
     outputs: dict[str, np.ndarray]
     #: Whether the request waited for its instance to start (functions only).
     cold: bool = False
-    #: Where a function call's time went: waiting for a slot, and on the instance.
-    queued_s: float = 0.0
-    instance_s: float = 0.0
+    #: Where a function call's time went (functions only; see ``Served``).
+    served: Served | None = None
     #: The workflow run that answered (workflows only).
     run_id: str | None = None
 
@@ -210,7 +209,7 @@ class Platform:
             runtime = self.function(name, version)
             wanted = outputs or tuple(t.name for t in runtime.record.spec.outputs)
             result, served = await self.infer(runtime, inputs, wanted, timeout_s)
-            return Answer(result, served.cold, served.queued_s, served.instance_s)
+            return Answer(result, served.cold, served)
         outcome = await self.engine.submit(
             wf.name, inputs, session=session, idempotency_key=idempotency_key, wait=True, timeout_s=timeout_s
         )

@@ -22,7 +22,9 @@ named in the output), latencies corrected for coordinated omission:
    process alive from 10% into the phase to its end (every process is listed in
    ``rss_by_process``); the PSS of all of them together before and after; and where
    the gateway's time went (``queue_ms`` waiting for a slot, ``instance_ms`` sent
-   to answered, the rest HTTP and codec), means from ``smss_request_part_seconds``
+   to answered, of which ``batch_ms`` waiting in the instance for a batch,
+   ``compute_ms`` in predict and ``transfer_ms`` the rest; what is left of the
+   latency is HTTP and codec), means from ``smss_request_part_seconds``
    (models only: a workflow's stages are not split).
 
 The two targets run one after another on one platform.
@@ -104,9 +106,12 @@ def _healthy(step: dict[str, Any], p99_limit_ms: float) -> bool:
     )
 
 
+PARTS = ("queue", "instance", "batch", "compute", "transfer")
+
+
 def _parts(metrics: str, function: str) -> dict[str, tuple[float, float]]:
     out: dict[str, tuple[float, float]] = {}
-    for part in ("queue", "instance"):
+    for part in PARTS:
         values = {}
         for kind in ("sum", "count"):
             m = re.search(
@@ -122,7 +127,7 @@ def _parts(metrics: str, function: str) -> dict[str, tuple[float, float]]:
 def _split(before: str, after: str, function: str) -> dict[str, float | None]:
     b, a = _parts(before, function), _parts(after, function)
     out: dict[str, float | None] = {}
-    for part in ("queue", "instance"):
+    for part in PARTS:
         n = a[part][1] - b[part][1]
         out[f"{part}_ms"] = round(1000.0 * (a[part][0] - b[part][0]) / n, 3) if n > 0 else None
     return out
@@ -149,7 +154,7 @@ def _steady(server: ServerProcess, target: str, rate: float, seconds: float, wor
         "pss_mb_after": round(sum(p.pss_kb for p in procs_after) / 1024, 1),
         "processes": len(procs_after),
         "shm_segments": shm_segments(server.data_dir),
-        **({"queue_ms": split["queue_ms"], "instance_ms": split["instance_ms"]} if split else {}),
+        **split,
         "rss_by_process": rows,
     }
 

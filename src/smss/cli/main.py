@@ -16,43 +16,30 @@ import httpx
 import msgspec
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from smss import config
+from smss.cli.bench import bench_app
+from smss.cli.output import AsJson, console
+from smss.cli.output import error as _error
+from smss.cli.output import print_json as _print_json
 from smss.client import Client
 from smss.errors import InvalidInput, InvalidSpec, NotFound, SmssError
 
 app = typer.Typer(no_args_is_help=True, help="SMSS: serverless model serving.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints one JSON object.")
 app.add_typer(bench_app, name="bench")
 runs_app = typer.Typer(no_args_is_help=True, help="Workflow runs: start, list, show, resume, replay.")
 app.add_typer(runs_app, name="runs")
 traces_app = typer.Typer(no_args_is_help=True, help="Invocation traces for simulate and bench replay.")
 app.add_typer(traces_app, name="traces")
-console = Console()
-#: Errors go to stderr, so that stdout holds only a command's output (``--json``).
-err_console = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_GRPC_PORT = 8001
 Url = Annotated[str | None, typer.Option("--url", help="Platform URL [default: $SMSS_URL or :8000]")]
 Token = Annotated[str | None, typer.Option("--token", help="Admin token [default: $SMSS_TOKEN]")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON")]
-Plot = Annotated[
-    Path | None, typer.Option("--plot", help="Also draw the figures into FILE.png (needs smss[plots])")
-]
 
 
 def _client(url: str | None, token: str | None) -> Client:
     return Client(url or config.env_url(), token or config.env_token())
-
-
-def _error(message: object) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
-
-
-def _print_json(data: object) -> None:
-    sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
 
 
 def _version(value: bool) -> None:
@@ -677,130 +664,6 @@ def _ts(t: float) -> str:
     import datetime
 
     return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
-
-
-@bench_app.command("overhead")
-def bench_overhead(
-    as_json: AsJson = True,
-    requests: Annotated[int, typer.Option(help="Requests per concurrency level")] = 2000,
-) -> None:
-    """Platform overhead over an in-process predict() for the mlp model."""
-    from smss.bench.overhead import run
-    from smss.cli.progress import shown
-
-    with shown("bench overhead: mlp over HTTP against in-process predict()"):
-        result = run(requests=requests)
-    _print_json(result)
-
-
-@bench_app.command("load")
-def bench_load(
-    as_json: AsJson = True,
-    duration: Annotated[float, typer.Option(help="Seconds of the steady phase at 70% of the knee")] = 120.0,
-    step: Annotated[float, typer.Option(help="Seconds of each step of the saturation sweep")] = 15.0,
-    target: Annotated[
-        list[str] | None, typer.Option(help="mlp and/or behavior (repeatable; default both)")
-    ] = None,
-    p99_limit_ms: Annotated[float, typer.Option(help="A sweep step above this p99 is past the knee")] = 500.0,
-) -> None:
-    """Open-loop load (coordinated omission corrected): saturation sweep, knee, steady state at 70%."""
-    from smss.bench.load import TARGETS, run
-
-    targets = tuple(target or ("mlp", "behavior"))
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        _error(f"unknown --target {', '.join(unknown)}; choose from {', '.join(sorted(TARGETS))}")
-        raise typer.Exit(2)
-    from smss.cli.progress import shown
-
-    with shown(f"bench load: sweep and {duration:g} s steady ({', '.join(targets)})"):
-        result = run(duration_s=duration, step_s=step, targets=targets, p99_limit_ms=p99_limit_ms)
-    _print_json(result)
-
-
-@bench_app.command("soak")
-def bench_soak(
-    as_json: AsJson = True,
-    minutes: Annotated[float, typer.Option(help="How long to churn")] = 5.0,
-) -> None:
-    """Churn (scale to zero, cancelled requests, reloads); memory, fds, threads, segments, log per cycle."""
-    from smss.bench.soak import run
-    from smss.cli.progress import shown
-
-    with shown(f"bench soak: {minutes:g} minutes of churn"):
-        result = run(minutes=minutes)
-    _print_json(result)
-
-
-@bench_app.command("cold-start")
-def bench_cold_start(as_json: AsJson = True, plot: Plot = None) -> None:
-    """Cold start of cnn and cnn_large: container-style vs fork-and-attach (one JSON object per model)."""
-    from smss.bench.coldstart import run
-    from smss.cli.progress import shown
-
-    with shown("bench cold-start: cnn and cnn_large, container-style and SMSS"):
-        rows = run()
-    for row in rows:
-        _print_json(row)
-    if plot is not None:
-        from smss.plots import cold_start_figure
-
-        cold_start_figure(plot, rows)
-
-
-@bench_app.command("workflow")
-def bench_workflow(
-    as_json: AsJson = True,
-    runs: Annotated[int, typer.Option(help="Runs per sequential measurement")] = 200,
-) -> None:
-    """The behavior pipeline with the durable log vs direct stage calls, and recovery after kill -9."""
-    from smss.bench.workflow import run
-    from smss.cli.progress import shown
-
-    with shown(f"bench workflow: {runs} runs with and without the log, then recovery"):
-        result = run(runs=runs)
-    _print_json(result)
-
-
-@bench_app.command("replay")
-def bench_replay(
-    trace: Annotated[Path, typer.Argument(help="CSV trace: t_ms,function,duration_ms[,cluster]")],
-    speedup: Annotated[
-        float, typer.Option(help="Replay K times faster (times, durations, windows / K)")
-    ] = 10.0,
-    policy: Annotated[
-        str, typer.Option(help="Keep-alive policy: fixed:SECONDS or hybrid[:k=v,...]")
-    ] = "hybrid",
-    memory_mb: Annotated[int, typer.Option(help="Declared memory of each instance (MiB)")] = 512,
-    max_instances: Annotated[int, typer.Option(help="Instances per function at most")] = 8,
-    default_ttl_s: Annotated[
-        float, typer.Option(help="fixed's / hybrid's fallback TTL before scaling")
-    ] = 600.0,
-    cpu: Annotated[float, typer.Option(help="Declared cores of each instance (placed on the node)")] = 0.1,
-    work: Annotated[
-        str, typer.Option(help="How a function spends each request's duration: sleep, or spin on a core")
-    ] = "sleep",
-    plot: Plot = None,
-    as_json: AsJson = True,
-) -> None:
-    """Replay a trace open loop against a live platform, beside `smss simulate` on the same settings."""
-    from smss.bench.replay import run
-    from smss.cli.progress import shown
-
-    with shown() as progress:
-        result = run(
-            trace,
-            speedup=speedup,
-            policy=policy,
-            memory_mb=memory_mb,
-            max_instances=max_instances,
-            default_ttl_s=default_ttl_s,
-            cpu=cpu,
-            work=work,
-            progress=progress,
-            plot=plot,
-        )
-    _print_json(result)
 
 
 @traces_app.command("import-orcbench")

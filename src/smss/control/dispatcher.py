@@ -57,7 +57,7 @@ from smss.errors import (
     StartFailed,
     Unavailable,
 )
-from smss.ports import Clock, InstanceChannel, InstanceInfo, Tensors
+from smss.ports import Clock, InstanceChannel, InstanceInfo, Reply, Tensors
 from smss.spec import FunctionSpec
 
 
@@ -81,13 +81,22 @@ class DispatchHooks:
 class Served:
     """Who answered a request, whether it waited for that instance to start, and
     where its time went: ``queued_s`` waiting for a slot (for an instance to start
-    or to free one), ``instance_s`` on the instance (sending, batching, compute,
-    the answer's way back)."""
+    or to free one), ``instance_s`` from sending it to the answer's arrival, of
+    which ``batch_s`` waiting in the instance for its batch to start and
+    ``compute_s`` in predict; the rest of ``instance_s`` is :attr:`transfer_s`."""
 
     instance: InstanceInfo
     cold: bool
     queued_s: float = 0.0
     instance_s: float = 0.0
+    batch_s: float = 0.0
+    compute_s: float = 0.0
+
+    @property
+    def transfer_s(self) -> float:
+        """Frames both ways, the instance's decoding and scheduling: never negative
+        (the instance's clock and the gateway's are measured apart)."""
+        return max(0.0, self.instance_s - self.batch_s - self.compute_s)
 
 
 @dataclass(eq=False)
@@ -189,8 +198,9 @@ class FunctionDispatcher:
             queued += sent - asked
             try:
                 with logcontext.bound(function=self.spec.name, instance=slot.info.id):
-                    result = await self._call(slot, inputs, outputs, deadline)
-                return result, Served(slot.info, cold, queued, clock.monotonic() - sent)
+                    reply = await self._call(slot, inputs, outputs, deadline)
+                took = clock.monotonic() - sent
+                return reply.outputs, Served(slot.info, cold, queued, took, reply.queue_s, reply.compute_s)
             except InstanceDraining:
                 # Nothing ran: send it elsewhere, idempotent or not. The instance is not
                 # replaced: its requests in flight finish, then it exits (see _on_exit).
@@ -218,9 +228,7 @@ class FunctionDispatcher:
             except SmssError as e:
                 raise _located(e, slot.info) from None
 
-    async def _call(
-        self, slot: Slot, inputs: Tensors, outputs: tuple[str, ...], deadline: float
-    ) -> dict[str, np.ndarray]:
+    async def _call(self, slot: Slot, inputs: Tensors, outputs: tuple[str, ...], deadline: float) -> Reply:
         """The request on ``slot``'s instance, awaited until ``deadline``. The slot is
         given back when the instance has answered: at once when the caller got the
         answer, else (a deadline passed, the caller went away) when it comes."""
@@ -228,7 +236,7 @@ class FunctionDispatcher:
         token = next(self._tokens)
         slot.stall_at[token] = deadline + self._settings.stall_grace_s
         self._hooks.on_start(slot.info.id)
-        answer: asyncio.Future[dict[str, np.ndarray]] | None = None
+        answer: asyncio.Future[Reply] | None = None
         try:
             # A timeout, not wait_for: on 3.11 wait_for runs the call in a task of its
             # own, which sends the request only one loop iteration later.
@@ -246,9 +254,7 @@ class FunctionDispatcher:
                     answer.exception()  # retrieved: its error, if any, was raised or is moot
                 self._finish(slot, token, started)
 
-    def _answered_late(
-        self, slot: Slot, token: int, started: float, answer: asyncio.Future[dict[str, np.ndarray]]
-    ) -> None:
+    def _answered_late(self, slot: Slot, token: int, started: float, answer: asyncio.Future[Reply]) -> None:
         slot.abandoned -= 1
         error = None if answer.cancelled() else answer.exception()
         self._finish(slot, token, started)

@@ -14,6 +14,7 @@ a time, so one bad request cannot fail its neighbours.
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -34,6 +35,9 @@ class Pending:
     inputs: dict[str, np.ndarray]
     outputs: tuple[str, ...]
     future: asyncio.Future[dict[str, np.ndarray]] = field(repr=False)
+    #: ``time.perf_counter()`` when its batch began, and that batch's seconds in predict.
+    started: float = 0.0
+    compute_s: float = 0.0
 
     @property
     def rows(self) -> int:
@@ -112,10 +116,11 @@ class Batcher:
         if len(live) == 1:
             await self._run_one(live[0], loop)
             return
+        started = time.perf_counter()
         merged = {n: np.concatenate([p.inputs[n] for p in live]) for n in live[0].inputs}
         wanted = tuple(dict.fromkeys(o for p in live for o in p.outputs))
         try:
-            outputs = await loop.run_in_executor(self._executor, self._call, merged, wanted)
+            outputs, seconds = await loop.run_in_executor(self._executor, self._call, merged, wanted)
         except (ModelFailure, InvalidInput):
             for p in live:
                 await self._run_one(p, loop)
@@ -125,28 +130,35 @@ class Batcher:
             rows = p.rows
             part = {n: outputs[n][offset : offset + rows] for n in p.outputs}
             offset += rows
+            p.started, p.compute_s = started, seconds
             if not p.future.done():
                 p.future.set_result(part)
 
     async def _run_one(self, p: Pending, loop: asyncio.AbstractEventLoop) -> None:
+        started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._call, p.inputs, p.outputs)
+            outputs, seconds = await loop.run_in_executor(self._executor, self._call, p.inputs, p.outputs)
         except (ModelFailure, InvalidInput) as e:
             if not p.future.done():
                 p.future.set_exception(e)
             return
+        p.started, p.compute_s = started, seconds
         if not p.future.done():
             p.future.set_result({n: outputs[n] for n in p.outputs})
 
-    def _call(self, inputs: dict[str, np.ndarray], wanted: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def _call(
+        self, inputs: dict[str, np.ndarray], wanted: tuple[str, ...]
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """The checked outputs of one predict, and its seconds (on the compute thread)."""
         rows = next(iter(inputs.values())).shape[0] if self._batching else None
+        t0 = time.perf_counter()
         try:
             raw = self._predict(inputs)
         except InvalidInput:
             raise
         except Exception as e:
             raise ModelFailure(e) from e
-        return self._check_outputs(raw, wanted, rows)
+        return self._check_outputs(raw, wanted, rows), time.perf_counter() - t0
 
     def _check_outputs(
         self, raw: Mapping[str, object], wanted: tuple[str, ...], rows: int | None

@@ -29,7 +29,7 @@ import numpy as np
 
 from smss.errors import InstanceDraining, InstanceLost, InvalidInput, ModelError
 from smss.node import ipc
-from smss.ports import InstanceInfo, Tensors
+from smss.ports import InstanceInfo, Reply, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,9 @@ class UnixChannel:
 
     async def infer(self, inputs: Tensors, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         answer = await self.send(inputs, outputs)
-        result: dict[str, np.ndarray] = await answer
-        return result
+        return (await answer).outputs
 
-    async def send(self, inputs: Tensors, outputs: tuple[str, ...]) -> asyncio.Future[dict[str, np.ndarray]]:
+    async def send(self, inputs: Tensors, outputs: tuple[str, ...]) -> asyncio.Future[Reply]:
         metas, buffers = ipc.tensor_metas(inputs)
         return await self._send(lambda rid: ipc.Infer(rid, metas, outputs), buffers, _infer_answer)
 
@@ -184,12 +183,13 @@ class UnixChannel:
         self._fail_all(f"instance {self.info.id} exited with the request in flight")
 
 
-def _infer_answer(message: ipc.Message, payload: bytes) -> dict[str, np.ndarray]:
+def _infer_answer(message: ipc.Message, payload: bytes) -> Reply:
     if isinstance(message, ipc.Result):
         try:
-            return ipc.unpack_tensors(message.outputs, payload)
+            outputs = ipc.unpack_tensors(message.outputs, payload)
         except ipc.ProtocolError as e:
             raise ModelError(f"instance returned malformed outputs: {e}") from None
+        return Reply(outputs, message.queue_s, message.compute_s)
     if isinstance(message, ipc.Failure):
         if message.kind == "invalid_input":
             raise InvalidInput(message.message)

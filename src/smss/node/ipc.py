@@ -45,8 +45,14 @@ class Infer(msgspec.Struct, tag="infer", array_like=True, frozen=True):
 
 
 class Result(msgspec.Struct, tag="result", array_like=True, frozen=True):
+    """An answer, with where its time went in the instance: ``queue_s`` from the
+    request's arrival until its batch started, ``compute_s`` in ``predict`` (its
+    batch's, shared with the batch's other requests)."""
+
     id: int
     outputs: tuple[TensorMeta, ...]
+    queue_s: float = 0.0
+    compute_s: float = 0.0
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True, frozen=True):
@@ -100,10 +106,19 @@ def tensor_metas(tensors: Mapping[str, np.ndarray]) -> tuple[tuple[TensorMeta, .
     return tuple(metas), buffers
 
 
+#: Payloads up to this size are copied behind the header and sent in one write
+#: (one system call per frame instead of one per part); larger ones are not copied.
+COALESCE_BYTES = 64 * 1024
+
+
 def write_frame(writer: asyncio.StreamWriter, message: Message, buffers: Sequence[memoryview] = ()) -> None:
     header = _encoder.encode(message)
     payload_len = sum(b.nbytes for b in buffers)
-    writer.write(_PREFIX.pack(VERSION, len(header), payload_len) + header)
+    head = _PREFIX.pack(VERSION, len(header), payload_len) + header
+    if payload_len <= COALESCE_BYTES:
+        writer.write(b"".join((head, *buffers)))
+        return
+    writer.write(head)
     for b in buffers:
         if b.nbytes:
             writer.write(b)

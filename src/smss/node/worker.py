@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from smss import faults
+from smss import faults, heap
 from smss.config import env_faults
 from smss.errors import InvalidInput, SmssError, StartFailed
 from smss.node import ipc
@@ -125,7 +125,7 @@ class Server:
                 if isinstance(message, ipc.Ping):
                     ipc.write_frame(writer, ipc.Pong(message.id, self._in_flight))
                 elif isinstance(message, ipc.Infer):
-                    task = asyncio.create_task(self._infer(message, payload, writer))
+                    task = asyncio.create_task(self._infer(message, payload, writer, time.perf_counter()))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
         except ipc.ProtocolError:
@@ -135,7 +135,9 @@ class Server:
                 task.cancel()
             writer.close()
 
-    async def _infer(self, msg: ipc.Infer, payload: bytes, writer: asyncio.StreamWriter) -> None:
+    async def _infer(
+        self, msg: ipc.Infer, payload: bytes, writer: asyncio.StreamWriter, arrived: float
+    ) -> None:
         if self._draining:
             ipc.write_frame(writer, ipc.Failure(msg.id, "draining", "instance is draining"))
             return
@@ -144,11 +146,13 @@ class Server:
         try:
             inputs = ipc.unpack_tensors(msg.inputs, payload)
             future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
-            self._batcher.submit(Pending(inputs, msg.outputs, future))
+            pending = Pending(inputs, msg.outputs, future)
+            self._batcher.submit(pending)
             outputs = await future
             metas, buffers = ipc.tensor_metas(outputs)
             faults.hit("instance.before_reply")
-            ipc.write_frame(writer, ipc.Result(msg.id, metas), buffers)
+            queue_s = max(0.0, pending.started - arrived)
+            ipc.write_frame(writer, ipc.Result(msg.id, metas, queue_s, pending.compute_s), buffers)
         except ModelFailure as e:
             ipc.write_frame(writer, ipc.Failure(msg.id, "model_error", str(e), e.traceback))
         except (InvalidInput, ipc.ProtocolError) as e:
@@ -411,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         set_threads(config)
         model = load_model(config.spec, Path(config.artifact_dir))
         warm_up(config.spec, model)
+        heap.settle()  # the runtime and the model live as long as the instance
     except BaseException as e:
         reason = public_reason(e)
         log.exception("instance failed to load")

@@ -24,6 +24,7 @@ from smss.ports import (
     Clock,
     ExitCallback,
     InstanceInfo,
+    Reply,
     RunningInstance,
     StartedInstance,
     StartTimings,
@@ -242,7 +243,7 @@ class FakeChannel:
         self._errors: list[BaseException] = []
         self._lost = False
         self._closed = False
-        self._tasks: set[asyncio.Task[dict[str, np.ndarray]]] = set()
+        self._tasks: set[asyncio.Task[Reply]] = set()
         self._stalled: asyncio.Future[None] | None = None
         self.pings = 0
 
@@ -286,14 +287,17 @@ class FakeChannel:
         if self._closed or self._lost:
             raise InstanceLost("instance is gone")
 
-    async def send(self, inputs: Tensors, outputs: tuple[str, ...]) -> asyncio.Future[dict[str, np.ndarray]]:
+    async def send(self, inputs: Tensors, outputs: tuple[str, ...]) -> asyncio.Future[Reply]:
         if self._closed or self._lost:
             self.calls += 1
             raise InstanceLost("instance is gone")
-        task = asyncio.get_running_loop().create_task(self.infer(inputs, outputs))
+        task = asyncio.get_running_loop().create_task(self._reply(inputs, outputs))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def _reply(self, inputs: Tensors, outputs: tuple[str, ...]) -> Reply:
+        return Reply(await self.infer(inputs, outputs))
 
     async def infer(self, inputs: Tensors, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         self.calls += 1
