@@ -90,6 +90,9 @@ class Client:
     def delete(self, name: str) -> None:
         self._check(self._http.delete(f"/v1/functions/{name}"))
 
+    def delete_workflow(self, name: str) -> None:
+        self._check(self._http.delete(f"/v1/workflows/{name}"))
+
     def get(self, path: str) -> Any:
         return self._check(self._http.get(path))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,3 +220,29 @@ def env_keep_alive() -> float | None:
     """``SMSS_KEEP_ALIVE_S`` overrides the default keep-alive (tests and demos)."""
     raw = os.environ.get("SMSS_KEEP_ALIVE_S")
     return float(raw) if raw else None
+
+
+def read_flags_file(path: Path, known: Iterable[str]) -> dict[str, object]:
+    """The settings of a TOML file for ``smss serve --config``: keys named as the flags
+    (``request-timeout`` or ``request_timeout``), top-level or in a ``[serve]`` table;
+    returned by parameter name (``request_timeout``). A key no flag has, or a file that
+    cannot be read or parsed, is :class:`InvalidSpec` naming it."""
+    import tomllib
+
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise InvalidSpec(f"cannot read {path}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InvalidSpec(f"{path} is not valid TOML: {e}") from None
+    table = doc.get("serve", doc)
+    if not isinstance(table, dict):
+        raise InvalidSpec(f"{path}: [serve] must be a table")
+    names = set(known)
+    out: dict[str, object] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise InvalidSpec(f"{path}: no setting {key!r}; the settings are the flags of smss serve")
+        out[name] = value
+    return out

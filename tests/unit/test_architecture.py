@@ -34,6 +34,8 @@ LEAVES = {
     "bytes_tensors": ("smss.errors",),
     "safetensors_header": ("smss.errors",),
     "faults": ("smss.errors",),
+    "logcontext": (),
+    "progress": (),
 }
 FORBIDDEN_LIBS = {
     "control": ("sqlite3", "socket", "ray", "torch", "starlette", "uvicorn"),

@@ -80,3 +80,27 @@ def test_a_route_without_declared_types_is_refused() -> None:
         openapi.document([*declared, Route("/v1/undeclared", handler, methods=["GET"])])
     with pytest.raises(LookupError, match="operations without a route"):
         openapi.document(declared[1:])
+
+
+def test_the_workflow_run_weight_cost_and_dashboard_routes_are_documented(app: Starlette) -> None:
+    paths = openapi.document(app.routes)["paths"]
+    assert isinstance(paths, dict)
+    expected = {
+        "/v1/workflows": {"get", "post"},
+        "/v1/workflows/{name}": {"get", "delete"},
+        "/v1/workflows/{name}/runs": {"post"},
+        "/v1/runs": {"get"},
+        "/v1/runs/{run_id}": {"get"},
+        "/v1/runs/{run_id}/resume": {"post"},
+        "/v1/runs/{run_id}/replay": {"post"},
+        "/v1/log/stats": {"get"},
+        "/v1/weights": {"get"},
+        "/v1/weights/{name}": {"delete"},
+        "/v1/cost": {"get"},
+        "/v1/devices": {"get"},
+        "/ui": {"get"},
+        "/ui/{asset}": {"get"},
+    }
+    for path, methods in expected.items():
+        assert set(paths[path]) == methods, path
+    assert "text/html" in paths["/ui"]["get"]["responses"]["200"]["content"]

@@ -12,11 +12,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from smss.api import admin, openapi, v2, workflows
+from smss.api import admin, dashboard, openapi, v2, workflows
 from smss.api.connection import CloseEarlyAnswers
 from smss.api.context import AppContext
 from smss.api.cross_site import CrossSiteGuard, SitePolicy
 from smss.api.errors import error_response
+from smss.api.request_ids import RequestIds
 from smss.errors import NotFound
 
 
@@ -72,13 +73,18 @@ def create_app(ctx: AppContext) -> Starlette:
         *admin.routes(ctx),
         *workflows.routes(ctx),
         Route("/openapi.json", spec, methods=["GET"]),
+        *dashboard.routes(ctx.auth.enabled),
     ]
     document = msgspec.json.encode(openapi.document(routes))
     policy = SitePolicy.for_bind(ctx.settings.host, ctx.settings.allowed_hosts)
     return Starlette(
         routes=routes,
         # Outermost first: a refused cross-site request, whose body is never read, closes too.
-        middleware=[Middleware(CloseEarlyAnswers), Middleware(CrossSiteGuard, policy=policy)],
+        middleware=[
+            Middleware(CloseEarlyAnswers),
+            Middleware(RequestIds),
+            Middleware(CrossSiteGuard, policy=policy),
+        ],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: not_allowed, 500: server_error},
     )

@@ -16,6 +16,7 @@ import msgspec
 from starlette.responses import Response
 
 from smss import errors as e
+from smss import logcontext
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def reported(error: e.ModelError, *, detail: bool) -> e.ModelError:
     """What a caller sees of a failed predict(): its text (and a request id) only when
     ``detail`` (the admin); otherwise "model error" and the request id, which names the
     failure in the server log, where its message and traceback always go."""
-    request_id = uuid.uuid4().hex[:16]
+    request_id = logcontext.current("request") or uuid.uuid4().hex[:16]  # the request's own id
     trace = getattr(error, "traceback", "")  # set by the instance channel on predict() failures
     log.warning("model error, request id %s: %s%s", request_id, error.message, f"\n{trace}" if trace else "")
     if detail:

@@ -178,4 +178,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         admin=True,
     ),
     ("GET", "/openapi.json"): Operation("This document", _json(dict[str, Any])),
+    # --- the web dashboard (smss.api.dashboard): static files that read the routes above ---
+    ("GET", "/ui"): Operation("The web dashboard", (Body(Text, "text/html"),)),
+    ("GET", "/ui/{asset}"): Operation(
+        "A script or style sheet of the dashboard",
+        (Body(Text, "text/javascript"), Body(Text, "text/css")),
+        errors=(404,),
+    ),
 }

@@ -63,11 +63,13 @@ The small trace (3,096 invocations, 20 minutes) at K = 10 takes about two minute
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +83,18 @@ from smss.control.keepalive import scale_policy
 from smss.errors import InvalidSpec
 from smss.headers import COLD_START
 from smss.packaging import load_class, package_class
+from smss.progress import SILENT, Progress
 from smss.sim.config import SimConfig
 from smss.sim.simulator import simulate
+from smss.sim.timeline import Sample, from_samples, simulate_recorded
 from smss.sim.trace import Trace, peak_concurrency, read_trace
 from smss.spec import Resources
 from smss.testing.server import running_server
 
 #: The live controller's tick (ServingSettings.tick_s), for the simulator beside it.
 LIVE_TICK_S = 0.2
+#: Seconds between two looks at the platform while replaying with ``plot``.
+SAMPLE_S = 1.0
 
 MODEL_SOURCE = '''\
 """A synthetic function for trace replay: spends the requested wall time (WORK)."""
@@ -151,25 +157,57 @@ async def _send(http: httpx.AsyncClient, name: str, body: bytes, out: _Result) -
     out.cold = response.headers.get(COLD_START) == "1"
 
 
-async def _replay(url: str, trace: Trace, speedup: float) -> tuple[list[_Result], float]:
-    """Send every row at its scaled time (open loop); the results and the replay's
-    period in seconds (start to last answer)."""
+async def _replay(
+    url: str, trace: Trace, speedup: float, progress: Progress, sample_s: float | None
+) -> tuple[list[_Result], float, list[Sample]]:
+    """Send every row at its scaled time (open loop); the results, the replay's period in
+    seconds (start to last answer), and (``sample_s``) what the platform showed every so often."""
     names = [trace.functions[i] for i in trace.function.tolist()]
     at = (trace.t_ms / (1000.0 * speedup)).tolist()
     ms = (trace.duration_ms / speedup).tolist()
     results = [_Result() for _ in at]
+    samples: list[Sample] = []
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    progress.phase(f"replaying {len(at)} requests", len(at))
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300.0) as http:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        async with asyncio.TaskGroup() as group:
-            for k, t in enumerate(at):
-                delay = start + t - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                group.create_task(_send(http, names[k], _body(ms[k]), results[k]))
-        period = loop.time() - start
-    return results, period
+        done = asyncio.Event()
+        async with asyncio.TaskGroup() as outer:
+            if sample_s is not None:
+                outer.create_task(_sampler(http, lambda: loop.time() - start, done, samples, sample_s))
+            async with asyncio.TaskGroup() as group:
+                for k, t in enumerate(at):
+                    delay = start + t - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    group.create_task(_send(http, names[k], _body(ms[k]), results[k]))
+                    if k % 16 == 0:
+                        progress.advance(k)
+            progress.advance(len(at))
+            period = loop.time() - start
+            done.set()
+    return results, period, samples
+
+
+async def _sampler(
+    http: httpx.AsyncClient, now: Callable[[], float], done: asyncio.Event, out: list[Sample], every_s: float
+) -> None:
+    """Look at the platform every ``every_s`` until ``done``: functions, devices, weights, cost."""
+    while not done.is_set():
+        t = now()
+        try:
+            bodies = [
+                (await http.get(path)).json()
+                for path in ("/v1/functions", "/v1/devices", "/v1/weights", "/v1/cost")
+            ]
+        except httpx.HTTPError:
+            bodies = []  # a look that failed is left out; the replay goes on
+        if bodies:
+            functions, devices, weights, cost = bodies
+            out.append(Sample(t, functions["functions"], devices["devices"], weights, cost))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), every_s)
 
 
 #: Tiers whose start builds the function's template (see StartTimings.tier).
@@ -274,8 +312,12 @@ def run(
     default_ttl_s: float = 600.0,
     cpu: float = 0.1,
     work: str = "sleep",
+    *,
+    progress: Progress = SILENT,
+    plot: Path | None = None,
 ) -> dict[str, object]:
-    """Replay ``trace_path`` live and in the simulator; one JSON-ready dict."""
+    """Replay ``trace_path`` live and in the simulator; one JSON-ready dict. ``plot``:
+    also draw the live and simulated timelines there (:func:`smss.plots.timeline_figure`)."""
     if not (math.isfinite(speedup) and speedup > 0):
         raise InvalidSpec(f"speedup must be > 0, got {speedup}")
     if work not in ("sleep", "spin"):
@@ -294,11 +336,15 @@ def run(
             .replace("WORK", work)
         )
         args = ["--keep-alive-policy", live_policy, "--keep-alive", repr(live_ttl), "--log-level", "warning"]
+        progress.phase("starting the platform")
         with running_server(data / "platform", args) as server, Client(server.url) as client:
+            progress.phase(f"deploying {len(trace.functions)} functions", len(trace.functions))
             _deploy(client, source, trace.functions)
-            for name in trace.functions:
+            for k, name in enumerate(trace.functions):
                 server.wait_for_model(name)
-            results, period = asyncio.run(_replay(server.url, trace, speedup))
+                progress.advance(k + 1)
+            sample_s = None if plot is None else SAMPLE_S
+            results, period, samples = asyncio.run(_replay(server.url, trace, speedup, progress, sample_s))
             cost = client.get("/v1/cost")
             functions = client.functions()
             metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
@@ -330,7 +376,8 @@ def run(
         cpus_per_node=float(node["capacity"]["cpu"]),
         memory_per_node_mb=int(node["capacity"]["memory_mb"]),
     )
-    sim = simulate(trace, config)
+    progress.phase("simulating the same trace")
+    sim, sim_timeline = simulate_recorded(trace, config)
     # The same with each request holding its instance for the platform's measured
     # per-request overhead too (HTTP, dispatch, IPC: the warm requests' median added
     # latency), which the trace's durations leave out: how much of a difference
@@ -342,6 +389,15 @@ def run(
     sim_starts = int(sim["instances_started"])  # type: ignore[call-overload]
     live_cold = int(live["cold_starts"])  # type: ignore[call-overload]
     live_starts = int(live["instance_starts"])  # type: ignore[call-overload]
+    if plot is not None:
+        from smss import plots
+
+        at = (trace.t_ms / (1000.0 * speedup)).tolist()
+        cold_at = [t for t, r in zip(at, results, strict=True) if r.cold]
+        container = float(live["container_cost_usd"])  # type: ignore[arg-type]
+        timeline = from_samples(samples, cold_at, period, container)
+        title = f"smss bench replay {trace_path.name} --policy {policy} --speedup {speedup:g}"
+        plots.timeline_figure(plot, title, timeline, sim_timeline)
     return {
         "trace": str(trace_path),
         "policy": policy,

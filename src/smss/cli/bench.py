@@ -13,6 +13,9 @@ from smss.cli.output import error as _error
 from smss.cli.output import print_json as _print_json
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints one JSON object.")
+Plot = Annotated[
+    Path | None, typer.Option("--plot", help="Also draw the figures into FILE.png (needs smss[plots])")
+]
 
 
 @bench_app.command("overhead")
@@ -22,8 +25,11 @@ def bench_overhead(
 ) -> None:
     """Platform overhead over an in-process predict() for the mlp model."""
     from smss.bench.overhead import run
+    from smss.cli.progress import shown
 
-    _print_json(run(requests=requests))
+    with shown("bench overhead: mlp over HTTP against in-process predict()"):
+        result = run(requests=requests)
+    _print_json(result)
 
 
 @bench_app.command("load")
@@ -44,7 +50,11 @@ def bench_load(
     if unknown:
         _error(f"unknown --target {', '.join(unknown)}; choose from {', '.join(sorted(TARGETS))}")
         raise typer.Exit(2)
-    _print_json(run(duration_s=duration, step_s=step, targets=targets, p99_limit_ms=p99_limit_ms))
+    from smss.cli.progress import shown
+
+    with shown(f"bench load: sweep and {duration:g} s steady ({', '.join(targets)})"):
+        result = run(duration_s=duration, step_s=step, targets=targets, p99_limit_ms=p99_limit_ms)
+    _print_json(result)
 
 
 @bench_app.command("soak")
@@ -54,17 +64,30 @@ def bench_soak(
 ) -> None:
     """Churn (scale to zero, cancelled requests, reloads); memory, fds, threads, segments, log per cycle."""
     from smss.bench.soak import run
+    from smss.cli.progress import shown
 
-    _print_json(run(minutes=minutes))
+    with shown(f"bench soak: {minutes:g} minutes of churn"):
+        result = run(minutes=minutes)
+    _print_json(result)
 
 
 @bench_app.command("cold-start")
-def bench_cold_start(as_json: AsJson = True) -> None:
+def bench_cold_start(as_json: AsJson = True, plot: Plot = None) -> None:
     """Cold start of cnn and cnn_large: container-style vs fork-and-attach (one JSON object per model)."""
     from smss.bench.coldstart import run
+    from smss.cli.progress import shown
 
-    for row in run():
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        _error("--plot needs matplotlib: pip install 'smss[plots]'")
+        raise typer.Exit(2)
+    with shown("bench cold-start: cnn and cnn_large, container-style and SMSS"):
+        rows = run()
+    for row in rows:
         _print_json(row)
+    if plot is not None:
+        from smss.plots import cold_start_figure
+
+        cold_start_figure(plot, rows)
 
 
 @bench_app.command("workflow")
@@ -74,8 +97,11 @@ def bench_workflow(
 ) -> None:
     """The behavior pipeline with the durable log vs direct stage calls, and recovery after kill -9."""
     from smss.bench.workflow import run
+    from smss.cli.progress import shown
 
-    _print_json(run(runs=runs))
+    with shown(f"bench workflow: {runs} runs with and without the log, then recovery"):
+        result = run(runs=runs)
+    _print_json(result)
 
 
 @bench_app.command("replay")
@@ -96,13 +122,18 @@ def bench_replay(
     work: Annotated[
         str, typer.Option(help="How a function spends each request's duration: sleep, or spin on a core")
     ] = "sleep",
+    plot: Plot = None,
     as_json: AsJson = True,
 ) -> None:
     """Replay a trace open loop against a live platform, beside `smss simulate` on the same settings."""
     from smss.bench.replay import run
+    from smss.cli.progress import shown
 
-    _print_json(
-        run(
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        _error("--plot needs matplotlib: pip install 'smss[plots]'")
+        raise typer.Exit(2)
+    with shown() as progress:
+        result = run(
             trace,
             speedup=speedup,
             policy=policy,
@@ -111,8 +142,10 @@ def bench_replay(
             default_ttl_s=default_ttl_s,
             cpu=cpu,
             work=work,
+            progress=progress,
+            plot=plot,
         )
-    )
+    _print_json(result)
 
 
 def _names(text: str, option: str, allowed: tuple[str, ...]) -> tuple[str, ...]:

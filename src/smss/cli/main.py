@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -25,12 +24,11 @@ from smss.cli.output import AsJson, console
 from smss.cli.output import error as _error
 from smss.cli.output import print_json as _print_json
 from smss.client import Client
-from smss.errors import InvalidSpec, SmssError
-from smss.spec import DATATYPES
+from smss.errors import InvalidInput, InvalidSpec, NotFound, SmssError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="SMSS: serverless model serving.")
+app = typer.Typer(no_args_is_help=True, help="SMSS: serverless model serving.")
 app.add_typer(bench_app, name="bench")
-runs_app = typer.Typer(no_args_is_help=True, help="Workflow runs: list, show, resume, replay.")
+runs_app = typer.Typer(no_args_is_help=True, help="Workflow runs: start, list, show, resume, replay.")
 app.add_typer(runs_app, name="runs")
 traces_app = typer.Typer(no_args_is_help=True, help="Invocation traces for simulate and bench replay.")
 app.add_typer(traces_app, name="traces")
@@ -44,8 +42,46 @@ def _client(url: str | None, token: str | None) -> Client:
     return Client(url or config.env_url(), token or config.env_token())
 
 
+def _version(value: bool) -> None:
+    if value:
+        from smss import __version__
+
+        print(f"smss {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """SMSS: serverless model serving."""
+
+
+def _serve_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """``--config FILE.toml``: its settings become the defaults of the flags not given."""
+    if value is not None:
+        known = [p.name for p in ctx.command.params if p.name and p.name != "config_file"]
+        try:
+            settings = config.read_flags_file(value, known)
+        except InvalidSpec as e:
+            raise typer.BadParameter(e.message) from None
+        ctx.default_map = {**(ctx.default_map or {}), **settings}
+    return value
+
+
 @app.command()
 def serve(
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            is_eager=True,
+            callback=_serve_config,
+            help="TOML file of settings named as these flags (a flag given wins)",
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
     grpc_port: Annotated[
@@ -125,7 +161,17 @@ def serve(
         int,
         typer.Option(help="Client connections held at once; past it new ones get 503 with Retry-After"),
     ] = 1024,
+    max_body: Annotated[
+        str, typer.Option(help="Largest request body (infer, run), e.g. 64MiB; past it: 413")
+    ] = "64MiB",
+    max_upload: Annotated[str, typer.Option(help="Largest weights upload, e.g. 4GiB")] = "4GiB",
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            help="text, or json: one object a line with the request, function, instance and run ids"
+        ),
+    ] = "text",
     log_retention: Annotated[
         float | None,
         typer.Option(
@@ -142,16 +188,20 @@ def serve(
 ) -> None:
     """Run the platform: gateway, controller and a local node. SIGTERM drains it:
     no new connections, the requests in flight finish, instances stop, exit 0."""
+    from smss.cli.logsetup import configure_logging
     from smss.compose import build, run
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    data = data_dir or Path.home() / ".smss"
+    try:
+        configure_logging(log_level, log_format, data / "logs" / "platform.log")
+    except InvalidSpec as e:
+        _error(e)
+        raise typer.Exit(2) from None
     settings = config.Settings(
         host=host,
         port=port,
         grpc_port=_grpc_port(grpc_port),
-        data_dir=data_dir or Path.home() / ".smss",
+        data_dir=data,
         token=token or config.env_token(),
         allowed_hosts=tuple(allow_host or ()),
         demo=demo,
@@ -181,6 +231,12 @@ def serve(
             settings = dataclasses.replace(settings, weight_cache_bytes=config.parse_size(weight_cache))
         if memory is not None:
             settings = dataclasses.replace(settings, memory_mb=config.parse_size(memory) // 2**20)
+        limits = dataclasses.replace(
+            settings.limits,
+            max_body_bytes=config.parse_size(max_body),
+            max_upload_bytes=config.parse_size(max_upload),
+        )
+        settings = dataclasses.replace(settings, limits=limits)
         if log_retention is not None:
             workflows = dataclasses.replace(settings.workflows, log_retention_s=log_retention)
             settings = dataclasses.replace(settings, workflows=workflows)
@@ -277,11 +333,26 @@ def functions(url: Url = None, as_json: AsJson = False) -> None:
 
 
 @app.command()
-def delete(name: str, url: Url = None, token: Token = None) -> None:
-    """Delete a function and stop its instances."""
+def delete(
+    name: str,
+    workflow: Annotated[
+        bool, typer.Option("--workflow", help="NAME is a workflow [default: a function, else a workflow]")
+    ] = False,
+    url: Url = None,
+    token: Token = None,
+) -> None:
+    """Delete a function and stop its instances, or a workflow definition."""
     with _client(url, token) as client:
-        client.delete(name)
-    console.print(f"deleted {name}")
+        if not workflow:
+            try:
+                client.delete(name)
+            except NotFound:
+                workflow = True  # no function of that name: a workflow's, or an error
+            else:
+                console.print(f"deleted function {name}")
+                return
+        client.delete_workflow(name)
+    console.print(f"deleted workflow {name}")
 
 
 @app.command()
@@ -355,24 +426,88 @@ def _devices_table(reports: list[dict[str, Any]], title: str | None = None) -> T
 def invoke(
     name: str,
     inputs: Annotated[
-        str, typer.Argument(help="JSON object of input name -> nested list, e.g. '{\"x\": [[0.1, ...]]}'")
-    ],
+        str | None,
+        typer.Argument(
+            help="Inputs: a JSON object of name -> nested list ('{\"x\": [[0.1, ...]]}') or an OIP v2 "
+            "request body; omitted or '-': read from stdin"
+        ),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            exists=True,
+            dir_okay=False,
+            help="Read the inputs from FILE: JSON, or .npz / .npy",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the outputs to FILE.npz (binary, all outputs)")
+    ] = None,
     url: Url = None,
+    token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Call a function once with JSON inputs."""
-    with _client(url, None) as client:
+    """Call a function (or a workflow) once: inputs as JSON or NumPy (.npz / .npy), from
+    the argument, --file or stdin; sent as binary tensors."""
+    from smss.cli import inputs as tensors
+
+    with _client(url, token) as client:
         meta = client.get(f"/v2/models/{name}")
-        dtypes = {i["name"]: DATATYPES[i["datatype"]] for i in meta["inputs"]}
-        raw: dict[str, Any] = json.loads(inputs)
-        arrays = {k: np.asarray(v, dtype=dtypes.get(k)) for k, v in raw.items()}
+        arrays = tensors.parse(_input_bytes(inputs, file), meta)
         outputs = client.infer(name, arrays)
+    if out is not None:
+        plain = {k: v.astype(bytes) if v.dtype == object else v for k, v in outputs.items()}
+        np.savez(out, allow_pickle=False, **plain)  # BYTES as fixed-width bytes: nothing pickled
     result = {k: _listed(v) for k, v in outputs.items()}
     if as_json:
         _print_json(result)
-    else:
+    elif out is None:
         for k, v in outputs.items():
             console.print(f"{k} {list(v.shape)} {v.dtype}:\n{v}")
+    else:
+        console.print(f"wrote {', '.join(outputs)} to {out}")
+
+
+def _input_bytes(text: str | None, file: Path | None) -> bytes:
+    """The inputs' bytes: from ``file``, the argument, or stdin (when it is not a terminal)."""
+    if file is not None:
+        if text not in (None, "-"):
+            raise InvalidInput("give the inputs once: as an argument or with --file, not both")
+        return file.read_bytes()
+    if text not in (None, "-"):
+        return text.encode()
+    if sys.stdin.isatty():
+        raise InvalidInput("no inputs: give them as an argument, with --file FILE, or on stdin")
+    return sys.stdin.buffer.read()
+
+
+@app.command()
+def logs(
+    name: Annotated[str, typer.Argument(help="platform, a function, or an instance id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Last N lines of each file")] = 100,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="The platform's data directory [default: ~/.smss]")
+    ] = None,
+) -> None:
+    """A log of a platform on this machine: the platform's, a function's or an instance's,
+    read from DATA/logs (DATA: smss serve --data-dir, default ~/.smss)."""
+    from smss.cli import logs as log_files
+
+    folder = (data_dir or Path.home() / ".smss") / "logs"
+    if not folder.is_dir():
+        raise InvalidInput(f"no logs at {folder}: is --data-dir the one smss serve uses?")
+    paths, pattern = log_files.sources(folder, name)
+    for line in log_files.tail(paths, pattern, lines):
+        print(line)
+    if follow:
+        try:
+            for line in log_files.follow(paths, pattern):
+                print(line, flush=True)
+        except KeyboardInterrupt:
+            return
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -438,6 +573,53 @@ def runs_list(
             r["run_id"], r["workflow"], r["session"] or "-", r["status"], _ts(r["created"]), _ts(r["updated"])
         )
     console.print(table)
+
+
+@runs_app.command("start")
+def runs_start(
+    workflow: str,
+    session: Annotated[
+        str | None, typer.Option(help="The session whose state the run reads and writes")
+    ] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--inputs",
+            exists=True,
+            dir_okay=False,
+            help="The run's inputs: JSON, OIP v2 request, .npz / .npy",
+        ),
+    ] = None,
+    random: Annotated[
+        bool, typer.Option("--random", help="Random inputs of the workflow's declared shapes")
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed of --random")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the run to finish")] = True,
+    url: Url = None,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Start a run of a workflow: with the inputs in a file, or random ones (--random)."""
+    from smss.cli import inputs as tensors
+
+    if (inputs is None) == (not random):
+        raise InvalidInput("give the run's inputs with --inputs FILE, or --random")
+    with _client(url, token) as client:
+        meta = client.get(f"/v2/models/{workflow}")
+        arrays = (
+            tensors.random_inputs(meta, seed) if inputs is None else tensors.parse(inputs.read_bytes(), meta)
+        )
+        result = client.run(workflow, arrays, session=session, wait=wait)
+    if as_json:
+        _print_json(result)
+        return
+    console.print(f"run {result['run_id']}: {result['status']}")
+    if result.get("error"):
+        _error(result["error"])
+    for name, t in (result.get("outputs") or {}).items():
+        console.print(f"{name} {t['shape']} {t['datatype']}")
+    if result["status"] == "failed":
+        raise typer.Exit(1)
 
 
 @runs_app.command("show")

@@ -13,7 +13,7 @@ from rich.markup import escape
 
 console = Console()
 #: Errors go to stderr, so that stdout holds only a command's output (``--json``).
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON")]
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smss import logcontext
 from smss.config import ServingSettings
 from smss.control import adoption
 from smss.control.autoscaler import Autoscaler, AutoscalerConfig
@@ -515,6 +516,9 @@ class Controller:
             log.exception("a controller task failed")
 
     async def _start(self, runtime: FunctionRuntime, alloc: Allocation) -> None:
+        # A task of its own: its records are about this function's start, not about the
+        # request or instance whose arrival asked for it.
+        logcontext.set_ids(function=runtime.name, instance=None)
         d = runtime.dispatcher
         record = runtime.record
         try:

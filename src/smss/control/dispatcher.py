@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from smss import faults
+from smss import faults, logcontext
 from smss.config import ServingSettings
 from smss.control.router import Candidate, Ewma, choose
 from smss.control.scaling import InstanceView
@@ -197,7 +197,8 @@ class FunctionDispatcher:
             sent = clock.monotonic()
             queued += sent - asked
             try:
-                reply = await self._call(slot, inputs, outputs, deadline)
+                with logcontext.bound(function=self.spec.name, instance=slot.info.id):
+                    reply = await self._call(slot, inputs, outputs, deadline)
                 took = clock.monotonic() - sent
                 return reply.outputs, Served(slot.info, cold, queued, took, reply.queue_s, reply.compute_s)
             except InstanceDraining:

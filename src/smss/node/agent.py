@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
@@ -49,7 +49,7 @@ from smss.node.weightstore import WeightStore
 from smss.node.worker import Ready, WorkerConfig
 from smss.node.zygotes import ZygotePool, watch_exit
 from smss.ports import ExitCallback, InstanceInfo, RunningInstance, StartedInstance, StartTimings
-from smss.spec import FunctionSpec
+from smss.spec import FunctionSpec, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,8 @@ class NodeAgent:
             }
             for t in self.zygotes.templates()
         }
+        running = {rt: self.zygotes.zygote_pid(rt) for rt in get_args(Runtime)}
+        stats["zygotes"] = {rt: {"pid": pid} for rt, pid in running.items() if pid is not None}
         return {NODE: stats}
 
     def evict_weights(self, function: str) -> bool:

@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-per-node", default="4GiB", help="memory of each node, e.g. 4GiB")
     p.add_argument("--prices", type=Path, default=None, help="TOML price table overriding the defaults")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="also draw instances and tiers over time, cold starts, memory held and cost "
+        "against containers (needs the plots extra)",
+    )
     return p
 
 
@@ -90,7 +98,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             memory_per_node_mb=parse_size(args.memory_per_node) // (1 << 20),
             prices=load_prices(args.prices),
         )
-        out = simulate(args.trace, config)
+        if args.plot is None:
+            out = simulate(args.trace, config)
+        else:
+            from smss import plots
+            from smss.sim.timeline import simulate_recorded
+
+            out, timeline = simulate_recorded(args.trace, config)
+            title = f"smss simulate {args.trace.name} --policy {config.policy}"
+            plots.timeline_figure(args.plot, title, timeline)
+            print(f"wrote {args.plot}", file=sys.stderr)
     except SmssError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2

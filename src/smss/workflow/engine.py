@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from smss import logcontext
 from smss.config import WorkflowLimits
 from smss.errors import (
     Conflict,
@@ -171,6 +172,7 @@ class Engine:
         return plan
 
     async def _drive(self, driver: Driver, run: Run) -> None:
+        logcontext.set_ids(run=run.run_id)  # this task drives this run only
         try:
             await driver.drive()
         finally:
