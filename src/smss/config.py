@@ -92,8 +92,10 @@ class ClusterSettings:
     #: How often agents report (heartbeat) and probe each other's round trips.
     heartbeat_s: float = 0.5
     probe_interval_s: float = 1.0
-    #: An agent silent this long is gone: its node's instances are dropped and replaced.
-    node_timeout_s: float = 2.5
+    #: An agent silent this long is gone: its node's instances are dropped (they are
+    #: replaced sooner, as soon as their connections end or a health check fails), its
+    #: agent killed. Generous, so a loaded node is not declared dead by mistake.
+    node_timeout_s: float = 5.0
     #: The Ray namespace of SMSS's named actors.
     namespace: str = "smss"
 

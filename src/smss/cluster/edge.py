@@ -31,14 +31,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from smss.app.platform import Answer, Described
+from smss.cluster.reach import Reach
 from smss.cluster.view import ClusterView, FunctionEntry
 from smss.config import ServingSettings
 from smss.control.dispatcher import DispatchHooks, FunctionDispatcher, Slot
 from smss.control.gateways import FunctionLoad, GatewayReport, InstanceLoad
 from smss.control.router import Proximity
 from smss.errors import InstanceLost, NotFound, StartFailed
-from smss.node.channel import UnixChannel
-from smss.ports import Clock, InstanceChannel, InstanceInfo, Tensors
+from smss.ports import Clock, InstanceInfo, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Edge:
         self._seq = 0
         self._group: asyncio.TaskGroup | None = None
         self._proximity = Proximity(here=node)
+        self._reach = Reach(node, write_timeout_s=serving.write_timeout_s)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -121,6 +122,8 @@ class Edge:
     def apply(self, view: ClusterView) -> None:
         """Bring the dispatchers in line with ``view`` (see the module docstring)."""
         self.view = view
+        self._reach.relays = {n.node: n.relay for n in view.nodes}
+        self._reach.secret = view.secret
         row = view.rtt_ms.get(self.node, {})
         self._proximity = Proximity(here=self.node, rtt_s={n: ms / 1000 for n, ms in row.items()})
         wanted = {f.record.spec.name: f for f in view.functions}
@@ -213,7 +216,7 @@ class Edge:
 
     async def _connect(self, fn: _Function, info: InstanceInfo) -> None:
         try:
-            channel = await self._open(info)
+            channel = await self._reach(info)
         except InstanceLost as e:
             fn.connecting.discard(info.id)
             log.warning("cannot reach instance %s: %s", info.id, e.message)
@@ -226,18 +229,6 @@ class Edge:
             return
         fn.dispatcher.add(info, channel)
         self._dirty.set()
-
-    async def _open(self, info: InstanceInfo) -> InstanceChannel:
-        timeout = self._serving.write_timeout_s
-        if info.node == self.node:
-            return await UnixChannel.connect(info, write_timeout_s=timeout)
-        node = self.view.node(info.node)
-        if node is None or not node.relay:
-            raise InstanceLost(f"node {info.node} of instance {info.id} is not known here")
-        host, _, port = node.relay.rpartition(":")
-        return await UnixChannel.connect_relay(
-            info, host, int(port), self.view.secret, write_timeout_s=timeout
-        )
 
     def _close_function(self, fn: _Function, reason: str) -> None:
         fn.dispatcher.close(reason)

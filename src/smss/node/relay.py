@@ -26,6 +26,7 @@ import logging
 import socket
 import struct
 import time
+import typing
 from collections.abc import Callable
 
 import msgspec
@@ -118,6 +119,10 @@ class Relay:
             self._tasks.add(task)
         try:
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            # Closed by close(): the connection ends here. Not re-raised: asyncio's stream
+            # callback would report a cancelled handler as an error.
+            writer.close()
         finally:
             if task is not None:
                 self._tasks.discard(task)
@@ -130,6 +135,9 @@ class Relay:
         except TimeoutError:
             hello = None
         if hello is None or not self._allowed(hello.secret):
+            log.warning(
+                "relay: refused a connection from %s (no valid handshake)", writer.get_extra_info("peername")
+            )
             await _refuse(writer)
             return
         if isinstance(hello, Probe):
@@ -138,6 +146,7 @@ class Relay:
             return
         path = self._resolve(hello.instance)
         if path is None:
+            log.info("relay: no instance %s here", hello.instance)
             await _refuse(writer)
             return
         try:
@@ -158,9 +167,8 @@ class Relay:
 
     async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> None:
         loop = asyncio.get_running_loop()
-        tcp = writer.transport
-        if not isinstance(tcp, asyncio.Transport):
-            raise OSError(0, "not a stream transport")
+        # A stream's transport (asyncio's, or uvloop's, which is not its subclass).
+        tcp = typing.cast(asyncio.Transport, writer.transport)
         # A client sends nothing past its handshake before the OK: nothing is buffered
         # in ``reader`` that the splice would miss.
         tcp.pause_reading()
