@@ -86,12 +86,12 @@ def decode_settings(data: bytes) -> Settings:
     return msgspec.msgpack.decode(data, type=Settings, dec_hook=_dec_hook)
 
 
-def _node_resources(node: str) -> dict[str, float]:
+def _node_facts(node: str) -> tuple[dict[str, float], str]:
+    """The node's resources and its address, as Ray's node table has them."""
     for n in ray.nodes():  # type: ignore[no-untyped-call]
         if n.get("NodeID") == node:
-            resources: dict[str, float] = n.get("Resources", {})
-            return resources
-    return {}
+            return dict(n.get("Resources", {})), str(n.get("NodeManagerAddress", ""))
+    return {}, ""
 
 
 def _log_to_stderr(settings: Settings) -> None:
@@ -291,7 +291,7 @@ class AgentActor:
         settings = self._settings
         if settings.allow_faults:
             faults.install(os.environ.get("SMSS_FAULT"))
-        resources = await asyncio.to_thread(_node_resources, self._node)
+        resources, ip = await asyncio.to_thread(_node_facts, self._node)
         inventory = _inventory(self._node, resources, settings)
         base = settings.data_dir / "nodes" / self._node[:16]
         agent = NodeAgent(
@@ -303,7 +303,8 @@ class AgentActor:
         )
         agent.set_exit_callback(self._exited)
         self._agent = agent
-        ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        # The relay listens on the node's address as Ray was given it, nothing wider.
+        ip = ip or ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         self._relay = Relay(self._secret, agent.socket_of, probe_hook=faults.point("probe.before_reply"))
         _, port = await self._relay.start(ip, 0)
         self._loop_task = asyncio.get_running_loop().create_task(self._loops())
