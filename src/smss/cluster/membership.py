@@ -5,8 +5,10 @@ starts one there (and a gateway, on a gateway node). A node is *gone* when Ray s
 it is dead, or when its agent has been silent for ``node_timeout_s`` (Ray notices a
 killed raylet only after its own health checks, tens of seconds; an agent's silence
 is noticed in seconds). A node is *fresh* while its agent was heard within
-``fresh_s``: only fresh nodes are offered to placement, so a replacement is not
-placed on a node that just went quiet.
+``fresh_s`` and not *suspect*: only fresh nodes are offered to placement, so a
+replacement is not placed on a node that just went quiet. A node is suspect from
+the moment one of its instances is found lost until its agent is heard again (a
+live node's next heartbeat, within a heartbeat interval; a dead node's never).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ class Membership:
     fresh_s: float = 1.2
     #: node -> when its agent was last heard (registered nodes only).
     heard: dict[str, float] = field(default_factory=dict)
+    #: node -> when it became suspect.
+    suspects: dict[str, float] = field(default_factory=dict)
 
     def joining(self, alive: Iterable[str], starting: Iterable[str] = ()) -> list[str]:
         """Nodes Ray lists alive that have no agent registered or starting."""
@@ -43,8 +47,17 @@ class Membership:
         up = set(alive)
         return sorted(n for n, t in self.heard.items() if n not in up or now - t > self.node_timeout_s)
 
+    def suspect(self, node: str, now: float) -> None:
+        if node in self.heard:
+            self.suspects[node] = now
+
     def drop(self, node: str) -> None:
         self.heard.pop(node, None)
+        self.suspects.pop(node, None)
 
     def fresh(self, now: float) -> set[str]:
-        return {n for n, t in self.heard.items() if now - t <= self.fresh_s}
+        return {
+            n
+            for n, t in self.heard.items()
+            if now - t <= self.fresh_s and t > self.suspects.get(n, float("-inf"))
+        }

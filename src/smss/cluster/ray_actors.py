@@ -330,14 +330,18 @@ class AgentActor:
             assert self._agent is not None
             self._seq += 1
             exits, self._exits = self._exits, []
-            report = msg.AgentReport(
-                self._node,
-                self._seq,
-                tuple(self._agent.resident()),
-                dict(self._agent.weight_cache()),
-                {n: round(v * 1000, 3) for n, v in self._rtt.items()},
-                tuple(exits),
-            )
+            try:
+                report = msg.AgentReport(
+                    self._node,
+                    self._seq,
+                    tuple(self._agent.resident()),
+                    dict(self._agent.weight_cache()),
+                    {n: round(v * 1000, 3) for n, v in self._rtt.items()},
+                    tuple(exits),
+                )
+            except Exception:  # never the end of the heartbeats: the node would count as gone
+                log.exception("could not build a heartbeat")
+                report = msg.AgentReport(self._node, self._seq, exited=tuple(exits))
             try:
                 if controller is None:
                     controller = await asyncio.to_thread(_controller, cluster.namespace)
@@ -364,7 +368,7 @@ class AgentActor:
             for node, prober in list(self._probers.items()):
                 try:
                     sample = await prober.probe()
-                except (OSError, TimeoutError):
+                except Exception:  # unreachable, refused, closed mid-probe: unknown until it answers
                     self._rtt.pop(node, None)
                     continue
                 old = self._rtt.get(node)

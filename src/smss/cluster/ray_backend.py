@@ -336,10 +336,16 @@ class RayBackend:
         return answer.started
 
     async def stop_instance(self, instance_id: str, grace_s: float) -> None:
+        """A stop without grace is the controller's kill of an instance that hung or
+        was lost: its node is suspect (offered to no placement) until its agent is
+        heard from again, and is pinged now."""
         node = self._instances.pop(instance_id, None)
         agent = self._agents.get(node) if node is not None else None
         if agent is None:
             return
+        if grace_s <= 0:
+            self._membership.suspect(agent.node, time.monotonic())
+            self._spawn(self._suspect(agent.node))
         with contextlib.suppress(TimeoutError, ray.exceptions.RayError):
             await self._call(
                 agent, agent.handle.stop_instance.remote(instance_id, grace_s), grace_s + CALL_MARGIN_S
