@@ -456,10 +456,11 @@ class Controller:
         self._changed()
 
     async def _kill(self, slot: Slot) -> None:
-        try:
-            await slot.channel.close()  # its requests fail now, and are retried elsewhere
-        finally:
-            await self._backend.stop_instance(slot.info.id, 0.0)
+        # Its requests fail at once (retried elsewhere), in a task of their own: the stop
+        # is asked first, so a backend that learns from it (a cluster's: that node is
+        # suspect) knows before the next reconcile places the replacement.
+        self._spawn(slot.channel.close())
+        await self._backend.stop_instance(slot.info.id, 0.0)
 
     def tick(self) -> None:
         """Reconcile every function once. A failure of one function's reconcile is
