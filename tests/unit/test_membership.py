@@ -28,5 +28,7 @@ def test_only_fresh_unsuspected_nodes_are_offered() -> None:
     m.heartbeat("b", 2.0)
     m.suspect("b", 2.1)
     assert m.fresh(2.2) == {"a"}
-    m.heartbeat("b", 2.5)  # heard again: no longer suspect
+    m.heartbeat("b", 2.5)  # a heartbeat of a node dying in parts does not clear it
+    assert m.fresh(2.6) == {"a"}
+    m.cleared("b")  # its agent answered a ping
     assert m.fresh(2.6) == {"a", "b"}

@@ -8,7 +8,8 @@ is noticed in seconds). A node is *fresh* while its agent was heard within
 ``fresh_s`` and not *suspect*: only fresh nodes are offered to placement, so a
 replacement is not placed on a node that just went quiet. A node is suspect from
 the moment one of its instances is found lost until its agent is heard again (a
-live node's next heartbeat, within a heartbeat interval; a dead node's never).
+agent answers a ping (a node dying in parts may still send a heartbeat or two;
+a ping answered after the suspicion says the agent lives).
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ class Membership:
         if node in self.heard:
             self.suspects[node] = now
 
+    def cleared(self, node: str) -> None:
+        """Its agent answered a ping since it became suspect."""
+        self.suspects.pop(node, None)
+
     def drop(self, node: str) -> None:
         self.heard.pop(node, None)
         self.suspects.pop(node, None)
 
     def fresh(self, now: float) -> set[str]:
-        return {
-            n
-            for n, t in self.heard.items()
-            if now - t <= self.fresh_s and t > self.suspects.get(n, float("-inf"))
-        }
+        return {n for n, t in self.heard.items() if now - t <= self.fresh_s and n not in self.suspects}

@@ -239,6 +239,8 @@ class RayBackend:
         except Exception:
             if self._agents.get(node) is agent:
                 self._node_lost(node, "its agent does not answer")
+            return
+        self._membership.cleared(node)
 
     def topology(self) -> Topology:
         nodes = tuple(
