@@ -27,6 +27,7 @@ noisy on a shared machine: a smoke run, not a measurement to quote.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import subprocess
 import sys
@@ -124,6 +125,21 @@ def _cold(url: str, name: str) -> float:
 
 
 def run(requests: int = 400) -> dict[str, object]:
+    """The benchmark's figures. Ray's processes print to this process's stdout (a killed
+    raylet's last log lines, for one): while it runs, stdout goes to stderr, so that the
+    command's stdout holds its JSON alone."""
+    saved = os.dup(1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    try:
+        return _run(requests)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _run(requests: int) -> dict[str, object]:
     from smss.cluster import ray_testkit
     from smss.config import Settings
 
