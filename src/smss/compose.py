@@ -110,18 +110,18 @@ def build(settings: Settings, cluster: ClusterParts | None = None) -> AppContext
             "(python -c 'import secrets; print(secrets.token_urlsafe(32))')",
             MIN_TOKEN_CHARS,
         )
-    data = settings.data_dir
-    data.mkdir(parents=True, exist_ok=True)
-    clock = SystemClock()
-    metrics = PrometheusMetrics()
     backend: ClusterBackend
     if cluster is None:
-        backend = local_node(settings)
+        backend = local_node(settings)  # InvalidSpec on caps the machine cannot honour: nothing made yet
         channels: ChannelFactory = functools.partial(
             UnixChannel.connect, write_timeout_s=settings.serving.write_timeout_s
         )
     else:
         backend, channels = cluster.backend, cluster.channels
+    data = settings.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    clock = SystemClock()
+    metrics = PrometheusMetrics()
     controller = Controller(
         backend,
         channels,
@@ -184,7 +184,7 @@ def local_node(settings: Settings) -> NodeAgent:
             amount_text(d.kind, d.reserved),
         )
     data = settings.data_dir
-    data.mkdir(parents=True, exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)  # after discovery: a refused cap makes nothing
     return NodeAgent(
         data / "logs",
         start_timeout_s=settings.serving.start_timeout_s,
