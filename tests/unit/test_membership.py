@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from smss.cluster.membership import Membership
+from smss.cluster.membership import Membership, is_gateway_node
 
 
 def test_nodes_join_once_and_leave_by_silence_or_by_ray() -> None:
@@ -32,3 +32,10 @@ def test_only_fresh_unsuspected_nodes_are_offered() -> None:
     assert m.fresh(2.6) == {"a"}
     m.cleared("b")  # its agent answered a ping
     assert m.fresh(2.6) == {"a", "b"}
+
+
+def test_gateway_nodes_are_named_by_id_or_ip() -> None:
+    assert is_gateway_node("n1", "10.0.0.1", ())
+    assert is_gateway_node("n1", "10.0.0.1", ("n1",))
+    assert is_gateway_node("n1", "10.0.0.1", ("10.0.0.1",))
+    assert not is_gateway_node("n2", "10.0.0.2", ("n1", "10.0.0.1"))

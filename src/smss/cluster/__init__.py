@@ -13,7 +13,11 @@ module                 what it holds
 ``membership``         which nodes are up: Ray's node table and the agents' heartbeats
 ``agent_report``       what agents report (resident memory, weight stores, RTTs, exits)
 ``ray_backend``        the ClusterBackend over the agents, in the controller's process
-``ray_actors``         the actors: ``smss-controller``, ``smss-agent-<node>``, ``smss-gateway-<node>``
+``ray_actors``         what the actors share: settings on the wire, the controller's handle
+``ray_controller``     the actor ``smss-controller``: the platform, the view, reports, passed routes
+``ray_agent``          the actor ``smss-agent-<node>``: a node agent, its relay, heartbeats, probes
+``ray_gateway``        the actor ``smss-gateway-<node>``: HTTP on its node
+``ray_testkit``        SMSS on Ray's multi-node test cluster on one machine (benchmarks)
 ``ray_launch``         ``smss serve --backend ray``: join (or start) a cluster, find or start the controller
 =====================  ==========================================================
 """

@@ -62,3 +62,9 @@ class Membership:
 
     def fresh(self, now: float) -> set[str]:
         return {n for n, t in self.heard.items() if now - t <= self.fresh_s and n not in self.suspects}
+
+
+def is_gateway_node(node: str, ip: str, wanted: tuple[str, ...]) -> bool:
+    """Whether ``node`` runs a gateway: every node when ``wanted`` (``--gateway-nodes``)
+    is empty, else those it names by Ray node id or by IP address."""
+    return not wanted or node in wanted or ip in wanted

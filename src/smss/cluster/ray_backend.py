@@ -37,7 +37,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from smss.cluster import agent_report as msg
-from smss.cluster.membership import Membership
+from smss.cluster.membership import Membership, is_gateway_node
 from smss.cluster.view import NodeEntry
 from smss.config import Settings
 from smss.errors import StartFailed
@@ -77,10 +77,6 @@ class Topology:
 
     nodes: tuple[NodeEntry, ...]
     rtt_ms: dict[str, dict[str, float]]
-
-
-def is_gateway_node(node: str, ip: str, wanted: tuple[str, ...]) -> bool:
-    return not wanted or node in wanted or ip in wanted
 
 
 class RayBackend:

@@ -25,8 +25,9 @@ import msgspec
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from smss.cluster.ray_actors import ControllerRemote, encode_settings
+from smss.cluster.ray_actors import encode_settings
 from smss.cluster.ray_backend import CONTROLLER_NAME
+from smss.cluster.ray_controller import ControllerRemote
 from smss.config import Settings
 
 log = logging.getLogger(__name__)
