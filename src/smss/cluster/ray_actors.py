@@ -4,8 +4,8 @@ The actors, one module each:
 
 * ``smss-controller`` (:class:`~smss.cluster.ray_controller.ControllerActor`, detached,
   one per cluster): the whole platform of one process (:func:`smss.compose.build`:
-  registry, workflows, the log, the controller) over the :class:`~smss.cluster.ray_backend.RayBackend`; it publishes
-  the :class:`~smss.cluster.view.ClusterView` gateways route by, takes their load
+  registry, workflows, the log, the controller) over the
+  :class:`~smss.cluster.ray_backend.RayBackend`; it publishes the :class:`~smss.cluster.view.ClusterView` gateways route by, takes their load
   reports and the agents' heartbeats, and runs every route a gateway passes on.
 * ``smss-agent-<node id>`` (:class:`~smss.cluster.ray_agent.AgentActor`, pinned to its
   node): a :class:`~smss.node.agent.NodeAgent` (zygotes, weight store, templates, instances as
