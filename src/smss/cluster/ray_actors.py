@@ -2,17 +2,19 @@
 
 The actors, one module each:
 
-* ``smss-controller`` (:class:`~smss.cluster.ray_controller.ControllerActor`, detached,
-  one per cluster): the whole platform of one process (:func:`smss.compose.build`:
-  registry, workflows, the log, the controller) over the
-  :class:`~smss.cluster.ray_backend.RayBackend`; it publishes the :class:`~smss.cluster.view.ClusterView` gateways route by, takes their load
-  reports and the agents' heartbeats, and runs every route a gateway passes on.
-* ``smss-agent-<node id>`` (:class:`~smss.cluster.ray_agent.AgentActor`, pinned to its
-  node): a :class:`~smss.node.agent.NodeAgent` (zygotes, weight store, templates, instances as
-  on one machine) and the node's relay (:mod:`smss.node.relay`); it heartbeats to the
-  controller and probes the other nodes' relays for their round trips (EWMA).
-* ``smss-gateway-<node id>`` (:class:`~smss.cluster.ray_gateway.GatewayActor`, pinned):
-  the HTTP face on its node (:mod:`smss.cluster.edge_app`), routing with its own dispatchers.
+* ``smss-controller`` (:class:`~smss.cluster.ray_controller.ControllerActor`,
+  detached, one per cluster): the whole platform of one process
+  (:func:`smss.compose.build`: registry, workflows, the log, the controller) over the
+  :class:`~smss.cluster.ray_backend.RayBackend`; it publishes the
+  :class:`~smss.cluster.view.ClusterView` gateways route by, takes their load reports
+  and the agents' heartbeats, and runs every route a gateway passes on.
+* ``smss-agent-<node id>`` (:class:`~smss.cluster.ray_agent.AgentActor`, pinned to
+  its node): a :class:`~smss.node.agent.NodeAgent` (zygotes, weight store, templates,
+  instances as on one machine) and the node's relay (:mod:`smss.node.relay`); it
+  heartbeats to the controller and probes the other nodes' relays (RTT, EWMA).
+* ``smss-gateway-<node id>`` (:class:`~smss.cluster.ray_gateway.GatewayActor`,
+  pinned): the HTTP face on its node (:mod:`smss.cluster.edge_app`), routing with its
+  own dispatchers.
 
 Every method takes and returns bytes (msgpack of SMSS's own message types): Ray
 carries them, nothing of ours is pickled. Each actor's long-lived loops run in one
