@@ -4,6 +4,11 @@
 under uvicorn until SIGINT/SIGTERM. On SIGTERM it stops accepting connections,
 lets the requests in flight finish (up to ``drain_grace_s``), stops every
 instance and exits 0.
+
+On a cluster the controller's process is built by the same ``build`` with the
+cluster's parts (:class:`ClusterParts`: a backend whose nodes are elsewhere, a
+channel factory that reaches them, the gateways' reported load); see
+:mod:`smss.cluster`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -34,15 +41,17 @@ from smss.app.workflow_registry import PlatformCaller, WorkflowRegistry
 from smss.config import Settings
 from smss.control.controller import Controller
 from smss.control.cost import load_prices
+from smss.control.gateways import GatewayLoads
 from smss.control.keepalive import parse_policy
 from smss.control.metering import Meter, UsageSnapshot, decode_snapshot
+from smss.control.router import Proximity
 from smss.errors import SmssError
 from smss.inventory import amount_text
 from smss.node.agent import NODE, NodeAgent
 from smss.node.channel import UnixChannel
 from smss.node.devices import discover
 from smss.packaging import package_class
-from smss.ports import SystemClock
+from smss.ports import ChannelFactory, ClusterBackend, SystemClock
 from smss.store.artifacts import ArtifactStore
 from smss.store.sqlite import SqliteRegistry
 from smss.store.sqlite_log import Retention, SqliteEventLog, log_hooks
@@ -76,7 +85,19 @@ def save_usage(ctx: AppContext) -> None:
     (ctx.settings.data_dir / "usage_period").write_text(str(ctx.metered_period_s()))
 
 
-def build(settings: Settings) -> AppContext:
+@dataclass(frozen=True)
+class ClusterParts:
+    """What a controller on a cluster is built with instead of the local node: the
+    backend (agents on the cluster's nodes), the channels that reach their instances,
+    the load the gateways elsewhere report, and where this process routes from."""
+
+    backend: ClusterBackend
+    channels: ChannelFactory
+    gateways: GatewayLoads
+    proximity: Callable[[], Proximity]
+
+
+def build(settings: Settings, cluster: ClusterParts | None = None) -> AppContext:
     """The object graph of one platform process. Raises SmssError (before anything is
     created) on settings this machine cannot honour, e.g. ``--cpus`` above its cores."""
     settings.check()
@@ -89,37 +110,21 @@ def build(settings: Settings) -> AppContext:
             "(python -c 'import secrets; print(secrets.token_urlsafe(32))')",
             MIN_TOKEN_CHARS,
         )
-    inventory = discover(
-        NODE,
-        cpus=settings.cpus,
-        memory_mb=settings.memory_mb,
-        visible=settings.cuda_visible_devices,
-    )
-    for d in inventory.devices:
-        log.info(
-            "device %s (%s): capacity %s, reserved %s",
-            d.key,
-            d.name,
-            amount_text(d.kind, d.capacity),
-            amount_text(d.kind, d.reserved),
+    backend: ClusterBackend
+    if cluster is None:
+        backend = local_node(settings)  # InvalidSpec on caps the machine cannot honour: nothing made yet
+        channels: ChannelFactory = functools.partial(
+            UnixChannel.connect, write_timeout_s=settings.serving.write_timeout_s
         )
+    else:
+        backend, channels = cluster.backend, cluster.channels
     data = settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
     clock = SystemClock()
     metrics = PrometheusMetrics()
-    backend = NodeAgent(
-        data / "logs",
-        start_timeout_s=settings.serving.start_timeout_s,
-        weight_budget_bytes=settings.weight_cache_bytes,
-        mode="exec" if settings.start_mode == "exec" else "fork",
-        spares=settings.spares,
-        inventory=inventory,
-        state_file=data / "node.json",
-        adopt_window_s=settings.adopt_window_s,
-    )
     controller = Controller(
         backend,
-        functools.partial(UnixChannel.connect, write_timeout_s=settings.serving.write_timeout_s),
+        channels,
         clock,
         settings.serving,
         metrics,
@@ -128,6 +133,8 @@ def build(settings: Settings) -> AppContext:
             settings.serving.keep_alive_s,
         ),
         Meter(_load_usage(data / "usage.json")),
+        gateways=cluster.gateways if cluster else None,
+        proximity=cluster.proximity if cluster else None,
     )
     registry = SqliteRegistry(data / "registry.db")
     workflows = WorkflowRegistry(SqliteWorkflows(data / "workflows.db"), controller)
@@ -158,6 +165,36 @@ def build(settings: Settings) -> AppContext:
     )
     ctx.on_shutdown += [lambda: save_usage(ctx), registry.close, workflows.close, event_log.close]
     return ctx
+
+
+def local_node(settings: Settings) -> NodeAgent:
+    """This machine's node agent, the local backend."""
+    inventory = discover(
+        NODE,
+        cpus=settings.cpus,
+        memory_mb=settings.memory_mb,
+        visible=settings.cuda_visible_devices,
+    )
+    for d in inventory.devices:
+        log.info(
+            "device %s (%s): capacity %s, reserved %s",
+            d.key,
+            d.name,
+            amount_text(d.kind, d.capacity),
+            amount_text(d.kind, d.reserved),
+        )
+    data = settings.data_dir
+    data.mkdir(parents=True, exist_ok=True)  # after discovery: a refused cap makes nothing
+    return NodeAgent(
+        data / "logs",
+        start_timeout_s=settings.serving.start_timeout_s,
+        weight_budget_bytes=settings.weight_cache_bytes,
+        mode="exec" if settings.start_mode == "exec" else "fork",
+        spares=settings.spares,
+        inventory=inventory,
+        state_file=data / "node.json",
+        adopt_window_s=settings.adopt_window_s,
+    )
 
 
 async def deploy_demo(platform: Platform, data_dir: Path) -> None:

@@ -82,6 +82,26 @@ class WorkflowLimits:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """``smss serve --backend ray``: where the Ray cluster is and how it is watched."""
+
+    #: A Ray cluster's address (``host:port`` of its GCS), ``auto`` (the one this machine
+    #: runs, as ``ray start`` recorded it) or ``local`` (start one here, for trying it).
+    address: str = "auto"
+    #: Ray node ids (or their IP addresses) that run a gateway; empty: every node.
+    gateway_nodes: tuple[str, ...] = ()
+    #: How often agents report (heartbeat) and probe each other's round trips.
+    heartbeat_s: float = 0.5
+    probe_interval_s: float = 1.0
+    #: An agent silent this long is gone: its node's instances are dropped (they are
+    #: replaced sooner, as soon as their connections end or a health check fails), its
+    #: agent killed. Generous, so a loaded node is not declared dead by mistake.
+    node_timeout_s: float = 5.0
+    #: The Ray namespace of SMSS's named actors.
+    namespace: str = "smss"
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -113,6 +133,9 @@ class Settings:
     memory_mb: int | None = None
     #: ``CUDA_VISIBLE_DEVICES`` of the server: the GPUs the platform may use (None = all).
     cuda_visible_devices: str | None = None
+    #: ``local`` (this machine's node agent) or ``ray`` (agents on a Ray cluster's nodes).
+    backend: str = "local"
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     limits: Limits = field(default_factory=Limits)
     serving: ServingSettings = field(default_factory=ServingSettings)
     workflows: WorkflowLimits = field(default_factory=WorkflowLimits)
@@ -137,6 +160,10 @@ class Settings:
         timeout = self.serving.request_timeout_s
         if not (math.isfinite(timeout) and timeout > 0):
             raise InvalidSpec(f"the request timeout must be a positive number of seconds, not {timeout:g}")
+        if self.backend not in ("local", "ray"):
+            raise InvalidSpec(f"--backend must be 'local' or 'ray', not {self.backend!r}")
+        if self.backend == "ray" and self.start_mode != "fork":
+            raise InvalidSpec("--backend ray starts instances by fork only (--start-mode fork)")
         if self.start_mode not in ("fork", "exec"):
             raise InvalidSpec(f"start mode must be 'fork' or 'exec', not {self.start_mode!r}")
         if self.cpus is not None and not (math.isfinite(self.cpus) and self.cpus > 0):

@@ -25,6 +25,9 @@ Points (where the code calls :func:`hit`):
 ``log.after_commit``         ... after it
 ``log.before_checkpoint``    ... before a checkpoint
 ``log.after_checkpoint``     ... after a completed checkpoint
+``probe.before_reply``       a cluster node's relay, before it answers another node's
+                             RTT probe (run in a thread: ``delay:MS`` slows the probes
+                             to this node alone, a test's injected latency)
 ==========================  ===========================================================
 
 **Who switches them on.** Only an entry point, by :func:`install` with the spec that
@@ -62,6 +65,7 @@ POINTS = frozenset(
         "log.after_commit",
         "log.before_checkpoint",
         "log.after_checkpoint",
+        "probe.before_reply",
     }
 )
 

@@ -105,6 +105,13 @@ def routes(ctx: AppContext) -> list[Route]:
         return json_response(w.Devices(devices=platform.devices()))
 
     @endpoint
+    async def cluster(request: Request) -> Response:
+        if ctx.cluster is not None:
+            return json_response(ctx.cluster())
+        nodes = [w.ClusterNode(node) for node in platform.backend.nodes()]
+        return json_response(w.ClusterJson("local", nodes))
+
+    @endpoint
     async def cost(request: Request) -> Response:
         usage = platform.controller.meter.usage(time.monotonic())
         specs = {rt.name: rt.record.spec for rt in platform.controller.functions()}
@@ -127,6 +134,7 @@ def routes(ctx: AppContext) -> list[Route]:
         Route("/v1/functions/{name}", delete_function, methods=["DELETE"]),
         Route("/v1/weights", weights, methods=["GET"]),
         Route("/v1/devices", devices, methods=["GET"]),
+        Route("/v1/cluster", cluster, methods=["GET"]),
         Route("/v1/cost", cost, methods=["GET"]),
         Route("/v1/weights/{name}", evict_weights, methods=["DELETE"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from smss.api import wire
 from smss.api.auth import TokenAuth
 from smss.api.metrics import PrometheusMetrics
 from smss.app.platform import Platform
@@ -25,6 +26,8 @@ class AppContext:
     ready: bool = False
     #: Run after the platform stopped, in order (persist usage, close stores).
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)
+    #: The nodes and their distances, on a cluster (None: this machine alone).
+    cluster: Callable[[], wire.ClusterJson] | None = None
 
     def metered_period_s(self) -> float:
         """Seconds of metering behind the cost report: earlier runs of the platform and this one."""

@@ -136,6 +136,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Each node's devices: capacity, reserved, allocated and what is placed there",
         _json(w.Devices),
     ),
+    ("GET", "/v1/cluster"): Operation(
+        "The nodes (on a Ray cluster: agents, relays, gateways) and their measured distances",
+        _json(w.ClusterJson),
+    ),
     ("GET", "/v1/cost"): Operation("Metered usage and its cost", _json(CostReport)),
     ("GET", "/metrics"): Operation("Prometheus metrics", (Body(Text, "text/plain"),)),
     # --- workflows and runs ---

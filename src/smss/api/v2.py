@@ -7,6 +7,8 @@ binary tensor data extension (``Inference-Header-Content-Length``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -15,11 +17,16 @@ from starlette.routing import Route
 from smss import __version__
 from smss.api import codec, deadlines
 from smss.api import wire as w
+from smss.api.auth import TokenAuth
 from smss.api.context import AppContext
 from smss.api.errors import reported, status_of
 from smss.api.http import client_of, endpoint, json_response, read_body, require_content_type
+from smss.api.metrics import PrometheusMetrics
+from smss.app.platform import Answer, Described
+from smss.config import Settings
 from smss.errors import ModelError, SmssError
 from smss.headers import COLD_START, RUN_ID
+from smss.ports import Tensors
 from smss.spec import FunctionSpec, TensorSpec
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -39,8 +46,44 @@ def spec_metadata(spec: FunctionSpec, platform: str) -> w.ModelMetadata:
     )
 
 
+class InferenceFace(Protocol):
+    """What the inference routes ask: the platform (one process), or a cluster gateway's
+    own routing (:mod:`smss.cluster.edge`)."""
+
+    def describe(self, name: str, version: str | None = None) -> Described: ...
+
+    def model_ready(self, name: str, version: str | None = None) -> bool: ...
+
+    async def infer_named(
+        self,
+        name: str,
+        version: str | None,
+        inputs: Tensors,
+        outputs: tuple[str, ...],
+        timeout_s: float,
+        *,
+        session: str | None = None,
+        idempotency_key: str | None = None,
+        retry_after_s: float = 1.0,
+    ) -> Answer: ...
+
+
 def routes(ctx: AppContext) -> list[Route]:
-    platform, limits, serving = ctx.platform, ctx.settings.limits, ctx.settings.serving
+    return [
+        *inference_routes(ctx.platform, ctx.settings, ctx.metrics, ctx.auth, lambda: ctx.ready),
+        *repository_routes(ctx),
+    ]
+
+
+def inference_routes(
+    platform: InferenceFace,
+    settings: Settings,
+    metrics: PrometheusMetrics,
+    auth: TokenAuth,
+    is_ready: Callable[[], bool],
+) -> list[Route]:
+    """Health, metadata, readiness and infer: the routes a cluster gateway serves itself."""
+    limits, serving = settings.limits, settings.serving
 
     @endpoint
     async def live(request: Request) -> Response:
@@ -48,7 +91,8 @@ def routes(ctx: AppContext) -> list[Route]:
 
     @endpoint
     async def ready(request: Request) -> Response:
-        return json_response(w.Ready(ready=ctx.ready), 200 if ctx.ready else 503)
+        ok = is_ready()
+        return json_response(w.Ready(ready=ok), 200 if ok else 503)
 
     @endpoint
     async def server_metadata(request: Request) -> Response:
@@ -101,18 +145,34 @@ def routes(ctx: AppContext) -> list[Route]:
             else:
                 headers[COLD_START] = "1" if answer.cold else "0"
                 if answer.served is not None:
-                    ctx.metrics.request_split(name, answer.served)
+                    metrics.request_split(name, answer.served)
             status = "200"
             return Response(payload, 200, headers)
         except ModelError as e:
             status = "500"
-            raise reported(e, detail=ctx.auth.proves_admin(request.headers.get("authorization"))) from None
+            raise reported(e, detail=auth.proves_admin(request.headers.get("authorization"))) from None
         except SmssError as e:
             status = str(status_of(e))
             raise
         finally:
             if known:
-                ctx.metrics.request_done(name, status, time.perf_counter() - started)
+                metrics.request_done(name, status, time.perf_counter() - started)
+
+    return [
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/models/{name}", metadata, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}", metadata, methods=["GET"]),
+        Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+    ]
+
+
+def repository_routes(ctx: AppContext) -> list[Route]:
+    platform = ctx.platform
 
     @endpoint
     async def repository_index(request: Request) -> Response:
@@ -139,15 +199,6 @@ def routes(ctx: AppContext) -> list[Route]:
         return json_response(w.Empty())
 
     return [
-        Route("/v2/health/live", live, methods=["GET"]),
-        Route("/v2/health/ready", ready, methods=["GET"]),
-        Route("/v2", server_metadata, methods=["GET"]),
-        Route("/v2/models/{name}", metadata, methods=["GET"]),
-        Route("/v2/models/{name}/versions/{version}", metadata, methods=["GET"]),
-        Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
-        Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
-        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{name}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", repository_unload, methods=["POST"]),

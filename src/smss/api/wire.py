@@ -198,6 +198,24 @@ class Devices(TypedDict):
     devices: list[DeviceReport]
 
 
+class ClusterNode(msgspec.Struct, frozen=True):
+    """One node of the platform: its id, address, relay and gateway (None: none serves there)."""
+
+    node: str
+    ip: str = ""
+    relay: str = ""
+    gateway: str | None = None
+
+
+class ClusterJson(msgspec.Struct, frozen=True):
+    """``GET /v1/cluster``: the backend (``local`` or ``ray``), its nodes, and the round
+    trips the agents measured between them (ms, from the outer key's node to the inner's)."""
+
+    backend: str
+    nodes: list[ClusterNode]
+    rtt_ms: dict[str, dict[str, float]] = msgspec.field(default_factory=dict)
+
+
 #: Per node: entries, bytes, budget_bytes, hits, misses, evictions, templates.
 WeightCache = dict[str, dict[str, Any]]
 LogStats = dict[str, int]

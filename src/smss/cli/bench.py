@@ -90,6 +90,18 @@ def bench_cold_start(as_json: AsJson = True, plot: Plot = None) -> None:
         cold_start_figure(plot, rows)
 
 
+@bench_app.command("cluster")
+def bench_cluster(
+    as_json: AsJson = True,
+    requests: Annotated[int, typer.Option(help="Requests per throughput / latency measurement")] = 400,
+) -> None:
+    """mlp on a 2-node Ray test cluster: throughput via one and both gateways, cross-node
+    overhead, cold start with and without the weights on the node, recovery from a killed node."""
+    from smss.bench.cluster import run
+
+    _print_json(run(requests=requests))
+
+
 @bench_app.command("workflow")
 def bench_workflow(
     as_json: AsJson = True,

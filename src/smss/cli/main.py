@@ -185,9 +185,30 @@ def serve(
             "--allow-faults", help="Tests only: switch on the fault points named in $SMSS_FAULT", hidden=True
         ),
     ] = False,
+    backend: Annotated[
+        str, typer.Option(help="local (this machine) or ray (the nodes of a Ray cluster)")
+    ] = "local",
+    address: Annotated[
+        str,
+        typer.Option(
+            help="With --backend ray: the Ray cluster's GCS address, auto (the one `ray start` "
+            "ran here), or local (start a private one here)"
+        ),
+    ] = "auto",
+    gateway_nodes: Annotated[
+        str | None,
+        typer.Option(
+            help="With --backend ray: comma-separated Ray node ids or IPs that run a gateway [default: all]"
+        ),
+    ] = None,
 ) -> None:
     """Run the platform: gateway, controller and a local node. SIGTERM drains it:
-    no new connections, the requests in flight finish, instances stop, exit 0."""
+    no new connections, the requests in flight finish, instances stop, exit 0.
+
+    With --backend ray: the controller runs as the detached Ray actor smss-controller
+    (found if one runs), an agent on every Ray node and a gateway on every node (or on
+    --gateway-nodes); this command prints the gateways and waits; SIGINT / SIGTERM
+    stops the platform if this command started it."""
     from smss.cli.logsetup import configure_logging
     from smss.compose import build, run
 
@@ -225,6 +246,11 @@ def serve(
         cuda_visible_devices=config.env_cuda_visible_devices(),
         faults=config.env_faults(),
         allow_faults=allow_faults,
+        backend=backend,
+        cluster=config.ClusterSettings(
+            address=address,
+            gateway_nodes=tuple(n.strip() for n in (gateway_nodes or "").split(",") if n.strip()),
+        ),
     )
     try:
         if weight_cache is not None:
@@ -240,6 +266,12 @@ def serve(
         if log_retention is not None:
             workflows = dataclasses.replace(settings.workflows, log_retention_s=log_retention)
             settings = dataclasses.replace(settings, workflows=workflows)
+        if settings.backend == "ray":
+            settings.check()
+            from smss.cluster.ray_launch import serve as serve_on_ray
+
+            serve_on_ray(settings)
+            return
         ctx = build(settings)
     except InvalidSpec as e:  # a setting it cannot honour (a cap above the machine's, a bad size)
         _error(e)
@@ -401,7 +433,26 @@ def status(url: Url = None, as_json: AsJson = False) -> None:
     console.print(store_table)
     with _client(url, None) as client:
         reports = client.devices()
+        cluster = client.get("/v1/cluster")
     console.print(_devices_table(reports, title="devices"))
+    if cluster["backend"] != "local":
+        _print_cluster(cluster)
+
+
+def _print_cluster(cluster: dict[str, Any]) -> None:
+    """The nodes and the distance matrix: round trips measured by the agents, ms."""
+    nodes = [n["node"] for n in cluster["nodes"]]
+    short = {n: n[:8] for n in nodes}
+    table = Table("node", "ip", "relay", "gateway", title="nodes")
+    for n in cluster["nodes"]:
+        table.add_row(short[n["node"]], n["ip"], n["relay"], n["gateway"] or "-")
+    console.print(table)
+    rtt = cluster["rtt_ms"]
+    matrix = Table("from \\ to (RTT ms)", *(short[n] for n in nodes), title="distance matrix")
+    for a in nodes:
+        row = rtt.get(a, {})
+        matrix.add_row(short[a], *("0" if a == b else (f"{row[b]:.2f}" if b in row else "?") for b in nodes))
+    console.print(matrix)
 
 
 @app.command()

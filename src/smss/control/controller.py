@@ -33,7 +33,13 @@ outlives it. Guarantees:
   running are adopted into routing when their function is deployed from the same
   artifacts, up to its ``max_instances`` (:mod:`smss.control.adoption`); the others
   are stopped. An adoption counts as a start until its channel is connected, so no
-  reconcile starts a duplicate meanwhile.
+  reconcile starts a duplicate meanwhile;
+* on a cluster, gateways on other nodes route with dispatchers of their own and
+  report their load (:meth:`Controller.report`, :mod:`smss.control.gateways`): every
+  decision counts it (demand, queued requests, each instance's load and idle time,
+  arrivals for the keep-alive policy, busy time for the meter), and an instance a
+  gateway found lost is health-checked at once. Listeners (:meth:`Controller.subscribe`)
+  are told whenever what gateways route to may have changed.
 
 Waiting goes through the :class:`Clock` port, so tests run the loop on a virtual
 clock (``FakeClock(autojump=True)``).
@@ -46,7 +52,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,10 +62,13 @@ from smss.config import ServingSettings
 from smss.control import adoption
 from smss.control.autoscaler import Autoscaler, AutoscalerConfig
 from smss.control.dispatcher import DispatchHooks, FunctionDispatcher, Slot
+from smss.control.gateways import Changes, GatewayLoads, GatewayReport
 from smss.control.keepalive import KeepAlivePolicy
 from smss.control.metering import Meter
 from smss.control.placement import ClusterState, Locality, NoFit, Placement, host_part, need_of
 from smss.control.reconcile import Commands, Observed, Policies, reconcile
+from smss.control.router import Proximity
+from smss.control.scaling import InstanceView
 from smss.errors import InstanceLost, InvalidSpec, NotFound, StartFailed
 from smss.inventory import Allocation, DeviceReport
 from smss.ports import (
@@ -133,8 +142,17 @@ class Controller:
         metrics: Metrics,
         keep_alive: KeepAlivePolicy,
         meter: Meter | None = None,
+        *,
+        gateways: GatewayLoads | None = None,
+        proximity: Callable[[], Proximity] | None = None,
     ) -> None:
+        """``gateways``: the load reported by gateways elsewhere (a cluster), counted in
+        every decision; ``proximity``: where this process routes from (a cluster), for
+        its own dispatchers."""
         self.meter = meter or Meter()
+        self.gateways = gateways
+        self._proximity = proximity
+        self._listeners: list[Callable[[], None]] = []
         self._backend = backend
         self._channels = channels
         self._clock = clock
@@ -172,19 +190,76 @@ class Controller:
         autoscaler = autoscaler_for(record)
         hooks = DispatchHooks(
             on_arrival=lambda: self._keep_alive.on_invocation(name, self._clock.monotonic()),
-            on_demand_change=lambda demand: autoscaler.observe(self._clock.monotonic(), float(demand)),
+            on_demand_change=lambda demand: autoscaler.observe(
+                self._clock.monotonic(), float(demand + sum(self._remote_demand(name)))
+            ),
             on_start=lambda iid: self.meter.request_started(name, iid, self._clock.monotonic()),
             on_finish=lambda iid: self.meter.request_finished(name, iid, self._clock.monotonic()),
             # ``runtime`` is bound below, before the dispatcher can serve anything.
             on_lost=lambda slot, reason: self._replace(runtime, slot, reason),
         )
-        dispatcher = FunctionDispatcher(record.spec, self._clock, self._settings, self.wake, hooks=hooks)
+        dispatcher = FunctionDispatcher(
+            record.spec, self._clock, self._settings, self.wake, hooks=hooks, proximity=self._proximity
+        )
         runtime = FunctionRuntime(record, dispatcher, autoscaler)
         self._functions[record.spec.name] = runtime
         if old is not None:
             old.dispatcher.close(f"model {record.spec.name!r} was redeployed")
             self._stop_all(old)
         self.wake()
+        self._changed()
+
+    # ------------------------------------------------------------ gateways elsewhere
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever what gateways route to may have changed: functions,
+        instances ready or draining, a start failed, a reconcile ran."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("a controller listener failed")
+
+    def report(self, report: GatewayReport) -> None:
+        """A gateway's load (see :mod:`smss.control.gateways`); ignored without ``gateways``."""
+        if self.gateways is None:
+            return
+        changes = self.gateways.update(report, self._clock.monotonic())
+        self._apply_changes(changes)
+        for function, iid in changes.lost:
+            runtime = self._functions.get(function)
+            slot = runtime.dispatcher.slots.get(iid) if runtime else None
+            if runtime is not None and slot is not None and self._group is not None:
+                self._spawn(self._ping(runtime, slot))  # replaced at once if it is gone
+        if changes.demand_changed or any(f.queued for f in report.functions):
+            self.wake()
+
+    def _apply_changes(self, changes: Changes) -> None:
+        now = self._clock.monotonic()
+        for function, n in changes.arrivals.items():
+            for _ in range(min(n, 1000)):
+                self._keep_alive.on_invocation(function, now)
+        for (function, iid), n in changes.started.items():
+            for _ in range(n):
+                self.meter.request_started(function, iid, now)
+        for (function, iid), n in changes.finished.items():
+            for _ in range(n):
+                self.meter.request_finished(function, iid, now)
+
+    def _remote_demand(self, function: str) -> tuple[int, int]:
+        return (0, 0) if self.gateways is None else self.gateways.demand(function)
+
+    def _observed_load(self, runtime: FunctionRuntime) -> tuple[int, int, list[InstanceView]]:
+        """(demand, queued, ready instances' views) over this process and every gateway."""
+        d = runtime.dispatcher
+        ready = d.ready_views()
+        if self.gateways is None:
+            return d.demand, d.queued, ready
+        in_flight, queued = self.gateways.demand(runtime.name)
+        return d.demand + in_flight + queued, d.queued + queued, self.gateways.merge(runtime.name, ready)
 
     async def restore(self, records: Sequence[FunctionRecord]) -> None:
         """Deploy the registered functions and adopt the instances an earlier platform
@@ -239,6 +314,7 @@ class Controller:
         )
         log.info("adopted instance %s of %s (pid %d)", info.id, runtime.name, info.pid)
         self.wake()
+        self._changed()
 
     def remove(self, name: str) -> None:
         runtime = self._functions.pop(name, None)
@@ -247,6 +323,7 @@ class Controller:
         runtime.dispatcher.close(f"model {name!r} was deleted")
         self._stop_all(runtime)
         self._metrics.forget(name)
+        self._changed()
 
     def scale_to_zero(self, name: str) -> None:
         self._stop_all(self.get(name))
@@ -316,6 +393,8 @@ class Controller:
                 async with self._clock.timeout(self._settings.tick_s):
                     await self._wake.wait()
             self._wake.clear()
+            if self.gateways is not None:
+                self._apply_changes(self.gateways.expire(self._clock.monotonic()))
             self.tick()
 
     async def _health_loop(self) -> None:
@@ -375,12 +454,14 @@ class Controller:
         if self._group is not None:
             self._spawn(self._kill(slot))
         self.wake()
+        self._changed()
 
     async def _kill(self, slot: Slot) -> None:
-        try:
-            await slot.channel.close()  # its requests fail now, and are retried elsewhere
-        finally:
-            await self._backend.stop_instance(slot.info.id, 0.0)
+        # Its requests fail at once (retried elsewhere), in a task of their own: the stop
+        # is asked first, so a backend that learns from it (a cluster's: that node is
+        # suspect) knows before the next reconcile places the replacement.
+        self._spawn(slot.channel.close())
+        await self._backend.stop_instance(slot.info.id, 0.0)
 
     def tick(self) -> None:
         """Reconcile every function once. A failure of one function's reconcile is
@@ -396,15 +477,16 @@ class Controller:
                 self._reconcile(runtime, cluster, now)
             except Exception:
                 log.exception("reconcile of %s failed", runtime.name)
+        self._changed()
 
     def _reconcile(self, runtime: FunctionRuntime, cluster: ClusterState, now: float) -> None:
         d = runtime.dispatcher
         spec = runtime.record.spec
-        ready = d.ready_views()
+        demand, queued, ready = self._observed_load(runtime)
         observed = Observed(
             name=spec.name,
-            demand=d.demand,
-            queued=d.queued,
+            demand=demand,
+            queued=queued,
             ready=ready,
             starting=d.starting,
             backoff_until=d.backoff_until,
@@ -421,7 +503,7 @@ class Controller:
         self._apply(runtime, commands, cluster)
         self._metrics.instances(spec.name, "ready", len(ready) - len(commands.stop))
         self._metrics.instances(spec.name, "starting", d.starting)
-        self._metrics.queue_length(spec.name, d.queued)
+        self._metrics.queue_length(spec.name, queued)
 
     def _apply(self, runtime: FunctionRuntime, commands: Commands, cluster: ClusterState) -> None:
         for alloc_id in commands.evict:
@@ -471,12 +553,13 @@ class Controller:
         if runtime is None:
             return None
         slot = runtime.dispatcher.slots.get(a.id)
-        ready = len(runtime.dispatcher.ready_views())
+        _, _, views = self._observed_load(runtime)
         if slot is None or slot.draining or slot.in_flight or a.id in runtime.stopping:
             return None
-        if ready <= runtime.record.spec.scaling.min_instances:
+        if len(views) <= runtime.record.spec.scaling.min_instances:
             return None
-        return slot.idle_since
+        view = next((v for v in views if v.id == a.id), None)
+        return None if view is None else view.idle_since
 
     def _evict(self, alloc_id: str, cluster: ClusterState) -> None:
         a = cluster.remove(alloc_id)
@@ -561,6 +644,7 @@ class Controller:
             started.info.id, record.spec.name, record.spec.resources, self._clock.monotonic()
         )
         self._metrics.cold_start(record.spec.name, started.timings)
+        self._changed()
 
     def _start_failed(self, runtime: FunctionRuntime, error: StartFailed) -> None:
         runtime.failures += 1
@@ -572,10 +656,12 @@ class Controller:
             )
             log.error("%s", error.message)
             runtime.dispatcher.start_failed(error, math.inf)
+            self._changed()
             return
         backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (runtime.failures - 1))
         log.error("%s (%d in a row; next try in %.1f s)", error.message, runtime.failures, backoff)
         runtime.dispatcher.start_failed(error, backoff)
+        self._changed()
         if self._group is not None:  # try again when the back-off ends, not a tick later
             task = self._spawn(self._wake_after(backoff))
             self._wakeups.add(task)
@@ -599,6 +685,7 @@ class Controller:
         if slot is None or instance_id in runtime.stopping:
             return
         runtime.stopping.add(instance_id)
+        self._changed()  # gateways drain it too
         try:
             grace = self._settings.drain_grace_s
             started = self._clock.monotonic()
@@ -614,6 +701,7 @@ class Controller:
             runtime.placed.pop(instance_id, None)
             self.meter.instance_stopped(instance_id, self._clock.monotonic())
             self.wake()  # capacity freed: a start waiting for it may fit now
+            self._changed()
 
     def _stop_all(self, runtime: FunctionRuntime) -> None:
         for instance_id in list(runtime.dispatcher.slots):
@@ -629,6 +717,7 @@ class Controller:
                 log.warning("instance %s of %s exited (code %s)", instance_id, runtime.name, code)
                 self._spawn(slot.channel.close())
         self.wake()
+        self._changed()
 
 
 def _describe(error: BaseException) -> str:

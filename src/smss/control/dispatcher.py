@@ -26,13 +26,18 @@ slot frees or a new instance is ready. Guarantees:
   busy instance to finish is not;
 * when starting an instance fails and none is left, queued requests get
   :class:`StartFailed` (503) naming the model, and new ones fail fast while
-  the start back-off runs, or for good once the controller gave up starting it.
+  the start back-off runs, or for good once the controller gave up starting it;
+* on a cluster (a ``proximity`` given) the choice is by proximity and load
+  (:func:`smss.control.router.choose_near`): an instance on this gateway's node
+  first, then on the node holding the request's data (``near``), then the nearest,
+  yielding to a farther one when the near one's queue costs much more than the trip.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -45,7 +50,7 @@ import numpy as np
 
 from smss import faults, logcontext
 from smss.config import ServingSettings
-from smss.control.router import Candidate, Ewma, choose
+from smss.control.router import Candidate, Ewma, Proximity, choose, choose_near
 from smss.control.scaling import InstanceView
 from smss.errors import (
     DeadlineExceeded,
@@ -133,8 +138,12 @@ class FunctionDispatcher:
         on_demand: Callable[[], None],
         rng: random.Random | None = None,
         hooks: DispatchHooks | None = None,
+        proximity: Callable[[], Proximity] | None = None,
     ) -> None:
+        """``proximity``: where this dispatcher routes from, asked at each choice (its
+        measured distances change); None: one node, power of two choices alone."""
         self._hooks = hooks or DispatchHooks()
+        self._proximity = proximity
         self.spec = spec
         self._clock = clock
         self._settings = settings
@@ -179,11 +188,12 @@ class FunctionDispatcher:
         return result
 
     async def infer_traced(
-        self, inputs: Tensors, outputs: tuple[str, ...], deadline: float
+        self, inputs: Tensors, outputs: tuple[str, ...], deadline: float, *, near: str | None = None
     ) -> tuple[dict[str, np.ndarray], Served]:
         """Like :meth:`infer`, also naming the instance that answered and whether the
         request waited for it to start. An error raised from an instance carries its
-        ``instance`` and ``node`` attributes."""
+        ``instance`` and ``node`` attributes. ``near``: the node holding the request's
+        data (a session's state, a previous stage's output), preferred on a cluster."""
         attempts = 2 if self.spec.idempotent else 1
         self._hooks.on_arrival()
         clock = self._clock
@@ -193,7 +203,7 @@ class FunctionDispatcher:
         # the loop ends: on another instance, a start, or the deadline.
         while True:
             asked = clock.monotonic()
-            slot, cold = await self._acquire(deadline)
+            slot, cold = await self._acquire(deadline, near)
             sent = clock.monotonic()
             queued += sent - asked
             try:
@@ -271,12 +281,12 @@ class FunctionDispatcher:
             del self.slots[slot.info.id]
             self._hooks.on_lost(slot, reason)
 
-    async def _acquire(self, deadline: float) -> tuple[Slot, bool]:
+    async def _acquire(self, deadline: float, near: str | None = None) -> tuple[Slot, bool]:
         """A slot, and whether it came from an instance that became ready while the
         request waited (a cold start)."""
         if self.closed_reason is not None:
             raise NotFound(self.closed_reason)
-        slot = self._pick()
+        slot = self._pick(near)
         if slot is not None:
             self._demand_changed()
             return slot, False
@@ -320,11 +330,16 @@ class FunctionDispatcher:
             f"model {self.spec.name!r}: no instance became free before the deadline", retry_after_s=retry
         )
 
-    def _pick(self) -> Slot | None:
+    def _pick(self, near: str | None = None) -> Slot | None:
         live = [s for s in self.slots.values() if not s.draining]
-        chosen = choose(
-            [Candidate(s.info.id, s.in_flight, s.limit, s.ewma.value, s.info.node) for s in live], self._rng
-        )
+        candidates = [Candidate(s.info.id, s.in_flight, s.limit, s.ewma.value, s.info.node) for s in live]
+        if self._proximity is None:
+            chosen = choose(candidates, self._rng)
+        else:
+            where = self._proximity()
+            if near is not None:
+                where = dataclasses.replace(where, near=near)
+            chosen = choose_near(candidates, self._rng, where)
         if chosen is None:
             return None
         slot = self.slots[chosen]

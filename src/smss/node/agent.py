@@ -93,6 +93,8 @@ class NodeAgent:
         (``<data>/node.json``); ``adopt_window_s``: how long this node's processes
         outlive a killed agent, waiting to be adopted (0: they die with it)."""
         self._inventory = inventory or discover(NODE)
+        #: This node's name: its inventory's (``local`` on one machine; a Ray node id on a cluster).
+        self.node = self._inventory.node
         self._log_dir = log_dir
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self._state_file = state_file
@@ -124,7 +126,7 @@ class NodeAgent:
         self._on_exit = callback
 
     def nodes(self) -> list[str]:
-        return [NODE]
+        return [self.node]
 
     def inventory(self) -> list[NodeInventory]:
         return [self._inventory]
@@ -136,17 +138,34 @@ class NodeAgent:
         for key in list(self.store.keys()):
             seg = self.store.get(key)
             if seg is not None:
-                out.append(_resident(f"weights:{key}", key, "weights", seg.size))
+                out.append(_resident(self.node, f"weights:{key}", key, "weights", seg.size))
         templates = self.zygotes.templates()
         readings = self._readings.latest(
             [t.pid for t in templates], {inst.info.pid for inst in self._instances.values()}
         )
         for t in templates:
             reading = readings.get(t.pid)
-            out.append(_resident(f"template:{t.key}", t.key, "template", reading.pss if reading else 0))
-            for k, (_, pss) in enumerate(reading.spares if reading else ()):
-                out.append(_resident(f"spare:{t.key}:{k}", t.key, "spare", pss))
+            pss = reading.pss if reading else 0
+            out.append(_resident(self.node, f"template:{t.key}", t.key, "template", pss))
+            for k, (_, spare_pss) in enumerate(reading.spares if reading else ()):
+                out.append(_resident(self.node, f"spare:{t.key}:{k}", t.key, "spare", spare_pss))
         return out
+
+    def running(self) -> list[RunningInstance]:
+        """The instances this agent runs now (fork mode), with what each was started from."""
+        return [
+            RunningInstance(inst.info, inst.entry.artifact_dir)
+            for inst in self._instances.values()
+            if inst.entry is not None and not inst.stopping
+        ]
+
+    def socket_of(self, instance_id: str) -> str | None:
+        """The Unix socket path of one of this node's instances (None: no such instance)."""
+        inst = self._instances.get(instance_id)
+        if inst is None or inst.stopping:
+            return None
+        scheme, _, path = inst.info.address.partition(":")
+        return path if scheme == "unix" else None
 
     def pids(self) -> dict[str, int]:
         return {iid: inst.info.pid for iid, inst in self._instances.items()}
@@ -163,7 +182,7 @@ class NodeAgent:
         }
         running = {rt: self.zygotes.zygote_pid(rt) for rt in get_args(Runtime)}
         stats["zygotes"] = {rt: {"pid": pid} for rt, pid in running.items() if pid is not None}
-        return {NODE: stats}
+        return {self.node: stats}
 
     def evict_weights(self, function: str) -> bool:
         evicted = False
@@ -180,8 +199,8 @@ class NodeAgent:
     async def start_instance(
         self, spec: FunctionSpec, artifact_dir: Path, where: Allocation | None = None
     ) -> StartedInstance:
-        if where is not None and where.node != NODE:
-            raise StartFailed(f"this node is {NODE!r}, not {where.node!r}")
+        if where is not None and where.node != self.node:
+            raise StartFailed(f"this node is {self.node!r}, not {where.node!r}")
         if where is not None and where.gpu_index is not None:
             raise StartFailed("the local backend starts CPU instances only")
         instance_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
@@ -305,7 +324,7 @@ class NodeAgent:
         return InstanceInfo(
             id=config.instance_id,
             function=config.spec.name,
-            node=NODE,
+            node=self.node,
             address=f"unix:{config.socket_path}",
             pid=pid,
             started_at=time.time(),
@@ -416,9 +435,9 @@ class NodeAgent:
         return inst
 
 
-def _resident(alloc_id: str, key: str, kind: AllocationKind, size: int) -> Allocation:
+def _resident(node: str, alloc_id: str, key: str, kind: AllocationKind, size: int) -> Allocation:
     function = key.partition("@")[0]
-    return Allocation(alloc_id, function, kind, NODE, Capacity(memory_mb=-(-size // (1 << 20))))
+    return Allocation(alloc_id, function, kind, node, Capacity(memory_mb=-(-size // (1 << 20))))
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from smss.errors import InstanceDraining, InstanceLost, InvalidInput, ModelError
-from smss.node import ipc
+from smss.node import ipc, relay
 from smss.ports import InstanceInfo, Reply, Tensors
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,26 @@ class UnixChannel:
             reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
         except OSError as e:
             raise InstanceLost(f"cannot connect to instance {info.id}: {e.strerror}") from None
+        return cls(info, reader, writer, buffer_bytes=buffer_bytes, write_timeout_s=write_timeout_s)
+
+    @classmethod
+    async def connect_relay(
+        cls,
+        info: InstanceInfo,
+        host: str,
+        port: int,
+        secret: str,
+        *,
+        buffer_bytes: int = BUFFER_BYTES,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
+    ) -> UnixChannel:
+        """The same channel to an instance on another node, over TCP through that node's
+        relay (:mod:`smss.node.relay`): the same frames, spliced to the instance's socket."""
+        try:
+            reader, writer = await relay.open_relay(host, port, relay.Hello(secret, info.id))
+        except (OSError, TimeoutError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+            raise InstanceLost(f"cannot reach instance {info.id} on node {info.node}: {reason}") from None
         return cls(info, reader, writer, buffer_bytes=buffer_bytes, write_timeout_s=write_timeout_s)
 
     @property
