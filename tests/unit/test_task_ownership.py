@@ -43,6 +43,17 @@ SUPERVISED = {
     "workflow/driver.py:Driver._make_later": (
         "an append, kept in run.pending: awaited by _settle, gathered when the run's drive ends"
     ),
+    "cluster/ray_agent.py:AgentActor._start": (
+        "self._loop_task, the agent actor's heartbeat and probe loops; close() cancels it"
+    ),
+    "cluster/ray_controller.py:ControllerActor.start": (
+        "self._main, the controller actor's platform (stop() ends and awaits it); the ready wait is "
+        "awaited by asyncio.wait beside it in the same call and cancelled after"
+    ),
+    "cluster/ray_gateway.py:GatewayActor.start": (
+        "self._task, the gateway actor's server (stop() ends and awaits it); the bound wait is "
+        "awaited by asyncio.wait beside it in the same call and cancelled after"
+    ),
     "testing/clock.py:FakeClock.call_later": "self._driver, the clock's one driver; ends with no timer due",
     "testing/fakes.py:FakeChannel.send": "returned to the caller, and kept in self._tasks until done",
 }
