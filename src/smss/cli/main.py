@@ -213,8 +213,10 @@ def serve(
     from smss.compose import build, run
 
     data = data_dir or Path.home() / ".smss"
+    log_file = data / "logs" / "platform.log"
     try:
-        configure_logging(log_level, log_format, data / "logs" / "platform.log")
+        # To stderr until the settings are accepted: a refused start creates nothing.
+        configure_logging(log_level, log_format, None)
     except InvalidSpec as e:
         _error(e)
         raise typer.Exit(2) from None
@@ -268,11 +270,13 @@ def serve(
             settings = dataclasses.replace(settings, workflows=workflows)
         if settings.backend == "ray":
             settings.check()
+            configure_logging(log_level, log_format, log_file)
             from smss.cluster.ray_launch import serve as serve_on_ray
 
             serve_on_ray(settings)
             return
         ctx = build(settings)
+        configure_logging(log_level, log_format, log_file)
     except InvalidSpec as e:  # a setting it cannot honour (a cap above the machine's, a bad size)
         _error(e)
         raise typer.Exit(2) from None
