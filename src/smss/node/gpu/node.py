@@ -34,13 +34,16 @@ import os
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from smss.errors import StartFailed
 from smss.inventory import Allocation, AllocationKind, Capacity, NodeInventory
 from smss.node.gpu import proto
+from smss.node.gpu.device import SHM_DIR
 from smss.node.gpu.procs import OwnerProcess, Standby
 from smss.node.gpu.shares import GpuShare, mps_running, mps_thread_percentage, process_env, share_of
 from smss.node.gpu.store import GpuWeightStore, HostSource
@@ -108,6 +111,7 @@ class GpuNode:
             d.index: _Gpu(d.index, d.total.gpu_memory_mb) for d in inventory.devices if d.kind == "cuda"
         }
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watchers: set[asyncio.Task[None]] = set()
         self._closed = False
         self._names = 0
 
@@ -222,9 +226,7 @@ class GpuNode:
             if gpu.owner is not None:
                 self._owner_lost(gpu)
             t0 = time.perf_counter()
-            config = proto.OwnerConfig(
-                gpu.index, self.settings.backend, f"{self._run_dir.name}-gpu{gpu.index}", gpu.memory_mb
-            )
+            config = proto.OwnerConfig(gpu.index, self.settings.backend, self._prefix(gpu), gpu.memory_mb)
             owner = await OwnerProcess.start(
                 config, process_env(gpu.index, None), self._log_dir, self.settings.start_timeout_s
             )
@@ -232,7 +234,7 @@ class GpuNode:
             budget = int(self.settings.weight_budget * owner.ready.total_mb * MIB)
             gpu.owner = owner
             gpu.store = GpuWeightStore(gpu.index, owner, budget)
-            self._spawn(self._watch_owner(gpu, owner))
+            self._spawn(self._watch_owner(gpu, owner), watcher=True)
             return gpu.store
 
     async def _watch_owner(self, gpu: _Gpu, owner: OwnerProcess) -> None:
@@ -253,6 +255,17 @@ class GpuNode:
         if gpu.store is not None:
             gpu.store.forget()
         gpu.owner, gpu.store = None, None
+        self._sweep(gpu)
+
+    def _prefix(self, gpu: _Gpu) -> str:
+        return f"{self._run_dir.name}-gpu{gpu.index}"
+
+    def _sweep(self, gpu: _Gpu) -> None:
+        """The host backend's buffers of a dead owner (on CUDA the driver frees them)."""
+        if self.settings.backend == "host":
+            for path in SHM_DIR.glob(f"{self._prefix(gpu)}-*"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     # ------------------------------------------------------------ standbys
 
@@ -342,7 +355,7 @@ class GpuNode:
             await standby.process.kill()
             raise
         try:
-            spare_config = replace(config, instance_id=f"{config.spec.name}-spare")
+            spare_config = msgspec.structs.replace(config, instance_id=f"{config.spec.name}-spare")
             await standby.bind(spare_config, weights, share.memory_mb, True, self.settings.start_timeout_s)
         except BaseException:
             if store is not None and host is not None:
@@ -369,7 +382,7 @@ class GpuNode:
                 if store is not None:
                     store.release(key)
 
-        self._spawn(watch())
+        self._spawn(watch(), watcher=True)
 
     # ------------------------------------------------------------ resident, evict
 
@@ -442,19 +455,24 @@ class GpuNode:
 
     # ------------------------------------------------------------ tasks
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], *, watcher: bool = False) -> None:
+        """Run ``coro`` as a task of this object; ``watcher``: one that waits for an
+        exit, which :meth:`settled` does not wait for."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
+        if watcher:
+            self._watchers.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._watchers.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("GPU background work failed: %s", task.exception())
 
     async def settled(self) -> None:
         """Wait until the background work started so far (refills, spares) is done."""
-        while pending := [t for t in self._tasks if not t.done()]:
+        while pending := [t for t in self._tasks if not t.done() and t not in self._watchers]:
             await asyncio.wait(pending)
 
     async def close(self) -> None:
@@ -472,6 +490,7 @@ class GpuNode:
             if gpu.owner is not None:
                 await gpu.owner.process.stop(5.0)
             gpu.owner, gpu.store = None, None
+            self._sweep(gpu)
 
 
 def _function(key: str) -> str:
