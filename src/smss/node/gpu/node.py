@@ -112,6 +112,7 @@ class GpuNode:
         }
         self._tasks: set[asyncio.Task[None]] = set()
         self._watchers: set[asyncio.Task[None]] = set()
+        self._topping_up: set[tuple[int, int | None]] = set()
         self._closed = False
         self._names = 0
 
@@ -304,10 +305,31 @@ class GpuNode:
             self._spawn(self._top_up(gpu, threads))
 
     async def _top_up(self, gpu: _Gpu, threads: int | None) -> None:
-        pool = gpu.standbys.setdefault(threads, [])
-        while not self._closed and len([s for s in pool if s.alive()]) < self.settings.standbys:
-            standby = await self._new_standby(gpu, threads)
-            pool.append(standby)
+        """Start the standbys the pool lacks, side by side (each is seconds of imports
+        and CUDA initialisation, mostly waiting on one core)."""
+        if (gpu.index, threads) in self._topping_up:
+            return
+        self._topping_up.add((gpu.index, threads))
+        try:
+            pool = gpu.standbys.setdefault(threads, [])
+            while (missing := self.settings.standbys - len([s for s in pool if s.alive()])) > 0:
+                if self._closed:
+                    return
+                started = await asyncio.gather(
+                    *(self._new_standby(gpu, threads) for _ in range(missing)), return_exceptions=True
+                )
+                failed = [s for s in started if isinstance(s, BaseException)]
+                for standby in started:
+                    if isinstance(standby, Standby):
+                        if self._closed:
+                            await standby.process.kill()
+                        else:
+                            pool.append(standby)
+                if failed:  # tried again at the next start, not in a loop here
+                    log.warning("GPU %d: %d standbys failed: %s", gpu.index, len(failed), failed[0])
+                    return
+        finally:
+            self._topping_up.discard((gpu.index, threads))
 
     async def _prepare_spare(
         self,
