@@ -120,3 +120,24 @@ def test_every_tensor_gets_an_aligned_slot_of_its_own_size_and_no_two_overlap(he
         )
         end = slot.offset + slot.nbytes
     assert end <= layout.nbytes
+
+
+def test_an_allocation_refused_by_the_cap_is_a_clear_error_of_that_instance() -> None:
+    pytest.importorskip("torch")
+    from smss.node.gpu.device import GpuShareExceeded, HostMemory
+    from smss.node.gpu.shares import AllocatorCap
+    from smss.node.gpu.standby import CappedModel
+
+    class Greedy:
+        def predict(self, inputs: dict[str, object]) -> dict[str, object]:
+            if inputs.get("greedy"):
+                raise MemoryError("tried to allocate 4.00 GiB")
+            raise ValueError("a bug of the model's own")
+
+    model = CappedModel(Greedy(), HostMemory(8192), "cnn-1", AllocatorCap(0.0195, 1600, 448))
+    with pytest.raises(
+        GpuShareExceeded, match=r"cnn-1 exceeded its GPU memory share: torch may allocate 1600 MiB"
+    ):
+        model.predict({"greedy": True})
+    with pytest.raises(ValueError, match="own"):  # anything else is the model's error, unchanged
+        model.predict({})

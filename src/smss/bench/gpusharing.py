@@ -89,8 +89,14 @@ class Function(msgspec.Struct, frozen=True):
 
 
 def run(
-    backend: Backend = "cuda", tries: int = TRIES, instances: int = 8, seconds: float = 20.0
+    backend: Backend = "cuda",
+    tries: int = TRIES,
+    instances: int = 8,
+    seconds: float = 20.0,
+    logs: Path | None = None,
 ) -> dict[str, Any]:
+    """The benchmark's JSON object. ``logs``: where the GPU processes' logs go (kept),
+    else a temporary directory."""
     inventory = _inventory(backend)
     if inventory is None:
         return {
@@ -112,7 +118,9 @@ def run(
         }
         for name, f in functions.items():
             out["models"][name].update(_guard(lambda f=f: _naive(f, backend, tmp, tries)))
-        asyncio.run(_on_the_node(out, functions, inventory, backend, tmp, tries, instances, seconds))
+        asyncio.run(
+            _on_the_node(out, functions, inventory, backend, tmp, logs or tmp, tries, instances, seconds)
+        )
     out["goals"] = _goals(out)
     return out
 
@@ -123,20 +131,22 @@ async def _on_the_node(
     inventory: NodeInventory,
     backend: Backend,
     tmp: Path,
+    logs: Path,
     tries: int,
     instances: int,
     seconds: float,
 ) -> None:
+    """Everything measured through a node agent; each agent logs under ``logs``."""
     for name, f in functions.items():
         row = out["models"][name]
-        row.update(await _aguard(_tiers(f, inventory, backend, tmp / f"tiers-{name}", tries)))
-        row.update(await _aguard(_spares(f, inventory, backend, tmp / f"spares-{name}", tries)))
+        row.update(await _aguard(_tiers(f, inventory, backend, logs / f"tiers-{name}", tries)))
+        row.update(await _aguard(_spares(f, inventory, backend, logs / f"spares-{name}", tries)))
         _speedups(row)
     out["instances_per_gpu"] = {
-        name: await _aguard(_density(f, inventory, backend, tmp / f"density-{name}", instances))
+        name: await _aguard(_density(f, inventory, backend, tmp / f"density-{name}", logs, instances))
         for name, f in functions.items()
     }
-    out["throughput"] = await _aguard(_throughput(functions, inventory, backend, tmp, seconds))
+    out["throughput"] = await _aguard(_throughput(functions, inventory, backend, tmp, logs, seconds))
 
 
 # ------------------------------------------------------------------ set-up
@@ -402,7 +412,7 @@ def _gpu_used_mb() -> int | None:
 
 
 async def _density(
-    f: Function, inventory: NodeInventory, backend: Backend, tmp: Path, instances: int
+    f: Function, inventory: NodeInventory, backend: Backend, tmp: Path, logs: Path, instances: int
 ) -> dict[str, Any]:
     device = inventory.device("cuda", GPU)
     assert device is not None
@@ -414,7 +424,7 @@ async def _density(
         else:
             fns = [_copy(f, f"{f.spec.name}_own{k}", tmp / mode) for k in range(instances)]
         before = _gpu_used_mb() if backend == "cuda" else 0
-        agent = _agent(inventory, backend, tmp / f"logs-{mode}", standbys=min(instances, 8))
+        agent = _agent(inventory, backend, logs / f"{tmp.name}-{mode}", standbys=min(instances, 8))
         try:
             for k, fn in enumerate(fns):
                 await agent.start_instance(fn.spec, fn.path, _where(fn, k))
@@ -442,11 +452,16 @@ async def _density(
 
 
 async def _throughput(
-    functions: dict[str, Function], inventory: NodeInventory, backend: Backend, tmp: Path, seconds: float
+    functions: dict[str, Function],
+    inventory: NodeInventory,
+    backend: Backend,
+    tmp: Path,
+    logs: Path,
+    seconds: float,
 ) -> dict[str, Any]:
     fns = [functions["cnn"], functions["cnn_large"]]
     fns += [_copy(f, f"{f.spec.name}_b", tmp / "throughput") for f in fns]
-    agent = _agent(inventory, backend, tmp / "logs-throughput", standbys=len(fns))
+    agent = _agent(inventory, backend, logs / "throughput", standbys=len(fns))
     x = _image(8)
     try:
         started = [await agent.start_instance(fn.spec, fn.path, _where(fn, k)) for k, fn in enumerate(fns)]

@@ -555,6 +555,7 @@ def bench_gpu_sharing(
     backend: Annotated[
         str, typer.Option(help="cuda, or host: the same code on the CPU path (a smoke test, no GPU figures)")
     ] = "cuda",
+    logs: Annotated[Path | None, typer.Option(help="Keep the GPU processes' logs in this directory")] = None,
 ) -> None:
     """Two-layer GPU sharing on one GPU: cold starts per tier vs a container-style start, instances
     per GPU with and without one shared copy, 4 models sharing the GPU vs one at a time."""
