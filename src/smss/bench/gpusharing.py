@@ -423,6 +423,7 @@ async def _density(
             fns = [f] * instances
         else:
             fns = [_copy(f, f"{f.spec.name}_own{k}", tmp / mode) for k in range(instances)]
+        await asyncio.sleep(AT_ZERO_S)  # the last run's processes' memory is given back
         before = _gpu_used_mb() if backend == "cuda" else 0
         agent = _agent(inventory, backend, logs / f"{tmp.name}-{mode}", standbys=min(instances, 8))
         try:

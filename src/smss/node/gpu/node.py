@@ -255,16 +255,22 @@ class GpuNode:
         gpu.spares.clear()
         if gpu.store is not None:
             gpu.store.forget()
+        dead = gpu.owner.process.pid if gpu.owner is not None else None
         gpu.owner, gpu.store = None, None
-        self._sweep(gpu)
+        self._sweep(gpu, dead)
 
     def _prefix(self, gpu: _Gpu) -> str:
         return f"{self._run_dir.name}-gpu{gpu.index}"
 
-    def _sweep(self, gpu: _Gpu) -> None:
-        """The host backend's buffers of a dead owner (on CUDA the driver frees them)."""
-        if self.settings.backend == "host":
-            for path in SHM_DIR.glob(f"{self._prefix(gpu)}-*"):
+    def _sweep(self, gpu: _Gpu, owner_pid: int | None) -> None:
+        """What a dead owner may leave in ``/dev/shm``: the host backend's buffers, and
+        torch's files of CUDA IPC reference counts (``torch_<pid>_*``; the driver frees
+        the GPU memory itself)."""
+        patterns = [f"{self._prefix(gpu)}-*"] if self.settings.backend == "host" else []
+        if owner_pid is not None:
+            patterns.append(f"torch_{owner_pid}_*")
+        for pattern in patterns:
+            for path in SHM_DIR.glob(pattern):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
@@ -509,10 +515,12 @@ class GpuNode:
             await asyncio.gather(*stops, return_exceptions=True)
             gpu.standbys.clear()
             gpu.spares.clear()
+            dead = None
             if gpu.owner is not None:
                 await gpu.owner.process.stop(5.0)
+                dead = gpu.owner.process.pid
             gpu.owner, gpu.store = None, None
-            self._sweep(gpu)
+            self._sweep(gpu, dead)
 
 
 def _function(key: str) -> str:
