@@ -132,7 +132,8 @@ def test_an_instance_beyond_its_share_fails_alone_and_serves_on(tmp_path: Path) 
     from safetensors.numpy import save_file
 
     save_file({"w": np.ones((1, 4), dtype=np.float32)}, str(weights))
-    resources = Resources(cpu=1.0, memory_mb=512, gpu_memory_mb=1024, device="cuda")
+    # 2 GiB: its CUDA context (some 500 MiB) and room for torch's allocator.
+    resources = Resources(cpu=1.0, memory_mb=512, gpu_memory_mb=2048, device="cuda")
     spec, directory = install(path, cls, weights, tmp_path / "hog" / "g1", resources)
 
     async def main() -> None:
@@ -141,7 +142,7 @@ def test_an_instance_beyond_its_share_fails_alone_and_serves_on(tmp_path: Path) 
             hog = await a.start_instance(spec, directory, where(spec))
             await a.gpus.settled()
             neighbour = await a.start_instance(spec, directory, where(spec, 1))
-            big = np.full((1, 4), 4096.0, dtype=np.float32)  # 4 GiB: far beyond a 1 GiB share
+            big = np.full((1, 4), 8192.0, dtype=np.float32)  # 8 GiB: far beyond a 2 GiB share
             with pytest.raises(ModelError, match="exceeded its GPU memory share"):
                 await infer(hog.info, {"x": big}, ("y",))
             small = np.zeros((1, 4), dtype=np.float32)
