@@ -68,6 +68,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if lasting is not None:
             (base_s,) = lasting.args
             item.add_marker(pytest.mark.timeout(base_s + 2 * (config.getoption("--duration") or 0.0)))
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    reason = no_gpu_reason() if gpu_tests else None
+    for item in gpu_tests if reason else ():
+        # Even in CI: a GPU is not a service a run can start (scripts/gpu-check runs these).
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def no_gpu_reason() -> str | None:
+    """Why tests marked ``gpu`` cannot run here, or None when they can: a CUDA build of
+    torch and a GPU that NVML or nvidia-smi finds. Nothing here initialises CUDA in this
+    process (it forks)."""
+    try:
+        import torch
+    except ImportError:
+        return "needs a GPU: torch is not installed"
+    if torch.version.cuda is None:
+        return f"needs a GPU: torch {torch.__version__} is a CPU-only build (see scripts/gpu-check)"
+    from smss.node.devices import probe_gpus
+
+    try:
+        gpus = probe_gpus()
+    except Exception as e:
+        return f"needs a GPU: GPU discovery failed ({type(e).__name__}: {e})"
+    if not gpus:
+        return "needs a GPU: NVML and nvidia-smi find none on this machine"
+    return None
 
 
 #: How long children and segments may take to go away once a test body returned.

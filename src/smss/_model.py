@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from smss.errors import InvalidSpec
-from smss.spec import Batching, FunctionSpec, Resources, Runtime, Scaling, TensorSpec
+from smss.spec import Batching, DeviceChoice, FunctionSpec, Resources, Runtime, Scaling, TensorSpec, parse_mib
 
 TensorDecl = TensorSpec | tuple[str, Sequence[int]]
 TensorDecls = Mapping[str, tuple[str, Sequence[int]]] | Iterable[TensorSpec]
@@ -59,12 +59,17 @@ def model(
     concurrency: int = 8,
     keep_alive_s: float | None = None,
     cpu: float = 1.0,
-    memory: int = 1024,
+    memory: int | str = 1024,
+    device: DeviceChoice = "auto",
     gpu: float = 0.0,
-    gpu_memory: int = 0,
+    gpu_memory: int | str = 0,
     idempotent: bool = True,
 ) -> Callable[[C], C]:
-    """Mark a class as an SMSS model. ``memory`` and ``gpu_memory`` are in MiB.
+    """Mark a class as an SMSS model. ``memory`` and ``gpu_memory`` are MiB as an int,
+    or sizes such as ``"2GiB"``. ``device``: ``"cuda"``, ``"cpu"`` or ``"auto"`` (cuda
+    when ``gpu`` or ``gpu_memory`` is declared, else cpu); ``gpu`` is a fraction of one
+    GPU; ``gpu_memory`` what one instance needs on it besides the model's weights,
+    which all instances on a GPU share (see :class:`smss.Resources`).
 
     Example::
 
@@ -88,7 +93,13 @@ def model(
             concurrency=concurrency,
             keep_alive_s=keep_alive_s,
         ),
-        resources=Resources(cpu=cpu, memory_mb=memory, gpu=gpu, gpu_memory_mb=gpu_memory),
+        resources=Resources(
+            cpu=cpu,
+            memory_mb=parse_mib(memory, "memory"),
+            gpu=gpu,
+            gpu_memory_mb=parse_mib(gpu_memory, "gpu_memory"),
+            device=device,
+        ),
         idempotent=idempotent,
     ).validate()
 

@@ -16,6 +16,8 @@ from smss.errors import InvalidSpec
 
 Runtime = Literal["torch", "onnx", "python"]
 WeightsFormat = Literal["safetensors", "onnx"]
+#: Where a function's instances run (see :class:`Resources`).
+DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 #: Open Inference Protocol v2 datatypes and their numpy dtypes (little-endian).
 DATATYPES: dict[str, np.dtype[np.generic]] = {
@@ -118,10 +120,52 @@ class Scaling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What one instance declares it needs; placement packs instances by it.
+
+    ``gpu`` is a fraction of one GPU's compute (0 < gpu <= 1; CUDA MPS thread
+    percentage where an MPS daemon runs) and, when ``gpu_memory_mb`` is not given,
+    also its share of that GPU's memory. ``gpu_memory_mb``: the GPU memory one
+    instance uses *besides the model's weights* (activations, workspace, its CUDA
+    context): the weights are held once per GPU and counted once, however many
+    instances use them (:mod:`smss.node.gpu`).
+
+    ``device``: ``"cuda"`` runs instances on a GPU (and needs ``gpu`` or
+    ``gpu_memory_mb``), ``"cpu"`` on the CPU (and refuses GPU needs), and ``"auto"``
+    (the default) means cuda when a GPU need is declared, else cpu: a spec written
+    before ``device`` existed keeps its meaning. A function on a GPU that no node
+    could ever hold is refused at deploy, as any need that can never fit."""
+
     cpu: float = 1.0
     memory_mb: int = 1024
     gpu: float = 0.0
     gpu_memory_mb: int = 0
+    device: DeviceChoice = "auto"
+
+    @property
+    def on_gpu(self) -> bool:
+        """Instances run on a CUDA device."""
+        if self.device == "auto":
+            return self.gpu > 0 or self.gpu_memory_mb > 0
+        return self.device == "cuda"
+
+    def validate(self) -> None:
+        if self.cpu <= 0 or self.memory_mb <= 0 or self.gpu < 0 or self.gpu_memory_mb < 0:
+            raise InvalidSpec("resources must be positive (cpu, memory_mb) or zero (gpu)")
+        if self.gpu > 1:
+            raise InvalidSpec(
+                f"gpu {self.gpu:g}: an instance runs on one GPU, so gpu is the fraction of it "
+                "the instance uses (0 < gpu <= 1)"
+            )
+        wants_gpu = self.gpu > 0 or self.gpu_memory_mb > 0
+        if self.device == "cpu" and wants_gpu:
+            raise InvalidSpec(
+                "device 'cpu' declares no GPU needs: drop gpu / gpu_memory, or use device 'cuda'"
+            )
+        if self.device == "cuda" and not wants_gpu:
+            raise InvalidSpec(
+                "device 'cuda' needs a GPU share: declare gpu_memory (e.g. '2GiB') "
+                "or gpu (a fraction, e.g. 0.25)"
+            )
 
 
 class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -174,12 +218,37 @@ class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise InvalidSpec("concurrency must be 1-4096")
         if s.keep_alive_s is not None and s.keep_alive_s < 0:
             raise InvalidSpec("keep_alive_s must be >= 0")
-        if r.cpu <= 0 or r.memory_mb <= 0 or r.gpu < 0 or r.gpu_memory_mb < 0:
-            raise InvalidSpec("resources must be positive (cpu, memory_mb) or zero (gpu)")
+        r.validate()
+        if r.on_gpu and (self.runtime == "onnx" or self.weights_format == "onnx"):
+            raise InvalidSpec(
+                "on a GPU, SMSS serves torch and python models with safetensors weights; "
+                "ONNX Runtime on CUDA is not supported (use device 'cpu')"
+            )
         return self
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
+
+
+_MIB_UNITS = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 * 1024}
+_AMOUNT = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
+
+
+def parse_mib(value: int | str, what: str) -> int:
+    """A memory amount in MiB: an int is MiB already; a string is a number with an
+    optional unit, binary whatever it is spelled (``"2GiB"``, ``"2G"`` and ``"2GB"``
+    are 2048, ``"512MiB"`` and ``"512"`` are 512). Rounded up to a whole MiB."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidSpec(f"{what} must be MiB as an int or a size such as '2GiB', not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidSpec(f"{what} must not be negative, not {value}")
+        return value
+    match = _AMOUNT.fullmatch(value)
+    if match is None:
+        raise InvalidSpec(f"invalid {what} {value!r}: use a size such as '512MiB' or '2GiB'")
+    mib = float(match.group(1)) * _MIB_UNITS[match.group(2).upper() or "M"]
+    return int(-(-mib // 1))
 
 
 def decode_spec(data: bytes) -> FunctionSpec:

@@ -7,7 +7,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smss.control.placement import ClusterState, NoFit, Placement
+from smss.control.placement import ClusterState, NoFit, Placement, gpu_need
 from smss.inventory import Allocation, Capacity, Device, NodeInventory
 
 cpus = st.sampled_from([0.5, 1.0, 2.0, 4.0, 8.0])
@@ -42,10 +42,11 @@ def fits_empty(inv: NodeInventory, need: Capacity) -> bool:
         return False
     if need.gpu <= 0 and need.gpu_memory_mb <= 0:
         return True
+    # A fraction alone also takes that fraction of the GPU's memory (gpu_need).
     return any(
         d.kind == "cuda"
         and d.capacity.gpu + 1e-9 >= need.gpu
-        and d.capacity.gpu_memory_mb >= need.gpu_memory_mb
+        and d.capacity.gpu_memory_mb >= gpu_need(need, d).gpu_memory_mb
         for d in inv.devices
     )
 
@@ -82,7 +83,7 @@ def _fits_now(state: ClusterState, inv: NodeInventory, need: Capacity) -> bool:
     return any(
         d.kind == "cuda"
         and state.free(inv.node, "cuda", d.index).gpu + 1e-9 >= need.gpu
-        and state.free(inv.node, "cuda", d.index).gpu_memory_mb >= need.gpu_memory_mb
+        and state.free(inv.node, "cuda", d.index).gpu_memory_mb >= gpu_need(need, d).gpu_memory_mb
         for d in inv.devices
     )
 

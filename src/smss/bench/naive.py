@@ -2,7 +2,9 @@
 builds the model, loads its weights from the safetensors file, and answers one
 request over a Unix socket (SMSS's own frame format), then exits.
 
-``python -m smss.bench.naive SOURCE.py CLASS WEIGHTS SOCKET``
+``python -m smss.bench.naive SOURCE.py CLASS WEIGHTS SOCKET [DEVICE]``: with a
+``DEVICE`` (``cuda:0``) the weights are loaded from the file onto that GPU, so the
+start pays CUDA's initialisation too (:mod:`smss.bench.gpusharing`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ async def _serve_once(model: object, socket_path: str) -> None:
 
 def main() -> None:
     source, class_name, weights, socket_path = sys.argv[1:5]
+    device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
     import torch  # the cost a container pays on every start
 
     torch.set_num_threads(1)
@@ -43,7 +46,7 @@ def main() -> None:
 
     _, cls = load_class(f"{source}:{class_name}")
     model = cls()
-    model.load(Weights(Path(weights), "safetensors"))
+    model.load(Weights(Path(weights), "safetensors", device=device))
     asyncio.run(_serve_once(model, socket_path))
 
 

@@ -102,6 +102,32 @@ def bench_cluster(
     _print_json(run(requests=requests))
 
 
+@bench_app.command("gpu-sharing")
+def bench_gpu_sharing(
+    as_json: AsJson = True,
+    tries: Annotated[int, typer.Option(help="Cold starts per tier and model (medians)")] = 5,
+    instances: Annotated[int, typer.Option(help="Instances per model for instances_per_gpu")] = 8,
+    seconds: Annotated[float, typer.Option(help="Seconds of the 4-model throughput run")] = 20.0,
+    backend: Annotated[
+        str, typer.Option(help="cuda, or host: the same code on the CPU path (a smoke test, no GPU figures)")
+    ] = "cuda",
+    logs: Annotated[Path | None, typer.Option(help="Keep the GPU processes' logs in this directory")] = None,
+) -> None:
+    """Two-layer GPU sharing on one GPU: cold starts per tier vs a container-style start, instances
+    per GPU with and without one shared copy, 4 models sharing the GPU vs one at a time."""
+    from smss.bench.gpusharing import run
+
+    if backend not in ("cuda", "host"):
+        _error(f"unknown --backend {backend!r}; choose cuda or host")
+        raise typer.Exit(2)
+    result = run(
+        backend="cuda" if backend == "cuda" else "host", tries=tries, instances=instances, seconds=seconds
+    )
+    _print_json(result)
+    if "error" in result:
+        raise typer.Exit(1)
+
+
 @bench_app.command("workflow")
 def bench_workflow(
     as_json: AsJson = True,

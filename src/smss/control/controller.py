@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -65,12 +66,19 @@ from smss.control.dispatcher import DispatchHooks, FunctionDispatcher, Slot
 from smss.control.gateways import Changes, GatewayLoads, GatewayReport
 from smss.control.keepalive import KeepAlivePolicy
 from smss.control.metering import Meter
-from smss.control.placement import ClusterState, Locality, NoFit, Placement, host_part, need_of
+from smss.control.placement import (
+    ClusterState,
+    Locality,
+    NoFit,
+    Placement,
+    host_part,
+    need_of,
+)
 from smss.control.reconcile import Commands, Observed, Policies, reconcile
 from smss.control.router import Proximity
 from smss.control.scaling import InstanceView
 from smss.errors import InstanceLost, InvalidSpec, NotFound, StartFailed
-from smss.inventory import Allocation, DeviceReport
+from smss.inventory import Allocation, Capacity, DeviceReport
 from smss.ports import (
     ChannelFactory,
     Clock,
@@ -116,8 +124,30 @@ class FunctionRuntime:
     def policies(self, keep_alive: KeepAlivePolicy) -> Policies:
         spec = self.record.spec
         return Policies(
-            spec.scaling, need_of(spec.resources), self.autoscaler, keep_alive, self.start_estimate_s
+            spec.scaling,
+            need_of(spec.resources),
+            self.autoscaler,
+            keep_alive,
+            self.start_estimate_s,
+            self.weights,
         )
+
+    @functools.cached_property
+    def weights(self) -> Capacity:
+        """The GPU memory of the model's one copy of its weights per GPU (a GPU function's)."""
+        return _gpu_weights(self.record.spec, Path(self.record.artifact_dir))
+
+
+def _gpu_weights(spec: FunctionSpec, artifact_dir: Path) -> Capacity:
+    """What the one copy of a GPU function's weights takes on each GPU that serves it
+    (the size of its weights file, rounded up to MiB; nothing for a CPU function)."""
+    if not spec.resources.on_gpu or spec.weights is None:
+        return Capacity()
+    try:
+        size = (artifact_dir / spec.weights).stat().st_size
+    except OSError:
+        return Capacity()  # its start fails, naming the file
+    return Capacity(gpu_memory_mb=-(-size // (1 << 20)))
 
 
 def autoscaler_for(record: FunctionRecord) -> Autoscaler:
@@ -348,7 +378,12 @@ class Controller:
         if d.ready_views() or d.starting or self._clock.monotonic() < d.backoff_until:
             return
         cluster = self.cluster_state()
-        where = cluster.place(name, need_of(runtime.record.spec.resources), self._locality(name, cluster))
+        where = cluster.place(
+            name,
+            need_of(runtime.record.spec.resources),
+            self._locality(name, cluster),
+            weights=runtime.weights,
+        )
         if isinstance(where, NoFit):
             log.info("not starting %s ahead of demand: %s", name, where.message(name))
             return

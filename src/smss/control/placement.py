@@ -14,7 +14,9 @@ Rules of :meth:`ClusterState.place`:
   capacity less every allocation, resident ones included.
 * **Locality first.** Among the devices it fits on, the one with the highest
   locality rank wins (the caller ranks where the model's weights already are:
-  a template beside them ranks above weights alone, above nothing).
+  a template beside them ranks above weights alone, above nothing). For a GPU need
+  the GPU's own rank comes first (a GPU holding the model's weights beats one that
+  does not, whatever its node's host memory holds), then its node's host rank.
 * **Then best fit.** Among equals, the device left with the least free capacity
   (summed over the declared resources, each as a fraction of the device's
   capacity), so large holes stay for large instances; ties go to the node named
@@ -41,6 +43,7 @@ from smss.spec import Resources
 
 #: A very large capacity: the simulator's default node, which nothing fills.
 UNBOUNDED = Capacity(cpu=math.inf, memory_mb=1 << 62, gpu=math.inf, gpu_memory_mb=1 << 62)
+NOTHING = Capacity()
 _EPS = 1e-9
 
 #: (node, CUDA index or None for the node's host memory) -> rank; higher is nearer.
@@ -74,6 +77,33 @@ def wants_gpu(need: Capacity) -> bool:
     return need.gpu > 0 or need.gpu_memory_mb > 0
 
 
+def gpu_need(need: Capacity, device: Device) -> Capacity:
+    """What an instance takes of GPU ``device``: its ``gpu`` fraction and its
+    ``gpu_memory_mb``, or, when it declares a fraction only, that fraction of the
+    device's memory (the memory share its process is capped to)."""
+    memory = need.gpu_memory_mb
+    if memory <= 0 < need.gpu:
+        memory = math.ceil(need.gpu * device.capacity.gpu_memory_mb)
+    return Capacity(gpu=need.gpu, gpu_memory_mb=memory)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """One placement question: ``need``, and the model's ``weights`` (one copy per
+    GPU), charged on a GPU whose own locality rank is 0 (it does not hold them)."""
+
+    need: Capacity
+    weights: Capacity
+    locality: Locality
+
+    def on(self, node: str, device: Device) -> Capacity:
+        """Everything the instance needs of ``device`` (node ``node``) if it goes there."""
+        share = gpu_need(self.need, device)
+        if self.locality.get((node, device.index), 0) <= 0:
+            share = share + gpu_part(self.weights)
+        return share
+
+
 @dataclass(frozen=True, slots=True)
 class Placement:
     """Where an instance goes: ``node``, the CUDA device ``gpu_index`` (None: CPU
@@ -82,9 +112,13 @@ class Placement:
     node: str
     gpu_index: int | None = None
     evict: tuple[str, ...] = ()
+    #: The instance's own share of that GPU (:func:`gpu_need`; its weights are not in it).
+    gpu_share: Capacity | None = None
 
     def allocation(self, alloc_id: str, function: str, need: Capacity) -> Allocation:
-        gpu = gpu_part(need) if self.gpu_index is not None else Capacity()
+        gpu = Capacity()
+        if self.gpu_index is not None:
+            gpu = self.gpu_share if self.gpu_share is not None else gpu_part(need)
         return Allocation(alloc_id, function, "instance", self.node, host_part(need), gpu, self.gpu_index)
 
 
@@ -206,23 +240,27 @@ class ClusterState:
 
     # ------------------------------------------------------------ placement
 
-    def never_fits(self, need: Capacity) -> NoFit | None:
-        """A :class:`NoFit` (``never``) when no node could hold ``need`` even empty."""
+    def never_fits(self, need: Capacity, weights: Capacity = NOTHING) -> NoFit | None:
+        """A :class:`NoFit` (``never``) when no node could hold ``need`` even empty
+        (with ``weights``, the model's one copy, on the GPU too)."""
         best: NoFit | None = None
         for inv in self._nodes.values():
             miss = _first_short(inv.cpu.capacity, host_part(need))
+            wanted = need
             if miss is None and wants_gpu(need):
                 gpus = [d for d in inv.devices if d.kind == "cuda"]
-                misses = [_first_short(g.capacity, gpu_part(need)) for g in gpus]
+                asks = [gpu_need(need, g) + gpu_part(weights) for g in gpus]
+                misses = [(_first_short(g.capacity, a), a) for g, a in zip(gpus, asks, strict=True)]
                 if not gpus:
                     miss = ("gpu" if need.gpu > 0 else "gpu_memory_mb", 0.0)
-                elif all(m is not None for m in misses):
-                    miss = max((m for m in misses if m is not None), key=lambda m: m[1])
+                    wanted = need
+                elif all(m is not None for m, _ in misses):
+                    (miss, wanted) = max(((m, a) for m, a in misses if m is not None), key=lambda m: m[0][1])
             if miss is None:
                 return None
             resource, have = miss
             if best is None or (resource == best.resource and have > best.largest):
-                best = NoFit(resource, need.get(resource), have, never=True)
+                best = NoFit(resource, wanted.get(resource), have, never=True)
         if best is None:
             return NoFit("cpu", need.cpu, 0.0, never=True)  # a cluster without nodes
         return best
@@ -236,36 +274,48 @@ class ClusterState:
         pending: Sequence[Allocation] = (),
         exclude: frozenset[str] | set[str] = frozenset(),
         evictable: Evictable | None = None,
+        weights: Capacity = NOTHING,
     ) -> Placement | NoFit:
         """Where an instance of ``function`` needing ``need`` goes. ``pending``:
         allocations decided but not yet recorded (earlier starts of this reconcile);
-        ``exclude``: allocations about to go (stops of this reconcile)."""
-        never = self.never_fits(need)
+        ``exclude``: allocations about to go (stops of this reconcile); ``weights``:
+        the one copy of the model's weights a GPU holds for all its instances there
+        (its ``gpu_memory_mb``), needed besides ``need`` on a GPU whose locality rank
+        says it does not hold them yet."""
+        locality = locality or {}
+        never = self.never_fits(need, weights)
         if never is not None:
             return never
+        ask = _Ask(need, weights, locality)
         adjust = self._adjustments(pending, exclude)
-        locality = locality or {}
-        best: tuple[tuple[float, float, int], Placement] | None = None
+        best: tuple[tuple[float, float, float, int], Placement] | None = None
         order = 0
         short: dict[str, float] = {}
         for inv in self._nodes.values():
-            fits, misses = self._fits(inv, need, adjust)
+            fits, misses = self._fits(inv, ask, adjust)
             for resource, have in misses.items():
                 short[resource] = max(short.get(resource, -math.inf), have)
             for gpu_index, leftover in fits:
-                rank = locality.get((inv.node, gpu_index), locality.get((inv.node, None), 0))
-                key = (-float(rank), leftover, order)
+                gpu_rank, host_rank = _rank(locality, inv.node, gpu_index)
+                key = (-float(gpu_rank), -float(host_rank), leftover, order)
                 order += 1
                 if best is None or key < best[0]:
-                    best = (key, Placement(inv.node, gpu_index))
+                    best = (key, self._placement(inv, gpu_index, need))
         if best is not None:
             return best[1]
         if evictable is not None:
-            made = self._make_room(function, need, locality, adjust, exclude, pending, evictable)
+            made = self._make_room(function, ask, adjust, exclude, evictable)
             if made is not None:
                 return made
         resource = next((r for r in RESOURCES if r in short), "cpu")
         return NoFit(resource, need.get(resource), max(0.0, short.get(resource, 0.0)), never=False)
+
+    def _placement(
+        self, inv: NodeInventory, gpu_index: int | None, need: Capacity, evict: tuple[str, ...] = ()
+    ) -> Placement:
+        dev = inv.device("cuda", gpu_index) if gpu_index is not None else None
+        share = gpu_need(need, dev) if dev is not None else None
+        return Placement(inv.node, gpu_index, evict, share)
 
     def _adjustments(
         self, pending: Sequence[Allocation], exclude: frozenset[str] | set[str]
@@ -286,11 +336,12 @@ class ClusterState:
     def _fits(
         self,
         inv: NodeInventory,
-        need: Capacity,
+        ask: _Ask,
         adjust: Mapping[DeviceKey, Capacity],
     ) -> tuple[list[tuple[int | None, float]], dict[str, float]]:
-        """Each device choice of ``inv`` that holds ``need`` now, with its leftover
+        """Each device choice of ``inv`` that holds ``ask`` now, with its leftover
         score; and, per resource that did not fit, the most free on this node."""
+        need = ask.need
         cpu_dev = inv.cpu
         host_free = self._free_with(inv.node, cpu_dev, adjust)
         miss = _first_short(host_free, host_part(need))
@@ -305,21 +356,20 @@ class ClusterState:
             if dev.kind != "cuda":
                 continue
             free = self._free_with(inv.node, dev, adjust)
-            gmiss = _first_short(free, gpu_part(need))
+            there = ask.on(inv.node, dev)
+            gmiss = _first_short(free, there)
             if gmiss is not None:
                 short[gmiss[0]] = max(short.get(gmiss[0], -math.inf), gmiss[1])
                 continue
-            out.append((dev.index, host_left + _leftover(free, gpu_part(need), dev.capacity)))
+            out.append((dev.index, host_left + _leftover(free, there, dev.capacity)))
         return out, short
 
     def _make_room(
         self,
         function: str,
-        need: Capacity,
-        locality: Locality,
+        ask: _Ask,
         adjust: dict[DeviceKey, Capacity],
         exclude: frozenset[str] | set[str],
-        pending: Sequence[Allocation],
         evictable: Evictable,
     ) -> Placement | None:
         """The node (and device) that fits ``need`` after the fewest evictions of
@@ -338,33 +388,32 @@ class ClusterState:
             local = dict(adjust)
             for _, victim in [(0.0, None), *victims]:
                 if victim is not None:
-                    if not self._helps(victim, need, inv, local):
+                    if not self._helps(victim, ask, inv, local):
                         continue
                     chosen.append(victim)
                     _charge(local, victim, -1)
-                fits, _ = self._fits(inv, need, local)
+                fits, _ = self._fits(inv, ask, local)
                 if fits:
                     gpu_index, leftover = min(
                         fits,
-                        key=lambda f: (
-                            -locality.get((inv.node, f[0]), locality.get((inv.node, None), 0)),
-                            f[1],
-                        ),
+                        key=lambda f: (*(-r for r in _rank(ask.locality, inv.node, f[0])), f[1]),
                     )
                     score = (len(chosen), leftover, order)
                     if best is None or score < best[0]:
-                        best = (score, Placement(inv.node, gpu_index, tuple(v.id for v in chosen)))
+                        evict = tuple(v.id for v in chosen)
+                        best = (score, self._placement(inv, gpu_index, ask.need, evict))
                     break
         return None if best is None else best[1]
 
     def _helps(
         self,
         victim: Allocation,
-        need: Capacity,
+        ask: _Ask,
         inv: NodeInventory,
         local: Mapping[DeviceKey, Capacity],
     ) -> bool:
-        """Does evicting ``victim`` free something ``need`` is short of on its node?"""
+        """Does evicting ``victim`` free something ``ask`` is short of on its node?"""
+        need = ask.need
         host_free = self._free_with(inv.node, inv.cpu, local)
         host_need = host_part(need)
         if (host_free.cpu + _EPS < host_need.cpu and victim.cpu.cpu > 0) or (
@@ -377,9 +426,20 @@ class ClusterState:
         if dev is None:
             return False
         free = self._free_with(inv.node, dev, local)
-        return (free.gpu + _EPS < need.gpu and victim.gpu.gpu > 0) or (
-            free.gpu_memory_mb < need.gpu_memory_mb and victim.gpu.gpu_memory_mb > 0
+        there = ask.on(inv.node, dev)
+        return (free.gpu + _EPS < there.gpu and victim.gpu.gpu > 0) or (
+            free.gpu_memory_mb < there.gpu_memory_mb and victim.gpu.gpu_memory_mb > 0
         )
+
+
+def _rank(locality: Locality, node: str, gpu_index: int | None) -> tuple[int, int]:
+    """(rank of the GPU itself, rank of its node's host memory): a GPU that holds the
+    model's weights comes before one that does not, whatever the host holds; then a
+    node whose host memory holds them (a copy to the GPU instead of a file read)."""
+    host = locality.get((node, None), 0)
+    if gpu_index is None:
+        return 0, host
+    return locality.get((node, gpu_index), 0), host
 
 
 def _first_short(free: Capacity, need: Capacity) -> tuple[str, float] | None:

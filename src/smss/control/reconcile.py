@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from smss.control.autoscaler import Autoscaler
 from smss.control.keepalive import KeepAlivePolicy
-from smss.control.placement import ClusterState, Evictable, Locality, NoFit, Placement
+from smss.control.placement import NOTHING, ClusterState, Evictable, Locality, NoFit, Placement
 from smss.control.scaling import FunctionView, InstanceView, plan
 from smss.inventory import Allocation, Capacity
 from smss.spec import Scaling
@@ -71,6 +71,9 @@ class Policies:
     keep_alive: KeepAlivePolicy
     #: Expected seconds from asking for an instance to its being ready (pre-warm lead).
     start_estimate_s: float = 0.5
+    #: The model's one copy of its weights on a GPU (placement charges it on a GPU
+    #: that does not hold it yet): see :meth:`ClusterState.place`.
+    weights: Capacity = NOTHING
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +169,13 @@ def reconcile(
     make_room = evictable if prewarm_for is None else None
     for k in range(wanted):
         where = cluster.place(
-            observed.name, policies.need, locality, pending=pending, exclude=gone, evictable=make_room
+            observed.name,
+            policies.need,
+            locality,
+            pending=pending,
+            exclude=gone,
+            evictable=make_room,
+            weights=policies.weights,
         )
         if isinstance(where, NoFit):
             no_fit = where

@@ -139,6 +139,8 @@ class _TorchModel(abc.ABC):
             module = self.build()
         module.load_state_dict(weights.torch(), assign=True)
         self.module = module.eval().requires_grad_(False)
+        # Where the weights are: the CPU, or a GPU (the inputs go there, the outputs come back).
+        self.device = torch.device(weights.device)
 
     def predict(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, F32]:
         import torch
@@ -148,8 +150,8 @@ class _TorchModel(abc.ABC):
             # torch.from_numpy warns on read-only arrays (e.g. views of a request body).
             x = x.copy()
         with torch.inference_mode():
-            y = self.module(torch.from_numpy(x))
-        return {self.output_name: np.ascontiguousarray(y.numpy(), dtype=np.float32)}
+            y = self.module(torch.from_numpy(x).to(self.device))
+        return {self.output_name: np.ascontiguousarray(y.cpu().numpy(), dtype=np.float32)}
 
 
 @smss.model(
@@ -319,8 +321,9 @@ class Track(_TorchModel):
         import torch
 
         with torch.inference_mode():
-            h = self.module(_as_tensor(inputs["features"]), _as_tensor(inputs["h"]))
-        return {"h": np.ascontiguousarray(h.numpy(), dtype=np.float32)}
+            features, h = (_as_tensor(inputs[k]).to(self.device) for k in ("features", "h"))
+            h = self.module(features, h)
+        return {"h": np.ascontiguousarray(h.cpu().numpy(), dtype=np.float32)}
 
 
 @smss.model(

@@ -42,6 +42,7 @@ import msgspec
 from smss.errors import CorruptWeights, StartFailed, StorageUnavailable
 from smss.inventory import Allocation, AllocationKind, Capacity, NodeInventory
 from smss.node.devices import discover
+from smss.node.gpu.node import GpuNode, GpuSettings
 from smss.node.memory import ResidentReadings
 from smss.node.roster import InstanceEntry, Roster, start_time
 from smss.node.rundir import claim_run_dir
@@ -68,6 +69,8 @@ class _Instance:
     entry: InstanceEntry | None = None
     #: The generation of the segment it uses (a dropped segment's users release nothing).
     weights_generation: int | None = None
+    #: A GPU instance: gives its use of the GPU copy of its weights back.
+    release: Callable[[], None] | None = None
 
 
 def default_weight_budget(inventory: NodeInventory) -> int:
@@ -88,10 +91,12 @@ class NodeAgent:
         inventory: NodeInventory | None = None,
         state_file: Path | None = None,
         adopt_window_s: float = 0.0,
+        gpu: GpuSettings | None = None,
     ) -> None:
         """``state_file``: where the run directory is recorded for the next agent
         (``<data>/node.json``); ``adopt_window_s``: how long this node's processes
-        outlive a killed agent, waiting to be adopted (0: they die with it)."""
+        outlive a killed agent, waiting to be adopted (0: they die with it); ``gpu``:
+        how instances placed on this node's CUDA devices start (:mod:`smss.node.gpu`)."""
         self._inventory = inventory or discover(NODE)
         #: This node's name: its inventory's (``local`` on one machine; a Ray node id on a cluster).
         self.node = self._inventory.node
@@ -121,6 +126,12 @@ class NodeAgent:
         self._instances: dict[str, _Instance] = {}
         self._on_exit: ExitCallback = lambda _id, _code: None
         self._readings = ResidentReadings()
+        self.gpus = GpuNode(
+            self._inventory,
+            self._run_dir,
+            log_dir,
+            gpu or GpuSettings(spares=spares, start_timeout_s=start_timeout_s),
+        )
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._on_exit = callback
@@ -149,7 +160,7 @@ class NodeAgent:
             out.append(_resident(self.node, f"template:{t.key}", t.key, "template", pss))
             for k, (_, spare_pss) in enumerate(reading.spares if reading else ()):
                 out.append(_resident(self.node, f"spare:{t.key}:{k}", t.key, "spare", spare_pss))
-        return out
+        return out + self.gpus.resident()
 
     def running(self) -> list[RunningInstance]:
         """The instances this agent runs now (fork mode), with what each was started from."""
@@ -182,10 +193,11 @@ class NodeAgent:
         }
         running = {rt: self.zygotes.zygote_pid(rt) for rt in get_args(Runtime)}
         stats["zygotes"] = {rt: {"pid": pid} for rt, pid in running.items() if pid is not None}
+        stats["gpus"] = self.gpus.stats()
         return {self.node: stats}
 
     def evict_weights(self, function: str) -> bool:
-        evicted = False
+        evicted = self.gpus.step_down_soon(function)
         for key in list(self.store.keys()):
             if key.partition("@")[0] == function:
                 evicted = self.store.evict(key) or evicted
@@ -201,8 +213,8 @@ class NodeAgent:
     ) -> StartedInstance:
         if where is not None and where.node != self.node:
             raise StartFailed(f"this node is {self.node!r}, not {where.node!r}")
-        if where is not None and where.gpu_index is not None:
-            raise StartFailed("the local backend starts CPU instances only")
+        if spec.resources.on_gpu and (where is None or where.gpu_index is None):
+            raise StartFailed(f"{spec.name} runs on a GPU but was placed on none")
         instance_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
         cpu = where.cpu.cpu if where is not None else spec.resources.cpu
         config = WorkerConfig(
@@ -212,9 +224,42 @@ class NodeAgent:
             socket_path=str(self._run_dir / f"{instance_id}.sock"),
             threads=max(1, int(cpu)),
         )
+        if where is not None and where.gpu_index is not None:
+            return await self._start_gpu(config, artifact_dir, where.gpu_index)
         if self.mode == "exec":
             return await self._start_exec(config)
         return await self._start_fork(config, artifact_dir)
+
+    async def _start_gpu(self, config: WorkerConfig, artifact_dir: Path, gpu_index: int) -> StartedInstance:
+        """An instance on a GPU (:mod:`smss.node.gpu`): its weights come from the GPU's
+        copy, else from the host store's segment, else from the file."""
+        spec = config.spec
+        key = f"{spec.name}@{artifact_dir.name}"
+        t0 = time.perf_counter()
+
+        async def host() -> tuple[Path, int, Callable[[], None]]:
+            source = artifact_dir / str(spec.weights)
+            async with self._store_misses:
+                seg, _ = await asyncio.to_thread(self.store.acquire, key, source)
+            return seg.path, seg.size, lambda: self.store.release(key, seg.generation)
+
+        try:
+            started = await self.gpus.start(config, gpu_index, key, host if spec.weights else None)
+        except CorruptWeights as e:
+            log.error("weights of %s: %s", key, e.message)
+            self.store.drop(key)
+            raise
+        info = self._info(config, started.pid)
+        inst = _Instance(info, None, asyncio.Event(), lambda: None, release=started.release)
+        inst.cancel_watch = watch_exit(started.pid, lambda: self._exited(inst, None))
+        self._instances[info.id] = inst
+        total = (time.perf_counter() - t0) * 1000
+        phases = started.phases
+        load = sum(phases.get(k, 0.0) for k in ("host", "upload", "build", "warm"))
+        log.info("instance %s started on GPU %d in %.1f ms (%s)", info.id, gpu_index, total, _fmt(phases))
+        return StartedInstance(
+            info, StartTimings(spawn_ms=phases.get("serve", 0.0), load_ms=load, total_ms=total, phases=phases)
+        )
 
     async def _start_fork(self, config: WorkerConfig, artifact_dir: Path) -> StartedInstance:
         spec = config.spec
@@ -365,6 +410,8 @@ class NodeAgent:
             self._roster.drop(inst.entry)
         if inst.weights_key is not None:
             self.store.release(inst.weights_key, inst.weights_generation)
+        if inst.release is not None:
+            inst.release()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(inst.info.address.partition(":")[2])
         if not inst.stopping:
@@ -385,6 +432,7 @@ class NodeAgent:
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop_instance(i, 2.0) for i in list(self._instances)))
+        await self.gpus.close()
         await self.zygotes.close()
         await self._readings.close()
         self.store.close()

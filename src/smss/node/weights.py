@@ -23,27 +23,45 @@ if TYPE_CHECKING:
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib"}
 
 
+class DeviceTensors:
+    """Weights already on a device: torch tensors by name, views of the one copy a
+    GPU's owner holds (opened by CUDA IPC, :mod:`smss.node.gpu`), on ``device``."""
+
+    def __init__(self, tensors: Mapping[str, Any], device: str) -> None:
+        self.tensors = dict(tensors)
+        self.device = device
+
+
 class Weights:
-    """Weights of one model. ``format`` is ``"safetensors"`` or ``"onnx"``."""
+    """Weights of one model. ``format`` is ``"safetensors"`` or ``"onnx"``.
+
+    ``device``: where :meth:`torch` puts the tensors (``"cpu"``, or ``"cuda:0"`` for
+    an instance on a GPU): a model moves its inputs there (``weights.device``)."""
 
     def __init__(
         self,
         path: Path,
         format: str,
         *,
-        attached: Attached | HotCopy | None = None,
+        attached: Attached | HotCopy | DeviceTensors | None = None,
+        device: str = "cpu",
     ) -> None:
         if path.suffix.lower() in _PICKLE_SUFFIXES:
             raise UnsafeArtifact(f"weights file type {path.suffix} is a pickle format; refused")
         self.path = path
         self.format = format
         self.attached = attached
+        self.device = attached.device if isinstance(attached, DeviceTensors) else device
         self._views: Mapping[str, np.ndarray] | None = None
 
     def numpy(self) -> Mapping[str, np.ndarray]:
         """Read-only numpy arrays by tensor name (safetensors only)."""
         if self.format != "safetensors":
             raise UnsafeArtifact(f"numpy() needs safetensors weights, not {self.format}")
+        if isinstance(self.attached, DeviceTensors):
+            if self._views is None:  # copies: the weights live on the device
+                self._views = {k: _readonly(v.cpu().numpy()) for k, v in self.attached.tensors.items()}
+            return self._views
         if self.attached is not None:
             if self._views is None:
                 self._views = self.attached.safetensors()
@@ -56,14 +74,16 @@ class Weights:
         return arrays
 
     def torch(self) -> dict[str, Any]:
-        """Tensors for ``module.load_state_dict(weights.torch())``."""
+        """Tensors for ``module.load_state_dict(weights.torch(), assign=True)``, on :attr:`device`."""
+        if isinstance(self.attached, DeviceTensors):
+            return dict(self.attached.tensors)
         if self.attached is not None:
             from smss.node.attach import torch_views
 
             return torch_views(dict(self.numpy()))
         from safetensors.torch import load_file
 
-        return dict(load_file(str(self.path)))
+        return dict(load_file(str(self.path), device=self.device))
 
     def onnx_session(self, *, prepack: bool = True, **options: Any) -> Any:
         """An ``onnxruntime.InferenceSession`` on this ONNX file, one intra-op thread by default.
@@ -88,7 +108,7 @@ class Weights:
         if not prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
         cpu = ["CPUExecutionProvider"]
-        if self.attached is None:
+        if self.attached is None or isinstance(self.attached, DeviceTensors):
             return ort.InferenceSession(str(self.path), sess_options=so, providers=cpu, **options)
         from smss.node.attach import onnx_views
 
@@ -112,3 +132,8 @@ class Weights:
 
     def __repr__(self) -> str:
         return f"Weights({self.path.name!r}, format={self.format!r})"
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array

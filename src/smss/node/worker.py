@@ -37,7 +37,7 @@ from smss.node import ipc
 from smss.node.attach import Attached, HotCopy, verify
 from smss.node.batching import Batcher, ModelFailure, Pending
 from smss.node.mainthread import MainThreadExecutor
-from smss.node.weights import Weights
+from smss.node.weights import DeviceTensors, Weights
 from smss.spec import FunctionSpec
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,17 @@ class Ready(msgspec.Struct, frozen=True):
 
 
 def load_model(
-    spec: FunctionSpec, artifact_dir: Path, segment: Path | None = None, *, hot: bool = False
+    spec: FunctionSpec,
+    artifact_dir: Path,
+    segment: Path | None = None,
+    *,
+    hot: bool = False,
+    on_device: DeviceTensors | None = None,
 ) -> Any:
     """Import the user's class from its file and call ``load(weights)``. With a
     weight-store ``segment`` the weights are zero-copy views of it, or, with
-    ``hot``, of a huge-page copy of it that forked instances share (a template)."""
+    ``hot``, of a huge-page copy of it that forked instances share (a template);
+    ``on_device``: tensors already on a GPU (:mod:`smss.node.gpu.standby`)."""
     file_name, _, class_name = spec.entrypoint.partition(":")
     path = artifact_dir / file_name
     module_spec = importlib.util.spec_from_file_location(f"smss_user_{spec.name}", path)
@@ -78,7 +84,7 @@ def load_model(
     instance = cls()
     weights = None
     if spec.weights is not None and spec.weights_format is not None:
-        attached: Attached | HotCopy | None = None
+        attached: Attached | HotCopy | DeviceTensors | None = on_device
         if segment is not None:
             attached = Attached(segment)
             if hot:
