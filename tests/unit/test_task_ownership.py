@@ -54,6 +54,10 @@ SUPERVISED = {
         "self._task, the gateway actor's server (stop() ends and awaits it); the bound wait is "
         "awaited by asyncio.wait beside it in the same call and cancelled after"
     ),
+    "node/gpu/node.py:GpuNode._spawn": (
+        "self._tasks, the GPU node's background work (loads, step-downs, exit watchers): errors logged "
+        "as each ends, close() cancels and gathers them all"
+    ),
     "testing/clock.py:FakeClock.call_later": "self._driver, the clock's one driver; ends with no timer due",
     "testing/fakes.py:FakeChannel.send": "returned to the caller, and kept in self._tasks until done",
 }
