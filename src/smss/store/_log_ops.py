@@ -88,18 +88,22 @@ class Outcome:
     counts: Counts = field(default_factory=Counts)
 
 
-def apply(tx: Tx, op: StartRun | Append, now: float) -> Outcome:
+def apply(tx: Tx, op: StartRun | Append, now: float, *, blobs_in_db: bool = True) -> Outcome:
     """One request: refused alone (unknown run, run id used) when its checks fail,
     which happens before it writes anything; any other error, once it may have
     written part of itself, propagates and loses the batch, so that no request is
-    ever partly in a commit."""
+    ever partly in a commit. ``blobs_in_db``: False when the log keeps its blobs in a
+    :class:`~smss.ports.BlobStore` (written before the transaction commits), so only
+    their references go into the database."""
     try:
-        return start_run(tx, op, now) if isinstance(op, StartRun) else append(tx, op, now)
+        if isinstance(op, StartRun):
+            return start_run(tx, op, now, blobs_in_db)
+        return append(tx, op, now, blobs_in_db)
     except SmssError as e:
         return Outcome(error=e)
 
 
-def start_run(tx: Tx, op: StartRun, now: float) -> Outcome:
+def start_run(tx: Tx, op: StartRun, now: float, blobs_in_db: bool = True) -> Outcome:
     key = op.started.idempotency_key
     # Another writer's start with this key or id commits before these checks, or waits.
     tx.lock(f"run:{op.run_id}", *(() if key is None else (f"key:{key}",)))
@@ -109,7 +113,8 @@ def start_run(tx: Tx, op: StartRun, now: float) -> Outcome:
             return Outcome(result=(row[0], False))
     if tx.one("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)):
         raise Conflict(f"run id {op.run_id!r} is already used")
-    put_blobs(tx, op.blobs)
+    if blobs_in_db:
+        put_blobs(tx, op.blobs)
     seq = _insert(tx, op.run_id, op.row, now)
     add_refs(tx, op.run_id, [*op.row.refs, *(ref for ref, _ in op.blobs)])
     tx.run(
@@ -120,7 +125,7 @@ def start_run(tx: Tx, op: StartRun, now: float) -> Outcome:
     return Outcome(result=(op.run_id, True), counts=Counts(events=1, runs_started=1))
 
 
-def append(tx: Tx, op: Append, now: float) -> Outcome:
+def append(tx: Tx, op: Append, now: float, blobs_in_db: bool = True) -> Outcome:
     tx.lock_run(op.run_id)
     refused = _refusal(tx, op)
     if refused is not None:  # nothing is written; an unknown run is still told as such
@@ -142,7 +147,8 @@ def append(tx: Tx, op: Append, now: float) -> Outcome:
             (w.workflow, w.session, w.expected + 1, op.state_tensors),
         )
         set_state_refs(tx, w.workflow, w.session, w.tensors.values())
-    put_blobs(tx, op.blobs)
+    if blobs_in_db:
+        put_blobs(tx, op.blobs)
     seqs = [_insert(tx, op.run_id, row, now) for row in op.rows]
     # Refs of dropped rows too: their blobs were written, and go with the run.
     add_refs(tx, op.run_id, [*(ref for row in op.rows for ref in row.refs), *(ref for ref, _ in op.blobs)])

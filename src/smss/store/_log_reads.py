@@ -48,6 +48,15 @@ def stored_blob(tx: Tx, ref: str) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
+def referenced(tx: Tx, ref: str) -> bool:
+    """Whether a run or a session state of the log refers to the blob (with blobs kept
+    outside the database: a file there may be left over from a refused request)."""
+    return (
+        tx.one("SELECT 1 FROM blob_refs WHERE ref = ? LIMIT 1", (ref,)) is not None
+        or tx.one("SELECT 1 FROM state_refs WHERE ref = ? LIMIT 1", (ref,)) is not None
+    )
+
+
 def checked_blob(ref: str, data: bytes | None, where: object) -> bytes:
     """``data`` once it is known to be the blob ``ref`` names (its sha256)."""
     if data is None:

@@ -83,7 +83,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from smss.errors import StorageUnavailable
-from smss.ports import AppendResult, Clock, SystemClock
+from smss.ports import AppendResult, BlobStore, Clock, SystemClock
 from smss.store import _log_ops as ops
 from smss.store import _log_reads as reads
 from smss.store._log_batch import Item, OpenBatch, settle
@@ -147,8 +147,10 @@ class SqliteEventLog:
         lazy_delay_s: float = LAZY_DELAY_S,
         max_queued: int = MAX_QUEUED,
         retention: Retention | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.path = Path(path)
+        self._blobs = blobs
         self._retention = retention
         self._next_compaction = -float("inf")
         self._faults = fault or FaultHooks()
@@ -215,7 +217,8 @@ class SqliteEventLog:
         q = self._q
         with q.cond:
             future = q.submit(op, size, lazy)
-            help_ = lazy and not self._helping
+            # Not with a blob store: its writes and fsyncs must stay off the loop.
+            help_ = lazy and not self._helping and self._blobs is None
             self._helping = self._helping or help_
         if help_:
             # Two iterations on: one lets the task that made the request reach its next
@@ -272,7 +275,11 @@ class SqliteEventLog:
         return self._read(reads.unfinished_runs)
 
     def get_blob(self, ref: str) -> bytes:
-        return reads.checked_blob(ref, self._read(lambda tx: reads.stored_blob(tx, ref)), self.path)
+        if self._blobs is None:
+            return reads.checked_blob(ref, self._read(lambda tx: reads.stored_blob(tx, ref)), self.path)
+        store = self._blobs
+        data = store.get(ref) if self._read(lambda tx: reads.referenced(tx, ref)) else None
+        return reads.checked_blob(ref, data, store)
 
     def get_state(self, workflow: str, session: str) -> SessionState:
         return self._read(lambda tx: reads.get_state(tx, workflow, session))
@@ -334,8 +341,10 @@ class SqliteEventLog:
         try:
             if not db.in_transaction:
                 db.execute("BEGIN IMMEDIATE")
+            if self._blobs is not None:  # durable before the commit that refers to them
+                self._blobs.put([blob for item in items for blob in item.op.blobs])
             for item in items:
-                open_.add(item, ops.apply(self._wtx, item.op, now))
+                open_.add(item, ops.apply(self._wtx, item.op, now, blobs_in_db=self._blobs is None))
         except Exception as e:  # the transaction is lost; nothing was fsynced, so not fatal
             if not isinstance(e, sqlite3.Error | OSError):
                 logger.exception("workflow log request failed")
@@ -385,7 +394,8 @@ class SqliteEventLog:
         db = self._wdb
         try:
             db.execute("BEGIN IMMEDIATE")
-            done = compact(self._wtx, self._clock.time() - r.age_s, r.max_runs)
+            cutoff = self._clock.time() - r.age_s
+            done = compact(self._wtx, cutoff, r.max_runs, blobs_in_db=self._blobs is None)
         except (sqlite3.Error, StorageUnavailable) as e:  # nothing committed: try at the next pass
             logger.error("workflow log compaction failed: %s", e)
             self._rollback()
@@ -397,6 +407,11 @@ class SqliteEventLog:
             self._fatal("the workflow log could not be written", e)
             self._rollback()
             return
+        if self._blobs is not None and done.orphans:  # only once nothing committed refers to them
+            try:
+                self._blobs.delete(done.orphans)
+            except OSError as e:
+                logger.warning("workflow log compaction: blobs left in the blob store: %s", e)
         full = done.runs >= r.max_runs
         self._next_compaction = -float("inf") if full else self._clock.monotonic() + r.every_s
         if done.runs:
