@@ -35,7 +35,6 @@ import numpy as np
 
 from smss.inventory import Allocation, NodeInventory
 from smss.spec import FunctionSpec
-from smss.workflow.spec import WorkflowSpec
 from smss.workflow.events import (
     Event,
     Record,
@@ -45,6 +44,7 @@ from smss.workflow.events import (
     StageCompleted,
     StateWrite,
 )
+from smss.workflow.spec import WorkflowSpec
 
 Tensors = Mapping[str, np.ndarray]
 
