@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from smss.errors import Conflict, NotFound, SmssError, StorageUnavailable
-from smss.ports import AppendResult
+from smss.ports import AppendResult, BlobStore
 from smss.store._log_tx import Tx
 from smss.workflow.events import (
     Event,
@@ -88,22 +88,23 @@ class Outcome:
     counts: Counts = field(default_factory=Counts)
 
 
-def apply(tx: Tx, op: StartRun | Append, now: float, *, blobs_in_db: bool = True) -> Outcome:
+def apply(tx: Tx, op: StartRun | Append, now: float, blobs: BlobStore | None = None) -> Outcome:
     """One request: refused alone (unknown run, run id used) when its checks fail,
     which happens before it writes anything; any other error, once it may have
     written part of itself, propagates and loses the batch, so that no request is
-    ever partly in a commit. ``blobs_in_db``: False when the log keeps its blobs in a
-    :class:`~smss.ports.BlobStore` (written before the transaction commits), so only
-    their references go into the database."""
+    ever partly in a commit. ``blobs``: the store of the log's blobs when they are not
+    in its database; a request's blobs are written there once its checks passed,
+    before the transaction that refers to them commits (only their references go into
+    the database)."""
     try:
         if isinstance(op, StartRun):
-            return start_run(tx, op, now, blobs_in_db)
-        return append(tx, op, now, blobs_in_db)
+            return start_run(tx, op, now, blobs)
+        return append(tx, op, now, blobs)
     except SmssError as e:
         return Outcome(error=e)
 
 
-def start_run(tx: Tx, op: StartRun, now: float, blobs_in_db: bool = True) -> Outcome:
+def start_run(tx: Tx, op: StartRun, now: float, blobs: BlobStore | None = None) -> Outcome:
     key = op.started.idempotency_key
     # Another writer's start with this key or id commits before these checks, or waits.
     tx.lock(f"run:{op.run_id}", *(() if key is None else (f"key:{key}",)))
@@ -113,8 +114,7 @@ def start_run(tx: Tx, op: StartRun, now: float, blobs_in_db: bool = True) -> Out
             return Outcome(result=(row[0], False))
     if tx.one("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)):
         raise Conflict(f"run id {op.run_id!r} is already used")
-    if blobs_in_db:
-        put_blobs(tx, op.blobs)
+    put_blobs(tx, op.blobs, blobs)
     seq = _insert(tx, op.run_id, op.row, now)
     add_refs(tx, op.run_id, [*op.row.refs, *(ref for ref, _ in op.blobs)])
     tx.run(
@@ -125,7 +125,7 @@ def start_run(tx: Tx, op: StartRun, now: float, blobs_in_db: bool = True) -> Out
     return Outcome(result=(op.run_id, True), counts=Counts(events=1, runs_started=1))
 
 
-def append(tx: Tx, op: Append, now: float, blobs_in_db: bool = True) -> Outcome:
+def append(tx: Tx, op: Append, now: float, blobs: BlobStore | None = None) -> Outcome:
     tx.lock_run(op.run_id)
     refused = _refusal(tx, op)
     if refused is not None:  # nothing is written; an unknown run is still told as such
@@ -147,8 +147,7 @@ def append(tx: Tx, op: Append, now: float, blobs_in_db: bool = True) -> Outcome:
             (w.workflow, w.session, w.expected + 1, op.state_tensors),
         )
         set_state_refs(tx, w.workflow, w.session, w.tensors.values())
-    if blobs_in_db:
-        put_blobs(tx, op.blobs)
+    put_blobs(tx, op.blobs, blobs)
     seqs = [_insert(tx, op.run_id, row, now) for row in op.rows]
     # Refs of dropped rows too: their blobs were written, and go with the run.
     add_refs(tx, op.run_id, [*(ref for row in op.rows for ref in row.refs), *(ref for ref, _ in op.blobs)])
@@ -253,9 +252,13 @@ def _insert(tx: Tx, run_id: str, row: Row, now: float) -> int:
     return 0 if inserted is None else int(inserted[0])
 
 
-def put_blobs(tx: Tx, blobs: list[tuple[str, bytes]]) -> None:
-    if blobs:
-        tx.many("INSERT INTO blobs (ref, data) VALUES (?, ?) ON CONFLICT DO NOTHING", sorted(blobs))
+def put_blobs(tx: Tx, blobs: list[tuple[str, bytes]], store: BlobStore | None = None) -> None:
+    if not blobs:
+        return
+    if store is not None:  # durable before the commit that refers to them
+        store.put(blobs)
+        return
+    tx.many("INSERT INTO blobs (ref, data) VALUES (?, ?) ON CONFLICT DO NOTHING", sorted(blobs))
 
 
 def row_of(event: Event) -> Row:

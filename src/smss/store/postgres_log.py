@@ -304,9 +304,7 @@ class PgEventLog:
             now = self._clock.time()
             try:
                 tx = self._begin()
-                if self._blobs is not None:  # durable before the commit that refers to them
-                    self._blobs.put([blob for item in items for blob in item.op.blobs])
-                outcomes = [ops.apply(tx, item.op, now, blobs_in_db=self._blobs is None) for item in items]
+                outcomes = [ops.apply(tx, item.op, now, self._blobs) for item in items]
             except RETRY as e:
                 self._abort(e)
                 items = [*open_.take(), *items]

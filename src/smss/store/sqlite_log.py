@@ -341,10 +341,8 @@ class SqliteEventLog:
         try:
             if not db.in_transaction:
                 db.execute("BEGIN IMMEDIATE")
-            if self._blobs is not None:  # durable before the commit that refers to them
-                self._blobs.put([blob for item in items for blob in item.op.blobs])
             for item in items:
-                open_.add(item, ops.apply(self._wtx, item.op, now, blobs_in_db=self._blobs is None))
+                open_.add(item, ops.apply(self._wtx, item.op, now, self._blobs))
         except Exception as e:  # the transaction is lost; nothing was fsynced, so not fatal
             if not isinstance(e, sqlite3.Error | OSError):
                 logger.exception("workflow log request failed")
