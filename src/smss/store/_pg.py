@@ -28,6 +28,7 @@ import functools
 import hashlib
 import logging
 import re
+import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 DEFAULT_SCHEMA = "smss"
 #: Seconds to wait for a connection (from the pool, or a new one) before a request fails.
 CONNECT_TIMEOUT_S = 3.0
+#: After a request found the server unreachable, others fail at once for this long.
+FAIL_FAST_S = 1.0
 #: How many times a transaction that lost a deadlock or a serialization check is retried.
 MAX_RETRIES = 5
 #: Errors after which the whole transaction is simply run again.
@@ -182,6 +185,7 @@ class PgDatabase:
         self.url = parse_store_url(url) if isinstance(url, str) else url
         self.schema = self.url.schema
         self.owner = owner
+        self._down_until = -float("inf")
         self._kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": max(1, round(CONNECT_TIMEOUT_S)),
@@ -232,15 +236,17 @@ class PgDatabase:
 
     def read(self, what: str, fn: Callable[[PgTx], T]) -> T:
         """``fn`` on a pooled connection, outside a transaction."""
+        self._fail_fast(what)
         try:
             with self.pool.connection() as conn:
                 return fn(self.tx(conn))
         except (psycopg.Error, PoolTimeout) as e:
-            raise storage_error(what, e) from None
+            raise self._failed(what, e) from None
 
     def write(self, what: str, fn: Callable[[PgTx], T]) -> T:
         """``fn`` in a transaction on a pooled connection, committed before this
         returns; run again after a deadlock or serialization failure."""
+        self._fail_fast(what)
         for attempt in range(MAX_RETRIES + 1):
             try:
                 with self.pool.connection() as conn, conn.transaction():
@@ -249,8 +255,19 @@ class PgDatabase:
                 if attempt == MAX_RETRIES:
                     raise storage_error(what, e) from None
             except (psycopg.Error, PoolTimeout) as e:
-                raise storage_error(what, e) from None
+                raise self._failed(what, e) from None
         raise AssertionError("unreachable")
+
+    def _fail_fast(self, what: str) -> None:
+        """While the server is known to be down, fail at once: a request would otherwise
+        wait the pool's whole timeout for a connection that cannot be made."""
+        if time.monotonic() < self._down_until:
+            raise StorageUnreachable(f"{what}: the database cannot be reached; retry")
+
+    def _failed(self, what: str, e: BaseException) -> StorageUnavailable:
+        if unreachable(e):  # the next ones fail fast for a moment; then one tries again
+            self._down_until = time.monotonic() + FAIL_FAST_S
+        return storage_error(what, e)
 
     def close(self) -> None:
         self.pool.close()

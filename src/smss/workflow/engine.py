@@ -128,18 +128,25 @@ class Engine:
         while True:
             await self._shared.clock.sleep(every_s)
             try:
-                await self.recover()
+                # Off the loop: the database may be slow to answer, or down.
+                await self._resume(await asyncio.to_thread(self._log.claim_runs), off_loop=True)
             except SmssError as e:  # the log is down: the next scan tries again
                 log.warning("scan for runs to resume failed: %s", e)
 
     async def recover(self) -> int:
         """Resume every unfinished run the log hands this engine that it does not drive
         already; returns how many."""
+        return await self._resume(self._log.claim_runs())
+
+    async def _resume(self, run_ids: list[str], *, off_loop: bool = False) -> int:
         resumed = 0
-        for run_id in self._log.claim_runs():
+        for run_id in run_ids:
             if run_id in self._runs:
                 continue
-            view = replay(self._log.read_run(run_id))
+            records = await self._read_run(run_id) if off_loop else self._log.read_run(run_id)
+            if run_id in self._runs:  # adopted while it was read
+                continue
+            view = replay(records)
             try:
                 spec = self._workflows(view.started.workflow)
             except NotFound:
