@@ -181,11 +181,12 @@ class PgDatabase:
     Opening raises :class:`StorageUnreachable` when the server cannot be reached and
     :class:`StorageUnavailable` when the schema is newer than this code."""
 
-    def __init__(self, url: StoreUrl | str, *, owner: str, max_connections: int = 8) -> None:
+    def __init__(self, url: StoreUrl | str, *, owner: str, max_connections: int = 16) -> None:
         self.url = parse_store_url(url) if isinstance(url, str) else url
         self.schema = self.url.schema
         self.owner = owner
         self._down_until = -float("inf")
+        self._max = max_connections
         self._kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": max(1, round(CONNECT_TIMEOUT_S)),
@@ -265,7 +266,10 @@ class PgDatabase:
             raise StorageUnreachable(f"{what}: the database cannot be reached; retry")
 
     def _failed(self, what: str, e: BaseException) -> StorageUnavailable:
-        if unreachable(e):  # the next ones fail fast for a moment; then one tries again
+        # No connection within the timeout: the server is down when the pool could not
+        # make one (it has room for more), merely busy when every one was in use.
+        busy = isinstance(e, PoolTimeout) and self.pool.get_stats().get("pool_size", 0) >= self._max
+        if unreachable(e) and not busy:  # the next ones fail fast for a moment; then one tries
             self._down_until = time.monotonic() + FAIL_FAST_S
         return storage_error(what, e)
 
