@@ -404,6 +404,8 @@ def test_the_log_can_be_appended_to_after_a_kill(server: ForkServer, tmp_path: P
 
     path = tmp_path / "log.db"
     r = server.start(path, "r")
+    while not r.runs:  # its run is started (a slow machine may take longer than the sleep)
+        r.lines.append(server._line())
     time.sleep(0.1)
     os.kill(r.pid, signal.SIGKILL)
     server.finish(r)

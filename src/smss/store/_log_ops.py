@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,9 +115,9 @@ def start_run(tx: Tx, op: StartRun, now: float, blobs: BlobStore | None = None) 
     if tx.one("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)):
         raise Conflict(f"run id {op.run_id!r} is already used")
     put_blobs(tx, op.blobs, blobs)
-    seq = _insert(tx, op.run_id, op.row, now)
+    seq = _insert(tx, op.run_id, op.row, now)()
     add_refs(tx, op.run_id, [*op.row.refs, *(ref for ref, _ in op.blobs)])
-    tx.run(
+    tx.write(
         "INSERT INTO runs (run_id, workflow, session, status, created, updated, idempotency_key, "
         "started_seq) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
         (op.run_id, op.started.workflow, op.started.session, now, now, key, seq),
@@ -126,21 +126,23 @@ def start_run(tx: Tx, op: StartRun, now: float, blobs: BlobStore | None = None) 
 
 
 def append(tx: Tx, op: Append, now: float, blobs: BlobStore | None = None) -> Outcome:
-    tx.lock_run(op.run_id)
+    exists = tx.lock_run(op.run_id)
+    if exists is False:
+        raise NotFound(f"unknown run {op.run_id!r}")
     refused = _refusal(tx, op)
     if refused is not None:  # nothing is written; an unknown run is still told as such
-        if tx.one("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)) is None:
+        if exists is None and tx.one("SELECT 1 FROM runs WHERE run_id = ?", (op.run_id,)) is None:
             raise NotFound(f"unknown run {op.run_id!r}")
         return refused
-    # The first write, and the last check: an unknown run updates no row.
     status = next((r.status for r in reversed(op.rows) if r.status is not None), None)
-    changed = tx.run(
-        "UPDATE runs SET updated = ?, status = coalesce(?, status) WHERE run_id = ?", (now, status, op.run_id)
-    )
-    if changed != 1:
+    update = "UPDATE runs SET updated = ?, status = coalesce(?, status) WHERE run_id = ?"
+    if exists:
+        tx.write(update, (now, status, op.run_id))
+    # The first write, and the last check: an unknown run updates no row.
+    elif tx.run(update, (now, status, op.run_id)) != 1:
         raise NotFound(f"unknown run {op.run_id!r}")
     if (w := op.state) is not None:
-        tx.run(
+        tx.write(
             "INSERT INTO session_state (workflow, session, version, tensors) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (workflow, session) "
             "DO UPDATE SET version = excluded.version, tensors = excluded.tensors",
@@ -148,9 +150,10 @@ def append(tx: Tx, op: Append, now: float, blobs: BlobStore | None = None) -> Ou
         )
         set_state_refs(tx, w.workflow, w.session, w.tensors.values())
     put_blobs(tx, op.blobs, blobs)
-    seqs = [_insert(tx, op.run_id, row, now) for row in op.rows]
+    inserted = [_insert(tx, op.run_id, row, now) for row in op.rows]
     # Refs of dropped rows too: their blobs were written, and go with the run.
     add_refs(tx, op.run_id, [*(ref for row in op.rows for ref in row.refs), *(ref for ref, _ in op.blobs)])
+    seqs = [seq() for seq in inserted]  # answered together, after every write was sent
     dropped = seqs.count(0)
     counts = Counts(appends=1, events=len(seqs) - dropped, dropped_completions=dropped)
     return Outcome(result=AppendResult(tuple(seqs)), counts=counts)
@@ -242,14 +245,19 @@ def _completion_recorded(tx: Tx, op: Append) -> bool:
     )
 
 
-def _insert(tx: Tx, run_id: str, row: Row, now: float) -> int:
-    """The new event's seq, or 0 when it was a second StageCompleted (dropped)."""
-    inserted = tx.one(
+def _insert(tx: Tx, run_id: str, row: Row, now: float) -> Callable[[], int]:
+    """The new event's seq (when called), or 0 when it was a second StageCompleted (dropped)."""
+    inserted = tx.later(
         "INSERT INTO events (run_id, type, stage, attempt, ts, body, crc) "
         "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
         (run_id, row.type, row.stage, row.attempt, now, row.body, zlib.crc32(row.body)),
     )
-    return 0 if inserted is None else int(inserted[0])
+
+    def seq() -> int:
+        found = inserted()
+        return 0 if found is None else int(found[0])
+
+    return seq
 
 
 def put_blobs(tx: Tx, blobs: list[tuple[str, bytes]], store: BlobStore | None = None) -> None:
@@ -287,7 +295,7 @@ def add_refs(tx: Tx, run_id: str, refs: list[str]) -> None:
 
 
 def set_state_refs(tx: Tx, workflow: str, session: str, refs: Iterable[str]) -> None:
-    tx.run("DELETE FROM state_refs WHERE workflow = ? AND session = ?", (workflow, session))
+    tx.write("DELETE FROM state_refs WHERE workflow = ? AND session = ?", (workflow, session))
     rows = [(r, workflow, session) for r in sorted(set(refs))]
     if rows:
         tx.many(

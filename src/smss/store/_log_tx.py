@@ -13,7 +13,7 @@ a state write is conditional) has one copy.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 Row = tuple[Any, ...]
@@ -33,13 +33,27 @@ class Tx(Protocol):
         """Execute a write; the number of rows it changed."""
         ...
 
-    def many(self, sql: str, rows: Sequence[Sequence[object]]) -> None: ...
+    def write(self, sql: str, args: Sequence[object] = ()) -> None:
+        """A write whose answer nobody reads: it may travel with the statements after it
+        (PostgreSQL pipelines them), and its error surfaces at the next statement that
+        is answered, which fails the whole transaction anyway."""
+        ...
 
-    def lock_run(self, run_id: str) -> None:
+    def many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        """:meth:`write` for each of ``rows``."""
+        ...
+
+    def later(self, sql: str, args: Sequence[object] = ()) -> Callable[[], Row | None]:
+        """A statement whose one row (or None) is read later, by calling the result:
+        sent now, with the writes around it, answered when it is read."""
+        ...
+
+    def lock_run(self, run_id: str) -> bool | None:
         """Hold the run's row until the transaction ends, so that the checks of an
         append and its writes see no other writer's records of the run in between;
         raises :class:`smss.errors.RunNotOwned` (before anything is written) when
-        another live process drives the run. No-op with one writer."""
+        another live process drives the run. Whether the run exists, or None when that
+        is not known (with one writer: SQLite takes no row lock, it holds the database)."""
         ...
 
     def lock(self, *names: str) -> None:
@@ -66,11 +80,18 @@ class SqliteTx:
     def run(self, sql: str, args: Sequence[object] = ()) -> int:
         return int(self.db.execute(sql, args).rowcount)
 
+    def write(self, sql: str, args: Sequence[object] = ()) -> None:
+        self.db.execute(sql, args)
+
     def many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         self.db.executemany(sql, rows)
 
-    def lock_run(self, run_id: str) -> None:
-        pass  # one writer, in a BEGIN IMMEDIATE transaction
+    def later(self, sql: str, args: Sequence[object] = ()) -> Callable[[], Row | None]:
+        row: Row | None = self.db.execute(sql, args).fetchone()
+        return lambda: row
+
+    def lock_run(self, run_id: str) -> bool | None:
+        return None  # one writer, in a BEGIN IMMEDIATE transaction
 
     def lock(self, *names: str) -> None:
         pass

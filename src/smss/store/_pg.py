@@ -129,14 +129,24 @@ def _sql(text: str) -> str:
 
 class PgTx:
     """:class:`~smss.store._log_tx.Tx` on a psycopg connection (autocommit; the caller
-    runs ``BEGIN`` / ``COMMIT``)."""
+    runs ``BEGIN`` / ``COMMIT``). With ``pipeline`` (the log's writer applies its
+    requests in psycopg's pipeline mode) writes and locks are sent without waiting for
+    their answers: the server runs them in order, so a lock is held before the
+    statement after it runs, and a request costs a round trip per answer it reads."""
 
     BLOB = "BYTEA"
 
-    def __init__(self, conn: psycopg.Connection[Any], schema: str, owner: str) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        schema: str,
+        owner: str,
+        pipeline: psycopg.Pipeline | None = None,
+    ) -> None:
         self.conn = conn
         self.schema = schema
         self.owner = owner
+        self.pipeline = pipeline
 
     def one(self, sql: str, args: Sequence[object] = ()) -> Row | None:
         row: Row | None = self.conn.execute(_sql(sql), args).fetchone()
@@ -146,13 +156,22 @@ class PgTx:
         return self.conn.execute(_sql(sql), args).fetchall()
 
     def run(self, sql: str, args: Sequence[object] = ()) -> int:
-        return self.conn.execute(_sql(sql), args).rowcount
+        cur = self.conn.execute(_sql(sql), args)
+        if self.pipeline is not None:
+            self.pipeline.sync()  # its row count is known once it was answered
+        return cur.rowcount
+
+    def write(self, sql: str, args: Sequence[object] = ()) -> None:
+        self.conn.execute(_sql(sql), args)
 
     def many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         with self.conn.cursor() as cur:
             cur.executemany(_sql(sql), rows)
 
-    def lock_run(self, run_id: str) -> None:
+    def later(self, sql: str, args: Sequence[object] = ()) -> Callable[[], Row | None]:
+        return self.conn.execute(_sql(sql), args).fetchone
+
+    def lock_run(self, run_id: str) -> bool:
         """The run's row, locked until the transaction ends; the run is this engine's
         from now on unless another engine that holds a live lease drives it."""
         row = self.conn.execute(
@@ -161,11 +180,14 @@ class PgTx:
             "FROM runs r WHERE r.run_id = %(run)s FOR UPDATE OF r",
             {"me": self.owner, "run": run_id},
         ).fetchone()
-        if row is None or row[0]:
-            return  # unknown (the append says so) or ours
+        if row is None:
+            return False
+        if row[0]:
+            return True  # ours
         if not row[1]:
             raise RunNotOwned(f"run {run_id} is driven by another engine")
         self.conn.execute("UPDATE runs SET owner = %s WHERE run_id = %s", (self.owner, run_id))
+        return True
 
     def lock(self, *names: str) -> None:
         if names:
@@ -232,8 +254,8 @@ class PgDatabase:
             raise
         return conn
 
-    def tx(self, conn: psycopg.Connection[Any]) -> PgTx:
-        return PgTx(conn, self.schema, self.owner)
+    def tx(self, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline | None = None) -> PgTx:
+        return PgTx(conn, self.schema, self.owner, pipeline)
 
     def read(self, what: str, fn: Callable[[PgTx], T]) -> T:
         """``fn`` on a pooled connection, outside a transaction."""

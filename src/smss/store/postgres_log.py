@@ -303,8 +303,10 @@ class PgEventLog:
         for attempt in range(MAX_RETRIES + 1):
             now = self._clock.time()
             try:
-                tx = self._begin()
-                outcomes = [ops.apply(tx, item.op, now, self._blobs) for item in items]
+                conn = self._connection()
+                with conn.pipeline() as pipeline:
+                    tx = self._begin(conn, pipeline)
+                    outcomes = [ops.apply(tx, item.op, now, self._blobs) for item in items]
             except RETRY as e:
                 self._abort(e)
                 items = [*open_.take(), *items]
@@ -341,17 +343,20 @@ class PgEventLog:
         settle(answers)
         self._maybe_compact()
 
-    def _begin(self) -> PgTx:
-        """The writer's connection (a new one after a failure) in a transaction that
-        shares the compaction lock."""
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The writer's connection (a new one after a failure)."""
         if self._conn is None or self._conn.closed:
             self._conn = self._db.connect()
             self._in_tx = False
-        if not self._in_tx:
-            # One round trip; the key is this module's own integer.
-            self._conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock_shared({int(self._shared)})")
+        return self._conn
+
+    def _begin(self, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> PgTx:
+        """``conn`` in a transaction (opened if none is) that shares the compaction lock."""
+        if not self._in_tx:  # sent with the first request's statements
+            conn.execute("BEGIN")
+            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self._shared,))
             self._in_tx = True
-        return self._db.tx(self._conn)
+        return self._db.tx(conn, pipeline)
 
     def _abort(self, cause: BaseException) -> None:
         """End the open transaction after ``cause``: rolled back, or the connection dropped
