@@ -299,9 +299,13 @@ class PgEventLog:
 
     def _apply_all(self, open_: OpenBatch, items: list[Item]) -> None:
         """Apply ``items`` to the open transaction (opened if none is). After a deadlock
-        the transaction is gone: what it held is applied again, with ``items``, in a new one."""
+        the transaction is gone: what it held is applied again, with ``items``, in a new
+        one. A connection found dead as a transaction began (the server restarted since
+        the last batch) is replaced once, at once: nothing was sent on it yet."""
+        reconnected = False
         for attempt in range(MAX_RETRIES + 1):
             now = self._clock.time()
+            fresh = not self._in_tx
             try:
                 conn = self._connection()
                 with conn.pipeline() as pipeline:
@@ -316,6 +320,11 @@ class PgEventLog:
                 fail_all(items, storage_error(_WRITE_FAILED, e))
                 return
             except Exception as e:  # the transaction is lost; nothing was acknowledged
+                if fresh and not reconnected and unreachable(e) and self._conn is not None:
+                    reconnected = True
+                    self._drop()
+                    logger.info("workflow log: the database connection was lost; reconnecting")
+                    continue
                 error = storage_error(_WRITE_FAILED, e)
                 self._abort(e)
                 fail_all([*open_.take(), *items], error)
