@@ -5,9 +5,9 @@ through these interfaces, so the same objects run in the server, in the
 simulator (virtual clock, simulated instances) and in unit tests (fakes from
 ``smss.testing``). Implementations:
 
-========================  =====================================  =============================================
+========================  =====================================  ==============================
 port                      production                             later / tests
-========================  =====================================  =============================================
+========================  =====================================  ==============================
 Clock                     ``SystemClock`` (monotonic)            ``testing.FakeClock``
 RegistryStore             ``store.sqlite.SqliteRegistry``        ``PgRegistry``; ``testing.MemoryRegistry``
 WorkflowStore             ``store.sqlite_workflows``             ``PgWorkflows`` (``store.postgres``)
@@ -16,7 +16,7 @@ BlobStore                 (blobs in the log's database)          ``store.blob_di
 ClusterBackend            ``node.agent.NodeAgent``               ``cluster.ray``; ``testing.FakeBackend``
 InstanceChannel           ``node.channel.UnixChannel``           TCP; ``testing.FakeChannel``
 Metrics                   ``api.metrics.PrometheusMetrics``      ``testing.NullMetrics``
-========================  =====================================  =============================================
+========================  =====================================  ==============================
 """
 
 from __future__ import annotations
