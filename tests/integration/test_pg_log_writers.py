@@ -6,12 +6,12 @@ deadlock between two writers' batches is retried, not failed."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
 
-from postgres_fixtures import pg_execute
 from smss.errors import RunNotOwned
 from smss.ports import AppendResult
 from smss.store.postgres_log import PgEventLog
@@ -122,33 +122,53 @@ def test_state_writes_of_two_engines_never_lose_an_update(logs: list[PgEventLog]
     assert sorted(v or 0 for v in versions) == list(range(1, turns + 1))
 
 
-def test_a_run_is_driven_by_one_engine_and_taken_over_once_its_lease_lapses(
-    logs: list[PgEventLog], pg_url: str
-) -> None:
-    a, b = logs
+def test_a_run_is_driven_by_one_engine_and_taken_over_once_its_heartbeat_stops(pg_url: str) -> None:
+    """A stalls: its heartbeat (every 20 minutes, with its hour's lease) does not move
+    while B, whose lease is half a second, watches; B takes A's unfinished runs, and
+    A's late records are refused."""
+    a = PgEventLog(pg_url, owner="a", lease_s=3600.0)
+    b = PgEventLog(pg_url, owner="b", lease_s=0.5)
+    try:
 
-    async def start() -> None:
-        await a.start_run("r1", started(), {})
-        await a.start_run("done", started(), {})
-        await a.append("done", [RunFailed(None, "E", "m")])
+        async def start() -> None:
+            await a.start_run("r1", started(), {})
+            await a.start_run("done", started(), {})
+            await a.append("done", [RunFailed(None, "E", "m")])
 
-    run(start())
-    assert a.claim_runs() == ["r1"]
-    assert b.claim_runs() == []  # a's lease is live
-    with pytest.raises(RunNotOwned):
-        call(lambda: b.append("r1", [StageScheduled("x", 1)]))
-    # A finished run is anyone's to resume: its records go to the one that does.
-    assert call(lambda: b.append("done", [RunResumed()])).clean
-    assert "done" in b.claim_runs()
+        run(start())
+        assert a.claim_runs() == ["r1"]
+        assert b.claim_runs() == []  # A's heartbeat is seen for the first time: alive
+        with pytest.raises(RunNotOwned):
+            call(lambda: b.append("r1", [StageScheduled("x", 1)]))
+        # A finished run is anyone's to resume: its records go to the one that does.
+        assert call(lambda: b.append("done", [RunResumed()])).clean
+        assert b.claim_runs() == ["done"]
 
-    pg_execute(pg_url, "UPDATE engines SET expires = now() - interval '1 second' WHERE owner = ?", [a.owner])
-    assert b.claim_runs() == ["r1", "done"]
-    # The stalled engine comes back: its late records are refused, the new owner's are not.
-    with pytest.raises(RunNotOwned):
-        call(lambda: a.append("r1", [StageScheduled("late", 1)]))
-    assert call(lambda: b.append("r1", [StageScheduled("y", 1)])).clean
-    assert [getattr(r.event, "stage", None) for r in b.read_run("r1")[1:]] == ["y"]
-    assert a.claim_runs() == []
+        time.sleep(0.6)  # A's heartbeat has not moved for longer than B's lease
+        assert b.claim_runs() == ["r1", "done"]
+        # The stalled engine comes back: its late records are refused, the new owner's are not.
+        with pytest.raises(RunNotOwned):
+            call(lambda: a.append("r1", [StageScheduled("late", 1)]))
+        assert call(lambda: b.append("r1", [StageScheduled("y", 1)])).clean
+        assert [getattr(r.event, "stage", None) for r in b.read_run("r1")[1:]] == ["y"]
+        assert a.claim_runs() == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_heartbeat_that_moves_keeps_its_runs(pg_url: str) -> None:
+    a = PgEventLog(pg_url, owner="a", lease_s=0.3)  # beats every 0.1 s
+    b = PgEventLog(pg_url, owner="b", lease_s=0.3)
+    try:
+        call(lambda: a.start_run("r1", started(), {}))
+        for _ in range(8):  # well past the lease, watched all along
+            assert b.claim_runs() == []
+            time.sleep(0.1)
+        assert a.claim_runs() == ["r1"]
+    finally:
+        a.close()
+        b.close()
 
 
 def test_an_engine_that_stops_hands_its_runs_over_at_once(pg_url: str) -> None:

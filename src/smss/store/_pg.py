@@ -173,10 +173,11 @@ class PgTx:
 
     def lock_run(self, run_id: str) -> bool:
         """The run's row, locked until the transaction ends; the run is this engine's
-        from now on unless another engine that holds a live lease drives it."""
+        from now on when it is nobody's: finished, or of an engine that stopped (a run of
+        one that died is handed over by ``claim_runs`` once its heartbeat stopped)."""
         row = self.conn.execute(
             "SELECT r.owner = %(me)s, r.owner IS NULL OR r.status <> 'running' OR NOT EXISTS ("
-            "  SELECT 1 FROM engines e WHERE e.owner = r.owner AND e.expires > clock_timestamp()) "
+            "  SELECT 1 FROM engines e WHERE e.owner = r.owner) "
             "FROM runs r WHERE r.run_id = %(run)s FOR UPDATE OF r",
             {"me": self.owner, "run": run_id},
         ).fetchone()

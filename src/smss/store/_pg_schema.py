@@ -1,7 +1,7 @@
 """The PostgreSQL schema of the stores: the same tables as the SQLite files (the
 registry's ``functions``, ``workflows``, and the log's ``runs``, ``events``,
 ``blobs``, ``session_state``, ``blob_refs``, ``state_refs``), plus what several
-engines sharing one log need: ``engines`` (each live engine's lease) and
+engines sharing one log need: ``engines`` (each engine's heartbeat) and
 ``runs.owner`` (the engine that drives a run). Versioned: ``schema_version`` holds
 the number of migrations applied; a schema newer than this code is refused.
 """
@@ -31,7 +31,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         """CREATE TABLE engines (
             owner TEXT PRIMARY KEY,
-            expires TIMESTAMPTZ NOT NULL  -- the lease: the database's clock, one for every node
+            -- Its heartbeat, counted up at each renewal of its lease. Whether it still
+            -- moves is judged by each other engine on its own monotonic clock.
+            beat BIGINT NOT NULL
         )""",
         """CREATE TABLE runs (
             run_id TEXT PRIMARY KEY,

@@ -18,13 +18,16 @@ Guarantees:
   and its writes see no other writer's records of that run or session in between.
   ``one_completion``, a unique index, keeps one ``StageCompleted`` per stage.
 * **One engine drives a run.** ``runs.owner`` is the engine that started it (or
-  took it over); each engine holds a lease in ``engines``, renewed every third of
-  ``lease_s`` (on the database's clock: one clock for every node). An append to a run
-  another engine drives under a live lease is refused (:class:`RunNotOwned`), so an
-  engine that stalled past its lease cannot write over the one that took its runs
-  (fencing); :meth:`claim_runs` hands the runs of an engine whose lease lapsed to the
-  one that asks (serialised by an advisory lock). ``close`` ends the lease, so the
-  runs of an engine that stopped are taken over at once.
+  took it over). Each engine counts up its heartbeat in ``engines`` every third of
+  ``lease_s``; every other engine watches it on its own monotonic clock (no clock is
+  compared across nodes, and the database's wall clock plays no part): one whose
+  heartbeat has not moved for ``lease_s`` while the watcher could see it is dead, and
+  :meth:`claim_runs` hands its unfinished runs to the watcher (one claim at a time,
+  under an advisory lock). An append to a run another engine owns is refused
+  (:class:`RunNotOwned`), so an engine that stalled past its lease cannot write over
+  the one that took its runs (fencing). ``close`` removes the engine's heartbeat, so
+  the runs of an engine that stopped are taken over at once. Engines sharing a log
+  should share ``lease_s`` (``--run-lease``).
 * **Failures are retryable, and not fatal.** A lost connection (the server stopped,
   restarted, unreachable) fails the requests of the open batch with
   :class:`StorageUnreachable` (503, ``Retry-After``); the writer reconnects for the next
@@ -97,7 +100,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Seconds an engine's lease lasts unless renewed (every third of it).
+#: Seconds without a heartbeat (one every third of it) after which an engine's runs are
+#: taken over.
 LEASE_S = 10.0
 _WRITE_FAILED = "the workflow log could not be written"
 
@@ -140,6 +144,8 @@ class PgEventLog:
         self._conn: psycopg.Connection[Any] | None = None  # the writer's
         self._in_tx = False
         self._shared = lock_key(db.schema, "compaction")
+        #: Other engines' heartbeats as last seen by ``claim_runs``: (beat, when first seen).
+        self._seen: dict[str, tuple[int, float]] = {}
         self._stop = threading.Event()
         try:
             self._renew()  # this engine is alive before it writes or claims anything
@@ -176,20 +182,23 @@ class PgEventLog:
             return self._q.submit(op, size, lazy)
 
     def claim_runs(self) -> list[str]:
-        """The unfinished runs this engine owns, after taking over those whose owner's
-        lease lapsed (one claim at a time, so no run is taken by two), oldest first."""
+        """The unfinished runs this engine owns, after taking over those of engines that
+        stopped or whose heartbeat stopped (one claim at a time, so no run is taken by
+        two), oldest first."""
 
         def claim(tx: PgTx) -> list[str]:
             tx.conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(self._db.schema, "claim"),))
             self._renew_in(tx)
+            beats = {str(o): int(b) for o, b in tx.all("SELECT owner, beat FROM engines")}
+            dead = self._watch(beats, time.monotonic())
             taken = tx.run(
                 "UPDATE runs SET owner = ? WHERE status = 'running' AND owner IS DISTINCT FROM ? "
-                "AND (owner IS NULL OR NOT EXISTS (SELECT 1 FROM engines e "
-                "WHERE e.owner = runs.owner AND e.expires > clock_timestamp()))",
-                (self.owner, self.owner),
+                "AND (owner IS NULL OR owner = ANY(?) "
+                "OR NOT EXISTS (SELECT 1 FROM engines e WHERE e.owner = runs.owner))",
+                (self.owner, self.owner, dead),
             )
             if taken:
-                logger.warning("took over %d unfinished runs of engines whose lease lapsed", taken)
+                logger.warning("took over %d unfinished runs of engines that stopped", taken)
             rows = tx.all(
                 "SELECT run_id FROM runs WHERE status = 'running' AND owner = ? ORDER BY started_seq",
                 (self.owner,),
@@ -197,7 +206,30 @@ class PgEventLog:
             return [r[0] for r in rows]
 
         self._check_open()
-        return self._db.write("the workflow log's runs could not be claimed", claim)
+        try:
+            return self._db.write("the workflow log's runs could not be claimed", claim)
+        except StorageUnavailable:
+            # Not seen meanwhile: a heartbeat that did not move while the database was
+            # out of reach says nothing of its engine.
+            self._seen.clear()
+            raise
+
+    def _watch(self, beats: dict[str, int], now: float) -> list[str]:
+        """The engines (other than this one) whose heartbeat has not moved for ``lease_s``
+        of this engine's monotonic clock, watched since this log was opened."""
+        seen = self._seen
+        for owner in [o for o in seen if o not in beats]:
+            del seen[owner]
+        dead = []
+        for owner, beat in beats.items():
+            if owner == self.owner:
+                continue
+            last = seen.get(owner)
+            if last is None or last[0] != beat:
+                seen[owner] = (beat, now)
+            elif now - last[1] >= self._lease_s:
+                dead.append(owner)
+        return dead
 
     # ------------------------------------------------------------ reads
 
@@ -266,9 +298,9 @@ class PgEventLog:
 
     def _renew_in(self, tx: PgTx) -> None:
         tx.run(
-            "INSERT INTO engines (owner, expires) VALUES (?, clock_timestamp() + make_interval(secs => ?)) "
-            "ON CONFLICT (owner) DO UPDATE SET expires = excluded.expires",
-            (self.owner, self._lease_s),
+            "INSERT INTO engines (owner, beat) VALUES (?, 1) "
+            "ON CONFLICT (owner) DO UPDATE SET beat = engines.beat + 1",
+            (self.owner,),
         )
 
     def _keep_lease(self) -> None:
