@@ -148,7 +148,7 @@ def build(settings: Settings, cluster: ClusterParts | None = None) -> AppContext
         workflows.get,
         clock,
         settings.workflows,
-        # With other engines on the log: resume the runs of any whose lease lapsed.
+        # With other engines on the log: resume the runs of any whose heartbeat stopped.
         rescan_s=max(0.5, settings.store.run_lease_s / 4) if settings.store.postgres else None,
     )
     platform = Platform(
@@ -249,7 +249,7 @@ def _nothing() -> None:
 def engine_id(data: Path) -> str:
     """This data directory's engine, as the PostgreSQL log names the owner of a run:
     kept in the directory, so that a platform restarted on it resumes its runs at once
-    (any other engine waits for their lease to lapse)."""
+    (any other engine waits until it has seen its heartbeat stop for ``--run-lease``)."""
     path = data / "engine-id"
     try:
         return path.read_text().strip()

@@ -112,8 +112,8 @@ class StoreSettings:
     #: Workflow blobs (intermediate tensors) in this directory, one every node can reach,
     #: instead of in the log's database.
     blob_dir: Path | None = None
-    #: PostgreSQL: seconds an engine's lease on the runs it drives lasts unrenewed; the
-    #: runs of an engine that died are resumed by a live one this long after.
+    #: PostgreSQL: seconds without a heartbeat after which an engine counts as dead: the
+    #: runs of one that died are resumed by a live one about this long after.
     run_lease_s: float = 10.0
 
     @property

@@ -147,8 +147,8 @@ class StorageUnreachable(StorageUnavailable):
 
 
 class RunNotOwned(Unavailable):
-    """The run is driven by another engine that holds its lease (several engines share
-    the PostgreSQL log): this one's records for it are refused, nothing is written."""
+    """The run is driven by another engine (several engines share the PostgreSQL log),
+    alive as far as anyone knows: this one's records for it are refused, nothing is written."""
 
     code = "run_not_owned"
 

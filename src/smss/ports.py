@@ -423,8 +423,8 @@ class EventLog(Protocol):
     def claim_runs(self) -> list[str]:
         """The unfinished runs this process is to drive, oldest first: every one when it
         is the log's only writer (SQLite); with several (PostgreSQL), those it owns and
-        those whose owner's lease lapsed, which it owns from now on (a run is driven by
-        one live engine; the others' appends to it are refused)."""
+        those of engines that died (their heartbeat stopped), which it owns from now on
+        (a run is driven by one live engine; the others' appends to it are refused)."""
         ...
 
     def get_blob(self, ref: str) -> bytes: ...

@@ -22,7 +22,7 @@ Guarantees (with an :class:`~smss.ports.EventLog` that keeps its promises):
   since it started is parked, not re-executed against the new definition;
 * with several engines on one log (PostgreSQL), ``recover`` resumes the runs the log
   hands this engine (:meth:`~smss.ports.EventLog.claim_runs`: its own, and those of
-  engines whose lease lapsed), and with ``rescan_s`` it asks again that often: the
+  engines that died), and with ``rescan_s`` it asks again that often: the
   runs of an engine that died are resumed by one that is alive, and a run this engine
   stopped because the log failed (the database was down) is resumed once it is back;
 * a failing stage is retried per its ``retries`` with back-off; then the run
