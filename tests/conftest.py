@@ -31,6 +31,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+# PostgreSQL fixtures (pg_url, private_pg): tests/postgres_fixtures.py.
+pytest_plugins = ["postgres_fixtures"]
+
 # Hypothesis profiles: ``ci`` (the default) keeps property tests short; ``long``
 # (HYPOTHESIS_PROFILE=long) runs many more examples, e.g. of the decoder fuzz tests.
 # A test's own ``@settings(max_examples=...)`` still wins.

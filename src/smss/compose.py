@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,12 @@ from smss.node.agent import NODE, NodeAgent
 from smss.node.channel import UnixChannel
 from smss.node.devices import discover
 from smss.packaging import package_class
-from smss.ports import ChannelFactory, ClusterBackend, SystemClock
+from smss.ports import ChannelFactory, ClusterBackend, EventLog, RegistryStore, SystemClock, WorkflowStore
 from smss.store.artifacts import ArtifactStore
+from smss.store.blob_dir import BlobDirectory
+from smss.store.log_options import Retention, log_hooks
 from smss.store.sqlite import SqliteRegistry
-from smss.store.sqlite_log import Retention, SqliteEventLog, log_hooks
+from smss.store.sqlite_log import SqliteEventLog
 from smss.store.sqlite_workflows import SqliteWorkflows
 from smss.workflow.engine import Engine
 from smss.workflow.spec import spec_hash, validate_workflow
@@ -136,21 +139,17 @@ def build(settings: Settings, cluster: ClusterParts | None = None) -> AppContext
         gateways=cluster.gateways if cluster else None,
         proximity=cluster.proximity if cluster else None,
     )
-    registry = SqliteRegistry(data / "registry.db")
-    workflows = WorkflowRegistry(SqliteWorkflows(data / "workflows.db"), controller)
-    limits = settings.workflows
-    retention = (
-        None
-        if math.isinf(limits.log_retention_s)
-        else Retention(limits.log_retention_s, every_s=limits.compact_every_s)
-    )
-    event_log = SqliteEventLog(data / "log.db", fault=log_hooks(), retention=retention)
+    stores = open_stores(settings)
+    registry, event_log = stores.registry, stores.log
+    workflows = WorkflowRegistry(stores.workflows, controller, shared=settings.store.postgres)
     engine = Engine(
         event_log,
         PlatformCaller(controller, clock, settings.serving),
         workflows.get,
         clock,
         settings.workflows,
+        # With other engines on the log: resume the runs of any whose heartbeat stopped.
+        rescan_s=max(0.5, settings.store.run_lease_s / 4) if settings.store.postgres else None,
     )
     platform = Platform(
         registry, ArtifactStore(data), controller, backend, clock, workflows, engine, event_log
@@ -163,7 +162,13 @@ def build(settings: Settings, cluster: ClusterParts | None = None) -> AppContext
         prices=load_prices(settings.prices_path),
         previous_period_s=_load_period(data / "usage_period"),
     )
-    ctx.on_shutdown += [lambda: save_usage(ctx), registry.close, workflows.close, event_log.close]
+    ctx.on_shutdown += [
+        lambda: save_usage(ctx),
+        registry.close,
+        workflows.close,
+        event_log.close,
+        stores.close,
+    ]
     return ctx
 
 
@@ -195,6 +200,65 @@ def local_node(settings: Settings) -> NodeAgent:
         state_file=data / "node.json",
         adopt_window_s=settings.adopt_window_s,
     )
+
+
+@dataclass(frozen=True)
+class Stores:
+    registry: RegistryStore
+    workflows: WorkflowStore
+    log: EventLog
+    #: Releases what the three share (the PostgreSQL pool), after each was closed.
+    close: Callable[[], None]
+
+
+def open_stores(settings: Settings) -> Stores:
+    """The registry, workflow definitions and workflow log of ``settings.store``: SQLite
+    files in the data directory, or one PostgreSQL schema; blobs in the log's database
+    or in ``--blob-dir``. Raises StorageUnavailable (StorageUnreachable) when they
+    cannot be opened."""
+    data, store, limits = settings.data_dir, settings.store, settings.workflows
+    retention = (
+        None
+        if math.isinf(limits.log_retention_s)
+        else Retention(limits.log_retention_s, every_s=limits.compact_every_s)
+    )
+    blobs = None if store.blob_dir is None else BlobDirectory(store.blob_dir)
+    if not store.postgres:
+        sqlite_log = SqliteEventLog(data / "log.db", fault=log_hooks(), retention=retention, blobs=blobs)
+        return Stores(
+            SqliteRegistry(data / "registry.db"), SqliteWorkflows(data / "workflows.db"), sqlite_log, _nothing
+        )
+    from smss.store._pg import PgDatabase
+    from smss.store.postgres import PgRegistry, PgWorkflows
+    from smss.store.postgres_log import PgEventLog
+
+    db = PgDatabase(store.url, owner=engine_id(data))
+    try:
+        log_ = PgEventLog(db, fault=log_hooks(), retention=retention, blobs=blobs, lease_s=store.run_lease_s)
+    except BaseException:
+        db.close()
+        raise
+    log.info("store: PostgreSQL %s, schema %s, engine %s", db.url.redacted, db.schema, db.owner)
+    return Stores(PgRegistry(db), PgWorkflows(db), log_, db.close)
+
+
+def _nothing() -> None:
+    pass
+
+
+def engine_id(data: Path) -> str:
+    """This data directory's engine, as the PostgreSQL log names the owner of a run:
+    kept in the directory, so that a platform restarted on it resumes its runs at once
+    (any other engine waits until it has seen its heartbeat stop for ``--run-lease``)."""
+    path = data / "engine-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        name = f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+        tmp = data / "engine-id.tmp"
+        tmp.write_text(name)
+        os.replace(tmp, path)
+        return name
 
 
 async def deploy_demo(platform: Platform, data_dir: Path) -> None:

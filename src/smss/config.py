@@ -102,6 +102,32 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    """Where the registry, the workflow definitions, the workflow log and session state live."""
+
+    #: ``sqlite`` (files in the data directory: the embedded default) or a PostgreSQL URL,
+    #: ``postgresql://user@host:port/db?schema=NAME`` (see :mod:`smss.store._pg`), for
+    #: several gateways and engines on several nodes.
+    url: str = "sqlite"
+    #: Workflow blobs (intermediate tensors) in this directory, one every node can reach,
+    #: instead of in the log's database.
+    blob_dir: Path | None = None
+    #: PostgreSQL: seconds without a heartbeat after which an engine counts as dead: the
+    #: runs of one that died are resumed by a live one about this long after.
+    run_lease_s: float = 10.0
+
+    @property
+    def postgres(self) -> bool:
+        return self.url != "sqlite"
+
+    def check(self) -> None:
+        if self.url != "sqlite" and not self.url.startswith(("postgresql://", "postgres://")):
+            raise InvalidSpec(f"--store takes sqlite or a postgresql:// URL, not {self.url.split(':')[0]!r}")
+        if not (math.isfinite(self.run_lease_s) and self.run_lease_s > 0):
+            raise InvalidSpec(f"--run-lease must be a positive number of seconds, not {self.run_lease_s:g}")
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -139,6 +165,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     serving: ServingSettings = field(default_factory=ServingSettings)
     workflows: WorkflowLimits = field(default_factory=WorkflowLimits)
+    store: StoreSettings = field(default_factory=StoreSettings)
     #: Fault points to switch on (``SMSS_FAULT``, grammar in :mod:`smss.faults`): tests only.
     faults: str | None = None
     #: ``--allow-faults``: without it a platform refuses to start with ``faults`` set.
@@ -192,6 +219,7 @@ class Settings:
             raise InvalidSpec(f"--memory must be at least 1 MiB, not {self.memory_mb} MiB")
         if not self.workflows.log_retention_s >= 0:
             raise InvalidSpec(f"--log-retention must be >= 0 seconds, not {self.workflows.log_retention_s}")
+        self.store.check()
         if self.faults and not self.allow_faults:
             raise InvalidSpec(
                 "refusing to start with SMSS_FAULT set: fault points crash or stall the platform "

@@ -27,7 +27,9 @@ here knows about HTTP.
     │   │   └── CorruptWeights  a weight segment failed its checksum at attach
     │   ├── InstanceLost        an instance died with the request in flight
     │   │   └── InstanceDraining  an instance refused a request it never ran (it drains)
-    │   └── StorageUnavailable  the store could not durably record an event
+    │   ├── StorageUnavailable  the store could not durably record an event
+    │   │   └── StorageUnreachable  the database cannot be reached now: retry (it recovers)
+    │   └── RunNotOwned         another live engine drives the run
     ├── DeadlineExceeded        the request's deadline passed (504)
     └── ModelError              the user's predict() raised (500)
 """
@@ -130,6 +132,25 @@ class InstanceDraining(InstanceLost):
 
 class StorageUnavailable(Unavailable):
     code = "storage_unavailable"
+
+
+class StorageUnreachable(StorageUnavailable):
+    """The database server could not be reached, or the connection to it was lost
+    (PostgreSQL stopped or restarting): nothing of the request was acknowledged, and
+    it may be retried; the store reconnects by itself when the server is back. A
+    write whose COMMIT was cut off may still have committed: the log, read back, says."""
+
+    code = "storage_unreachable"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = 1.0) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class RunNotOwned(Unavailable):
+    """The run is driven by another engine (several engines share the PostgreSQL log),
+    alive as far as anyone knows: this one's records for it are refused, nothing is written."""
+
+    code = "run_not_owned"
 
 
 class DeadlineExceeded(SmssError):

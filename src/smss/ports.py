@@ -9,7 +9,10 @@ simulator (virtual clock, simulated instances) and in unit tests (fakes from
 port                      production                             later / tests
 ========================  =====================================  ==============================
 Clock                     ``SystemClock`` (monotonic)            ``testing.FakeClock``
-RegistryStore             ``store.sqlite.SqliteRegistry``        PostgreSQL; ``testing.MemoryRegistry``
+RegistryStore             ``store.sqlite.SqliteRegistry``        ``PgRegistry``; ``testing.MemoryRegistry``
+WorkflowStore             ``store.sqlite_workflows``             ``PgWorkflows`` (``store.postgres``)
+EventLog                  ``store.sqlite_log.SqliteEventLog``    ``PgEventLog``; ``testing.MemoryEventLog``
+BlobStore                 (blobs in the log's database)          ``store.blob_dir.BlobDirectory``
 ClusterBackend            ``node.agent.NodeAgent``               ``cluster.ray``; ``testing.FakeBackend``
 InstanceChannel           ``node.channel.UnixChannel``           TCP; ``testing.FakeChannel``
 Metrics                   ``api.metrics.PrometheusMetrics``      ``testing.NullMetrics``
@@ -41,6 +44,7 @@ from smss.workflow.events import (
     StageCompleted,
     StateWrite,
 )
+from smss.workflow.spec import WorkflowSpec
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -106,6 +110,37 @@ class RegistryStore(Protocol):
     def delete_function(self, name: str) -> bool: ...
 
     def close(self) -> None: ...
+
+
+class WorkflowStore(Protocol):
+    """Durable workflow definitions, by name. Writes are committed before they return."""
+
+    def put(self, spec: WorkflowSpec) -> None: ...
+
+    def get(self, name: str) -> WorkflowSpec | None: ...
+
+    def list(self) -> list[WorkflowSpec]: ...
+
+    def delete(self, name: str) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    """Content-addressed blobs outside the log's database (``--blob-dir``): ``ref`` is
+    the sha256 hex of the bytes. ``put`` returns once every blob is durable; storing
+    one twice is a no-op. Whether a blob belongs to the log is the log's to say (its
+    references); the store only keeps bytes."""
+
+    def put(self, blobs: Sequence[tuple[str, bytes]]) -> None: ...
+
+    def get(self, ref: str) -> bytes | None:
+        """The bytes stored under ``ref`` (unchecked), or None."""
+        ...
+
+    def delete(self, refs: Sequence[str]) -> int:
+        """Remove these blobs (those present); how many were removed."""
+        ...
 
 
 # ---------------------------------------------------------------- instances
@@ -384,6 +419,13 @@ class EventLog(Protocol):
     ) -> list[RunSummary]: ...
 
     def unfinished_runs(self) -> list[str]: ...
+
+    def claim_runs(self) -> list[str]:
+        """The unfinished runs this process is to drive, oldest first: every one when it
+        is the log's only writer (SQLite); with several (PostgreSQL), those it owns and
+        those of engines that died (their heartbeat stopped), which it owns from now on
+        (a run is driven by one live engine; the others' appends to it are refused)."""
+        ...
 
     def get_blob(self, ref: str) -> bytes: ...
 

@@ -188,7 +188,10 @@ def traced_workflow() -> Workflow:
 
 
 @pytest.mark.timeout(300)
-def test_completed_stages_are_not_executed_again_after_kill_9(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_completed_stages_are_not_executed_again_after_kill_9(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
     """A three-stage workflow of python models that append to a trace file each time they
     execute; the middle stage blocks until the test lets it go, so every run is reliably
     past its first stage and in flight in the second at the kill. After the restart:
@@ -198,8 +201,10 @@ def test_completed_stages_are_not_executed_again_after_kill_9(tmp_path: Path) ->
     traces = tmp_path / "trace"
     traces.mkdir()
     tags = list(range(1, TRACED_RUNS + 1))
+    url = request.getfixturevalue("pg_url") if store == "postgresql" else None
+    flags = ("--keep-alive", "300", *(("--store", url) if url else ()))
     with platform(tmp_path / "data", {TRACE_ENV: str(traces)}) as p:
-        p.start("--keep-alive", "300")
+        p.start(*flags)
         deploy_stage_models(p.url, ["First", "Block", "Last"])
         with httpx.Client(base_url=p.url, timeout=REQUEST_TIMEOUT_S) as client:
             deploy_workflow(client, traced_workflow())
@@ -214,12 +219,12 @@ def test_completed_stages_are_not_executed_again_after_kill_9(tmp_path: Path) ->
 
             wait_until(all_blocked, WAIT_S, "every run to be in flight in stage 'block'")
         p.kill9()
-        at_kill = read_log(p.log_db)
+        at_kill = read_log(url or p.log_db)
         assert all(at_kill.statuses[r] == "running" for r in ids.values()), at_kill.statuses
         assert trace(traces, "wf_first") == Counter(tags)
         assert trace(traces, "wf_block") == Counter()  # none was let go before the kill
 
-        p.start("--keep-alive", "300")
+        p.start(*flags)
         assert recovered_count(p.log()) == TRACED_RUNS, p.log()[-3000:]
         (traces / "release").touch()
         with httpx.Client(base_url=p.url, timeout=REQUEST_TIMEOUT_S) as client:

@@ -28,6 +28,7 @@ import httpx
 import msgspec
 import numpy as np
 
+from postgres_fixtures import pg_execute
 from smss.testing.server import ServerProcess, free_port, start_server, wait_until
 from smss.workflow.builder import Workflow
 
@@ -257,7 +258,17 @@ class LogSnapshot:
     completed_stages: dict[str, set[str]]
 
 
-def read_log(path: Path) -> LogSnapshot:
+def read_log(path: Path | str) -> LogSnapshot:
+    """From an SQLite file, or from the schema of a ``--store postgresql://`` URL."""
+    if isinstance(path, str):
+        statuses = {str(r): str(s) for r, s in pg_execute(path, "SELECT run_id, status FROM runs")}
+        ((top,),) = pg_execute(path, "SELECT coalesce(max(seq), 0) FROM events")
+        done: dict[str, set[str]] = {}
+        for run_id, stage in pg_execute(
+            path, "SELECT run_id, stage FROM events WHERE type = 'StageCompleted'"
+        ):
+            done.setdefault(str(run_id), set()).add(str(stage))
+        return LogSnapshot(statuses, int(top), done)  # type: ignore[call-overload]
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         statuses = dict(db.execute("SELECT run_id, status FROM runs").fetchall())

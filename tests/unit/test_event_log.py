@@ -1,6 +1,8 @@
-"""The SQLite workflow log: its contract, group commit, failures and crash recovery.
+"""The workflow log: its contract and group commit, for both backends (SQLite and
+PostgreSQL: ``open_log`` is parametrized over them); SQLite's failures, damaged files
+and crash recovery; PostgreSQL's failed commits.
 
-Crashes are simulated in-process by *snapshots*: the database file plus the bytes
+Crashes of the SQLite log are simulated in-process by *snapshots*: the database file plus the bytes
 of the ``-wal`` file that existed at one instant, copied while the writer keeps
 going. Nothing checkpoints in those tests, so the database file does not change
 and the ``-wal`` file only grows: the copy is exactly what a process killed at that
@@ -30,10 +32,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from postgres_fixtures import pg_execute
 from smss.errors import Conflict, InvalidSpec, NotFound, Overloaded, StorageUnavailable
 from smss.ports import AppendResult
 from smss.store import _wal
 from smss.store._log_schema import SCHEMA_VERSION
+from smss.store.postgres_log import PgEventLog
 from smss.store.sqlite_log import FaultHooks, SqliteEventLog
 from smss.testing.faults import log_faults, on_pass
 from smss.workflow.blobs import ref_of
@@ -76,20 +80,69 @@ def started(
     return RunStarted(workflow, mark, session, {"x": "0" * 64}, idempotency_key=key)
 
 
-@pytest.fixture
-def open_log(tmp_path: Path) -> Iterator[Callable[..., SqliteEventLog]]:
-    """Opens logs (by default on one file) and closes them all at the end."""
-    opened: list[SqliteEventLog] = []
+#: A test of SQLite's own behaviour (files, snapshots, checkpoints, fatal fsync errors).
+SQLITE_ONLY = pytest.mark.parametrize("open_log", ["sqlite"], indirect=True)
 
-    def factory(path: Path | None = None, **kwargs: Any) -> SqliteEventLog:
-        log = SqliteEventLog(path or tmp_path / "log.db", **kwargs)
-        opened.append(log)
+
+class Opener:
+    """Opens logs of one backend (by default on one file, or one schema) and, with
+    ``execute``, runs SQL (``?`` placeholders) on their database behind their back."""
+
+    def __init__(self, backend: str, tmp_path: Path, url: str | None) -> None:
+        self.backend = backend
+        self.path = tmp_path / "log.db"
+        self.url = url
+        self.opened: list[Any] = []
+
+    def __call__(self, path: Path | None = None, **kwargs: Any) -> Any:
+        if self.backend == "sqlite":
+            log: Any = SqliteEventLog(path or self.path, **kwargs)
+        else:
+            assert path is None
+            assert self.url is not None
+            kwargs.pop("checkpoint_bytes", None)  # SQLite's
+            log = PgEventLog(self.url, **kwargs)
+        self.opened.append(log)
         return log
 
-    yield factory
-    for log in opened:
+    def execute(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        if self.url is not None:
+            return pg_execute(self.url, sql, args)
+        with sqlite3.connect(self.path) as db:
+            rows = db.execute(sql, args).fetchall()
+        db.close()
+        return rows
+
+
+def _opener(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+
+    def threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name in ("smss-log-writer", "smss-log-lease")]
+
+    before = set(threads())
+    opener = Opener(backend, tmp_path, url)
+    yield opener
+    for log in opener.opened:
         log.close()
-    assert not [t for t in threading.enumerate() if t.name == "smss-log-writer"]
+    assert not set(threads()) - before
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens logs of each backend in turn: the contract both keep."""
+    yield from _opener(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def open_sqlite_log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """SQLite's own behaviour: files, snapshots, checkpoints, fatal fsync errors."""
+    yield from _opener("sqlite", request, tmp_path)
+
+
+@pytest.fixture
+def open_pg_log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    yield from _opener("postgresql", request, tmp_path)
 
 
 def example_events() -> list[Event]:
@@ -112,7 +165,7 @@ def example_events() -> list[Event]:
 # ---------------------------------------------------------------- the contract
 
 
-def test_every_event_type_round_trips_and_survives_reopen(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_every_event_type_round_trips_and_survives_reopen(open_log: Opener) -> None:
     log = open_log()
     first = started(session="u1", key="k")
 
@@ -151,7 +204,7 @@ def test_every_event_type_round_trips_and_survives_reopen(open_log: Callable[...
     assert again.run_summary("nope") is None
 
 
-def test_second_stage_completed_is_dropped(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_second_stage_completed_is_dropped(open_log: Opener) -> None:
     log = open_log()
 
     async def scenario() -> list[AppendResult]:
@@ -176,7 +229,7 @@ def test_second_stage_completed_is_dropped(open_log: Callable[..., SqliteEventLo
     assert log.stats()["dropped_completions"] == 2
 
 
-def test_results_of_a_reassigned_attempt_are_fenced_off(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_results_of_a_reassigned_attempt_are_fenced_off(open_log: Opener) -> None:
     """Attempt 1 of stage a was reassigned (attempt 2 started): attempt 1's completion
     or failure is rejected whole, state write included, before and after attempt 2
     completes; attempt 2's completion is recorded once; a fenced result never appears."""
@@ -209,7 +262,7 @@ def test_results_of_a_reassigned_attempt_are_fenced_off(open_log: Callable[..., 
     assert log.stats()["fenced"] == 3
 
 
-def test_state_write_is_conditional_and_all_or_nothing(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_state_write_is_conditional_and_all_or_nothing(open_log: Opener) -> None:
     log = open_log()
     blob = b"state tensor"
     ref = ref_of(blob)
@@ -253,7 +306,7 @@ def test_state_write_is_conditional_and_all_or_nothing(open_log: Callable[..., S
     assert log.get_state("wf", "other").tensors == {}
 
 
-def test_a_state_write_computed_from_other_tensors_conflicts(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_a_state_write_computed_from_other_tensors_conflicts(open_log: Opener) -> None:
     """``base``: the version alone cannot tell two writers' states apart."""
     log = open_log()
 
@@ -282,7 +335,7 @@ def test_a_state_write_computed_from_other_tensors_conflicts(open_log: Callable[
 
 
 def test_an_append_requiring_a_completion_not_recorded_is_void(
-    open_log: Callable[..., SqliteEventLog],
+    open_log: Opener,
 ) -> None:
     log = open_log()
     ours = StageCompleted("a", 1, {"y": "1" * 64}, "i-1")
@@ -309,7 +362,7 @@ def test_an_append_requiring_a_completion_not_recorded_is_void(
     assert log.stats()["voided"] == 2
 
 
-def test_lazy_appends_share_the_next_eager_commit(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_lazy_appends_share_the_next_eager_commit(open_log: Opener) -> None:
     log = open_log(lazy_delay_s=60.0)
 
     async def scenario() -> None:
@@ -330,7 +383,7 @@ def test_lazy_appends_share_the_next_eager_commit(open_log: Callable[..., Sqlite
 
 
 def test_an_applied_lazy_append_is_invisible_until_its_commit(
-    open_log: Callable[..., SqliteEventLog],
+    open_log: Opener,
 ) -> None:
     """The writer applies a lazy append early, in its open transaction: readers (and a
     crash) see nothing of it before the commit that acknowledges it."""
@@ -349,7 +402,7 @@ def test_an_applied_lazy_append_is_invisible_until_its_commit(
     assert [r.event for r in log.read_run("r1")[1:]] == [StageScheduled("a", 1), StageScheduled("b", 1)]
 
 
-def test_a_lazy_append_is_durable_within_its_delay(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_a_lazy_append_is_durable_within_its_delay(open_log: Opener) -> None:
     log = open_log(lazy_delay_s=0.01)
 
     async def scenario() -> None:
@@ -361,9 +414,7 @@ def test_a_lazy_append_is_durable_within_its_delay(open_log: Callable[..., Sqlit
     assert [type(r.event).__name__ for r in log.read_run("r1")] == ["RunStarted", "StageScheduled"]
 
 
-def test_blobs_are_content_addressed_and_verified(
-    open_log: Callable[..., SqliteEventLog], tmp_path: Path
-) -> None:
+def test_blobs_are_content_addressed_and_verified(open_log: Opener) -> None:
     log = open_log()
     data = b"\x00tensor bytes" * 100
     ref = ref_of(data)
@@ -377,15 +428,13 @@ def test_blobs_are_content_addressed_and_verified(
     with pytest.raises(NotFound):
         log.get_blob("f" * 64)
     log.close()
-    with sqlite3.connect(tmp_path / "log.db") as db:
-        assert db.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
-        db.execute("UPDATE blobs SET data = ? WHERE ref = ?", (b"rotten" + data[6:], ref))
-    db.close()
+    assert open_log.execute("SELECT count(*) FROM blobs") == [(1,)]
+    open_log.execute("UPDATE blobs SET data = ? WHERE ref = ?", b"rotten" + data[6:], ref)
     with pytest.raises(StorageUnavailable, match="corrupt"):
         open_log().get_blob(ref)
 
 
-def test_start_run_is_idempotent(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_start_run_is_idempotent(open_log: Opener) -> None:
     log = open_log()
 
     async def scenario() -> list[tuple[str, bool]]:
@@ -404,7 +453,7 @@ def test_start_run_is_idempotent(open_log: Callable[..., SqliteEventLog]) -> Non
     assert log.stats()["runs_started"] == 2
 
 
-def test_append_to_unknown_run_fails_alone(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_append_to_unknown_run_fails_alone(open_log: Opener) -> None:
     log = open_log()
 
     async def scenario() -> list[AppendResult | BaseException]:
@@ -426,7 +475,7 @@ def test_append_to_unknown_run_fails_alone(open_log: Callable[..., SqliteEventLo
         call(lambda: log.append("r1", [started()]))
 
 
-def test_runs_are_listed_by_seq_with_their_status(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_runs_are_listed_by_seq_with_their_status(open_log: Opener) -> None:
     log = open_log()
 
     async def scenario() -> None:
@@ -457,7 +506,7 @@ def test_runs_are_listed_by_seq_with_their_status(open_log: Callable[..., Sqlite
 
 
 def test_group_commit_acknowledges_every_append_with_few_commits(
-    open_log: Callable[..., SqliteEventLog],
+    open_log: Opener,
 ) -> None:
     log = open_log()
 
@@ -475,7 +524,7 @@ def test_group_commit_acknowledges_every_append_with_few_commits(
     assert [r.event for r in log.read_run("r1")[1:]] == [StageScheduled(f"s{i}", 1) for i in range(500)]
 
 
-def test_concurrent_state_writers_never_lose_an_update(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_concurrent_state_writers_never_lose_an_update(open_log: Opener) -> None:
     log = open_log()
     writers = 12
 
@@ -504,7 +553,7 @@ def test_concurrent_state_writers_never_lose_an_update(open_log: Callable[..., S
     assert log.stats()["state_conflicts"] == sum(tries) - writers
 
 
-def test_close_finishes_queued_appends_and_leaks_nothing(open_log: Callable[..., SqliteEventLog]) -> None:
+def test_close_finishes_queued_appends_and_leaks_nothing(open_log: Opener) -> None:
     fds_before = len(os.listdir("/proc/self/fd"))
     log = open_log()
 
@@ -528,7 +577,7 @@ def test_close_finishes_queued_appends_and_leaks_nothing(open_log: Callable[...,
 
 
 def test_a_new_run_is_refused_while_the_queue_is_full_and_appends_are_not(
-    open_log: Callable[..., SqliteEventLog],
+    open_log: Opener,
 ) -> None:
     gate, entered = threading.Event(), threading.Event()
     gate.set()
@@ -562,7 +611,8 @@ def test_a_new_run_is_refused_while_the_queue_is_full_and_appends_are_not(
 # ---------------------------------------------------------------- failures
 
 
-def test_failed_commit_acknowledges_nothing_and_is_fatal(open_log: Callable[..., SqliteEventLog]) -> None:
+@SQLITE_ONLY
+def test_failed_commit_acknowledges_nothing_and_is_fatal(open_log: Opener) -> None:
     calls = []
 
     def fail_second() -> None:
@@ -596,8 +646,9 @@ def test_failed_commit_acknowledges_nothing_and_is_fatal(open_log: Callable[...,
     assert result.seqs == (2,)
 
 
+@SQLITE_ONLY
 def test_failure_after_commit_may_keep_the_batch_but_never_half(
-    open_log: Callable[..., SqliteEventLog],
+    open_log: Opener,
 ) -> None:
     """Killed between COMMIT and the answer: the batch is durable, nobody was told."""
     log = open_log(fault=log_faults("log.after_commit:eio@2"))
@@ -616,6 +667,58 @@ def test_failure_after_commit_may_keep_the_batch_but_never_half(
     # whole appends, in order: a prefix of s0 t0 s1 t1 ...
     assert stages == [x for i in range(len(stages) // 2) for x in (f"s{i}", f"t{i}")]
     assert stages  # the first batch at least was committed
+
+
+def test_a_failed_commit_fails_its_batch_alone(open_pg_log: Opener) -> None:
+    """PostgreSQL: a COMMIT that fails (here before it was sent) acknowledges nothing of
+    its batch, and is not fatal: the server, not this process, owns the fsyncs, so the
+    next batch commits on its own."""
+    calls = []
+
+    def fail_second() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+
+    log = open_pg_log(fault=FaultHooks(before_commit=fail_second))
+
+    async def scenario() -> list[AppendResult | BaseException]:
+        await log.start_run("r1", started(), {})  # commit 1
+        results = await asyncio.gather(
+            *(log.append("r1", [StageScheduled(f"lost{i}", 1)]) for i in range(10)), return_exceptions=True
+        )
+        after = await log.append("r1", [StageScheduled("after", 1)])
+        assert after.clean
+        return results
+
+    results = run(scenario())
+    failed = [r for r in results if isinstance(r, StorageUnavailable)]
+    assert failed  # the batch of commit 2 (perhaps not all ten: later ones may be in commit 3)
+    assert all(isinstance(r, AppendResult | StorageUnavailable) for r in results)
+    log.close()
+    stages = [getattr(r.event, "stage", None) for r in open_pg_log().read_run("r1")[1:]]
+    acked = [f"lost{i}" for i, r in enumerate(results) if isinstance(r, AppendResult)]
+    assert stages == [*acked, "after"]  # nothing failed is there, everything acknowledged is
+
+
+def test_a_failure_after_commit_keeps_the_batch_and_the_log_goes_on(open_pg_log: Opener) -> None:
+    """PostgreSQL: an error between COMMIT and the answer (a connection lost as the
+    server answered): the batch is durable, its callers were told it failed (they
+    read the log to find out), and later batches commit."""
+    log = open_pg_log(fault=log_faults("log.after_commit:eio@2"))
+
+    async def scenario() -> list[AppendResult | BaseException]:
+        await log.start_run("r1", started(), {})
+        return await asyncio.gather(
+            *(log.append("r1", [StageScheduled(f"s{i}", 1), StageScheduled(f"t{i}", 1)]) for i in range(5)),
+            return_exceptions=True,
+        )
+
+    results = run(scenario())
+    assert any(isinstance(r, StorageUnavailable) for r in results)
+    assert call(lambda: log.append("r1", [StageScheduled("after", 1)])).clean
+    stages = [getattr(r.event, "stage", None) for r in log.read_run("r1")[1:]]
+    assert stages == [x for i in range(5) for x in (f"s{i}", f"t{i}")] + ["after"]  # all of it, once
 
 
 def test_fault_specs() -> None:
@@ -671,26 +774,26 @@ def _seqs(path: Path) -> list[int]:
 
 
 @pytest.fixture
-def crashed(open_log: Callable[..., SqliteEventLog], tmp_path: Path) -> tuple[Path, int]:
+def crashed(open_sqlite_log: Opener, tmp_path: Path) -> tuple[Path, int]:
     """A crash snapshot of a log with one run of 31 events, 31 transactions in its -wal."""
-    log = open_log(checkpoint_bytes=NO_CHECKPOINT)
+    log = open_sqlite_log(checkpoint_bytes=NO_CHECKPOINT)
     _populate(log)
     path = snapshot(log.path, tmp_path / "crash")
     log.close()
     return path, 31
 
 
-def test_a_crash_snapshot_keeps_every_acknowledged_event(
-    open_log: Callable[..., SqliteEventLog], crashed: tuple[Path, int]
-) -> None:
+@SQLITE_ONLY
+def test_a_crash_snapshot_keeps_every_acknowledged_event(crashed: tuple[Path, int], open_log: Opener) -> None:
     path, events = crashed
     assert Path(f"{path}-wal").stat().st_size > 0
     log = open_log(path)
     assert [r.seq for r in log.read_run("r0")] == list(range(1, events + 1))
 
 
+@SQLITE_ONLY
 def test_truncated_wal_recovers_a_prefix_of_transactions(
-    open_log: Callable[..., SqliteEventLog], crashed: tuple[Path, int], tmp_path: Path
+    crashed: tuple[Path, int], open_log: Opener, tmp_path: Path
 ) -> None:
     """What SQLite promises for a -wal file cut short: the database as of the last
     commit frame wholly inside what is left, exactly. (Transactions after the cut are
@@ -745,9 +848,8 @@ def test_damaged_wal_frame_in_the_middle_is_refused(crashed: tuple[Path, int], t
     assert 1 <= len(_seqs(snapshot(path, tmp_path / "plain"))) < events // 2
 
 
-def test_damaged_wal_header_is_refused(
-    open_log: Callable[..., SqliteEventLog], crashed: tuple[Path, int]
-) -> None:
+@SQLITE_ONLY
+def test_damaged_wal_header_is_refused(crashed: tuple[Path, int], open_log: Opener) -> None:
     path, _ = crashed
     wal_path = Path(f"{path}-wal")
     wal = bytearray(wal_path.read_bytes())
@@ -759,8 +861,9 @@ def test_damaged_wal_header_is_refused(
         assert wal_path.read_bytes() == wal
 
 
+@SQLITE_ONLY
 def test_damage_in_the_last_commit_frame_reads_as_a_torn_tail(
-    open_log: Callable[..., SqliteEventLog], crashed: tuple[Path, int]
+    crashed: tuple[Path, int], open_log: Opener
 ) -> None:
     """The limit of detection: the last transaction's commit frame damaged looks exactly
     like that transaction torn by a crash, so it is dropped (the only loss possible)."""
@@ -772,9 +875,8 @@ def test_damage_in_the_last_commit_frame_reads_as_a_torn_tail(
     assert [r.seq for r in open_log(path).read_run("r0")] == list(range(1, events))
 
 
-def test_corrupt_or_foreign_files_are_refused(
-    tmp_path: Path, open_log: Callable[..., SqliteEventLog]
-) -> None:
+@SQLITE_ONLY
+def test_corrupt_or_foreign_files_are_refused(tmp_path: Path, open_log: Opener) -> None:
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(os.urandom(8192))
     with pytest.raises(StorageUnavailable, match="corrupt or unreadable"):
@@ -801,29 +903,23 @@ def test_corrupt_or_foreign_files_are_refused(
         SqliteEventLog(newer)
 
 
-def test_an_unreadable_record_is_named_by_its_seq(
-    open_log: Callable[..., SqliteEventLog], tmp_path: Path
-) -> None:
+def test_an_unreadable_record_is_named_by_its_seq(open_log: Opener) -> None:
     log = open_log()
     _populate(log, appends=3)
     log.close()
-    with sqlite3.connect(tmp_path / "log.db") as db:
-        db.execute("UPDATE events SET body = x'c1c1c1', crc = 0 WHERE seq = 3")  # undecodable
-        db.execute("UPDATE events SET body = CAST(body || x'00' AS BLOB) WHERE seq = 4")  # crc mismatch
-    db.close()
+    open_log.execute("UPDATE events SET body = ?, crc = 0 WHERE seq = 3", b"\xc1\xc1\xc1")  # undecodable
+    body = open_log.execute("SELECT body FROM events WHERE seq = 4")[0][0]
+    open_log.execute("UPDATE events SET body = ? WHERE seq = 4", bytes(body) + b"\x00")  # crc mismatch
     log = open_log()
     with pytest.raises(StorageUnavailable, match="seq 3"):
         log.read_run("r0")
-    with sqlite3.connect(tmp_path / "log.db") as db:
-        db.execute("DELETE FROM events WHERE seq = 3")
-    db.close()
+    open_log.execute("DELETE FROM events WHERE seq = 3")
     with pytest.raises(StorageUnavailable, match="seq 4"):
         log.read_run("r0")
 
 
-def test_the_writer_checkpoints_and_reuses_the_wal(
-    open_log: Callable[..., SqliteEventLog], tmp_path: Path
-) -> None:
+@SQLITE_ONLY
+def test_the_writer_checkpoints_and_reuses_the_wal(open_log: Opener, tmp_path: Path) -> None:
     """Each checkpoint starts a new -wal generation (new salts) in the same file, not
     truncated: the frames of older generations are void, the file stays about one
     generation long, and a crash copy of the files recovers every event."""
@@ -928,7 +1024,29 @@ def test_any_interleaving_of_appends_and_crashes_replays_to_the_same_state(
         run(_crash_scenario(Path(tmp), steps, random.Random(seed)))
 
 
-async def _crash_scenario(tmp: Path, steps: list[tuple[list[Spec], str]], rng: random.Random) -> None:
+PG_CRASH = st.sampled_from(["none", "reopen", "before_commit", "after_commit"])
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(GROUP, PG_CRASH), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_any_interleaving_of_appends_and_failed_commits_on_postgresql_replays_to_the_same_state(
+    pg_server: str, steps: list[tuple[list[Spec], str]], seed: int
+) -> None:
+    """The same property on PostgreSQL (a fresh schema each example): groups of
+    concurrent requests, each followed by nothing, a reopen, or a COMMIT failing before
+    it was sent or after it returned (the batch failed alone: the log goes on)."""
+    schema = f"t_{random.Random(seed).getrandbits(64):016x}_{len(steps)}"
+    url = f"{pg_server}?schema={schema}"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run(_crash_scenario(Path(tmp), steps, random.Random(seed), pg_url=url))
+    finally:
+        pg_execute(url, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+async def _crash_scenario(
+    tmp: Path, steps: list[tuple[list[Spec], str]], rng: random.Random, pg_url: str | None = None
+) -> None:
     armed: set[str] = set()
     taken: list[tuple[Path, set[int]]] = []  # a snapshot from the writer: (path, requests answered then)
     batch: list[Op] = []
@@ -950,7 +1068,13 @@ async def _crash_scenario(tmp: Path, steps: list[tuple[list[Spec], str]], rng: r
 
     hooks = FaultHooks(before_commit=before_commit, after_commit=after_commit)
     (tmp / "0").mkdir()
-    log = SqliteEventLog(tmp / "0" / "log.db", fault=hooks, checkpoint_bytes=NO_CHECKPOINT)
+
+    def reopen(path: Path) -> Any:
+        if pg_url is not None:
+            return PgEventLog(pg_url, owner="e", fault=hooks)
+        return SqliteEventLog(path, fault=hooks, checkpoint_bytes=NO_CHECKPOINT)
+
+    log = reopen(tmp / "0" / "log.db")
     ops: list[Op] = []
     try:
         for name in ("r0", "r1"):
@@ -963,7 +1087,7 @@ async def _crash_scenario(tmp: Path, steps: list[tuple[list[Spec], str]], rng: r
             if crash in ("before_commit", "after_commit", "snapshot at commit"):
                 armed.add(crash)
             tasks = [asyncio.ensure_future(_submit(log, op)) for op in batch]
-            path = log.path
+            path = getattr(log, "path", tmp)
             answered = {op.id for op in batch}
             if crash == "snapshot":
                 when = rng.choice(["at once", "queued", "first answer"])
@@ -982,7 +1106,7 @@ async def _crash_scenario(tmp: Path, steps: list[tuple[list[Spec], str]], rng: r
             armed.clear()
             if crash != "none":
                 log.close()
-                log = SqliteEventLog(path, fault=hooks, checkpoint_bytes=NO_CHECKPOINT)
+                log = reopen(path)
         _verify(log, ops)
     finally:
         log.close()
@@ -1111,7 +1235,7 @@ def _verify(log: SqliteEventLog, ops: list[Op]) -> list[str]:
 
 
 def test_requests_keep_their_order_wherever_they_are_applied(
-    open_log: Callable[..., SqliteEventLog],
+    open_log: Opener,
 ) -> None:
     """Lazy requests are applied on the caller's loop when the writer is not using the
     connection, and by the writer otherwise; two loops in two threads, mixing lazy and
@@ -1174,8 +1298,9 @@ class _PausingLock:
         self.inner.release()
 
 
+@SQLITE_ONLY
 def test_a_request_the_writer_is_about_to_apply_is_not_overtaken_by_a_later_one(
-    open_log: Callable[..., SqliteEventLog],
+    open_log: Opener,
 ) -> None:
     """The writer takes a lazy request its caller's loop was too busy to apply; a
     request made after it, applied by that loop while the writer waits for the
@@ -1200,9 +1325,7 @@ def test_a_request_the_writer_is_about_to_apply_is_not_overtaken_by_a_later_one(
     assert stages == ["first", "second", "third"]
 
 
-def test_an_error_after_a_request_began_writing_loses_its_whole_batch(
-    open_log: Callable[..., SqliteEventLog], tmp_path: Path
-) -> None:
+def test_an_error_after_a_request_began_writing_loses_its_whole_batch(open_log: Opener) -> None:
     """A request is refused alone only before its first write; one that fails while
     writing (here a trigger aborts its event's insert, after the run's row was updated)
     takes its transaction with it: nothing of it, nor of the requests sharing its
@@ -1213,13 +1336,17 @@ def test_an_error_after_a_request_began_writing_loses_its_whole_batch(
         await log.start_run("r1", started(), {})
 
     run(start())
-    db = sqlite3.connect(tmp_path / "log.db")
-    db.execute(
-        "CREATE TRIGGER boom BEFORE INSERT ON events WHEN NEW.stage = 'boom' "
-        "BEGIN SELECT RAISE(ABORT, 'boom'); END"
-    )
-    db.commit()
-    db.close()
+    if open_log.backend == "sqlite":
+        open_log.execute(
+            "CREATE TRIGGER boom BEFORE INSERT ON events WHEN NEW.stage = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'boom'); END"
+        )
+    else:
+        open_log.execute(
+            "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.stage = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$"
+        )
+        open_log.execute("CREATE TRIGGER boom BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION boom()")
 
     async def scenario() -> list[object]:
         shared = log.append("r1", [StageScheduled("a", 1)], lazy=True)

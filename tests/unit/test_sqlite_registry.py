@@ -1,4 +1,5 @@
-"""The registry port: the same behaviour from SQLite files and the in-memory fake."""
+"""The registry port: the same behaviour from SQLite files, PostgreSQL (a fresh schema
+each) and the in-memory fake."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from typing import Any
 import msgspec
 import pytest
 
+from postgres_fixtures import pg_execute
 from smss.errors import StorageUnavailable
 from smss.ports import Clock, FunctionRecord, RegistryStore
 from smss.spec import FunctionSpec, TensorSpec
+from smss.store._pg import PgDatabase
+from smss.store.postgres import PgRegistry
 from smss.store.sqlite import SCHEMA_VERSION, SqliteRegistry
 from smss.testing import FakeClock, MemoryRegistry
 
@@ -32,15 +36,20 @@ def record(name: str = "resnet", version: str = "1", at: float = 100.0) -> Funct
 Factory = Callable[[], RegistryStore]
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "postgresql", "memory"])
 def open_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
     """Opens a fresh registry of the kind under test."""
     opened: list[RegistryStore] = []
+    databases: list[PgDatabase] = []
 
     def factory() -> RegistryStore:
         store: RegistryStore
         if request.param == "sqlite":
             store = SqliteRegistry(tmp_path / f"registry-{len(opened)}.db")
+        elif request.param == "postgresql":
+            url = request.getfixturevalue("pg_url")
+            databases.append(PgDatabase(f"{url}_{len(opened)}", owner="test"))
+            store = PgRegistry(databases[-1])
         else:
             store = MemoryRegistry()
         opened.append(store)
@@ -49,6 +58,9 @@ def open_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fa
     yield factory
     for store in opened:
         store.close()
+    for db in databases:
+        pg_execute(db.url.conninfo, f'DROP SCHEMA "{db.schema}" CASCADE')
+        db.close()
 
 
 def test_round_trip(open_registry: Factory) -> None:
@@ -132,6 +144,36 @@ def test_concurrent_puts_from_threads(open_registry: Factory) -> None:
     stored = reg.get_function("resnet")
     assert stored is not None
     assert stored.generation == 40
+
+
+def test_gateways_on_one_postgresql_schema_never_share_a_generation(pg_url: str) -> None:
+    """Two registries on one schema (two gateways' pools) deploying one name at once:
+    every deployment gets its own generation, and both see the last."""
+    dbs = [PgDatabase(pg_url, owner=f"g{i}") for i in range(2)]
+    try:
+        regs = [PgRegistry(db) for db in dbs]
+        results: list[int] = []
+        lock = threading.Lock()
+
+        def work(reg: RegistryStore) -> None:
+            for _ in range(10):
+                generation = reg.put_function(record()).generation
+                with lock:
+                    results.append(generation)
+
+        threads = [threading.Thread(target=work, args=(regs[i % 2],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == list(range(1, 41))
+        assert [r.get_function("resnet").generation for r in regs] == [40, 40]  # type: ignore[union-attr]
+        assert regs[0].delete_function("resnet")
+        assert regs[1].get_function("resnet") is None
+        assert regs[1].next_generation("resnet") == 41
+    finally:
+        for db in dbs:
+            db.close()
 
 
 # ---------------------------------------------------------------- SQLite only

@@ -49,6 +49,14 @@ WALL_CLOCK = {
         "retention age of finished runs (--log-retention), a policy in human time: a jump compacts "
         "finished runs sooner or later, never a running one; when it runs is decided on the monotonic clock"
     ),
+    "store/postgres.py:PgWorkflows.put": "the workflows table's deployed_at, for people",
+    "store/postgres_log.py:PgEventLog._apply_all": (
+        "events.ts and runs.created/updated beside each record, as the SQLite log's; order comes from seq"
+    ),
+    "store/postgres_log.py:PgEventLog._maybe_compact": (
+        "retention age of finished runs, as the SQLite log's; engines' liveness is judged on the "
+        "monotonic clock (heartbeats), never on a wall clock"
+    ),
     "workflow/engine.py:Engine.submit": (
         "a run id (UUIDv7): the time orders index pages, 74 random bits make it unique"
     ),

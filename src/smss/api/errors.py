@@ -34,6 +34,8 @@ STATUS: tuple[tuple[type[e.SmssError], int], ...] = (
     (e.Forbidden, 403),
     (e.AuthError, 401),
     (e.Overloaded, 429),
+    # Retryable: the database comes back (Retry-After from the error, 1 s by default).
+    (e.StorageUnreachable, 503),
     (e.Unavailable, 503),
     (e.DeadlineExceeded, 504),
     (e.ModelError, 500),
@@ -52,6 +54,7 @@ GRPC_STATUS: tuple[tuple[type[e.SmssError], str], ...] = (
     (e.Forbidden, "PERMISSION_DENIED"),
     (e.AuthError, "UNAUTHENTICATED"),
     (e.Overloaded, "RESOURCE_EXHAUSTED"),
+    (e.StorageUnreachable, "UNAVAILABLE"),
     (e.Unavailable, "UNAVAILABLE"),
     (e.DeadlineExceeded, "DEADLINE_EXCEEDED"),
     (e.ModelError, "INTERNAL"),

@@ -9,9 +9,8 @@ import msgspec
 from smss.config import ServingSettings
 from smss.control.controller import Controller
 from smss.errors import Conflict, NotFound
-from smss.ports import CallResult, Clock, Tensors
+from smss.ports import CallResult, Clock, Tensors, WorkflowStore
 from smss.spec import FunctionSpec, TensorSpec
-from smss.store.sqlite_workflows import SqliteWorkflows
 from smss.workflow.spec import WorkflowSpec, validate_workflow
 
 
@@ -40,27 +39,41 @@ class PlatformCaller:
 
 
 class WorkflowRegistry:
-    """Deployed workflows: durable in SQLite, validated against the deployed functions."""
+    """Deployed workflows: durable in the store, validated against the deployed functions.
 
-    def __init__(self, store: SqliteWorkflows, controller: Controller) -> None:
+    ``shared``: other gateways deploy to the same store (PostgreSQL), so every lookup
+    reads the store: a run started elsewhere under a new definition is recovered here
+    against that definition, not parked against a stale copy. Otherwise the
+    definitions are read once and kept."""
+
+    def __init__(self, store: WorkflowStore, controller: Controller, *, shared: bool = False) -> None:
         self._store = store
         self._controller = controller
+        self._shared = shared
         self._specs = {s.name: s for s in store.list()}
 
     def close(self) -> None:
         self._store.close()
 
     def get(self, name: str) -> WorkflowSpec:
-        spec = self._specs.get(name)
+        spec = self.find(name)
         if spec is None:
             raise NotFound(f"unknown workflow {name!r}")
         return spec
 
     def find(self, name: str) -> WorkflowSpec | None:
-        return self._specs.get(name)
+        if not self._shared:
+            return self._specs.get(name)
+        spec = self._store.get(name)
+        if spec is None:
+            self._specs.pop(name, None)
+        else:
+            self._specs[name] = spec
+        return spec
 
     def list(self) -> list[WorkflowSpec]:
-        return sorted(self._specs.values(), key=lambda s: s.name)
+        specs = self._store.list() if self._shared else self._specs.values()
+        return sorted(specs, key=lambda s: s.name)
 
     def functions(self) -> dict[str, FunctionSpec]:
         return {rt.name: rt.record.spec for rt in self._controller.functions()}

@@ -21,6 +21,13 @@ platform started for the benchmark:
   20 ms); ``unfinished_after`` counts those not then ``completed``;
   ``interrupted`` says how many the log held unfinished at the kill (100),
   ``resumed_s`` when the restarted platform answered again.
+
+With ``--store postgresql://...`` the same measurements run a second time on platforms
+whose registry, log and session state are in PostgreSQL (``smss serve --store``; each
+platform in a fresh schema of that database, dropped afterwards), reported beside the
+SQLite figures under ``postgresql``; there ``commits_per_run`` stands for
+``fsyncs_per_run``: COMMITs of the log per durable run, each a WAL flush on the server
+(``synchronous_commit = on``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import statistics
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +107,9 @@ def _commits(server: ServerProcess) -> int:
     return int(httpx.get(f"{server.url}/v1/log/stats").json().get("commits", 0))
 
 
-def measure_overhead(server: ServerProcess, runs: int) -> dict[str, Any]:
+def measure_overhead(
+    server: ServerProcess, runs: int, commits_field: str = "fsyncs_per_run"
+) -> dict[str, Any]:
     _mixed(server.url, 1, 20, (True, False))  # warm every instance
     c0 = _commits(server)
     seq_log = _runs(server.url, 1, runs // 4, durable=True)
@@ -115,14 +125,15 @@ def measure_overhead(server: ServerProcess, runs: int) -> dict[str, Any]:
         "concurrent_16": {"log": _summary(conc_log), "direct": _summary(conc_direct)},
         "log_overhead_ms_per_stage": round((log_p50 - direct_p50) / STAGES, 3),
         "overhead_pct": round((log_p50 - direct_p50) / direct_p50 * 100, 2),
-        "fsyncs_per_run": round(fsyncs, 2),
+        commits_field: round(fsyncs, 2),
     }
 
 
-def measure_recovery(data: Path, runs: int = 100) -> dict[str, Any]:
+def measure_recovery(data: Path, runs: int = 100, store: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``store``: the ``--store URL`` flags of both platforms (none: SQLite in ``data``)."""
     # --adopt-window 0: the crash takes every instance with it, so the figure is a
     # recovery from the log alone (not one helped by adopted warm instances).
-    server = start_server(data, ["--demo", "--log-level", "warning", "--adopt-window", "0"])
+    server = start_server(data, ["--demo", "--log-level", "warning", "--adopt-window", "0", *store])
     server.wait_for_model("behavior")
     _runs(server.url, 4, 2, durable=True)  # every stage has an instance
     rng = np.random.default_rng(1000)
@@ -148,9 +159,9 @@ def measure_recovery(data: Path, runs: int = 100) -> dict[str, Any]:
         for pid in stopped:  # they die with the platform (SIGKILL reaches a stopped process)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-    interrupted = _unfinished_in_log(data / "log.db")
+    interrupted = _unfinished_in_pg(store[1]) if store else _unfinished_in_log(data / "log.db")
     t0 = time.perf_counter()
-    server = start_server(data, ["--log-level", "warning"], port=None)
+    server = start_server(data, ["--log-level", "warning", *store], port=None)
     resumed = time.perf_counter() - t0
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
@@ -195,14 +206,61 @@ def _unfinished_in_log(path: Path) -> int:
         db.close()
 
 
-def run(runs: int = 200) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="smss-bench-") as tmp:
-        data = Path(tmp)
-        server = start_server(data / "a", ["--demo", "--log-level", "warning"])
+def _unfinished_in_pg(url: str) -> int:
+    """Runs the killed platform left unfinished, read from its PostgreSQL schema."""
+    import psycopg
+
+    from smss.store._pg import parse_store_url
+
+    target = parse_store_url(url)
+    with psycopg.connect(target.conninfo) as conn:
+        row = conn.execute(
+            f"SELECT count(*) FROM \"{target.schema}\".runs WHERE status = 'running'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _schema_url(url: str, schema: str) -> str:
+    """``url`` naming ``schema`` (in place of any schema it named)."""
+    from smss.store._pg import parse_store_url
+
+    target = parse_store_url(url)
+    return f"{target.conninfo}{'&' if '?' in target.conninfo else '?'}schema={schema}"
+
+
+def _drop_schemas(url: str, schemas: list[str]) -> None:
+    import psycopg
+
+    from smss.store._pg import parse_store_url
+
+    with psycopg.connect(parse_store_url(url).conninfo, autocommit=True) as conn:
+        for schema in schemas:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def _measure(data: Path, runs: int, store: str | None) -> dict[str, Any]:
+    """Overhead and recovery, on SQLite (``store`` None) or on the PostgreSQL of ``store``."""
+    schemas = [f"smss_bench_{uuid.uuid4().hex[:12]}_{x}" for x in "ab"] if store else []
+    flags = [("--store", _schema_url(store, s)) for s in schemas] if store else [(), ()]
+    try:
+        server = start_server(data / "a", ["--demo", "--log-level", "warning", *flags[0]])
         try:
             server.wait_for_model("behavior")
-            result = measure_overhead(server, runs)
+            result = measure_overhead(server, runs, "commits_per_run" if store else "fsyncs_per_run")
         finally:
             server.stop()
-        result.update(measure_recovery(data / "b"))
-    return {"workflow": "behavior", **result}
+        result.update(measure_recovery(data / "b", store=flags[1]))
+    finally:
+        if store:
+            _drop_schemas(store, schemas)
+    return result
+
+
+def run(runs: int = 200, store: str | None = None) -> dict[str, Any]:
+    """The SQLite figures; with ``store`` (a ``postgresql://`` URL) the PostgreSQL ones
+    beside them, under ``postgresql``."""
+    with tempfile.TemporaryDirectory(prefix="smss-bench-") as tmp:
+        result: dict[str, Any] = {"workflow": "behavior", **_measure(Path(tmp) / "sqlite", runs, None)}
+        if store is not None:
+            result["postgresql"] = _measure(Path(tmp) / "postgresql", runs, store)
+    return result

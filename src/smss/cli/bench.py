@@ -132,13 +132,20 @@ def bench_gpu_sharing(
 def bench_workflow(
     as_json: AsJson = True,
     runs: Annotated[int, typer.Option(help="Runs per sequential measurement")] = 200,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            help="Also measure with the store in this PostgreSQL (postgresql://...; fresh schemas, "
+            "dropped after), reported beside SQLite under 'postgresql'"
+        ),
+    ] = None,
 ) -> None:
     """The behavior pipeline with the durable log vs direct stage calls, and recovery after kill -9."""
     from smss.bench.workflow import run
     from smss.cli.progress import shown
 
     with shown(f"bench workflow: {runs} runs with and without the log, then recovery"):
-        result = run(runs=runs)
+        result = run(runs=runs, store=store)
     _print_json(result)
 
 

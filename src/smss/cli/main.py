@@ -179,6 +179,23 @@ def serve(
             "(inf: never) [default: 7 days]"
         ),
     ] = None,
+    store: Annotated[
+        str,
+        typer.Option(
+            help="Where the registry, workflow log and session state live: sqlite (files in the data "
+            "dir) or postgresql://user@host:port/db?schema=NAME, shared by several gateways and engines"
+        ),
+    ] = "sqlite",
+    blob_dir: Annotated[
+        Path | None,
+        typer.Option(help="Workflow blobs in this directory (one every node can reach), not in the log"),
+    ] = None,
+    run_lease: Annotated[
+        float,
+        typer.Option(
+            help="PostgreSQL store: seconds after which a dead engine's runs are resumed by another"
+        ),
+    ] = 10.0,
     allow_faults: Annotated[
         bool,
         typer.Option(
@@ -253,6 +270,7 @@ def serve(
             address=address,
             gateway_nodes=tuple(n.strip() for n in (gateway_nodes or "").split(",") if n.strip()),
         ),
+        store=config.StoreSettings(store, blob_dir, run_lease),
     )
     try:
         if weight_cache is not None:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from smss.errors import StorageUnavailable
 from smss.store._log_compact import backfill
+from smss.store._log_tx import SqliteTx, Tx
 from smss.store._wal import page_size, wal_damage
 
 logger = logging.getLogger("smss.store.sqlite_log")
 
 #: Each migration: SQL statements, or functions of the connection, in one transaction.
-_MIGRATIONS: tuple[tuple[str | Callable[[sqlite3.Connection], None], ...], ...] = (
+_MIGRATIONS: tuple[tuple[str | Callable[[Tx], None], ...], ...] = (
     (
         """CREATE TABLE runs (
             run_id TEXT PRIMARY KEY,
@@ -162,7 +163,7 @@ def setup(db: sqlite3.Connection, path: Path) -> None:
                     if isinstance(step, str):
                         db.execute(step)
                     else:
-                        step(db)
+                        step(SqliteTx(db))
                 db.execute(f"PRAGMA user_version = {v + 1}")
             db.execute("COMMIT")
         except (sqlite3.Error, StorageUnavailable) as e:

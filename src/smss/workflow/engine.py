@@ -20,6 +20,11 @@ Guarantees (with an :class:`~smss.ports.EventLog` that keeps its promises):
   decisions (:mod:`smss.workflow.replay`): completed stages are read back,
   in-flight ones are dispatched again; a run whose workflow definition changed
   since it started is parked, not re-executed against the new definition;
+* with several engines on one log (PostgreSQL), ``recover`` resumes the runs the log
+  hands this engine (:meth:`~smss.ports.EventLog.claim_runs`: its own, and those of
+  engines that died), and with ``rescan_s`` it asks again that often: the
+  runs of an engine that died are resumed by one that is alive, and a run this engine
+  stopped because the log failed (the database was down) is resumed once it is back;
 * a failing stage is retried per its ``retries`` with back-off; then the run
   fails with the stage, attempt, instance, error type, message and traceback
   in the log;
@@ -50,6 +55,7 @@ from smss.errors import (
     InvalidInput,
     NotFound,
     Overloaded,
+    SmssError,
     StorageUnavailable,
 )
 from smss.ports import Clock, EventLog, FunctionCaller
@@ -82,8 +88,11 @@ class Engine:
         workflows: Callable[[str], WorkflowSpec],
         clock: Clock,
         limits: WorkflowLimits | None = None,
+        *,
+        rescan_s: float | None = None,
     ) -> None:
         self._limits = limits or WorkflowLimits()
+        self._rescan_s = rescan_s
         self._log = log_
         self._caller = caller
         self._workflows = workflows
@@ -100,23 +109,44 @@ class Engine:
     async def running(self) -> AsyncIterator[Engine]:
         async with asyncio.TaskGroup() as group:
             self._group = group
+            rescan = None
             try:
                 await self.recover()
+                if self._rescan_s is not None:
+                    rescan = group.create_task(self._rescan(self._rescan_s))
                 yield self
             finally:
+                if rescan is not None:
+                    rescan.cancel()
                 for run in self._runs.values():
                     run.finish(RunOutcome(run.run_id, "running"))
                 for task in list(self._tasks):
                     task.cancel()
         self._group = None
 
+    async def _rescan(self, every_s: float) -> None:
+        while True:
+            await self._shared.clock.sleep(every_s)
+            try:
+                # Off the loop: the database may be slow to answer, or down.
+                await self._resume(await asyncio.to_thread(self._log.claim_runs), off_loop=True)
+            except SmssError as e:  # the log is down: the next scan tries again
+                log.warning("scan for runs to resume failed: %s", e)
+
     async def recover(self) -> int:
-        """Resume every unfinished run in the log; returns how many."""
+        """Resume every unfinished run the log hands this engine that it does not drive
+        already; returns how many."""
+        return await self._resume(self._log.claim_runs())
+
+    async def _resume(self, run_ids: list[str], *, off_loop: bool = False) -> int:
         resumed = 0
-        for run_id in self._log.unfinished_runs():
+        for run_id in run_ids:
             if run_id in self._runs:
                 continue
-            view = replay(self._log.read_run(run_id))
+            records = await self._read_run(run_id) if off_loop else self._log.read_run(run_id)
+            if run_id in self._runs:  # adopted while it was read
+                continue
+            view = replay(records)
             try:
                 spec = self._workflows(view.started.workflow)
             except NotFound:
@@ -139,6 +169,10 @@ class Engine:
         start, which the driver's first records queue behind."""
         if self._group is None:
             raise StorageUnavailable("the workflow engine is not running")
+        existing = self._runs.get(view.run_id)
+        if existing is not None:
+            # Adopted meanwhile (a scan found it between its start and this call): one driver.
+            return existing
         run = Run(view, self._plan(spec))
         driver = Driver(self._shared, run)
         self._runs[view.run_id] = run
