@@ -389,8 +389,8 @@ def invoke(
 def simulate(ctx: typer.Context) -> None:
     """Replay a trace through the real autoscaler, keep-alive and router on a virtual clock.
 
-    Usage: smss simulate TRACE.csv --policy fixed:600|hybrid [--memory-mb N] [--cold-start-ms N]
-    [--concurrency N] [--tick-s S] [--prices FILE] [--json]
+    Usage: smss simulate TRACE.csv [--policy tiered|fixed:600|hybrid] [--latency-objective-ms 10]
+    [--tiers standby_ms=3,...] [--memory-mb N] [--concurrency N] [--tick-s S] [--prices FILE] [--json]
     """
     from smss.sim.cli import main as simulate_main
 

@@ -20,9 +20,11 @@ the cheapest way through it. Per function, in the trace's (compressed) time:
   instance (warm), the template (standby), its weights only, rebuilding the template
   ``build_ms`` before the next arrival (resident), or nothing, reading the weights and
   building ``cold_ms - fork_ms`` before (cold); a step up holds what it builds while it
-  builds. Before the first arrival it builds from nothing; after the last, it holds
-  nothing;
-* **the runtime's zygote**, shared: held while any function of the trace is busy, and
+  builds. Before the first arrival it holds nothing (its first build is not priced:
+  a policy may overlap it with the first request's wait, on an instance shared with
+  later requests); after the last, it holds nothing;
+* **the runtime's zygote**, shared: held while any function of the trace is busy (its
+  first start is not priced, like a template's first build), and
   through each gap between such periods the cheaper of holding it or starting it again
   (``no_runtime_ms - cold_ms``).
 
@@ -95,7 +97,7 @@ def oracle_cost(trace: Trace, config: SimConfig, profile: TierProfile) -> float:
             busy = sum(b - a for a, b in intervals)
             total += rate_i * busy
             if level == 0:
-                total += (rate_s + rate_w) * (busy + cold_build_s) + restart  # built before the first
+                total += (rate_s + rate_w) * busy + restart
                 busy_periods.extend(intervals)
             else:
                 total += restart
@@ -135,8 +137,8 @@ def _runtime_cost(periods: list[tuple[float, float]], rate: float, restart_s: fl
     if not periods:
         return 0.0
     periods.sort()
-    cost = rate * restart_s
     cur_a, cur_b = periods[0]
+    cost = 0.0
     for a, b in periods[1:]:
         if a <= cur_b:
             cur_b = max(cur_b, b)
