@@ -28,13 +28,15 @@ PROFILE = TierProfile()
 
 
 @st.composite
-def traces(draw: st.DrawFn, min_per_function: int = 1, max_functions: int = 4) -> Trace:
+def traces(
+    draw: st.DrawFn, min_per_function: int = 1, max_per_function: int = 25, max_functions: int = 4
+) -> Trace:
     """A few functions, each a bursty stream: log-uniform gaps from 1 ms to 5 min,
     log-uniform durations from 1 ms to 30 s."""
     rows = []
     for f in range(draw(st.integers(1, max_functions))):
         t = draw(st.floats(0.0, 60_000.0))
-        for _ in range(draw(st.integers(min_per_function, 25))):
+        for _ in range(draw(st.integers(min_per_function, max_per_function))):
             t += 10 ** draw(st.floats(0.0, 5.5))  # ms
             rows.append((t, f"f{f}", 10 ** draw(st.floats(0.0, 4.5))))
     rows.sort()
@@ -55,24 +57,29 @@ def test_the_oracle_is_a_lower_bound_on_every_policy(trace: Trace, policy: str, 
     assert float(out["cost_vs_oracle"]) >= 1.0 - 1e-9  # type: ignore[arg-type]
 
 
-@given(traces())
+@given(st.one_of(traces(), traces(min_per_function=120, max_per_function=300, max_functions=2)))
 def test_tiered_is_never_worse_than_fixed_600_at_the_same_latency_objective(trace: Trace) -> None:
+    """Where fixed:600 meets the latency objective (p99 within 10 ms: with a hundred
+    calls or more a function, its first start, which builds the template, is under 1 %
+    of the calls), the tiered policy meets it too, at no more cost."""
     tiered, fixed = run(trace, "tiered"), run(trace, "fixed:600")
     if fixed["objective_met"]:
         assert tiered["objective_met"]
         assert float(tiered["cost_usd"]) <= float(fixed["cost_usd"])  # type: ignore[arg-type]
 
 
-@given(traces(min_per_function=10))
-def test_with_ten_calls_a_function_tiered_costs_no_more_than_fixed_600(trace: Trace) -> None:
-    """Whatever either's latency: the tiered policy builds every function up to standby
-    when it is deployed, so with one call after a long wait it holds standby where
-    fixed:600 held nothing (and then started it from no runtime: 1.8 s); with ten calls
-    a function the instance time saved outweighs that."""
+def test_a_deployed_function_holds_standby_before_its_first_call() -> None:
+    """The price of a fast first call: built up to standby when deployed, a function
+    called once, late, holds standby (and its runtime) until then, where fixed:600
+    holds nothing and starts from no runtime. With the instance second it saves on
+    every later call, that is cheap; with one call it is all there is."""
+    trace = Trace.from_rows([(300_000.0, "f", 10.0)])
     tiered, fixed = run(trace, "tiered"), run(trace, "fixed:600")
-    assert float(tiered["cost_usd"]) <= float(fixed["cost_usd"])  # type: ignore[arg-type]
-    if fixed["objective_met"]:
-        assert tiered["objective_met"]
+    assert tiered["p99_added_ms"] == PROFILE.standby_ms
+    assert fixed["p99_added_ms"] == PROFILE.no_runtime_ms
+    assert float(tiered["cost_usd"]) > float(fixed["cost_usd"])  # type: ignore[arg-type]
+    standby_s = 300.0 * (PROFILE.standby_mb + PROFILE.weights_mb + PROFILE.runtime_mb) / 1024
+    assert float(tiered["standby_memory_gb_seconds"]) >= standby_s  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- holdings after each step

@@ -122,6 +122,8 @@ class Curve:
         self.cost_w, self.slow_w = _warm(level1, c)
         # Per level row, the cost and slow arrivals with a spare and by a fork, summed
         # over the rows below each k (spares) and from k up (forks).
+        seen = [i for i, n in enumerate(self.rows) if n > 0]
+        self.min_spares = min(seen[-1] + 1, MAX_SPARES) if seen else 1
         zeros = (np.zeros(len(_T)), np.zeros(len(_T)))
         spare = [
             _scaled(_warm(r, c, True), n) if n else zeros for r, n in zip(surplus, self.rows, strict=True)
@@ -175,6 +177,9 @@ class Curve:
             jx = np.argmin(value, axis=1)
             rows = np.arange(MAX_SPARES)
             total = value[rows, jx] + self.k_extra * float(self.held[chosen[1]])
+            # Never fewer spares than the longest burst seen: a spare costs a few MiB,
+            # and a burst it would not cover forks (a slow start) in a row.
+            total[: self.min_spares - 1] = math.inf
             k = int(np.argmin(total))
             surplus_s, spares = float(_T[jx[k]]), k + 1
             slow += float(self.k_slow[k, jx[k]])
@@ -192,24 +197,27 @@ def optimise(
 
 def shared_lambda(curves: list[Curve], slow_share: float) -> float:
     """The least ``lambda`` (to 20 %) at which the functions of ``curves``, each
-    solving for it, expect at most ``slow_share`` of all their arrivals to be slow;
-    :data:`LAMBDA_MAX` when even that cannot keep the bound. One price for a slow
-    arrival everywhere spends the platform's budget where a slow start saves most."""
+    solving for it, expect at most ``slow_share`` of all their arrivals to be slow,
+    less one arrival a function (its first may be slow: it can come while the function
+    is still being built); :data:`LAMBDA_MAX` when even that cannot keep the bound.
+    One price for a slow arrival everywhere spends the platform's budget where a slow
+    start saves most."""
     total = sum(c.arrivals for c in curves)
     if total <= 0:
         return 0.0
+    allowed = slow_share * total - len(curves)
 
-    def share(lam: float) -> float:
-        return sum(c.solve(lam)[1] for c in curves) / total
+    def slow(lam: float) -> float:
+        return sum(c.solve(lam)[1] for c in curves)
 
-    if share(0.0) <= slow_share:
+    if slow(0.0) <= allowed:
         return 0.0
     lo, hi = LAMBDA_MIN, LAMBDA_MAX
-    if share(hi) > slow_share:
+    if slow(hi) > allowed:
         return hi
     while hi / lo > 1.2:
         lam = math.sqrt(lo * hi)
-        if share(lam) <= slow_share:
+        if slow(lam) <= allowed:
             hi = lam
         else:
             lo = lam

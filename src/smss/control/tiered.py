@@ -42,9 +42,12 @@ longer than any seen.
 time longer than its range, so a function that has had fewer than about
 ``prior / (safety x budget)`` (200) arrivals never leaves standby: its idle times say
 too little to bet a slow start on, and standby is cheap (a template's own pages and
-its weights, not an instance). With fewer than ``min_samples`` level-1 idle times it
-keeps its last instance for the spare's refill time, so that the next start finds a
-spare, and extra instances ``surplus_s``. A
+its weights, not an instance). With fewer than ``min_samples`` idle times it keeps its
+last instance for the spare's refill time, so that the next start finds a spare, extra
+instances ``surplus_s``, and the most spares (``MAX_SPARES``): a burst it has not
+learned yet finds them ready. Once learned, a template keeps at least as many spares as
+the longest burst seen (arrivals less than the refill time apart that needed more
+instances), and more where they save more than they hold. A
 function deployed and not yet invoked is built up to standby at once (``ensure``), so
 its first request is a fork, not a template build.
 
@@ -104,8 +107,9 @@ class TieredConfig:
     min_samples: int = 10
     safety: float = 0.5
     prior: float = 1.0
-    #: Extra instances' idle window until their idle times are learned.
-    surplus_s: float = 1.0
+    #: Extra instances' idle window until their idle times are learned (about the
+    #: spares' refill time, like the last instance's until then).
+    surplus_s: float = 0.25
 
     def __post_init__(self) -> None:
         if self.min_samples < 1:
@@ -291,7 +295,9 @@ class TieredKeepAlive:
         if self._refresh_curve(fn) or fn.decision is None or fn.decided_at != self._generation:
             if fn.curve is None:
                 p = fn.profile
-                fn.decision = Windows(p.refill_ms / 1000, math.inf, math.inf, math.inf, self.config.surplus_s)
+                fn.decision = Windows(
+                    p.refill_ms / 1000, math.inf, math.inf, math.inf, self.config.surplus_s, MAX_SPARES
+                )
             else:
                 fn.decision = fn.curve.solve(self._lam)[0]
             fn.decided_at = self._generation

@@ -446,26 +446,24 @@ class Simulation:
                 self._reconcile(waiting, now)
 
     def _schedule(self, fn: _Fn, now: float) -> None:
-        """Make sure the function is reconciled when something can next change."""
-        if fn.in_flight or fn.queue or fn.autoscaler.panicking:
+        """Make sure the function is reconciled when something can next change: every
+        tick while it has demand or panics, and at its longest-idle instance's expiry."""
+        wake = now + self.config.tick_s if fn.in_flight or fn.queue or fn.autoscaler.panicking else math.inf
+        if fn.idle and len(fn.ready) > self.config.min_instances:
+            first = next(iter(fn.idle.values()))
+            last, surplus = keep_alive_windows(fn.policies.scaling, self.policy, fn.name, now)
+            window = last if len(fn.ready) == 1 else surplus  # the last instance: the function's
+            wake = min(wake, first.idle_since + window + _EPS)
+        if not fn.ready and fn.starting == 0 and not fn.queue:
+            observed = Observed(fn.name, 0, 0, (), 0, 0.0, fn.prewarmed_for, fn.tiers.holds)
+            at = prewarm_wake(observed, fn.policies, now)
+            if at is not None:
+                wake = min(wake, at)
+            at = tier_wake(observed, fn.policies, now)
+            if at is not None:
+                wake = min(wake, at + _EPS)
+        if wake <= now:
             wake = now + self.config.tick_s
-        else:
-            wake = math.inf
-            if fn.idle and len(fn.ready) > self.config.min_instances:
-                first = next(iter(fn.idle.values()))
-                last, surplus = keep_alive_windows(fn.policies.scaling, self.policy, fn.name, now)
-                window = last if len(fn.ready) == 1 else surplus  # the last instance: the function's
-                wake = first.idle_since + window + _EPS
-            if not fn.ready and fn.starting == 0:
-                observed = Observed(fn.name, 0, 0, (), 0, 0.0, fn.prewarmed_for, fn.tiers.holds)
-                at = prewarm_wake(observed, fn.policies, now)
-                if at is not None:
-                    wake = min(wake, at)
-                at = tier_wake(observed, fn.policies, now)
-                if at is not None:
-                    wake = min(wake, at + _EPS)
-            if wake <= now:
-                wake = now + self.config.tick_s
         if wake < fn.next_wake:
             fn.next_wake = wake
             self._push(wake, _WAKE, fn)
