@@ -36,6 +36,7 @@ from smss.control.controller import Controller
 from smss.control.cost import load_prices
 from smss.control.keepalive import parse_policy
 from smss.control.metering import Meter, UsageSnapshot, decode_snapshot
+from smss.control.tiered import LatencyObjective
 from smss.errors import SmssError
 from smss.inventory import amount_text
 from smss.node.agent import NODE, NodeAgent
@@ -126,8 +127,11 @@ def build(settings: Settings) -> AppContext:
         parse_policy(
             settings.keep_alive_policy or f"fixed:{settings.serving.keep_alive_s}",
             settings.serving.keep_alive_s,
+            objective=LatencyObjective(settings.latency_objective_ms, settings.latency_percentile),
+            prices=load_prices(settings.prices_path),
         ),
         Meter(_load_usage(data / "usage.json")),
+        tiers=backend,
     )
     registry = SqliteRegistry(data / "registry.db")
     workflows = WorkflowRegistry(SqliteWorkflows(data / "workflows.db"), controller)

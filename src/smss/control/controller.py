@@ -59,7 +59,9 @@ from smss.control.keepalive import KeepAlivePolicy
 from smss.control.metering import Meter
 from smss.control.placement import ClusterState, Locality, NoFit, Placement, host_part, need_of
 from smss.control.reconcile import Commands, Observed, Policies, reconcile
-from smss.errors import InstanceLost, InvalidSpec, NotFound, StartFailed
+from smss.control.tiering import TierKeeper
+from smss.control.tiers import Tier
+from smss.errors import Conflict, InstanceLost, InvalidSpec, NotFound, StartFailed, Unavailable
 from smss.inventory import Allocation, DeviceReport
 from smss.ports import (
     ChannelFactory,
@@ -70,6 +72,7 @@ from smss.ports import (
     InstanceInfo,
     Metrics,
     RunningInstance,
+    TierBackend,
 )
 from smss.spec import FunctionSpec
 
@@ -132,7 +135,11 @@ class Controller:
         metrics: Metrics,
         keep_alive: KeepAlivePolicy,
         meter: Meter | None = None,
+        tiers: TierBackend | None = None,
     ) -> None:
+        """``tiers``: the backend's tier control, when it has one: the keep-alive
+        policy's tier decisions are then applied (:mod:`smss.control.tiering`) and what
+        is resident is metered."""
         self.meter = meter or Meter()
         self._backend = backend
         self._channels = channels
@@ -145,6 +152,7 @@ class Controller:
         self._group: asyncio.TaskGroup | None = None
         self._start_ids = itertools.count(1)
         self._wakeups: set[asyncio.Task[None]] = set()
+        self._tiers = TierKeeper(tiers, self.meter, self._spawn) if tiers is not None else None
         backend.set_exit_callback(self._on_exit)
 
     # ------------------------------------------------------------ registry view
@@ -170,7 +178,9 @@ class Controller:
         name = record.spec.name
         autoscaler = autoscaler_for(record)
         hooks = DispatchHooks(
-            on_arrival=lambda: self._keep_alive.on_invocation(name, self._clock.monotonic()),
+            on_arrival=lambda: self._keep_alive.on_invocation(
+                name, self._clock.monotonic(), dispatcher.demand
+            ),
             on_demand_change=lambda demand: autoscaler.observe(self._clock.monotonic(), float(demand)),
             on_start=lambda iid: self.meter.request_started(name, iid, self._clock.monotonic()),
             on_finish=lambda iid: self.meter.request_finished(name, iid, self._clock.monotonic()),
@@ -180,6 +190,12 @@ class Controller:
         dispatcher = FunctionDispatcher(record.spec, self._clock, self._settings, self.wake, hooks=hooks)
         runtime = FunctionRuntime(record, dispatcher, autoscaler)
         self._functions[record.spec.name] = runtime
+        spec = record.spec
+        self._keep_alive.describe(
+            name, spec.resources, self._clock.monotonic(), concurrency=spec.scaling.concurrency
+        )
+        if self._tiers is not None:
+            self._tiers.track(spec)
         if old is not None:
             old.dispatcher.close(f"model {record.spec.name!r} was redeployed")
             self._stop_all(old)
@@ -246,6 +262,8 @@ class Controller:
         runtime.dispatcher.close(f"model {name!r} was deleted")
         self._stop_all(runtime)
         self._metrics.forget(name)
+        if self._tiers is not None:
+            self._tiers.forget(name)
 
     def scale_to_zero(self, name: str) -> None:
         self._stop_all(self.get(name))
@@ -287,6 +305,28 @@ class Controller:
     def devices(self) -> list[DeviceReport]:
         """Every node's devices with their capacity, what is allocated and what is placed."""
         return self.cluster_state().reports()
+
+    async def step_tier(self, name: str, tier: Tier) -> None:
+        """Put ``name``, which has no instance, in ``tier`` now (``no_runtime``: its
+        runtime's zygote stops, and the templates of the other functions of the runtime
+        with it): for benchmarks and tests of each tier. :class:`Conflict` while it (or,
+        for ``no_runtime``, a function of its runtime) has an instance;
+        :class:`Unavailable` on a backend without tiers."""
+        runtime = self.get(name)
+        if self._tiers is None:
+            raise Unavailable("this platform's backend does not keep tiers of readiness")
+        busy = {rt.name for rt in self._functions.values() if rt.dispatcher.slots or rt.dispatcher.starting}
+        if name in busy:
+            raise Conflict(f"model {name!r} has instances: unload it first")
+        record = runtime.record
+        await self._tiers.force(record.spec, Path(record.artifact_dir), tier, busy)
+
+    def tier(self, name: str) -> Tier | None:
+        """The function's tier of readiness now (None: the backend does not say)."""
+        d = self.get(name).dispatcher
+        if d.slots or d.starting:
+            return Tier.WARM
+        return None if self._tiers is None else self._tiers.tier(name)
 
     # ------------------------------------------------------------ loop
 
@@ -390,11 +430,25 @@ class Controller:
             log.exception("could not read the cluster's state; no function reconciled this tick")
             return
         now = self._clock.monotonic()
+        tiers = self._tiers
+        if tiers is not None:
+            tiers.refresh()
         for runtime in list(self._functions.values()):
             try:
                 self._reconcile(runtime, cluster, now)
             except Exception:
                 log.exception("reconcile of %s failed", runtime.name)
+        if tiers is not None:
+            try:
+                busy = [
+                    rt.name
+                    for rt in self._functions.values()
+                    if rt.dispatcher.slots or rt.dispatcher.starting
+                ]
+                tiers.settle_runtimes(busy)
+                tiers.meter(now)
+            except Exception:
+                log.exception("could not settle what is kept resident")
 
     def _reconcile(self, runtime: FunctionRuntime, cluster: ClusterState, now: float) -> None:
         d = runtime.dispatcher
@@ -408,6 +462,7 @@ class Controller:
             starting=d.starting,
             backoff_until=d.backoff_until,
             prewarmed_for=runtime.prewarmed_for,
+            holds=Tier.STANDBY if self._tiers is None else self._tiers.holds(spec.name),
         )
         commands = reconcile(
             observed,
@@ -418,6 +473,8 @@ class Controller:
             evictable=self._evictable,
         )
         self._apply(runtime, commands, cluster)
+        if self._tiers is not None:
+            self._tiers.apply(spec, Path(runtime.record.artifact_dir), commands)
         self._metrics.instances(spec.name, "ready", len(ready) - len(commands.stop))
         self._metrics.instances(spec.name, "starting", d.starting)
         self._metrics.queue_length(spec.name, d.queued)
@@ -537,6 +594,8 @@ class Controller:
         d.starting -= 1
         runtime.failures = 0
         runtime.cold_starts += 1
+        if self._tiers is not None:
+            self._tiers.started(record.spec.name)
         runtime.start_estimate_s += 0.3 * (started.timings.total_ms / 1000 - runtime.start_estimate_s)
         if d.closed_reason is not None:  # deleted or redeployed while starting
             await channel.close()

@@ -33,34 +33,31 @@ Pure: no clock, no I/O.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, fields, replace
 
 from smss.errors import InvalidSpec
+from smss.inventory import Tier
+
+__all__ = [
+    "KEEP_ALL",
+    "START_TIERS",
+    "Tier",
+    "TierProfile",
+    "TierTarget",
+    "parse_profile",
+    "parse_tier",
+    "runtime_wanted",
+    "step_to",
+]
 
 
-class Tier(enum.IntEnum):
-    """Ordered by readiness: a higher tier holds everything a lower one does."""
-
-    NO_RUNTIME = 0
-    COLD = 1
-    RESIDENT = 2
-    STANDBY = 3
-    WARM = 4
-
-    @property
-    def label(self) -> str:
-        """The tier's name as the CLI, the API and the metrics spell it."""
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, text: str) -> Tier:
-        try:
-            return cls[text.strip().upper()]
-        except KeyError:
-            names = ", ".join(t.label for t in cls)
-            raise InvalidSpec(f"unknown tier {text!r}; tiers are {names}") from None
+def parse_tier(text: str) -> Tier:
+    try:
+        return Tier[text.strip().upper()]
+    except KeyError:
+        names = ", ".join(t.label for t in Tier)
+        raise InvalidSpec(f"unknown tier {text!r}; tiers are {names}") from None
 
 
 #: The tiers a start can begin from (a warm function routes, it does not start).
