@@ -152,7 +152,7 @@ class Controller:
         self._group: asyncio.TaskGroup | None = None
         self._start_ids = itertools.count(1)
         self._wakeups: set[asyncio.Task[None]] = set()
-        self._tiers = TierKeeper(tiers, self.meter, self._spawn) if tiers is not None else None
+        self._tiers = None if tiers is None else TierKeeper(tiers, self.meter, self._spawn, clock.monotonic)
         backend.set_exit_callback(self._on_exit)
 
     # ------------------------------------------------------------ registry view

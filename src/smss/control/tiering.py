@@ -58,12 +58,16 @@ class _Function:
 
 class TierKeeper:
     """What each function keeps resident, stepped as the reconcile decides (module
-    docstring). ``spawn`` runs a coroutine in the controller's task group."""
+    docstring). ``spawn`` runs a coroutine in the controller's task group; ``now`` is
+    the controller's clock (what a step releases is metered no more from its end)."""
 
-    def __init__(self, backend: TierBackend, meter: Meter, spawn: Spawn) -> None:
+    def __init__(
+        self, backend: TierBackend, meter: Meter, spawn: Spawn, now: Callable[[], float] | None = None
+    ) -> None:
         self._backend = backend
         self._meter = meter
         self._spawn = spawn
+        self._now = now
         self._functions: dict[str, _Function] = {}
         self._metered: dict[str, tuple[str, float]] = {}
         self._stopping: set[str] = set()
@@ -176,7 +180,13 @@ class TierKeeper:
                 await self._backend.stop_runtime(fn.runtime)
         finally:
             fn.stepping = False
-            self.refresh()
+            self._settled()
+
+    def _settled(self) -> None:
+        """A step ended: read back what is held, and meter it from now."""
+        self.refresh()
+        if self._now is not None:
+            self.meter(self._now())
 
     # ------------------------------------------------------------ effects
 
@@ -188,7 +198,7 @@ class TierKeeper:
             log.warning("%s could not step to %s: %s", spec.name, to.label, getattr(e, "message", e))
         finally:
             fn.stepping = False
-            self.refresh()
+            self._settled()
 
     async def _set_spares(self, name: str, spares: int) -> None:
         try:
@@ -201,4 +211,4 @@ class TierKeeper:
             await self._backend.stop_runtime(runtime)
         finally:
             self._stopping.discard(runtime)
-            self.refresh()
+            self._settled()
