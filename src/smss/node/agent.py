@@ -168,6 +168,14 @@ class NodeAgent:
             }
             for t in self.zygotes.templates()
         }
+        stats["segments"] = {
+            key: round(seg.size / (1 << 20), 3)
+            for key in list(self.store.keys())
+            if (seg := self.store.get(key))
+        }
+        stats["zygotes"] = {
+            r: pid for r in self.zygotes.runtimes() if (pid := self.zygotes.zygote_pid(r)) is not None
+        }
         return {NODE: stats}
 
     def evict_weights(self, function: str) -> bool:
