@@ -186,6 +186,8 @@ class CostReport(msgspec.Struct, frozen=True):
     prices: PriceTable
     functions: dict[str, FunctionCost]
     total: CostTotal
+    #: GB-seconds of each overhead owner (``runtime:NAME``, ``platform``).
+    overhead: dict[str, float] = msgspec.field(default_factory=dict)
 
     def to_builtins(self) -> dict[str, object]:
         out: dict[str, object] = msgspec.to_builtins(self)
@@ -301,4 +303,6 @@ def report(
         cost_with_overhead_usd=cost + overhead_usd,
         cost_ratio_with_overhead=_ratio(cost + overhead_usd, container_cost),
     )
-    return CostReport(period_s=period_s, prices=prices, functions=functions, total=total)
+    return CostReport(
+        period_s=period_s, prices=prices, functions=functions, total=total, overhead=dict(overhead_gb_s or {})
+    )
