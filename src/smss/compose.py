@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -167,11 +168,20 @@ def build(settings: Settings) -> AppContext:
 async def deploy_demo(platform: Platform, data_dir: Path) -> None:
     """Deploy the demo models (generated deterministically on first use) unless already deployed."""
     from smss.demo.behavior import behavior_workflow
-    from smss.demo.generate import ensure_behavior_artifacts, ensure_demo_artifacts
+    from smss.demo.generate import BEHAVIOR_MODELS, DEMO_MODELS, ensure_artifact, missing
     from smss.packaging import load_class
 
-    artifacts = await asyncio.to_thread(ensure_demo_artifacts, data_dir / "demo")
-    artifacts += await asyncio.to_thread(ensure_behavior_artifacts, data_dir / "demo")
+    dest = data_dir / "demo"
+    names = (*DEMO_MODELS, *BEHAVIOR_MODELS)
+    if todo := missing(dest, names):
+        # Generating imports torch and onnx: in a process of its own, where the model
+        # runtimes live, so that this gateway never imports one.
+        generator = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "smss.demo.generate", str(dest), *todo, stdin=asyncio.subprocess.DEVNULL
+        )
+        if await generator.wait() != 0:
+            raise RuntimeError(f"generating the demo weights failed (exit status {generator.returncode})")
+    artifacts = [ensure_artifact(dest, name) for name in names]  # all there now: nothing generated
     for art in artifacts:
         _, cls = load_class(f"{art.source}:{art.class_name}")
         pkg = package_class(art.source, cls, art.weights)
