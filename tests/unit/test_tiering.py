@@ -182,3 +182,21 @@ def test_forcing_a_tier_waits_for_it_and_no_runtime_refuses_while_the_runtime_ru
             assert w.tiers.stopped == ["torch"]
 
     run(main())
+
+
+def test_a_failed_build_ahead_of_demand_is_not_retried_every_tick() -> None:
+    async def main() -> None:
+        w = World(TieredKeepAlive(600.0))
+        w.tiers.fail_builds = 100
+        async with w.controller.running():
+            w.controller.deploy(record())
+            await w.pause(10.0)  # 50 ticks
+            assert w.tiers.steps == [("m", Tier.STANDBY)]
+            assert w.controller.tier("m") == Tier.NO_RUNTIME
+            await w.pause(30.0)  # the retry is due
+            assert len(w.tiers.steps) == 2
+            w.tiers.fail_builds = 0
+            await w.pause(31.0)
+            assert w.controller.tier("m") == Tier.STANDBY
+
+    run(main())

@@ -13,8 +13,9 @@ function, what it holds:
   zygote: ``cold`` while it claims it (it started, or stepped to cold or more),
   ``no_runtime`` once it stepped below. That is the ``holds`` the reconcile sees;
 * **steps** run as tasks of the controller's task group; while one runs the function
-  is taken to hold the tier stepped to (no second step is asked for), and a failed
-  build is logged (the next start builds again);
+  is taken to hold the tier stepped to (no second step is asked for). A failed build
+  is logged and no build ahead of demand is tried again for ``RETRY_BUILD_S`` (a
+  start, which builds too, still may: its failures have the controller's back-off);
 * **runtimes** - after every function was reconciled, a zygote of a runtime that no
   function claims, and that no function is starting or running on, is stopped
   (:func:`~smss.control.tiers.runtime_wanted`);
@@ -45,6 +46,8 @@ from smss.spec import FunctionSpec
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
+#: After a build ahead of demand failed, how long until the next is tried.
+RETRY_BUILD_S = 30.0
 
 
 @dataclass
@@ -54,6 +57,8 @@ class _Function:
     claims: bool = False
     stepping: bool = False
     spares: int = 1
+    #: When a build ahead of demand last failed (-inf: never).
+    failed_at: float = float("-inf")
 
 
 class TierKeeper:
@@ -130,6 +135,8 @@ class TierKeeper:
         to = commands.step_to
         if to is None or fn.stepping:
             return
+        if to > fn.holds and self._now is not None and self._now() < fn.failed_at + RETRY_BUILD_S:
+            return
         fn.stepping = True
         fn.holds, fn.claims = to, to >= Tier.COLD
         self._spawn(self._step(fn, spec, artifact_dir, to))
@@ -195,6 +202,8 @@ class TierKeeper:
             await self._backend.step(spec, artifact_dir, to)
             log.info("%s stepped to %s", spec.name, to.label)
         except Exception as e:
+            if self._now is not None:
+                fn.failed_at = self._now()
             log.warning("%s could not step to %s: %s", spec.name, to.label, getattr(e, "message", e))
         finally:
             fn.stepping = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from smss.errors import StartFailed
 from smss.inventory import Tier
 from smss.ports import ResidentReading
 from smss.spec import FunctionSpec
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
 class FakeTiers:
     """What each function holds (``held``: ``standby`` or ``resident``), the runtimes
     whose zygote runs (``running``), every step asked for (``steps``: function, tier),
-    spares set (``spares``), runtimes stopped (``stopped``). ``readings`` reports
+    spares set (``spares``), runtimes stopped (``stopped``); ``fail_builds``: that many
+    next builds raise :class:`StartFailed`. ``readings`` reports
     ``standby_mb`` per template, ``weights_mb`` per function holding weights and
     ``runtime_mb`` per running zygote. With a ``backend``, a release of a function that
     has an instance running there is refused (as the node refuses it)."""
@@ -37,6 +39,7 @@ class FakeTiers:
         self.steps: list[tuple[str, Tier]] = []
         self.spares: dict[str, int] = {}
         self.stopped: list[str] = []
+        self.fail_builds = 0
         self._runtime_of: dict[str, str] = {}
 
     def holdings(self) -> dict[str, Tier]:
@@ -49,6 +52,9 @@ class FakeTiers:
         self.steps.append((spec.name, to))
         self._runtime_of[spec.name] = spec.runtime
         if to >= Tier.STANDBY:
+            if self.fail_builds > 0:
+                self.fail_builds -= 1
+                raise StartFailed(f"model {spec.name!r} failed to load")
             self.running.add(spec.runtime)
             self.held[spec.name] = Tier.STANDBY
             return
