@@ -7,11 +7,15 @@ Per function it drives the same objects as the live controller and dispatcher:
 and :class:`~smss.control.placement.ClusterState` placement inside),
 :func:`~smss.control.router.choose` and the :class:`~smss.control.metering.Meter`,
 on a virtual clock (an event heap; nothing sleeps). Instances are simulated: one
-becomes ready ``cold_start_ms`` after it is asked for (a fork of the function's
-resident template) and serves up to ``concurrency`` requests at once, each for the
-trace's ``duration_ms``. With ``first_start_ms`` set, a function's first start takes
-that long instead (its template is built first, as the live node does once per
-model; starts asked for while it is being built wait for it, then fork).
+becomes ready as long after it is asked for as a start from the function's tier of
+readiness takes (:mod:`smss.sim.readiness`: a hand-over to a ready spare, a fork, a
+template built from resident weights, from disk, after the runtime's zygote started;
+the latencies and footprints of :class:`~smss.control.tiers.TierProfile`, or every
+start ``cold_start_ms`` and one that builds a template ``first_start_ms``, as before
+tiers) and serves up to ``concurrency`` requests at once, each for the trace's
+``duration_ms``. What each function keeps resident besides instances is stepped as
+the reconcile decides (``step_to``, ``spares``) and metered (standby memory, the
+runtime's zygote); every function is deployed, and reconciled once, at time 0.
 
 What happens, as in the live platform:
 
@@ -38,9 +42,17 @@ What happens, as in the live platform:
   (it found no free instance and waited for one to start); a request that waited for
   a busy instance to finish only queued;
 * pre-warm: when the policy's ``prewarm_at`` names a time and the function has no
-  instance ready or starting, one is started ``cold_start_ms`` earlier so that it is
-  ready then, once per named time (the reconcile's rule; the start estimate is
-  ``cold_start_ms``).
+  instance ready or starting, one is started a standby start earlier so that it is
+  ready then, once per named time (the reconcile's rule);
+* tiers: an idle function is reconciled when its tier target next changes (the
+  policy's ``until``), and steps down or up then.
+
+Besides the instance figures it reports ``standby_memory_gb_seconds`` (templates,
+spares, weights and the runtime's zygote, integrated), the starts by the tier they
+began from, whether the latency objective was met at its percentile, and
+``oracle_cost_usd``, the hindsight-optimal cost of the same trace
+(:mod:`smss.sim.oracle`), with ``cost_vs_oracle``; ``cost_usd`` and ``cost_ratio``
+count every tier.
 
 Differences from the live controller, for speed and on purpose:
 
@@ -64,7 +76,7 @@ Differences from the live controller, for speed and on purpose:
 does against a live platform: arrival times and durations are divided by K, and so
 is every duration of the keep-alive policy (:func:`~smss.control.keepalive.scale_policy`,
 what the replay passes to the platform), while the platform's own constants (the
-autoscaler's windows, ``tick_s``, ``cold_start_ms``) are not, as on the live platform.
+autoscaler's windows, ``tick_s``, the tiers' latencies) are not, as on the live platform.
 Figures are in the compressed time.
 
 The run ends when the last request completes; instances still alive then are metered
