@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from smss.control.gateways import GatewayLoads
 from smss.control.keepalive import parse_policy
 from smss.control.metering import Meter, UsageSnapshot, decode_snapshot
 from smss.control.router import Proximity
+from smss.control.tiered import LatencyObjective
 from smss.errors import SmssError
 from smss.inventory import amount_text
 from smss.node.agent import NODE, NodeAgent
@@ -134,10 +136,14 @@ def build(settings: Settings, cluster: ClusterParts | None = None) -> AppContext
         parse_policy(
             settings.keep_alive_policy or f"fixed:{settings.serving.keep_alive_s}",
             settings.serving.keep_alive_s,
+            objective=LatencyObjective(settings.latency_objective_ms, settings.latency_percentile),
+            prices=load_prices(settings.prices_path),
         ),
         Meter(_load_usage(data / "usage.json")),
         gateways=cluster.gateways if cluster else None,
         proximity=cluster.proximity if cluster else None,
+        # The tiers of readiness are the local node's (a Ray backend leaves them to its agents).
+        tiers=backend if isinstance(backend, NodeAgent) else None,
     )
     stores = open_stores(settings)
     registry, event_log = stores.registry, stores.log
@@ -264,11 +270,20 @@ def engine_id(data: Path) -> str:
 async def deploy_demo(platform: Platform, data_dir: Path) -> None:
     """Deploy the demo models (generated deterministically on first use) unless already deployed."""
     from smss.demo.behavior import behavior_workflow
-    from smss.demo.generate import ensure_behavior_artifacts, ensure_demo_artifacts
+    from smss.demo.generate import BEHAVIOR_MODELS, DEMO_MODELS, ensure_artifact, missing
     from smss.packaging import load_class
 
-    artifacts = await asyncio.to_thread(ensure_demo_artifacts, data_dir / "demo")
-    artifacts += await asyncio.to_thread(ensure_behavior_artifacts, data_dir / "demo")
+    dest = data_dir / "demo"
+    names = (*DEMO_MODELS, *BEHAVIOR_MODELS)
+    if todo := missing(dest, names):
+        # Generating imports torch and onnx: in a process of its own, where the model
+        # runtimes live, so that this gateway never imports one.
+        generator = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "smss.demo.generate", str(dest), *todo, stdin=asyncio.subprocess.DEVNULL
+        )
+        if await generator.wait() != 0:
+            raise RuntimeError(f"generating the demo weights failed (exit status {generator.returncode})")
+    artifacts = [ensure_artifact(dest, name) for name in names]  # all there now: nothing generated
     for art in artifacts:
         _, cls = load_class(f"{art.source}:{art.class_name}")
         pkg = package_class(art.source, cls, art.weights)

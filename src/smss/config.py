@@ -149,8 +149,12 @@ class Settings:
     #: How long instances outlive a killed ``smss serve``, waiting for the next one on
     #: this data directory to adopt them (fork mode); 0: they die with it.
     adopt_window_s: float = 30.0
-    #: Keep-alive policy of every function without its own keep_alive_s: "fixed:SECONDS" or "hybrid".
+    #: Keep-alive policy of every function without its own keep_alive_s: "fixed:SECONDS",
+    #: "hybrid" or "tiered" (smss.control.keepalive).
     keep_alive_policy: str | None = None
+    #: The latency a start may add at ``latency_percentile`` (the tiered policy keeps it).
+    latency_objective_ms: float = 10.0
+    latency_percentile: float = 99.0
     #: A TOML price table overriding the defaults (see smss.control.cost).
     prices_path: Path | None = None
     #: Cores / host memory (MiB) the platform may place on this node; None = what the

@@ -12,6 +12,7 @@ carries ``gpu`` (1.0 = the whole GPU's compute) and ``gpu_memory_mb``.
 
 from __future__ import annotations
 
+import enum
 from typing import Literal
 
 import msgspec
@@ -26,6 +27,22 @@ KIND_RESOURCES: dict[DeviceKind, tuple[str, ...]] = {
     "cpu": ("cpu", "memory_mb"),
     "cuda": ("gpu", "gpu_memory_mb"),
 }
+
+
+class Tier(enum.IntEnum):
+    """A function's tier of readiness (:mod:`smss.control.tiers`), ordered by readiness:
+    a higher tier holds everything a lower one does."""
+
+    NO_RUNTIME = 0
+    COLD = 1
+    RESIDENT = 2
+    STANDBY = 3
+    WARM = 4
+
+    @property
+    def label(self) -> str:
+        """The tier's name as the CLI, the API and the metrics spell it."""
+        return self.name.lower()
 
 
 class Capacity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

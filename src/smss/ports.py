@@ -14,6 +14,7 @@ WorkflowStore             ``store.sqlite_workflows``             ``PgWorkflows``
 EventLog                  ``store.sqlite_log.SqliteEventLog``    ``PgEventLog``; ``testing.MemoryEventLog``
 BlobStore                 (blobs in the log's database)          ``store.blob_dir.BlobDirectory``
 ClusterBackend            ``node.agent.NodeAgent``               ``cluster.ray``; ``testing.FakeBackend``
+TierBackend               ``node.agent.NodeAgent``               ``testing.FakeBackend``
 InstanceChannel           ``node.channel.UnixChannel``           TCP; ``testing.FakeChannel``
 Metrics                   ``api.metrics.PrometheusMetrics``      ``testing.NullMetrics``
 ========================  =====================================  ==============================
@@ -33,7 +34,7 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
-from smss.inventory import Allocation, NodeInventory
+from smss.inventory import Allocation, NodeInventory, Tier
 from smss.spec import FunctionSpec
 from smss.workflow.events import (
     Event,
@@ -275,6 +276,54 @@ class Reply:
     outputs: dict[str, np.ndarray]
     queue_s: float = 0.0
     compute_s: float = 0.0
+
+
+class ResidentReading(msgspec.Struct, frozen=True):
+    """What one thing kept resident holds, as last measured: ``key`` names it
+    (``template:KEY``, ``spare:KEY:PID``, ``weights:KEY``, ``zygote:RUNTIME``,
+    ``platform:PID``), ``owner`` is a function's name, ``runtime:NAME`` or ``platform``."""
+
+    key: str
+    owner: str
+    mb: float
+
+
+class TierBackend(Protocol):
+    """The tiers of readiness on the nodes (:mod:`smss.control.tiers`): what each
+    function keeps resident besides instances, and stepping it up and down. A backend
+    that has no such control does not implement it (the controller then leaves what is
+    resident to the backend). Steps apply to a function with no instance; the node
+    refuses to release what an instance of it uses."""
+
+    def holdings(self) -> dict[str, Tier]:
+        """What each function holds of its own: ``standby`` (a template), ``resident``
+        (weights in a store); functions holding neither are left out."""
+        ...
+
+    def runtimes(self) -> list[str]:
+        """The runtimes whose zygote runs."""
+        ...
+
+    async def step(self, spec: FunctionSpec, artifact_dir: Path, to: Tier) -> None:
+        """Build ``spec``'s function up to ``to`` (``standby``: its template, weights
+        read first) or release what it holds above ``to``; ``cold`` and ``no_runtime``
+        release alike (the zygote is its runtime's: :meth:`stop_runtime`). A failed
+        build raises :class:`smss.errors.StartFailed`."""
+        ...
+
+    async def set_spares(self, function: str, spares: int) -> None:
+        """How many rehearsed spares the function's template keeps (and a template
+        built for it later)."""
+        ...
+
+    async def stop_runtime(self, runtime: str) -> bool:
+        """Stop the runtime's zygote (no function uses it); True if one ran."""
+        ...
+
+    def readings(self) -> list[ResidentReading]:
+        """What each node keeps resident, as last measured (PSS without the segments a
+        process maps; segments by size), for the meter."""
+        ...
 
 
 class InstanceChannel(Protocol):

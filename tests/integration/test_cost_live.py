@@ -75,6 +75,8 @@ def _priced(usage: dict[str, Any], prices: dict[str, float]) -> float:
         + usage["memory_gb_s"] * prices["usd_per_gb_second"]
         + usage["gpu_s"] * prices["usd_per_gpu_second"]
         + usage["invocations"] / 1e6 * prices["usd_per_million_requests"]
+        + usage["standby_gb_s"] * prices["usd_per_gb_second"]
+        + usage["standby_cpu_s"] * prices["usd_per_vcpu_second"]
     )
 
 
@@ -130,15 +132,18 @@ def test_cost_report_matches_the_metered_usage(server: ServerProcess, tmp_path: 
         prices = rep["prices"]
         assert fn["cost_usd"] == pytest.approx(_priced(fn, prices), rel=1e-9)
         assert total["cost_usd"] == pytest.approx(fn["cost_usd"], rel=1e-9)
-        parts = fn["cpu_usd"] + fn["memory_usd"] + fn["gpu_usd"] + fn["request_usd"]
+        parts = fn["cpu_usd"] + fn["memory_usd"] + fn["gpu_usd"] + fn["request_usd"] + fn["standby_usd"]
         assert parts == pytest.approx(fn["cost_usd"], rel=1e-9)
+        assert fn["instance_usd"] == pytest.approx(fn["cpu_usd"] + fn["memory_usd"] + fn["gpu_usd"], rel=1e-9)
         # Always-on baseline: ceil(peak / concurrency) containers for the whole period.
         assert fn["peak_concurrency"] == 1  # requests were sent one at a time
         assert fn["containers"] == math.ceil(fn["peak_concurrency"] / 1) == 1
         per_second = CPU * prices["usd_per_vcpu_second"] + MEMORY_MB / 1024 * prices["usd_per_gb_second"]
         assert fn["container_cost_usd"] == pytest.approx(rep["period_s"] * per_second, rel=1e-6)
         assert fn["cost_ratio"] == pytest.approx(fn["cost_usd"] / fn["container_cost_usd"], rel=1e-9)
-    # Scaled to zero: usage no longer grows between the two reads; only the period does.
-    for key in ("invocations", "alive_s", "busy_s", "memory_gb_s", "cost_usd"):
+    # Scaled to zero: instance usage no longer grows between the two reads; the period
+    # does, and so may what is kept resident for it (standby: tests/integration/test_tiers_live.py).
+    for key in ("invocations", "alive_s", "busy_s", "memory_gb_s", "instance_usd"):
         assert from_cli["total"][key] == pytest.approx(report["total"][key], rel=1e-9)
+    assert from_cli["total"]["standby_gb_s"] >= report["total"]["standby_gb_s"]
     assert from_cli["period_s"] >= report["period_s"]

@@ -38,6 +38,9 @@ def periodic(period_s: float, n: int, duration_ms: float = 100.0, jitter_s: floa
 
 
 def run(trace: Trace, **config: object) -> dict[str, object]:
+    """One simulation; every start takes 500 ms unless told otherwise (the figures
+    these tests check predate the tiers' calibrated starts)."""
+    config.setdefault("cold_start_ms", 500.0)
     return Simulation(trace, SimConfig(**config)).run()  # type: ignore[arg-type]
 
 
@@ -81,7 +84,9 @@ def test_hybrid_never_does_worse_than_fixed_on_a_learned_periodic_trace(period: 
 
 def test_burst_respects_max_instances() -> None:
     trace = Trace.from_rows([(1000.0, "f", 1000.0)] * 200)
-    sim = Simulation(trace, SimConfig(policy="fixed:600", concurrency=1, max_instances=4))
+    sim = Simulation(
+        trace, SimConfig(policy="fixed:600", concurrency=1, max_instances=4, cold_start_ms=500.0)
+    )
     out = sim.run()
     usage = sim.meter.usage(float(out["period_s"]))["f"]  # type: ignore[arg-type]
     assert usage.peak_instances <= 4
@@ -125,7 +130,7 @@ def test_the_simulator_is_deterministic() -> None:
 def test_simulate_reads_a_file_and_reports_every_field(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
     path.write_text("t_ms,function,duration_ms,cluster\n0,f,10,0\n500,f,10,0\n90000,g,10,1\n")
-    out = simulate(path, SimConfig(policy="fixed:60"))
+    out = simulate(path, SimConfig(policy="fixed:60", cold_start_ms=500.0))
     assert set(out) >= FIELDS
     assert out["invocations"] == 3
     assert out["cold_starts"] == 2

@@ -44,6 +44,7 @@ def function_json(st: FunctionStatus) -> w.FunctionJson:
         last_error=st.last_error,
         state=st.state,
         replaced=st.replaced,
+        tier=st.tier,
     )
 
 
@@ -91,6 +92,15 @@ def routes(ctx: AppContext) -> list[Route]:
         return json_response(w.Deleted(deleted=request.path_params["name"]))
 
     @endpoint
+    async def step_tier(request: Request) -> Response:
+        admin(request)
+        require_content_type(request)
+        body = await read_json(request, MAX_DEPLOY_BODY, w.TierRequest)
+        name = request.path_params["name"]
+        tier = await platform.step_tier(name, body.tier)
+        return json_response(w.Stepped(name=name, tier=tier))
+
+    @endpoint
     async def weights(request: Request) -> Response:
         return json_response(platform.backend.weight_cache())
 
@@ -113,9 +123,9 @@ def routes(ctx: AppContext) -> list[Route]:
 
     @endpoint
     async def cost(request: Request) -> Response:
-        usage = platform.controller.meter.usage(time.monotonic())
+        meter, now = platform.controller.meter, time.monotonic()
         specs = {rt.name: rt.record.spec for rt in platform.controller.functions()}
-        result = cost_report(usage, ctx.prices, ctx.metered_period_s(), specs)
+        result = cost_report(meter.usage(now), ctx.prices, ctx.metered_period_s(), specs, meter.overhead(now))
         return json_response(result)
 
     @endpoint
@@ -132,6 +142,7 @@ def routes(ctx: AppContext) -> list[Route]:
         Route("/v1/functions", deploy, methods=["POST"]),
         Route("/v1/functions/{name}", get_function, methods=["GET"]),
         Route("/v1/functions/{name}", delete_function, methods=["DELETE"]),
+        Route("/v1/functions/{name}/tier", step_tier, methods=["POST"]),
         Route("/v1/weights", weights, methods=["GET"]),
         Route("/v1/devices", devices, methods=["GET"]),
         Route("/v1/cluster", cluster, methods=["GET"]),

@@ -128,6 +128,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("DELETE", "/v1/functions/{name}"): Operation(
         "Delete a function", _json(w.Deleted), errors=(*_ADMIN, 404, 409), admin=True
     ),
+    ("POST", "/v1/functions/{name}/tier"): Operation(
+        "Put a function with no instance in a tier of readiness now",
+        _json(w.Stepped),
+        errors=(*_BODY, *_ADMIN, 404, 409, 503),
+        request=_json(w.TierRequest),
+        admin=True,
+    ),
     ("GET", "/v1/weights"): Operation("Each node's weight store", _json(w.WeightCache)),
     ("DELETE", "/v1/weights/{name}"): Operation(
         "Evict a function's idle weights", _json(w.Evicted), errors=(*_ADMIN, 404), admin=True

@@ -28,6 +28,13 @@ class DeployRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     weights_sha256: str | None = None
 
 
+class TierRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Put a function with no instance in this tier now: ``standby``, ``resident``,
+    ``cold`` or ``no_runtime`` (its runtime's zygote stops)."""
+
+    tier: Literal["standby", "resident", "cold", "no_runtime"]
+
+
 class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``inputs``: a list of tensors as in an infer request (decoded once the workflow's
     inputs are known)."""
@@ -179,6 +186,8 @@ class FunctionJson(TypedDict):
     last_error: str | None
     state: str
     replaced: int
+    #: Its tier of readiness: warm, standby, resident, cold, no_runtime (None: unknown).
+    tier: str | None
 
 
 class FunctionList(TypedDict):
@@ -187,6 +196,11 @@ class FunctionList(TypedDict):
 
 class Deleted(TypedDict):
     deleted: str
+
+
+class Stepped(TypedDict):
+    name: str
+    tier: str | None
 
 
 class Evicted(TypedDict):

@@ -21,6 +21,7 @@ import numpy as np
 from smss.app.workflow_registry import WorkflowRegistry
 from smss.control.controller import Controller, FunctionRuntime
 from smss.control.dispatcher import Served
+from smss.control.tiers import parse_tier
 from smss.errors import Conflict, ModelError, NotFound, Unavailable
 from smss.inventory import DeviceReport
 from smss.ports import Clock, ClusterBackend, EventLog, FunctionRecord, RegistryStore, Tensors
@@ -53,6 +54,9 @@ class FunctionStatus:
     state: str = "idle"
     #: Instances killed and replaced because they hung or were lost.
     replaced: int = 0
+    #: Its tier of readiness (``warm``, ``standby``, ``resident``, ``cold``,
+    #: ``no_runtime``); None when the backend does not say.
+    tier: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,13 @@ class Platform:
         """Scale a model to zero; it starts again on its next request."""
         self.controller.scale_to_zero(name)
 
+    async def step_tier(self, name: str, tier: str) -> str | None:
+        """Put a function with no instance in ``tier`` now (see ``Controller.step_tier``);
+        its tier afterwards."""
+        await self.controller.step_tier(name, parse_tier(tier))
+        now = self.controller.tier(name)
+        return None if now is None else now.label
+
     def devices(self) -> list[DeviceReport]:
         """Every node's devices: capacity, what is allocated and what is placed there."""
         return self.controller.devices()
@@ -281,6 +292,7 @@ class Platform:
                         else "idle"
                     ),
                     replaced=rt.replaced,
+                    tier=None if (tier := self.controller.tier(rt.name)) is None else tier.label,
                 )
             )
         return out

@@ -20,6 +20,12 @@ For ``cnn`` (11M parameters) and ``cnn_large`` (~100M), in one run:
   least ``MIN_START_MS`` (a cold median at or below the warm one means a start
   these medians cannot resolve, not an infinite speedup);
 * ``start_phases_ms``: where the platform spent a cached cold start (from /metrics);
+* ``tiers``: per tier of readiness (``standby``, ``resident``, ``cold``, ``no_runtime``),
+  ``start_ms`` (a start from it less the warm median) and ``resident_mb`` (what the tier
+  keeps: its processes' PSS without the segments they map, plus the segments; ``own_mb``
+  without the runtime's zygote), see :mod:`smss.bench.tiers`; ``standby_mb`` is
+  standby's, and ``standby_within_2ms_of_warm`` says whether a start from standby added
+  at most 2 ms;
 * ``ray_serve_cold_ms``: where the ``bench`` extra (``ray[serve]``) is
   installed, the first request to a Ray Serve deployment of the same model
   that has scaled to zero (median of 5), with ``ray_serve_warm_ms``,
@@ -52,6 +58,7 @@ import httpx
 import msgspec
 import numpy as np
 
+from smss.bench.tiers import measure_tiers
 from smss.node.worker import child_pids
 from smss.testing.server import running_server
 
@@ -127,6 +134,16 @@ class _Platform:
         elapsed = (time.perf_counter() - t0) * 1000
         r.raise_for_status()
         return elapsed
+
+    def get(self, path: str) -> Any:
+        r = self.http.get(path)
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path: str, body: object) -> Any:
+        r = self.http.post(path, json=body)
+        r.raise_for_status()
+        return r.json()
 
     def instances(self, name: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.http.get(f"/v1/functions/{name}").json()["instances"]
@@ -217,13 +234,19 @@ def run() -> list[dict[str, Any]]:
         arts = {n: ensure_artifact(tmp / "demo", n) for n in ("cnn", "cnn_large")}
         naive = {n: naive_ms(a.source, a.class_name, a.weights, x, tmp) for n, a in arts.items()}
         token = "bench-token"
-        with running_server(tmp / "platform", ["--token", token, "--log-level", "warning"]) as server:
+        args = ["--token", token, "--log-level", "warning", "--keep-alive-policy", "fixed:300"]
+        with running_server(tmp / "platform", args) as server:
             p = _Platform(server.url, token)
             for name, art in arts.items():
                 cls = getattr(models, art.class_name)
                 pkg = package_class(art.source, cls, art.weights)
                 _deploy(p, pkg)
                 r = measure_platform(p, name, x)
+                r["tiers"] = measure_tiers(
+                    p, name, "torch", _binary_request(x), r["warm_ms"], TRIES, AT_ZERO_S
+                )
+                r["standby_mb"] = r["tiers"]["standby"]["resident_mb"]
+                r["standby_within_2ms_of_warm"] = r["tiers"]["standby"]["start_ms"] <= 2.0
                 speedup = (naive[name] - r["warm_ms"]) / max(r["cold_ms"] - r["warm_ms"], MIN_START_MS)
                 b2b = r["warm_back_to_back_ms"]
                 speedup_b2b = (naive[name] - b2b) / max(r["cold_ms"] - b2b, MIN_START_MS)

@@ -56,6 +56,17 @@ difference that accounts for.
   template first (tiers ``resident``, ``cold``, ``no_runtime``), ``template_starts``
   of them (the simulator's ``template_builds``), from ``smss_start_seconds`` in /metrics.
 * ``errors``: answers other than 200 and failed requests, by reason.
+* tiers of readiness: ``standby_memory_gb_seconds`` (over the replay, from ``GET
+  /v1/cost``: what the functions held resident besides instances, their templates,
+  spares and weights, plus the runtime's zygote; the platform's own process is left
+  out, as the simulator has none) and the instance starts by the tier they began from
+  (``starts_from_standby``, ``starts_from_resident``, ``starts_from_disk``,
+  ``starts_from_no_runtime``, from ``smss_start_seconds``), beside the simulator's
+  (``standby_memory_diff_pct``). The simulator decides with the live policy's tier
+  profile (the defaults: the same start latencies, so both sides make the same
+  choices) and holds, as footprints, what the live templates, spares and zygote held at
+  the end of the replay (PSS without shared segments, read from ``/proc``:
+  ``live_tiers``, with the node's measured start times by tier).
 
 The small trace (3,096 invocations, 20 minutes) at K = 10 takes about two minutes.
 """
@@ -77,9 +88,11 @@ import httpx
 import msgspec
 import numpy as np
 
+from smss.bench.tiers import children, own_kb
 from smss.client import Client
 from smss.control.cost import ContainerSize, PriceTable
 from smss.control.keepalive import scale_policy
+from smss.control.tiers import TierProfile
 from smss.errors import InvalidSpec
 from smss.headers import COLD_START
 from smss.packaging import load_class, package_class
@@ -210,6 +223,7 @@ async def _sampler(
             await asyncio.wait_for(done.wait(), every_s)
 
 
+SIM_TIER_KEYS = ("starts_from_standby", "starts_from_resident", "starts_from_disk", "starts_from_no_runtime")
 #: Tiers whose start builds the function's template (see StartTimings.tier).
 TEMPLATE_TIERS = ("resident", "cold", "no_runtime")
 
@@ -303,15 +317,48 @@ def _figures(
     }
 
 
+def _standby_gb_s(cost: dict[str, Any]) -> float:
+    """What functions and runtimes held resident besides instances (not the platform)."""
+    runtimes = sum(float(v) for k, v in cost.get("overhead", {}).items() if k.startswith("runtime:"))
+    return float(cost["total"].get("standby_gb_s", 0.0)) + runtimes
+
+
+def _live_profile(client: Client) -> tuple[TierProfile, dict[str, float]]:
+    """The tier profile for the simulator beside the live run: the live policy's own
+    (the defaults: both sides decide alike) with the footprints the live node showed at
+    the end: its templates' own pages, each spare's, and the zygote's (PSS without
+    shared segments, per template, per spare and in all)."""
+    store = client.get("/v1/weights")["local"]
+    templates = list(store["templates"].values())
+    template_mb = [own_kb(t["pid"]) / 1024 for t in templates]
+    spare_mb = [own_kb(c) / 1024 for t in templates for c in children(t["pid"])]
+    zygotes = [own_kb(z["pid"]) / 1024 for z in store.get("zygotes", {}).values()]
+    measured = {
+        "template_mb": float(np.mean(template_mb)) if template_mb else 0.0,
+        "spare_mb": float(np.mean(spare_mb)) if spare_mb else 0.0,
+        "spares_per_template": len(spare_mb) / len(templates) if templates else 0.0,
+        "runtime_mb": float(sum(zygotes)),
+    }
+    profile = dataclasses.replace(
+        TierProfile(),
+        standby_mb=measured["template_mb"] + measured["spare_mb"],
+        spare_mb=measured["spare_mb"],
+        weights_mb=0.0,  # the replay's functions have no weights
+        runtime_mb=measured["runtime_mb"],
+    )
+    return profile, measured
+
+
 def run(
     trace_path: Path,
     speedup: float = 10.0,
-    policy: str = "hybrid",
+    policy: str = "tiered",
     memory_mb: int = 512,
     max_instances: int = 8,
     default_ttl_s: float = 600.0,
     cpu: float = 0.1,
     work: str = "sleep",
+    latency_objective_ms: float = 10.0,
     *,
     progress: Progress = SILENT,
     plot: Path | None = None,
@@ -336,6 +383,7 @@ def run(
             .replace("WORK", work)
         )
         args = ["--keep-alive-policy", live_policy, "--keep-alive", repr(live_ttl), "--log-level", "warning"]
+        args += ["--latency-objective-ms", repr(latency_objective_ms)]
         progress.phase("starting the platform")
         with running_server(data / "platform", args) as server, Client(server.url) as client:
             progress.phase(f"deploying {len(trace.functions)} functions", len(trace.functions))
@@ -343,12 +391,17 @@ def run(
             for k, name in enumerate(trace.functions):
                 server.wait_for_model(name)
                 progress.advance(k + 1)
+            before = client.get("/v1/cost")
             sample_s = None if plot is None else SAMPLE_S
             results, period, samples = asyncio.run(_replay(server.url, trace, speedup, progress, sample_s))
             cost = client.get("/v1/cost")
             functions = client.functions()
             metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
             node = next(d for d in client.devices() if d["kind"] == "cpu")
+            tier_ms = {t: _starts(metrics, (t,))[0] for t in ("standby", "resident", "cold", "no_runtime")}
+            profile, measured = _live_profile(client)
+    live_standby = _standby_gb_s(cost) - _standby_gb_s(before)
+    tier_starts = {t: _starts(metrics, (t,))[1] for t in ("standby", "resident", "cold", "no_runtime")}
     start_ms, _ = _starts(metrics)
     fork_ms, _ = _starts(metrics, ("standby",))
     template_ms, template_starts = _starts(metrics, TEMPLATE_TIERS)
@@ -365,8 +418,8 @@ def run(
         memory_mb=memory_mb,
         concurrency=1,
         max_instances=max_instances,
-        cold_start_ms=fork_ms or start_ms,
-        first_start_ms=template_ms or None,
+        tiers=profile,
+        latency_objective_ms=latency_objective_ms,
         tick_s=LIVE_TICK_S,
         speedup=speedup,
         prices=prices,
@@ -417,9 +470,33 @@ def run(
             key: sim_held[key] for key in ("cold_starts", "instances_started", "memory_gb_seconds")
         },
         "cold_starts_diff_with_overhead_pct": _diff_pct(live_cold, int(sim_held["cold_starts"])),  # type: ignore[call-overload]
+        "standby_memory_gb_seconds": round(live_standby, 3),
+        "simulated_standby_memory_gb_seconds": sim["standby_memory_gb_seconds"],
+        "standby_memory_diff_pct": _diff_pct_f(live_standby, float(sim["standby_memory_gb_seconds"])),  # type: ignore[arg-type]
+        "starts_from_standby": tier_starts["standby"],
+        "starts_from_resident": tier_starts["resident"],
+        "starts_from_disk": tier_starts["cold"],
+        "starts_from_no_runtime": tier_starts["no_runtime"],
+        "simulated_starts_by_tier": {
+            key: sim[key]
+            for key in (
+                "starts_from_standby",
+                "starts_from_resident",
+                "starts_from_disk",
+                "starts_from_no_runtime",
+            )
+        },
+        "live_tiers": {
+            **{k: round(v, 3) for k, v in measured.items()},
+            **{f"{t}_start_ms": round(v, 3) for t, v in tier_ms.items()},
+        },
         "wall_s": round(time.perf_counter() - started, 3),
     }
 
 
 def _diff_pct(live: int, sim: int) -> float | None:
+    return round(100.0 * (live - sim) / sim, 2) if sim else None
+
+
+def _diff_pct_f(live: float, sim: float) -> float | None:
     return round(100.0 * (live - sim) / sim, 2) if sim else None

@@ -156,8 +156,11 @@ def bench_replay(
         float, typer.Option(help="Replay K times faster (times, durations, windows / K)")
     ] = 10.0,
     policy: Annotated[
-        str, typer.Option(help="Keep-alive policy: fixed:SECONDS or hybrid[:k=v,...]")
-    ] = "hybrid",
+        str, typer.Option(help="Keep-alive policy: tiered[:k=v,...], fixed:SECONDS or hybrid[:k=v,...]")
+    ] = "tiered",
+    latency_objective_ms: Annotated[
+        float, typer.Option(help="Latency a start may add at the 99th percentile (the tiered policy)")
+    ] = 10.0,
     memory_mb: Annotated[int, typer.Option(help="Declared memory of each instance (MiB)")] = 512,
     max_instances: Annotated[int, typer.Option(help="Instances per function at most")] = 8,
     default_ttl_s: Annotated[
@@ -187,6 +190,7 @@ def bench_replay(
             default_ttl_s=default_ttl_s,
             cpu=cpu,
             work=work,
+            latency_objective_ms=latency_objective_ms,
             progress=progress,
             plot=plot,
         )

@@ -110,8 +110,14 @@ def serve(
         bool, typer.Option(help="Each model template keeps a forked, rehearsed spare instance")
     ] = True,
     keep_alive_policy: Annotated[
-        str | None, typer.Option(help="fixed:SECONDS or hybrid [default: fixed:--keep-alive]")
+        str | None,
+        typer.Option(help="fixed:SECONDS, hybrid or tiered[:key=value,...] [default: fixed:--keep-alive]"),
     ] = None,
+    latency_objective_ms: Annotated[
+        float,
+        typer.Option(help="Latency a start may add at --latency-percentile (kept by the tiered policy)"),
+    ] = 10.0,
+    latency_percentile: Annotated[float, typer.Option(help="Percentile of --latency-objective-ms")] = 99.0,
     prices: Annotated[Path | None, typer.Option(help="TOML price table for `smss cost`")] = None,
     cpus: Annotated[
         float | None,
@@ -260,6 +266,8 @@ def serve(
         spares=spares,
         adopt_window_s=adopt_window,
         keep_alive_policy=keep_alive_policy,
+        latency_objective_ms=latency_objective_ms,
+        latency_percentile=latency_percentile,
         prices_path=prices,
         cpus=cpus,
         cuda_visible_devices=config.env_cuda_visible_devices(),
@@ -417,18 +425,20 @@ def status(url: Url = None, as_json: AsJson = False) -> None:
     if as_json:
         _print_json(items)
         return
-    table = Table("function", "instance", "node", "pid", "state", "in flight", "served")
+    table = Table("function", "tier", "instance", "node", "pid", "state", "in flight", "served")
     for f in items:
+        tier = f.get("tier") or "-"
         if not f["instances"]:
             state = f"starting ({f['starting']})" if f["starting"] else "scaled to zero"
             if f["state"] == "failed":  # no more starts are tried until it is loaded again
                 state = f"failed: {f['last_error']}"
             elif f["last_error"]:
                 state = f"retrying: {f['last_error']}"
-            table.add_row(f["name"], "-", "-", "-", state, str(f["queued"]), "-")
+            table.add_row(f["name"], tier, "-", "-", "-", state, str(f["queued"]), "-")
         for i in f["instances"]:
             table.add_row(
                 f["name"],
+                tier,
                 i["id"],
                 i["node"],
                 str(i["pid"]),
@@ -587,8 +597,8 @@ def logs(
 def simulate(ctx: typer.Context) -> None:
     """Replay a trace through the real autoscaler, keep-alive and router on a virtual clock.
 
-    Usage: smss simulate TRACE.csv --policy fixed:600|hybrid [--memory-mb N] [--cold-start-ms N]
-    [--concurrency N] [--tick-s S] [--prices FILE] [--json]
+    Usage: smss simulate TRACE.csv [--policy tiered|fixed:600|hybrid] [--latency-objective-ms 10]
+    [--tiers standby_ms=3,...] [--memory-mb N] [--concurrency N] [--tick-s S] [--prices FILE] [--json]
     """
     from smss.sim.cli import main as simulate_main
 
@@ -597,14 +607,28 @@ def simulate(ctx: typer.Context) -> None:
 
 @app.command()
 def cost(url: Url = None, as_json: AsJson = False) -> None:
-    """Cost per function and in total since metering began, beside always-on containers for the peak."""
+    """Cost per function and in total since metering began: instances, standby (templates, spares,
+    weights kept resident) and a share of the overhead (zygotes, the platform's processes), beside
+    always-on containers for the peak. The ratio counts instances and standby."""
     with _client(url, None) as client:
         rep = client.get("/v1/cost")
     if as_json:
         _print_json(rep)
         return
     table = Table(
-        "function", "invocations", "alive s", "busy s", "GB-s", "cost $", "containers", "container $", "ratio"
+        "function",
+        "invocations",
+        "alive s",
+        "busy s",
+        "GB-s",
+        "instances $",
+        "standby GB-s",
+        "standby $",
+        "cost $",
+        "overhead $",
+        "containers",
+        "container $",
+        "ratio",
     )
     rows = [*rep["functions"].items(), ("TOTAL", rep["total"])]
     for name, f in rows:
@@ -615,7 +639,11 @@ def cost(url: Url = None, as_json: AsJson = False) -> None:
             f"{f['alive_s']:.1f}",
             f"{f['busy_s']:.1f}",
             f"{f['memory_gb_s']:.2f}",
+            f"{f.get('instance_usd', 0.0):.6f}",
+            f"{f.get('standby_gb_s', 0.0):.2f}",
+            f"{f.get('standby_usd', 0.0):.6f}",
             f"{f['cost_usd']:.6f}",
+            f"{f.get('overhead_usd', 0.0):.6f}",
             str(f["containers"]),
             f"{f['container_cost_usd']:.6f}",
             "-" if ratio is None else f"{ratio:.3f}",

@@ -77,7 +77,9 @@ from smss.control.placement import (
 from smss.control.reconcile import Commands, Observed, Policies, reconcile
 from smss.control.router import Proximity
 from smss.control.scaling import InstanceView
-from smss.errors import InstanceLost, InvalidSpec, NotFound, StartFailed
+from smss.control.tiering import TierKeeper
+from smss.control.tiers import Tier
+from smss.errors import Conflict, InstanceLost, InvalidSpec, NotFound, StartFailed, Unavailable
 from smss.inventory import Allocation, Capacity, DeviceReport
 from smss.ports import (
     ChannelFactory,
@@ -88,6 +90,7 @@ from smss.ports import (
     InstanceInfo,
     Metrics,
     RunningInstance,
+    TierBackend,
 )
 from smss.spec import FunctionSpec
 
@@ -175,10 +178,13 @@ class Controller:
         *,
         gateways: GatewayLoads | None = None,
         proximity: Callable[[], Proximity] | None = None,
+        tiers: TierBackend | None = None,
     ) -> None:
         """``gateways``: the load reported by gateways elsewhere (a cluster), counted in
         every decision; ``proximity``: where this process routes from (a cluster), for
-        its own dispatchers."""
+        its own dispatchers; ``tiers``: the backend's tier control, when it has one: the
+        keep-alive policy's tier decisions are then applied (:mod:`smss.control.tiering`)
+        and what is resident is metered."""
         self.meter = meter or Meter()
         self.gateways = gateways
         self._proximity = proximity
@@ -194,6 +200,7 @@ class Controller:
         self._group: asyncio.TaskGroup | None = None
         self._start_ids = itertools.count(1)
         self._wakeups: set[asyncio.Task[None]] = set()
+        self._tiers = None if tiers is None else TierKeeper(tiers, self.meter, self._spawn, clock.monotonic)
         backend.set_exit_callback(self._on_exit)
 
     # ------------------------------------------------------------ registry view
@@ -219,7 +226,9 @@ class Controller:
         name = record.spec.name
         autoscaler = autoscaler_for(record)
         hooks = DispatchHooks(
-            on_arrival=lambda: self._keep_alive.on_invocation(name, self._clock.monotonic()),
+            on_arrival=lambda: self._keep_alive.on_invocation(
+                name, self._clock.monotonic(), dispatcher.demand
+            ),
             on_demand_change=lambda demand: autoscaler.observe(
                 self._clock.monotonic(), float(demand + sum(self._remote_demand(name)))
             ),
@@ -233,6 +242,12 @@ class Controller:
         )
         runtime = FunctionRuntime(record, dispatcher, autoscaler)
         self._functions[record.spec.name] = runtime
+        spec = record.spec
+        self._keep_alive.describe(
+            name, spec.resources, self._clock.monotonic(), concurrency=spec.scaling.concurrency
+        )
+        if self._tiers is not None:
+            self._tiers.track(spec)
         if old is not None:
             old.dispatcher.close(f"model {record.spec.name!r} was redeployed")
             self._stop_all(old)
@@ -354,6 +369,8 @@ class Controller:
         self._stop_all(runtime)
         self._metrics.forget(name)
         self._changed()
+        if self._tiers is not None:
+            self._tiers.forget(name)
 
     def scale_to_zero(self, name: str) -> None:
         self._stop_all(self.get(name))
@@ -400,6 +417,28 @@ class Controller:
     def devices(self) -> list[DeviceReport]:
         """Every node's devices with their capacity, what is allocated and what is placed."""
         return self.cluster_state().reports()
+
+    async def step_tier(self, name: str, tier: Tier) -> None:
+        """Put ``name``, which has no instance, in ``tier`` now (``no_runtime``: its
+        runtime's zygote stops, and the templates of the other functions of the runtime
+        with it): for benchmarks and tests of each tier. :class:`Conflict` while it (or,
+        for ``no_runtime``, a function of its runtime) has an instance;
+        :class:`Unavailable` on a backend without tiers."""
+        runtime = self.get(name)
+        if self._tiers is None:
+            raise Unavailable("this platform's backend does not keep tiers of readiness")
+        busy = {rt.name for rt in self._functions.values() if rt.dispatcher.slots or rt.dispatcher.starting}
+        if name in busy:
+            raise Conflict(f"model {name!r} has instances: unload it first")
+        record = runtime.record
+        await self._tiers.force(record.spec, Path(record.artifact_dir), tier, busy)
+
+    def tier(self, name: str) -> Tier | None:
+        """The function's tier of readiness now (None: the backend does not say)."""
+        d = self.get(name).dispatcher
+        if d.slots or d.starting:
+            return Tier.WARM
+        return None if self._tiers is None else self._tiers.tier(name)
 
     # ------------------------------------------------------------ loop
 
@@ -507,11 +546,25 @@ class Controller:
             log.exception("could not read the cluster's state; no function reconciled this tick")
             return
         now = self._clock.monotonic()
+        tiers = self._tiers
+        if tiers is not None:
+            tiers.refresh()
         for runtime in list(self._functions.values()):
             try:
                 self._reconcile(runtime, cluster, now)
             except Exception:
                 log.exception("reconcile of %s failed", runtime.name)
+        if tiers is not None:
+            try:
+                busy = [
+                    rt.name
+                    for rt in self._functions.values()
+                    if rt.dispatcher.slots or rt.dispatcher.starting
+                ]
+                tiers.settle_runtimes(busy)
+                tiers.meter(now)
+            except Exception:
+                log.exception("could not settle what is kept resident")
         self._changed()
 
     def _reconcile(self, runtime: FunctionRuntime, cluster: ClusterState, now: float) -> None:
@@ -526,6 +579,7 @@ class Controller:
             starting=d.starting,
             backoff_until=d.backoff_until,
             prewarmed_for=runtime.prewarmed_for,
+            holds=Tier.STANDBY if self._tiers is None else self._tiers.holds(spec.name),
         )
         commands = reconcile(
             observed,
@@ -536,6 +590,8 @@ class Controller:
             evictable=self._evictable,
         )
         self._apply(runtime, commands, cluster)
+        if self._tiers is not None:
+            self._tiers.apply(spec, Path(runtime.record.artifact_dir), commands)
         self._metrics.instances(spec.name, "ready", len(ready) - len(commands.stop))
         self._metrics.instances(spec.name, "starting", d.starting)
         self._metrics.queue_length(spec.name, queued)
@@ -659,6 +715,8 @@ class Controller:
         d.starting -= 1
         runtime.failures = 0
         runtime.cold_starts += 1
+        if self._tiers is not None:
+            self._tiers.started(record.spec.name)
         runtime.start_estimate_s += 0.3 * (started.timings.total_ms / 1000 - runtime.start_estimate_s)
         if d.closed_reason is not None:  # deleted or redeployed while starting
             await channel.close()

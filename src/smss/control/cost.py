@@ -15,6 +15,15 @@ into money with a :class:`PriceTable`:
   same resource prices, with no per-request charge. A function never invoked needs no
   container (``ceil(0) = 0``). This is the "provision for the peak" baseline of the
   cost analyses of serverless serving (e.g. "Beyond Containers", 2025).
+* **standby** ``standby_usd``: what the function held resident besides instances
+  (template, spare, weights: ``standby_gb_s``) at the per-GB-second price, and the CPU
+  spent keeping it ready (``standby_cpu_s``) at the per-vCPU-second price. It is part
+  of ``cost_usd``: being ready is paid for;
+* **overhead** ``overhead_usd``: the runtimes' zygotes and the platform's own processes
+  (``overhead_gb_s`` of :meth:`~smss.control.metering.Meter.overhead`), at the
+  per-GB-second price, shared among the functions in proportion to their ``cost_usd``
+  (equally when all are 0). It is not in ``cost_usd``; ``cost_with_overhead_usd`` and
+  ``cost_ratio_with_overhead`` add it;
 * ``cost_ratio`` = cost_usd / container_cost_usd (``None`` when the baseline is 0).
 
 The container size comes from the function's spec (resources, ``scaling.concurrency``)
@@ -139,6 +148,16 @@ class FunctionCost(msgspec.Struct, frozen=True):
     cost_usd: float
     container_cost_usd: float
     cost_ratio: float | None
+    #: The instances' share of ``cost_usd`` (cpu + memory + GPU of instances).
+    instance_usd: float = 0.0
+    standby_gb_s: float = 0.0
+    standby_cpu_s: float = 0.0
+    standby_usd: float = 0.0
+    #: Its share of the runtimes' and the platform's GB-seconds, and their price.
+    overhead_gb_s: float = 0.0
+    overhead_usd: float = 0.0
+    cost_with_overhead_usd: float = 0.0
+    cost_ratio_with_overhead: float | None = None
 
 
 class CostTotal(msgspec.Struct, frozen=True):
@@ -152,6 +171,14 @@ class CostTotal(msgspec.Struct, frozen=True):
     cost_usd: float
     container_cost_usd: float
     cost_ratio: float | None
+    instance_usd: float = 0.0
+    standby_gb_s: float = 0.0
+    standby_cpu_s: float = 0.0
+    standby_usd: float = 0.0
+    overhead_gb_s: float = 0.0
+    overhead_usd: float = 0.0
+    cost_with_overhead_usd: float = 0.0
+    cost_ratio_with_overhead: float | None = None
 
 
 class CostReport(msgspec.Struct, frozen=True):
@@ -159,6 +186,8 @@ class CostReport(msgspec.Struct, frozen=True):
     prices: PriceTable
     functions: dict[str, FunctionCost]
     total: CostTotal
+    #: GB-seconds of each overhead owner (``runtime:NAME``, ``platform``).
+    overhead: dict[str, float] = msgspec.field(default_factory=dict)
 
     def to_builtins(self) -> dict[str, object]:
         out: dict[str, object] = msgspec.to_builtins(self)
@@ -170,18 +199,27 @@ def _ratio(cost: float, baseline: float) -> float | None:
 
 
 def function_cost(
-    usage: FunctionUsage, prices: PriceTable, period_s: float, size: ContainerSize | None
+    usage: FunctionUsage,
+    prices: PriceTable,
+    period_s: float,
+    size: ContainerSize | None,
+    overhead_gb_s: float = 0.0,
 ) -> FunctionCost:
-    """The cost of one function; ``size=None``: one container like its latest instance."""
+    """The cost of one function; ``size=None``: one container like its latest instance;
+    ``overhead_gb_s``: its share of the overhead."""
     if size is None:
         size = ContainerSize(usage.resources, max(usage.peak_concurrency, 1))
     cpu_usd = usage.cpu_s * prices.usd_per_vcpu_second
     memory_usd = usage.memory_gb_s * prices.usd_per_gb_second
     gpu_usd = usage.gpu_s * prices.usd_per_gpu_second
     request_usd = usage.invocations / 1e6 * prices.usd_per_million_requests
-    cost = cpu_usd + memory_usd + gpu_usd + request_usd
+    standby_usd = (
+        usage.standby_gb_s * prices.usd_per_gb_second + usage.standby_cpu_s * prices.usd_per_vcpu_second
+    )
+    cost = cpu_usd + memory_usd + gpu_usd + request_usd + standby_usd
     containers = math.ceil(usage.peak_concurrency / max(size.concurrency, 1))
     container_cost = containers * period_s * size.usd_per_second(prices)
+    overhead_usd = overhead_gb_s * prices.usd_per_gb_second
     return FunctionCost(
         invocations=usage.invocations,
         alive_s=usage.alive_s,
@@ -198,7 +236,23 @@ def function_cost(
         cost_usd=cost,
         container_cost_usd=container_cost,
         cost_ratio=_ratio(cost, container_cost),
+        instance_usd=cpu_usd + memory_usd + gpu_usd,
+        standby_gb_s=usage.standby_gb_s,
+        standby_cpu_s=usage.standby_cpu_s,
+        standby_usd=standby_usd,
+        overhead_gb_s=overhead_gb_s,
+        overhead_usd=overhead_usd,
+        cost_with_overhead_usd=cost + overhead_usd,
+        cost_ratio_with_overhead=_ratio(cost + overhead_usd, container_cost),
     )
+
+
+def _shares(costs: Mapping[str, float]) -> dict[str, float]:
+    """Each function's share of the overhead: in proportion to its cost (equal when none)."""
+    total = sum(costs.values())
+    if total > 0:
+        return {name: c / total for name, c in costs.items()}
+    return {name: 1.0 / len(costs) for name in costs} if costs else {}
 
 
 def report(
@@ -206,19 +260,29 @@ def report(
     prices: PriceTable,
     period_s: float,
     specs: Mapping[str, FunctionSpec | ContainerSize],
+    overhead_gb_s: Mapping[str, float] | None = None,
 ) -> CostReport:
     """Cost per function and in total over ``period_s`` seconds (the metered period,
-    which is also how long the always-on containers would have run)."""
+    which is also how long the always-on containers would have run); ``overhead_gb_s``:
+    the GB-seconds of the runtimes and the platform, shared among the functions."""
     if not math.isfinite(period_s) or period_s < 0:
         raise InvalidSpec(f"cost report period must be a finite number of seconds >= 0, got {period_s}")
+    overhead = sum((overhead_gb_s or {}).values())
     functions: dict[str, FunctionCost] = {}
     for name in sorted(usage):
         spec = specs.get(name)
         size = container_size(spec) if isinstance(spec, FunctionSpec) else spec
         functions[name] = function_cost(usage[name], prices, period_s, size)
+    if overhead > 0:
+        shares = _shares({name: f.cost_usd for name, f in functions.items()})
+        for name in functions:
+            spec = specs.get(name)
+            size = container_size(spec) if isinstance(spec, FunctionSpec) else spec
+            functions[name] = function_cost(usage[name], prices, period_s, size, overhead * shares[name])
     fc = functions.values()
     cost = sum(f.cost_usd for f in fc)
     container_cost = sum(f.container_cost_usd for f in fc)
+    overhead_usd = overhead * prices.usd_per_gb_second
     total = CostTotal(
         invocations=sum(f.invocations for f in fc),
         alive_s=sum(f.alive_s for f in fc),
@@ -230,5 +294,15 @@ def report(
         cost_usd=cost,
         container_cost_usd=container_cost,
         cost_ratio=_ratio(cost, container_cost),
+        instance_usd=sum(f.instance_usd for f in fc),
+        standby_gb_s=sum(f.standby_gb_s for f in fc),
+        standby_cpu_s=sum(f.standby_cpu_s for f in fc),
+        standby_usd=sum(f.standby_usd for f in fc),
+        overhead_gb_s=overhead,
+        overhead_usd=overhead_usd,
+        cost_with_overhead_usd=cost + overhead_usd,
+        cost_ratio_with_overhead=_ratio(cost + overhead_usd, container_cost),
     )
-    return CostReport(period_s=period_s, prices=prices, functions=functions, total=total)
+    return CostReport(
+        period_s=period_s, prices=prices, functions=functions, total=total, overhead=dict(overhead_gb_s or {})
+    )

@@ -16,6 +16,17 @@ Policies, chosen by :func:`parse_policy`:
 * ``hybrid`` or ``hybrid:key=value,...`` (:class:`HybridKeepAlive`) - the hybrid
   histogram policy of "Serverless in the Wild" (Shahrad et al., USENIX ATC 2020),
   which learns each function's idle times.
+* ``tiered`` or ``tiered:key=value,...`` (:class:`~smss.control.tiered.TieredKeepAlive`)
+  - learns each function's idle times too, and decides every tier of readiness
+  (:mod:`smss.control.tiers`): how long its last instance, then its template and
+  spare, then its weights, then its claim on the runtime's zygote stay, at the least
+  cost under a latency objective.
+
+Beyond instances, :meth:`KeepAlivePolicy.tier_target` says what a function with no
+instance keeps resident (:class:`~smss.control.tiers.TierTarget`). ``fixed`` and
+``hybrid`` keep everything below an instance (:data:`~smss.control.tiers.KEEP_ALL`:
+the template, spare and weights stay until the weight store's budget evicts them, as
+before tiers were decided) and build nothing ahead of demand.
 """
 
 from __future__ import annotations
@@ -26,12 +37,21 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from smss.control.cost import PriceTable
+from smss.control.tiered import LatencyObjective, TieredKeepAlive, parse_tiered
+from smss.control.tiers import KEEP_ALL, TierProfile, TierTarget
 from smss.errors import InvalidSpec
+from smss.spec import Resources
 
 
 class KeepAlivePolicy(Protocol):
-    def on_invocation(self, function: str, now: float) -> None:
-        """Record an arrival of ``function`` at ``now`` (monotonic seconds)."""
+    #: Whether instances beyond what the demand now needs are this policy's to keep
+    #: (its surplus window) rather than the autoscaler's (its desired count).
+    caps_to_demand: bool
+
+    def on_invocation(self, function: str, now: float, demand: int = 0) -> None:
+        """Record an arrival of ``function`` at ``now`` (monotonic seconds) that found
+        ``demand`` requests in flight or queued."""
         ...
 
     def keep_alive_s(self, function: str, now: float) -> float:
@@ -46,17 +66,27 @@ class KeepAlivePolicy(Protocol):
         """When to have an instance of ``function`` ready next; ``None``: no pre-warm."""
         ...
 
+    def tier_target(self, function: str, now: float) -> TierTarget:
+        """What ``function`` keeps resident while it has no instance."""
+        ...
+
+    def describe(self, function: str, resources: Resources, now: float, *, concurrency: int = 1) -> None:
+        """``function`` was deployed at ``now`` with these declared ``resources``."""
+        ...
+
 
 class FixedKeepAlive:
     """Every idle instance lives ``ttl_s`` seconds, the last one and the others alike
     (one TTL per instance, as on AWS Lambda); nothing is pre-warmed."""
+
+    caps_to_demand = False
 
     def __init__(self, ttl_s: float) -> None:
         if not math.isfinite(ttl_s) or ttl_s < 0:
             raise InvalidSpec(f"keep-alive TTL must be a finite number >= 0, got {ttl_s}")
         self.ttl_s = float(ttl_s)
 
-    def on_invocation(self, function: str, now: float) -> None:
+    def on_invocation(self, function: str, now: float, demand: int = 0) -> None:
         pass
 
     def keep_alive_s(self, function: str, now: float) -> float:
@@ -67,6 +97,12 @@ class FixedKeepAlive:
 
     def prewarm_at(self, function: str, now: float) -> float | None:
         return None
+
+    def tier_target(self, function: str, now: float) -> TierTarget:
+        return KEEP_ALL
+
+    def describe(self, function: str, resources: Resources, now: float, *, concurrency: int = 1) -> None:
+        pass
 
     def __repr__(self) -> str:
         return f"FixedKeepAlive(ttl_s={self.ttl_s})"
@@ -237,6 +273,8 @@ class HybridKeepAlive:
     (a few microseconds), later ones O(1).
     """
 
+    caps_to_demand = False
+
     def __init__(self, fallback_ttl_s: float, config: HybridConfig | None = None) -> None:
         self._fallback = FixedKeepAlive(fallback_ttl_s)
         self.config = config or HybridConfig()
@@ -246,7 +284,7 @@ class HybridKeepAlive:
     def fallback_ttl_s(self) -> float:
         return self._fallback.ttl_s
 
-    def on_invocation(self, function: str, now: float) -> None:
+    def on_invocation(self, function: str, now: float, demand: int = 0) -> None:
         h = self._hists.get(function)
         if h is None:
             h = self._hists[function] = _Histogram(self.config.bins)
@@ -275,6 +313,12 @@ class HybridKeepAlive:
         if last is None or now > last + w.window_end_s:
             return None
         return last + w.prewarm_s
+
+    def tier_target(self, function: str, now: float) -> TierTarget:
+        return KEEP_ALL
+
+    def describe(self, function: str, resources: Resources, now: float, *, concurrency: int = 1) -> None:
+        pass
 
     def forget(self, function: str) -> None:
         """Drop what was learned about ``function`` (deleted or redeployed)."""
@@ -306,11 +350,21 @@ class HybridKeepAlive:
         return _Windows(prewarm, end)
 
 
-def parse_policy(text: str, default_ttl_s: float) -> KeepAlivePolicy:
+def parse_policy(
+    text: str,
+    default_ttl_s: float,
+    *,
+    profile: TierProfile | None = None,
+    objective: LatencyObjective | None = None,
+    prices: PriceTable | None = None,
+) -> KeepAlivePolicy:
     """``"fixed"`` (TTL ``default_ttl_s``), ``"fixed:600"``, ``"hybrid"`` or
     ``"hybrid:bin_s=1,range_s=600,..."`` (fields of :class:`HybridConfig`; the
-    hybrid policy falls back to ``default_ttl_s``). Anything else: :class:`InvalidSpec`."""
-    usage = "use 'fixed', 'fixed:SECONDS', 'hybrid' or 'hybrid:KEY=VALUE,...'"
+    hybrid policy falls back to ``default_ttl_s``), ``"tiered"`` or
+    ``"tiered:min_samples=10,..."`` (fields of :class:`~smss.control.tiered.TieredConfig`;
+    it prices tiers by ``profile`` and ``prices`` under ``objective``). Anything else:
+    :class:`InvalidSpec`."""
+    usage = "use 'fixed', 'fixed:SECONDS', 'hybrid[:KEY=VALUE,...]' or 'tiered[:KEY=VALUE,...]'"
     kind, sep, arg = text.strip().partition(":")
     kind, arg = kind.strip().lower(), arg.strip()
     if kind == "fixed":
@@ -323,6 +377,9 @@ def parse_policy(text: str, default_ttl_s: float) -> KeepAlivePolicy:
         return FixedKeepAlive(ttl)
     if kind == "hybrid":
         return HybridKeepAlive(default_ttl_s, _parse_hybrid(text, arg if sep else "", usage))
+    if kind == "tiered":
+        config = parse_tiered(text, arg if sep else "", usage)
+        return TieredKeepAlive(default_ttl_s, config, profile=profile, objective=objective, prices=prices)
     raise InvalidSpec(f"unknown keep-alive policy {text!r}: {usage}")
 
 
@@ -338,6 +395,10 @@ def scale_policy(text: str, default_ttl_s: float, factor: float) -> tuple[str, f
     ttl = default_ttl_s * factor
     if isinstance(policy, FixedKeepAlive):
         return f"fixed:{policy.ttl_s * factor!r}", ttl
+    if isinstance(policy, TieredKeepAlive):
+        tcfg = replace(policy.config, surplus_s=policy.config.surplus_s * factor)
+        options = ",".join(f"{f.name}={getattr(tcfg, f.name)!r}" for f in fields(tcfg))
+        return f"tiered:{options}", ttl
     if not isinstance(policy, HybridKeepAlive):  # pragma: no cover - parse_policy makes only these
         raise InvalidSpec(f"cannot scale keep-alive policy {text!r}")
     cfg = policy.config
@@ -367,3 +428,4 @@ def _parse_hybrid(text: str, arg: str, usage: str) -> HybridConfig:
 if TYPE_CHECKING:  # the policies satisfy the protocol (checked by mypy, never run)
     _fixed: KeepAlivePolicy = FixedKeepAlive(1.0)
     _hybrid: KeepAlivePolicy = HybridKeepAlive(1.0)
+    _tiered: KeepAlivePolicy = TieredKeepAlive(1.0)

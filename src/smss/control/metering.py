@@ -10,11 +10,22 @@ it happened (monotonic seconds); the meter never reads a clock and does no I/O:
 * :meth:`Meter.request_started` / :meth:`Meter.request_finished` - one request began
   or ended on an instance.
 
+and, for what is resident whether or not an instance runs (templates, spares, weight
+segments, zygotes, the platform's own processes):
+
+* :meth:`Meter.hold` - ``key`` holds this many MiB from now on, attributed to an
+  *owner*: a function's name, ``runtime:NAME`` (a runtime's zygote) or ``platform``
+  (the gateway and agent); 0 releases it;
+* :meth:`Meter.standby_cpu` - CPU seconds spent keeping a function ready (a spare's
+  rehearsal).
+
 Per function, :meth:`Meter.usage` answers alive seconds (the sum of its instances'
 lifetimes up to ``now``), busy seconds (per instance, the union of the time it had at
 least one request in flight, summed), invocations, alive seconds weighted by the
 declared cpu / memory / GPU share, the peak number of requests in flight at once, the
-peak number of instances alive at once and the instances started.
+peak number of instances alive at once and the instances started, and its standby
+GB-seconds (what it held resident, integrated over time) and standby CPU seconds;
+:meth:`Meter.overhead` answers the GB-seconds of the runtimes and the platform.
 
 Guarantees: alive seconds equal the sum of instance lifetimes; busy seconds never
 exceed alive seconds; a time earlier than the latest time seen for an instance is
@@ -47,6 +58,10 @@ class FunctionUsage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     peak_instances: int = 0
     instances_started: int = 0
     resources: Resources = Resources()
+    #: GB-seconds it held resident besides instances (template, spare, weights).
+    standby_gb_s: float = 0.0
+    #: CPU seconds spent keeping it ready (its spares' rehearsals).
+    standby_cpu_s: float = 0.0
 
     @property
     def idle_s(self) -> float:
@@ -59,6 +74,9 @@ class UsageSnapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     at: float
     functions: dict[str, FunctionUsage]
+    #: GB-seconds of what no one function holds: ``runtime:NAME`` (a zygote) and
+    #: ``platform`` (the platform's own processes).
+    overhead_gb_s: dict[str, float] = msgspec.field(default_factory=dict)
 
     def to_builtins(self) -> dict[str, object]:
         out: dict[str, object] = msgspec.to_builtins(self)
@@ -88,6 +106,8 @@ class _Fn:
         "peak_concurrency",
         "peak_instances",
         "resources",
+        "standby_cpu_s",
+        "standby_gb_s",
     )
 
     def __init__(self, base: FunctionUsage | None = None) -> None:
@@ -102,6 +122,8 @@ class _Fn:
         self.peak_instances = b.peak_instances
         self.instances_started = b.instances_started
         self.resources = b.resources
+        self.standby_gb_s = b.standby_gb_s
+        self.standby_cpu_s = b.standby_cpu_s
         self.in_flight = 0
         self.live = 0
 
@@ -129,8 +151,13 @@ class Meter:
     def __init__(self, base: UsageSnapshot | None = None) -> None:
         self._fns: dict[str, _Fn] = {}
         self._insts: dict[str, _Inst] = {}
+        #: What is held resident now, by key: (owner, MiB, since).
+        self._holds: dict[str, tuple[str, float, float]] = {}
+        #: Closed GB-seconds of the owners that are not functions.
+        self._overhead: dict[str, float] = {}
         if base is not None:
             self._fns = {name: _Fn(u) for name, u in base.functions.items()}
+            self._overhead = dict(base.overhead_gb_s)
 
     def _fn(self, function: str) -> _Fn:
         fn = self._fns.get(function)
@@ -168,6 +195,49 @@ class Meter:
         fn.memory_gb_s += alive * inst.gb
         fn.gpu_s += alive * inst.gpu
         fn.live -= 1
+
+    # ------------------------------------------------------------ what is resident
+
+    def hold(self, key: str, owner: str, mb: float, now: float) -> None:
+        """``key`` holds ``mb`` MiB from ``now`` on, for ``owner`` (a function, or an
+        overhead owner: ``runtime:NAME``, ``platform``); 0 releases it. A time before
+        the hold's start is taken as its start."""
+        held = self._holds.pop(key, None)
+        if held is not None:
+            self._close(held, now)
+        if mb > 0:
+            if not is_overhead(owner):
+                self._fn(owner)
+            self._holds[key] = (owner, float(mb), now if held is None else max(now, held[2]))
+
+    def holds(self) -> dict[str, tuple[str, float]]:
+        """What is held now: key -> (owner, MiB)."""
+        return {key: (owner, mb) for key, (owner, mb, _) in self._holds.items()}
+
+    def standby_cpu(self, function: str, seconds: float) -> None:
+        self._fn(function).standby_cpu_s += max(seconds, 0.0)
+
+    def _close(self, held: tuple[str, float, float], now: float) -> None:
+        owner, mb, since = held
+        gb_s = max(now - since, 0.0) * mb / 1024.0
+        if is_overhead(owner):
+            self._overhead[owner] = self._overhead.get(owner, 0.0) + gb_s
+        else:
+            self._fn(owner).standby_gb_s += gb_s
+
+    def _open_gb_s(self, now: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for owner, mb, since in self._holds.values():
+            out[owner] = out.get(owner, 0.0) + max(now - since, 0.0) * mb / 1024.0
+        return out
+
+    def overhead(self, now: float) -> dict[str, float]:
+        """GB-seconds of the overhead owners (runtimes, the platform) up to ``now``."""
+        out = dict(self._overhead)
+        for owner, gb_s in self._open_gb_s(now).items():
+            if is_overhead(owner):
+                out[owner] = out.get(owner, 0.0) + gb_s
+        return out
 
     # ------------------------------------------------------------ requests
 
@@ -221,6 +291,7 @@ class Meter:
             acc[2] += alive * inst.cpu
             acc[3] += alive * inst.gb
             acc[4] += alive * inst.gpu
+        held = self._open_gb_s(now)
         out: dict[str, FunctionUsage] = {}
         for name, fn in self._fns.items():
             a = open_.get(id(fn), [0.0, 0.0, 0.0, 0.0, 0.0])
@@ -235,8 +306,15 @@ class Meter:
                 peak_instances=fn.peak_instances,
                 instances_started=fn.instances_started,
                 resources=fn.resources,
+                standby_gb_s=fn.standby_gb_s + held.get(name, 0.0),
+                standby_cpu_s=fn.standby_cpu_s,
             )
         return out
 
     def snapshot(self, now: float) -> UsageSnapshot:
-        return UsageSnapshot(at=now, functions=self.usage(now))
+        return UsageSnapshot(at=now, functions=self.usage(now), overhead_gb_s=self.overhead(now))
+
+
+def is_overhead(owner: str) -> bool:
+    """Whether a hold's owner is overhead (a runtime, the platform), not a function."""
+    return owner == "platform" or owner.startswith("runtime:")

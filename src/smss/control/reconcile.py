@@ -19,7 +19,11 @@ Steps:
 2. :func:`~smss.control.scaling.plan`: how many to start and which idle instances to
    stop (its docstring has the rules: autoscaler's desired count while there is
    demand, at once for queued requests beyond free and starting capacity, never
-   beyond ``max_instances``, nothing while a failed start's back-off runs).
+   beyond ``max_instances``, nothing while a failed start's back-off runs). Under a
+   keep-alive policy that ``caps_to_demand`` (the tiered one: a start from standby is
+   a fork, so capacity nobody asks for is not worth holding on the autoscaler's
+   average), the desired count is capped at what the demand now needs, and idle
+   capacity is the policy's surplus window's (:func:`desired`).
 3. Pre-warm (:func:`prewarm_due`): when the plan starts nothing and the function has
    no instance ready or starting, the keep-alive policy may name a time an
    invocation is expected (``prewarm_at``); one instance is started once now is
@@ -29,6 +33,11 @@ Steps:
    that fits nowhere now is not made (``waiting_for_capacity``; the queued requests
    stay queued and the next reconcile tries again), so the autoscaler's count is
    capped by what fits; one that can never fit is reported in ``no_fit``.
+5. Tiers (:func:`tier_due`): a function with no instance ready or starting and no
+   demand holds what the keep-alive policy's :meth:`tier_target` allows: it steps down
+   to ``keep`` (its template and spare, then its weights, then its claim on the
+   runtime's zygote are released) or up to ``ensure`` (built ahead of demand), in
+   ``step_to``. A function with an instance holds everything below it.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from smss.control.autoscaler import Autoscaler
 from smss.control.keepalive import KeepAlivePolicy
 from smss.control.placement import NOTHING, ClusterState, Evictable, Locality, NoFit, Placement
 from smss.control.scaling import FunctionView, InstanceView, plan
+from smss.control.tiers import Tier, TierTarget, step_to
 from smss.inventory import Allocation, Capacity
 from smss.spec import Scaling
 
@@ -59,6 +69,8 @@ class Observed:
     backoff_until: float = 0.0
     #: The pre-warm time (``prewarm_at``) last acted on; -inf: none yet.
     prewarmed_for: float = -math.inf
+    #: What it holds of its own besides instances (its tier when it has none).
+    holds: Tier = Tier.STANDBY
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +100,10 @@ class Commands:
     waiting_for_capacity: int = 0
     #: Why they do not fit (``never``: they never will).
     no_fit: NoFit | None = None
+    #: The tier to step to now (the function has no instance), or None.
+    step_to: Tier | None = None
+    #: Spares its template keeps ready (the policy's :class:`TierTarget`).
+    spares: int = 1
 
 
 def keep_alive_windows(
@@ -122,6 +138,37 @@ def prewarm_wake(observed: Observed, policies: Policies, now: float) -> float | 
     return max(lead, observed.backoff_until) if lead > now else None
 
 
+def idle(observed: Observed) -> bool:
+    """No instance ready or starting and no demand: its tier is the policy's to decide."""
+    return not observed.ready and not observed.starting and observed.demand == 0
+
+
+def tier_due(
+    observed: Observed, policies: Policies, now: float, target: TierTarget | None = None
+) -> Tier | None:
+    """The tier to step to now, or None (rule 5 of the module docstring)."""
+    if not idle(observed):
+        return None
+    return step_to(observed.holds, target or policies.keep_alive.tier_target(observed.name, now))
+
+
+def tier_wake(observed: Observed, policies: Policies, now: float) -> float | None:
+    """When :func:`tier_due` may next say something new, if it is idle (for schedulers)."""
+    if not idle(observed):
+        return None
+    until = policies.keep_alive.tier_target(observed.name, now).until
+    return until if math.isfinite(until) else None
+
+
+def desired(observed: Observed, policies: Policies, now: float) -> int:
+    """The autoscaler's desired count; capped at what the demand now needs when the
+    keep-alive policy holds extra capacity itself (``caps_to_demand``)."""
+    want = policies.autoscaler.desired(now, len(observed.ready))
+    if policies.keep_alive.caps_to_demand:
+        want = min(want, -(-observed.demand // max(policies.scaling.concurrency, 1)))
+    return want
+
+
 def reconcile(
     observed: Observed,
     policies: Policies,
@@ -144,7 +191,7 @@ def reconcile(
             starting=observed.starting,
             min_instances=scaling.min_instances,
             max_instances=scaling.max_instances,
-            desired=policies.autoscaler.desired(now, len(observed.ready)),
+            desired=desired(observed, policies, now),
             keep_alive_s=keep_alive,
             backoff_until=observed.backoff_until,
             queued=observed.queued,
@@ -158,8 +205,11 @@ def reconcile(
         prewarm_for = prewarm_due(observed, policies, now)
         if prewarm_for is not None:
             wanted = 1
+    target = policies.keep_alive.tier_target(observed.name, now)
     if wanted == 0:
-        return Commands(stop=scale.stop)
+        return Commands(
+            stop=scale.stop, step_to=tier_due(observed, policies, now, target), spares=target.spares
+        )
     starts: list[Placement] = []
     pending: list[Allocation] = []
     gone = set(scale.stop)
@@ -191,4 +241,5 @@ def reconcile(
         prewarm_for=prewarm_for if starts else None,
         waiting_for_capacity=wanted - len(starts),
         no_fit=no_fit,
+        spares=target.spares,
     )

@@ -92,6 +92,24 @@ def ensure_artifact(dest: Path, name: str) -> DemoArtifact:
     return DemoArtifact(name, Path(models.__file__), recipe.class_name, path, fmt)
 
 
+def missing(dest: Path, names: tuple[str, ...]) -> list[str]:
+    """The models of ``names`` whose weights under ``dest`` are not there (or damaged)."""
+    return [n for n in names if not _intact(dest / _RECIPES[n].file)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m smss.demo.generate DEST NAME...``: generate those weights into DEST.
+
+    Generating imports torch (and onnx), so a platform runs this in a process of its
+    own: its gateway never imports a model runtime."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    dest, names = Path(args[0]), args[1:]
+    for name in names:
+        ensure_artifact(dest, name)
+
+
 def parameter_count(name: str) -> int:
     """Parameters of a torch demo model, counted on the ``meta`` device (nothing allocated)."""
     return sum(p.numel() for p in _meta_module(name).parameters())
@@ -277,3 +295,7 @@ _RECIPES: dict[str, _Recipe] = {
         _Recipe("behavior_respond", "Respond", "behavior_respond.safetensors", 6, _write_safetensors),
     )
 }
+
+
+if __name__ == "__main__":
+    main()

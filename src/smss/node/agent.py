@@ -1,6 +1,8 @@
 """The node agent: one per machine; owns its devices, weight store, zygotes and instances.
 
-Instances are local processes. Implements :class:`smss.ports.ClusterBackend`. Two start modes:
+Instances are local processes. Implements :class:`smss.ports.ClusterBackend` and
+:class:`smss.ports.TierBackend` (stepping a function's template, weights and its
+runtime's zygote up and down: :mod:`smss.control.tiers`). Two start modes:
 
 * ``fork`` (default): the cold-start path of DESIGN.md. The model's weights are
   put in the node's :class:`WeightStore` (once; cached across scale-to-zero),
@@ -40,16 +42,23 @@ from typing import Literal, get_args
 import msgspec
 
 from smss.errors import CorruptWeights, StartFailed, StorageUnavailable
-from smss.inventory import Allocation, AllocationKind, Capacity, NodeInventory
+from smss.inventory import Allocation, AllocationKind, Capacity, NodeInventory, Tier
 from smss.node.devices import discover
 from smss.node.gpu.node import GpuNode, GpuSettings
-from smss.node.memory import ResidentReadings
+from smss.node.memory import Reading, ResidentReadings
 from smss.node.roster import InstanceEntry, Roster, start_time
 from smss.node.rundir import claim_run_dir
 from smss.node.weightstore import WeightStore
 from smss.node.worker import Ready, WorkerConfig
 from smss.node.zygotes import ZygotePool, watch_exit
-from smss.ports import ExitCallback, InstanceInfo, RunningInstance, StartedInstance, StartTimings
+from smss.ports import (
+    ExitCallback,
+    InstanceInfo,
+    ResidentReading,
+    RunningInstance,
+    StartedInstance,
+    StartTimings,
+)
 from smss.spec import FunctionSpec, Runtime
 
 log = logging.getLogger(__name__)
@@ -151,9 +160,7 @@ class NodeAgent:
             if seg is not None:
                 out.append(_resident(self.node, f"weights:{key}", key, "weights", seg.size))
         templates = self.zygotes.templates()
-        readings = self._readings.latest(
-            [t.pid for t in templates], {inst.info.pid for inst in self._instances.values()}
-        )
+        readings = self._read()
         for t in templates:
             reading = readings.get(t.pid)
             pss = reading.pss if reading else 0
@@ -191,6 +198,11 @@ class NodeAgent:
             }
             for t in self.zygotes.templates()
         }
+        stats["segments"] = {
+            key: round(seg.size / (1 << 20), 3)
+            for key in list(self.store.keys())
+            if (seg := self.store.get(key))
+        }
         running = {rt: self.zygotes.zygote_pid(rt) for rt in get_args(Runtime)}
         stats["zygotes"] = {rt: {"pid": pid} for rt, pid in running.items() if pid is not None}
         stats["gpus"] = self.gpus.stats()
@@ -205,6 +217,104 @@ class NodeAgent:
 
     def _evicted(self, key: str) -> None:
         self.zygotes.discard(key)
+
+    # ------------------------------------------------------------ tiers (ports.TierBackend)
+
+    def holdings(self) -> dict[str, Tier]:
+        out: dict[str, Tier] = {}
+        for key in list(self.store.keys()):
+            out[_function_of(key)] = Tier.RESIDENT
+        for t in self.zygotes.templates():
+            out[_function_of(t.key)] = Tier.STANDBY
+        return out
+
+    def runtimes(self) -> list[str]:
+        return self.zygotes.runtimes()
+
+    async def step(self, spec: FunctionSpec, artifact_dir: Path, to: Tier) -> None:
+        if self.mode == "exec":
+            return  # nothing is kept resident: every instance loads its own
+        key = f"{spec.name}@{artifact_dir.name}"
+        if to >= Tier.STANDBY:
+            await self._build(spec, artifact_dir, key)
+            return
+        if any(inst.info.function == spec.name for inst in self._instances.values()):
+            log.info("not releasing what %s holds: an instance of it runs", spec.name)
+            return
+        for t in self.zygotes.templates():
+            if _function_of(t.key) == spec.name:
+                self.zygotes.discard(t.key)
+        if to == Tier.RESIDENT:
+            if spec.weights is not None and self.store.get(key) is None:
+                async with self._store_misses:
+                    seg, _ = await asyncio.to_thread(self.store.acquire, key, artifact_dir / spec.weights)
+                self.store.release(key, seg.generation)
+            return
+        for k in list(self.store.keys()):
+            if _function_of(k) == spec.name:
+                self.store.evict(k)
+
+    async def _build(self, spec: FunctionSpec, artifact_dir: Path, key: str) -> None:
+        """The function's template, built ahead of demand (weights read first)."""
+        segment = generation = None
+        if spec.weights is not None:
+            async with self._store_misses:
+                seg, _ = await asyncio.to_thread(self.store.acquire, key, artifact_dir / spec.weights)
+            segment, generation = seg.path, seg.generation
+        config = WorkerConfig(
+            instance_id=f"{spec.name}-template",
+            spec=spec,
+            artifact_dir=str(artifact_dir),
+            socket_path=str(self._run_dir / f"{spec.name}-template.sock"),
+            threads=max(1, int(spec.resources.cpu)),
+        )
+        try:
+            await self.zygotes.prepare(key, config, segment)
+        finally:
+            if spec.weights is not None:
+                self.store.release(key, generation)
+
+    async def set_spares(self, function: str, spares: int) -> None:
+        await self.zygotes.set_spares(function, spares)
+
+    async def stop_runtime(self, runtime: str) -> bool:
+        return await self.zygotes.stop_runtime(runtime)
+
+    def readings(self) -> list[ResidentReading]:
+        out = []
+        for key in list(self.store.keys()):
+            seg = self.store.get(key)
+            if seg is not None:
+                out.append(ResidentReading(f"weights:{key}", _function_of(key), seg.size / (1 << 20)))
+        readings = self._read()
+        for t in self.zygotes.templates():
+            reading = readings.get(t.pid)
+            if reading is None:
+                continue
+            owner = _function_of(t.key)
+            out.append(ResidentReading(f"template:{t.key}", owner, reading.pss / (1 << 20)))
+            for spare_pid, pss in reading.spares:
+                out.append(ResidentReading(f"spare:{t.key}:{spare_pid}", owner, pss / (1 << 20)))
+        for runtime in self.zygotes.runtimes():
+            zygote = self.zygotes.zygote_pid(runtime)
+            reading = readings.get(zygote) if zygote is not None else None
+            if reading is not None:
+                out.append(
+                    ResidentReading(f"zygote:{runtime}", f"runtime:{runtime}", reading.pss / (1 << 20))
+                )
+        me = readings.get(os.getpid())
+        if me is not None:
+            out.append(ResidentReading(f"platform:{os.getpid()}", "platform", me.pss / (1 << 20)))
+        return out
+
+    def _read(self) -> dict[int, Reading]:
+        """The last readings of the templates (and their spares), zygotes and this process."""
+        zygotes = [pid for r in self.zygotes.runtimes() if (pid := self.zygotes.zygote_pid(r)) is not None]
+        return self._readings.latest(
+            [t.pid for t in self.zygotes.templates()],
+            {inst.info.pid for inst in self._instances.values()},
+            [*zygotes, os.getpid()],
+        )
 
     # ------------------------------------------------------------ start
 
@@ -483,8 +593,13 @@ class NodeAgent:
         return inst
 
 
+def _function_of(key: str) -> str:
+    """The function a weight-store or template key (``NAME@ARTIFACTS``) belongs to."""
+    return key.partition("@")[0]
+
+
 def _resident(node: str, alloc_id: str, key: str, kind: AllocationKind, size: int) -> Allocation:
-    function = key.partition("@")[0]
+    function = _function_of(key)
     return Allocation(alloc_id, function, kind, node, Capacity(memory_mb=-(-size // (1 << 20))))
 
 

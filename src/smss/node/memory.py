@@ -25,14 +25,31 @@ PROC = Path("/proc")
 
 def pss_bytes(pid: int, proc: Path = PROC) -> int | None:
     """The process's PSS in bytes, or None when it is gone or unreadable."""
+    fields = _rollup(pid, proc)
+    return None if fields is None else fields.get("Pss")
+
+
+def own_bytes(pid: int, proc: Path = PROC) -> int | None:
+    """The process's PSS less its share of shared memory (``Pss_Shmem``: the weight
+    segments it maps, which the store counts whole), or None when it is gone."""
+    fields = _rollup(pid, proc)
+    if fields is None or "Pss" not in fields:
+        return None
+    return max(fields["Pss"] - fields.get("Pss_Shmem", 0), 0)
+
+
+def _rollup(pid: int, proc: Path) -> dict[str, int] | None:
     try:
         text = (proc / str(pid) / "smaps_rollup").read_text()
     except OSError:
         return None
+    out = {}
     for line in text.splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return None
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            out[name] = int(parts[0]) * 1024
+    return out
 
 
 def children(pid: int, proc: Path = PROC) -> list[int]:
@@ -60,13 +77,17 @@ class Reading:
 
 
 def read_templates(
-    pids: Collection[int], instances: Collection[int], proc: Path = PROC
+    pids: Collection[int], instances: Collection[int], proc: Path = PROC, others: Collection[int] = ()
 ) -> dict[int, Reading]:
-    """A :class:`Reading` of each template pid (blocking: /proc reads)."""
+    """A :class:`Reading` of each template pid, and of each of ``others`` (processes
+    read alone: zygotes, the platform's own), without the weight segments they map
+    (:func:`own_bytes`; blocking: /proc reads)."""
     out = {}
     for pid in pids:
-        spares = tuple((c, pss_bytes(c, proc) or 0) for c in children(pid, proc) if c not in instances)
-        out[pid] = Reading(pss_bytes(pid, proc) or 0, spares)
+        spares = tuple((c, own_bytes(c, proc) or 0) for c in children(pid, proc) if c not in instances)
+        out[pid] = Reading(own_bytes(pid, proc) or 0, spares)
+    for pid in others:
+        out[pid] = Reading(own_bytes(pid, proc) or 0)
     return out
 
 
@@ -85,7 +106,9 @@ class ResidentReadings:
     _read_at: float = -float("inf")
     _task: asyncio.Task[None] | None = None
 
-    def latest(self, templates: Collection[int], instances: Collection[int]) -> dict[int, Reading]:
+    def latest(
+        self, templates: Collection[int], instances: Collection[int], others: Collection[int] = ()
+    ) -> dict[int, Reading]:
         """The last readings; starts a refresh when they are older than ``refresh_s``
         (outside a running loop: reads now)."""
         now = self.clock()
@@ -94,14 +117,18 @@ class ResidentReadings:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
-                self.readings = read_templates(templates, instances, self.proc)
+                self.readings = read_templates(templates, instances, self.proc, others)
             else:
-                self._task = loop.create_task(self._refresh(tuple(templates), frozenset(instances)))
+                self._task = loop.create_task(
+                    self._refresh(tuple(templates), frozenset(instances), tuple(others))
+                )
         return self.readings
 
-    async def _refresh(self, templates: tuple[int, ...], instances: frozenset[int]) -> None:
+    async def _refresh(
+        self, templates: tuple[int, ...], instances: frozenset[int], others: tuple[int, ...] = ()
+    ) -> None:
         try:
-            self.readings = await asyncio.to_thread(read_templates, templates, instances, self.proc)
+            self.readings = await asyncio.to_thread(read_templates, templates, instances, self.proc, others)
         except Exception:
             log.exception("could not read what the node keeps resident")
 

@@ -222,31 +222,37 @@ def _template_main(request: proto.Prepare, report_fd: int, parent: int) -> None:
     os.write(report_fd, msgspec.json.encode(report) + b"\n")
     os.close(report_fd)
 
-    spares: list[Spare] = []  # at most one
+    spares: list[Spare] = []
+    target = [max(request.spares, 0) if request.spare else 0]
 
     def handle(req: proto.Request, listener: socket.socket, conn: socket.socket) -> Any:
+        if isinstance(req, proto.SetSpares):
+            target[0] = max(req.spares, 0)
+            while len(spares) > target[0]:
+                spares.pop().discard()
+            return proto.Done()
         if not isinstance(req, proto.Spawn):
             return proto.Failed("a template only spawns instances")
-        if spares and spares[0].is_ready():
-            spare = spares.pop()
+        spare = next((s for s in spares if s.is_ready()), None)
+        if spare is not None:
+            spares.remove(spare)
             if spare.hand_over(req.config):
                 spare.close()
                 return proto.Spawned(spare.pid, fork_ms=0.0, spare=True)
             spare.discard()  # it died: fork as without spares
-        # No spare, or one still rehearsing (kept for the next start): fork.
+        # No spare, or none rehearsed yet (kept for the next starts): fork.
         return _spawn(req.config, model, listener, conn)
 
     def on_idle(listener: socket.socket, conn: socket.socket | None) -> None:
-        if spares and process_alive(spares[0].pid) and not spares[0].overdue():
-            return
-        for dead in spares:
+        for dead in [s for s in spares if not process_alive(s.pid) or s.overdue()]:
             dead.discard()
-        spares.clear()
-        if thread_count() == 1:
+            spares.remove(dead)
+        if len(spares) < target[0] and thread_count() == 1:
             inherited = [listener] if conn is None else [listener, conn]
-            spares.append(fork_spare(config, model, inherited))
+            while len(spares) < target[0]:
+                spares.append(fork_spare(config, model, inherited))
 
-    _serve_control(control, handle, on_idle if request.spare else None)
+    _serve_control(control, handle, on_idle)
 
 
 def _spawn(config: WorkerConfig, model: Any, listener: socket.socket, conn: socket.socket) -> Any:

@@ -27,6 +27,8 @@ class Prepare(msgspec.Struct, tag="prepare", frozen=True):
     control_path: str
     #: Keep a spare (:mod:`smss.node.spare`): the next instance, forked when idle.
     spare: bool = False
+    #: How many spares, with ``spare`` (:class:`SetSpares` changes it later).
+    spares: int = 1
 
 
 class Prepared(msgspec.Struct, tag="prepared", frozen=True):
@@ -47,6 +49,16 @@ class Spawn(msgspec.Struct, tag="spawn", frozen=True):
     config: WorkerConfig
 
 
+class SetSpares(msgspec.Struct, tag="set_spares", frozen=True):
+    """Template: keep ``spares`` spares from now on (forked when idle; extras stop)."""
+
+    spares: int
+
+
+class Done(msgspec.Struct, tag="done", frozen=True):
+    pass
+
+
 class Spawned(msgspec.Struct, tag="spawned", frozen=True):
     """``spare``: the instance is the template's spare, which took over (no fork)."""
 
@@ -61,8 +73,8 @@ class Failed(msgspec.Struct, tag="failed", frozen=True):
     corrupt_weights: bool = False
 
 
-Request = Prepare | Spawn
-Reply = Prepared | Spawned | Failed
+Request = Prepare | Spawn | SetSpares
+Reply = Prepared | Spawned | Failed | Done
 
 _enc = msgspec.msgpack.Encoder()
 _requests = msgspec.msgpack.Decoder(Request)

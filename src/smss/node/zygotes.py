@@ -99,6 +99,8 @@ class ZygotePool:
         self._preparing: dict[str, asyncio.Lock] = {}
         #: Adopted templates of a key already held (from before one template per key).
         self._extra: list[Template] = []
+        #: Spares each function's template keeps (by function; 1 unless told otherwise).
+        self._spare_counts: dict[str, int] = {}
         self.zygote_starts = 0
 
     def zygote_pid(self, runtime: str) -> int | None:
@@ -225,7 +227,10 @@ class ZygotePool:
     async def _prepare_new(self, key: str, config: WorkerConfig, segment: Path | None) -> Template:
         # Unique across agents: an adopted template keeps the path it listens on.
         control_path = self._run_dir / f"tpl-{uuid4().hex[:12]}.sock"
-        request = proto.Prepare(config, str(segment) if segment else None, str(control_path), self._spares)
+        spares = self._spare_counts.get(key.partition("@")[0], 1)
+        request = proto.Prepare(
+            config, str(segment) if segment else None, str(control_path), self._spares, spares
+        )
         zygote = await self._zygote(config.spec.runtime)
         try:
             reply = await zygote.control.call(request)
@@ -244,6 +249,34 @@ class ZygotePool:
         self._roster.put(_template_entry(template))
         return template
 
+    def runtimes(self) -> list[str]:
+        """The runtimes whose zygote runs."""
+        return [runtime for runtime, z in self._zygotes.items() if z.alive()]
+
+    async def set_spares(self, function: str, spares: int) -> None:
+        """The templates of ``function`` keep ``spares`` spares from now on (and a
+        template built for it later starts with as many)."""
+        self._spare_counts[function] = spares
+        if not self._spares:
+            return
+        for key, template in list(self._templates.items()):
+            if key.partition("@")[0] == function:
+                reply = await template.control.call(proto.SetSpares(spares))
+                if not isinstance(reply, proto.Done):
+                    raise StartFailed("unexpected reply from the template")
+
+    async def stop_runtime(self, runtime: str) -> bool:
+        """Stop the runtime's zygote (and so any template forked from it); True if one ran."""
+        zygote = self._zygotes.get(runtime)
+        if zygote is None:
+            return False
+        async with self._starting.setdefault(runtime, asyncio.Lock()):
+            if self._zygotes.get(runtime) is not zygote:
+                return False
+            await self._kill_zygote(runtime, zygote)
+        log.info("stopped the %s zygote: no function uses its runtime", runtime)
+        return True
+
     async def spawn(self, template: Template, config: WorkerConfig) -> proto.Spawned:
         reply = await template.control.call(proto.Spawn(config))
         if isinstance(reply, proto.Failed):
@@ -260,7 +293,7 @@ class ZygotePool:
         self._forget_templates_of_dead_zygote()
 
     def discard(self, key: str) -> None:
-        """Stop a template (its weights are being evicted)."""
+        """Stop a template (its weights are being evicted, or its function steps down)."""
         template = self._templates.pop(key, None)
         lock = self._preparing.get(key)
         if lock is not None and not lock.locked():

@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from smss.config import parse_size
 from smss.control.cost import load_prices
+from smss.control.tiers import TierProfile, parse_profile
 from smss.errors import SmssError
 from smss.sim import simulator
 from smss.sim.config import SimConfig
@@ -20,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smss simulate", description=(simulator.__doc__ or "").split("\n")[0])
     d = SimConfig()
     p.add_argument("trace", type=Path, help="CSV trace: t_ms,function,duration_ms[,cluster]")
-    p.add_argument("--policy", default=d.policy, help="fixed:SECONDS | hybrid | hybrid:key=value,...")
+    p.add_argument(
+        "--policy", default=d.policy, help="tiered[:key=value,...] | fixed:SECONDS | hybrid[:key=value,...]"
+    )
     p.add_argument(
         "--default-ttl-s", type=float, default=d.default_ttl_s, help="fixed's / hybrid's fallback TTL"
     )
@@ -32,13 +36,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-instances", type=int, default=d.max_instances)
     p.add_argument(
-        "--cold-start-ms", type=float, default=d.cold_start_ms, help="an instance start (a template's fork)"
+        "--tiers",
+        default="",
+        help="each tier's start latency and memory, overriding the calibrated defaults: "
+        + ",".join(f"{f.name}={getattr(d.tiers, f.name)!r}" for f in fields(TierProfile)),
+    )
+    p.add_argument(
+        "--latency-objective-ms",
+        type=float,
+        default=d.latency_objective_ms,
+        help="the latency a start may add at --latency-percentile (the tiered policy keeps it)",
+    )
+    p.add_argument("--latency-percentile", type=float, default=d.latency_percentile)
+    p.add_argument(
+        "--cold-start-ms",
+        type=float,
+        default=None,
+        help="every start from a template takes this long (overrides --tiers' standby_ms and fork_ms)",
     )
     p.add_argument(
         "--first-start-ms",
         type=float,
         default=None,
-        help="a function's first start, its template built first (default: --cold-start-ms)",
+        help="a start that builds the template takes this long (default: --cold-start-ms when given)",
     )
     p.add_argument("--tick-s", type=float, default=d.tick_s)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -86,8 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             gpu=args.gpu,
             concurrency=args.concurrency,
             max_instances=args.max_instances,
+            tiers=parse_profile(args.tiers),
             cold_start_ms=args.cold_start_ms,
             first_start_ms=args.first_start_ms,
+            latency_objective_ms=args.latency_objective_ms,
+            latency_percentile=args.latency_percentile,
             tick_s=args.tick_s,
             seed=args.seed,
             speedup=args.speedup,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from smss.control.autoscaler import AutoscalerConfig
 from smss.control.cost import PriceTable
 from smss.control.placement import ClusterState
+from smss.control.tiered import LatencyObjective
+from smss.control.tiers import TierProfile
 from smss.errors import InvalidSpec
 from smss.spec import Resources, Scaling
 
@@ -17,7 +19,7 @@ class SimConfig:
     """Settings of one simulation. Every function of the trace gets the same instance
     size and scaling settings (the trace's functions are synthetic)."""
 
-    policy: str = "hybrid"
+    policy: str = "tiered"
     #: TTL of ``fixed`` without seconds, and the fallback of ``hybrid``.
     default_ttl_s: float = 600.0
     memory_mb: int = 512
@@ -28,9 +30,16 @@ class SimConfig:
     target_concurrency: float | None = None
     min_instances: int = 0
     max_instances: int = 1000
-    cold_start_ms: float = 500.0
-    #: A function's first start (template build and fork); None: ``cold_start_ms`` too.
+    #: What each tier holds and what a start from it takes (calibrated defaults).
+    tiers: TierProfile = field(default_factory=TierProfile)
+    #: Overrides of ``tiers``, as before tiers were modelled: every start from a
+    #: template (with or without a spare) takes ``cold_start_ms``, and a start that
+    #: builds the template ``first_start_ms`` (None: ``cold_start_ms`` too).
+    cold_start_ms: float | None = None
     first_start_ms: float | None = None
+    #: The latency objective the tiered policy keeps (and the oracle is held to).
+    latency_objective_ms: float = 10.0
+    latency_percentile: float = 99.0
     tick_s: float = 1.0
     seed: int = 0
     #: Replay K times faster (trace times, durations and the policy's windows / K).
@@ -52,7 +61,9 @@ class SimConfig:
             raise InvalidSpec("need memory_mb > 0, cpu > 0 and gpu >= 0")
         if not 1 <= self.concurrency <= 4096:
             raise InvalidSpec(f"concurrency must be 1-4096, got {self.concurrency}")
-        if not (math.isfinite(self.cold_start_ms) and self.cold_start_ms >= 0):
+        if self.cold_start_ms is not None and not (
+            math.isfinite(self.cold_start_ms) and self.cold_start_ms >= 0
+        ):
             raise InvalidSpec(f"cold_start_ms must be >= 0, got {self.cold_start_ms}")
         if self.first_start_ms is not None and not (
             math.isfinite(self.first_start_ms) and self.first_start_ms >= 0
@@ -71,6 +82,20 @@ class SimConfig:
         if self.keep_alive_s is not None and not self.keep_alive_s >= 0:
             raise InvalidSpec(f"keep_alive_s must be >= 0, got {self.keep_alive_s}")
         self.autoscaler_config()  # validates the scaling bounds
+        self.objective()
+
+    def objective(self) -> LatencyObjective:
+        return LatencyObjective(self.latency_objective_ms, self.latency_percentile)
+
+    def profile(self) -> TierProfile:
+        """``tiers`` with the ``cold_start_ms`` / ``first_start_ms`` overrides applied."""
+        tiers = self.tiers
+        if self.cold_start_ms is not None:
+            tiers = replace(tiers, standby_ms=self.cold_start_ms, fork_ms=self.cold_start_ms)
+        first = self.first_start_ms if self.first_start_ms is not None else self.cold_start_ms
+        if first is not None:
+            tiers = replace(tiers, resident_ms=first, cold_ms=first, no_runtime_ms=first)
+        return tiers
 
     def autoscaler_config(self) -> AutoscalerConfig:
         target = self.target_concurrency or max(1.0, 0.7 * self.concurrency)

@@ -7,11 +7,15 @@ Per function it drives the same objects as the live controller and dispatcher:
 and :class:`~smss.control.placement.ClusterState` placement inside),
 :func:`~smss.control.router.choose` and the :class:`~smss.control.metering.Meter`,
 on a virtual clock (an event heap; nothing sleeps). Instances are simulated: one
-becomes ready ``cold_start_ms`` after it is asked for (a fork of the function's
-resident template) and serves up to ``concurrency`` requests at once, each for the
-trace's ``duration_ms``. With ``first_start_ms`` set, a function's first start takes
-that long instead (its template is built first, as the live node does once per
-model; starts asked for while it is being built wait for it, then fork).
+becomes ready as long after it is asked for as a start from the function's tier of
+readiness takes (:mod:`smss.sim.readiness`: a hand-over to a ready spare, a fork, a
+template built from resident weights, from disk, after the runtime's zygote started;
+the latencies and footprints of :class:`~smss.control.tiers.TierProfile`, or every
+start ``cold_start_ms`` and one that builds a template ``first_start_ms``, as before
+tiers) and serves up to ``concurrency`` requests at once, each for the trace's
+``duration_ms``. What each function keeps resident besides instances is stepped as
+the reconcile decides (``step_to``, ``spares``) and metered (standby memory, the
+runtime's zygote); every function is deployed, and reconciled once, at time 0.
 
 What happens, as in the live platform:
 
@@ -38,9 +42,17 @@ What happens, as in the live platform:
   (it found no free instance and waited for one to start); a request that waited for
   a busy instance to finish only queued;
 * pre-warm: when the policy's ``prewarm_at`` names a time and the function has no
-  instance ready or starting, one is started ``cold_start_ms`` earlier so that it is
-  ready then, once per named time (the reconcile's rule; the start estimate is
-  ``cold_start_ms``).
+  instance ready or starting, one is started a standby start earlier so that it is
+  ready then, once per named time (the reconcile's rule);
+* tiers: an idle function is reconciled when its tier target next changes (the
+  policy's ``until``), and steps down or up then.
+
+Besides the instance figures it reports ``standby_memory_gb_seconds`` (templates,
+spares, weights and the runtime's zygote, integrated), the starts by the tier they
+began from, whether the latency objective was met at its percentile, and
+``oracle_cost_usd``, the hindsight-optimal cost of the same trace
+(:mod:`smss.sim.oracle`), with ``cost_vs_oracle``; ``cost_usd`` and ``cost_ratio``
+count every tier.
 
 Differences from the live controller, for speed and on purpose:
 
@@ -64,7 +76,7 @@ Differences from the live controller, for speed and on purpose:
 does against a live platform: arrival times and durations are divided by K, and so
 is every duration of the keep-alive policy (:func:`~smss.control.keepalive.scale_policy`,
 what the replay passes to the platform), while the platform's own constants (the
-autoscaler's windows, ``tick_s``, ``cold_start_ms``) are not, as on the live platform.
+autoscaler's windows, ``tick_s``, the tiers' latencies) are not, as on the live platform.
 Figures are in the compressed time.
 
 The run ends when the last request completes; instances still alive then are metered
@@ -96,15 +108,27 @@ from smss.control.cost import ContainerSize, report
 from smss.control.keepalive import KeepAlivePolicy, parse_policy, scale_policy
 from smss.control.metering import Meter
 from smss.control.placement import need_of
-from smss.control.reconcile import Observed, Policies, keep_alive_windows, prewarm_wake, reconcile
+from smss.control.reconcile import (
+    Observed,
+    Policies,
+    keep_alive_windows,
+    prewarm_wake,
+    reconcile,
+    tier_wake,
+)
 from smss.control.router import Candidate, Ewma, choose
 from smss.control.scaling import InstanceView
+from smss.control.tiers import START_TIERS, Tier
 from smss.inventory import Allocation
 from smss.sim.config import SimConfig
+from smss.sim.oracle import oracle_cost
+from smss.sim.readiness import Readiness, Runtime
 from smss.sim.trace import Trace, peak_concurrency, read_trace
 
 _DONE, _READY, _WAKE = 0, 1, 2
 _EPS = 1e-9
+#: Every function of a trace is one model of one runtime (the trace's are synthetic).
+RUNTIME = "model"
 
 
 class _Inst:
@@ -132,11 +156,12 @@ class _Fn:
         "ready",
         "started",
         "starting",
-        "template_at",
+        "tiers",
     )
 
-    def __init__(self, name: str, policies: Policies) -> None:
+    def __init__(self, name: str, policies: Policies, tiers: Readiness) -> None:
         self.name = name
+        self.tiers = tiers
         self.policies = policies
         self.autoscaler = policies.autoscaler
         self.ready: dict[str, _Inst] = {}  # ready instances, in start order
@@ -148,7 +173,6 @@ class _Fn:
         self.started = 0
         self.next_wake = math.inf
         self.prewarmed_for = -math.inf
-        self.template_at: float | None = None  # when its template is (will be) ready
 
 
 class Simulation:
@@ -158,23 +182,29 @@ class Simulation:
         self.trace = trace
         self.config = config
         policy, ttl = scale_policy(config.policy, config.default_ttl_s, 1.0 / config.speedup)
-        self.policy: KeepAlivePolicy = parse_policy(policy, ttl)
+        self.profile = config.profile()
+        self.policy: KeepAlivePolicy = parse_policy(
+            policy, ttl, profile=self.profile, objective=config.objective(), prices=config.prices
+        )
         self.meter = Meter()
         self.rng = random.Random(config.seed)
-        self._cold_s = config.cold_start_ms / 1000.0
-        first = config.cold_start_ms if config.first_start_ms is None else config.first_start_ms
-        self._build_s = max(first - config.cold_start_ms, 0.0) / 1000.0  # the template's build
-        self.template_builds = 0
+        prof = self.profile
+        self.runtime = Runtime(RUNTIME, max(prof.no_runtime_ms - prof.cold_ms, 0.0) / 1000, self.meter)
         scaling, need = config.scaling, need_of(config.resources)
+        start_estimate = prof.standby_ms / 1000.0
         self._fns = [
             _Fn(
                 name,
-                Policies(scaling, need, Autoscaler(config.autoscaler_config()), self.policy, self._cold_s),
+                Policies(scaling, need, Autoscaler(config.autoscaler_config()), self.policy, start_estimate),
+                Readiness(name, prof, self.runtime, self.meter),
             )
             for name in trace.functions
         ]
         for fn in self._fns:  # every function is deployed, idle, when the trace starts
             fn.autoscaler.observe(0.0, 0.0)
+            self.policy.describe(fn.name, config.resources, 0.0, concurrency=config.concurrency)
+        self.starts_from = dict.fromkeys(START_TIERS, 0)
+        self.starts_with_spare = 0
         self.cluster = config.cluster()
         self._unbounded = config.nodes is None
         self._insts: dict[str, _Inst] = {}  # ready instances by id (placement asks which are idle)
@@ -205,10 +235,9 @@ class Simulation:
         heap, fns, ts = self._heap, self._fns, self._t
         fidx = self.trace.function.tolist()
         pop, step, arrive = heapq.heappop, self._step, self._arrive
-        if self.config.min_instances > 0:  # the controller's first tick starts them
-            for fn in fns:
-                self._reconcile(fn, 0.0)
-                self._schedule(fn, 0.0)
+        for fn in fns:  # the controller's first tick: min_instances, tiers built ahead
+            self._reconcile(fn, 0.0)
+            self._schedule(fn, 0.0)
         now = 0.0
         for k, t in enumerate(ts):
             while heap and heap[0][0] <= t:
@@ -243,7 +272,7 @@ class Simulation:
     # ------------------------------------------------------------ requests
 
     def _arrive(self, fn: _Fn, k: int, t: float) -> None:
-        self.policy.on_invocation(fn.name, t)
+        self.policy.on_invocation(fn.name, t, fn.in_flight + len(fn.queue))
         self.outstanding += 1
         inst = self._pick(fn)
         if inst is not None:
@@ -318,11 +347,10 @@ class Simulation:
         self.meter.instance_started(instance_id, fn.name, self._resources, now)
         if not self._unbounded:
             self.cluster.add(msgspec.structs.replace(alloc, id=instance_id))
-        if fn.template_at is None:
-            fn.template_at = now + self._build_s
-            self.template_builds += 1
+        ready_at, tier, spare = fn.tiers.start(now)
+        self.starts_from[tier] += 1
+        self.starts_with_spare += spare
         self._seq += 1
-        ready_at = max(now, fn.template_at) + self._cold_s
         heapq.heappush(self._heap, (ready_at, self._seq, _READY, (fn, instance_id), 0))
 
     def _ready(self, started: tuple[_Fn, str], now: float) -> None:
@@ -382,7 +410,14 @@ class Simulation:
             for i in fn.ready.values()
         ]
         observed = Observed(
-            fn.name, fn.in_flight + len(fn.queue), len(fn.queue), views, fn.starting, 0.0, fn.prewarmed_for
+            fn.name,
+            fn.in_flight + len(fn.queue),
+            len(fn.queue),
+            views,
+            fn.starting,
+            0.0,
+            fn.prewarmed_for,
+            fn.tiers.holds,
         )
         commands = reconcile(
             observed, fn.policies, self.cluster, now, evictable=None if self._unbounded else self._evictable
@@ -399,6 +434,9 @@ class Simulation:
             self.prewarm_starts += 1
         for k, where in enumerate(commands.start):
             self._start(fn, now, where.allocation(f"{fn.name}#start{k}", fn.name, fn.policies.need))
+        fn.tiers.set_spares(commands.spares, now)
+        if commands.step_to is not None:
+            fn.tiers.step(commands.step_to, now)
         if commands.no_fit is not None and commands.no_fit.never:
             while fn.queue:  # the live platform answers them 503 (it can never start one)
                 self._rejected_rows.append(fn.queue.popleft())
@@ -420,23 +458,24 @@ class Simulation:
                 self._reconcile(waiting, now)
 
     def _schedule(self, fn: _Fn, now: float) -> None:
-        """Make sure the function is reconciled when something can next change."""
-        if fn.in_flight or fn.queue or fn.autoscaler.panicking:
+        """Make sure the function is reconciled when something can next change: every
+        tick while it has demand or panics, and at its longest-idle instance's expiry."""
+        wake = now + self.config.tick_s if fn.in_flight or fn.queue or fn.autoscaler.panicking else math.inf
+        if fn.idle and len(fn.ready) > self.config.min_instances:
+            first = next(iter(fn.idle.values()))
+            last, surplus = keep_alive_windows(fn.policies.scaling, self.policy, fn.name, now)
+            window = last if len(fn.ready) == 1 else surplus  # the last instance: the function's
+            wake = min(wake, first.idle_since + window + _EPS)
+        if not fn.ready and fn.starting == 0 and not fn.queue:
+            observed = Observed(fn.name, 0, 0, (), 0, 0.0, fn.prewarmed_for, fn.tiers.holds)
+            at = prewarm_wake(observed, fn.policies, now)
+            if at is not None:
+                wake = min(wake, at)
+            at = tier_wake(observed, fn.policies, now)
+            if at is not None:
+                wake = min(wake, at + _EPS)
+        if wake <= now:
             wake = now + self.config.tick_s
-        else:
-            wake = math.inf
-            if fn.idle and len(fn.ready) > self.config.min_instances:
-                first = next(iter(fn.idle.values()))
-                last, surplus = keep_alive_windows(fn.policies.scaling, self.policy, fn.name, now)
-                window = last if len(fn.ready) == 1 else surplus  # the last instance: the function's
-                wake = first.idle_since + window + _EPS
-            if not fn.ready and fn.starting == 0:
-                observed = Observed(fn.name, 0, 0, (), 0, 0.0, fn.prewarmed_for)
-                at = prewarm_wake(observed, fn.policies, now)
-                if at is not None:
-                    wake = min(wake, at)
-            if wake <= now:
-                wake = now + self.config.tick_s
         if wake < fn.next_wake:
             fn.next_wake = wake
             self._push(wake, _WAKE, fn)
@@ -453,12 +492,23 @@ class Simulation:
             for name, u in self.meter.usage(end).items()
         }
         size = ContainerSize(self._resources, self._limit)
-        cost = report(usage, self.config.prices, end, dict.fromkeys(usage, size)).total
+        overhead = self.meter.overhead(end)
+        cost = report(usage, self.config.prices, end, dict.fromkeys(usage, size), overhead).total
+        # Every tier is paid for: the templates, spares and weights (standby) and the
+        # runtime's zygote (overhead) are in cost_usd and cost_ratio.
+        cost_usd = cost.cost_with_overhead_usd
+        oracle = oracle_cost(self.trace, self.config, self.profile)
         n = len(self.trace)
         added_ms = np.asarray(self._added, dtype=np.float64) * 1000.0
         if self._rejected_rows:  # answered 503, never served: no latency to count
             added_ms = np.delete(added_ms, self._rejected_rows)
-        p50, p99 = (float(x) for x in np.percentile(added_ms, [50, 99])) if added_ms.size else (0.0, 0.0)
+        pct = self.config.latency_percentile
+        if added_ms.size:
+            p50, p99, at_pct = (float(x) for x in np.percentile(added_ms, [50, 99, pct]))
+        else:
+            p50 = p99 = at_pct = 0.0
+        standby = sum(u.standby_gb_s for u in usage.values())
+        runtime_gb_s = sum(overhead.values())
         return {
             "policy": self.config.policy,
             "speedup": self.config.speedup,
@@ -468,14 +518,28 @@ class Simulation:
             "instance_seconds": round(cost.alive_s, 3),
             "idle_instance_seconds": round(cost.alive_s - cost.busy_s, 3),
             "memory_gb_seconds": round(cost.memory_gb_s, 3),
-            "cost_usd": round(cost.cost_usd, 6),
+            "standby_memory_gb_seconds": round(standby + runtime_gb_s, 3),
+            "runtime_memory_gb_seconds": round(runtime_gb_s, 3),
+            "cost_usd": round(cost_usd, 6),
+            "instance_cost_usd": round(cost.cost_usd - cost.standby_usd, 6),
+            "standby_cost_usd": round(cost.standby_usd + cost.overhead_usd, 6),
             "container_cost_usd": round(cost.container_cost_usd, 6),
-            "cost_ratio": None if cost.cost_ratio is None else round(cost.cost_ratio, 4),
+            "cost_ratio": round(cost_usd / cost.container_cost_usd, 4) if cost.container_cost_usd else None,
+            "oracle_cost_usd": round(oracle, 6),
+            "cost_vs_oracle": round(cost_usd / oracle, 4) if oracle > 0 else None,
             "containers": cost.containers,
             "p50_added_ms": round(p50, 3),
             "p99_added_ms": round(p99, 3),
+            "latency_objective_ms": self.config.latency_objective_ms,
+            "latency_percentile": pct,
+            "objective_met": at_pct <= self.config.latency_objective_ms + 1e-9,
             "instances_started": sum(f.started for f in self._fns),
-            "template_builds": self.template_builds,
+            "starts_from_standby": self.starts_from[Tier.STANDBY],
+            "starts_with_spare": self.starts_with_spare,
+            "starts_from_resident": self.starts_from[Tier.RESIDENT],
+            "starts_from_disk": self.starts_from[Tier.COLD],
+            "starts_from_no_runtime": self.starts_from[Tier.NO_RUNTIME],
+            "template_builds": sum(f.tiers.builds for f in self._fns),
             "prewarm_starts": self.prewarm_starts,
             "rejected": self.rejected,
             "queued_for_capacity": len(self._capacity_waited),
