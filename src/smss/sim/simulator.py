@@ -178,7 +178,8 @@ class _Fn:
 class Simulation:
     """One replay of a trace; :meth:`run` returns the figures of :func:`simulate`."""
 
-    def __init__(self, trace: Trace, config: SimConfig) -> None:
+    def __init__(self, trace: Trace, config: SimConfig, meter: Meter | None = None) -> None:
+        """``meter``: what records usage (a recording one for plots); a plain Meter by default."""
         self.trace = trace
         self.config = config
         policy, ttl = scale_policy(config.policy, config.default_ttl_s, 1.0 / config.speedup)
@@ -186,7 +187,7 @@ class Simulation:
         self.policy: KeepAlivePolicy = parse_policy(
             policy, ttl, profile=self.profile, objective=config.objective(), prices=config.prices
         )
-        self.meter = Meter()
+        self.meter = meter or Meter()
         self.rng = random.Random(config.seed)
         prof = self.profile
         self.runtime = Runtime(RUNTIME, max(prof.no_runtime_ms - prof.cold_ms, 0.0) / 1000, self.meter)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from smss.control.cost import PriceTable
-from smss.control.metering import Meter
+from smss.control.metering import Meter, is_overhead
 from smss.sim.config import SimConfig
 from smss.sim.simulator import Simulation
 from smss.sim.trace import Trace, read_trace
@@ -47,7 +47,9 @@ class Timeline:
 @dataclass
 class _Event:
     t: float
-    kind: str  # start | stop | request | cold
+    #: start | stop | request | cold | standby (a change of what standby costs a second,
+    #: ``usd_per_s``) | spent (``usd_per_s`` dollars spent at once: standby CPU)
+    kind: str
     function: str
     memory_mb: float = 0.0
     usd_per_s: float = 0.0
@@ -66,10 +68,11 @@ class RecordingMeter(Meter):
     """A :class:`Meter` that also remembers when each instance started and stopped and
     when each request was served, and which requests were cold starts."""
 
-    def __init__(self, simulation: Simulation, prices: PriceTable) -> None:
+    def __init__(self, prices: PriceTable) -> None:
         super().__init__()
         self.events: list[_Event] = []
-        self._simulation = simulation
+        #: The simulation it meters (set once that is built on this meter): cold starts are its count.
+        self.simulation: Simulation | None = None
         self._prices = prices
         self._cold_seen = 0
         self._alive: dict[str, _Event] = {}
@@ -88,10 +91,29 @@ class RecordingMeter(Meter):
         if started is not None:
             self.events.append(_Event(now, "stop", started.function, started.memory_mb, started.usd_per_s))
 
+    def hold(self, key: str, owner: str, mb: float, now: float) -> None:
+        before = self.holds().get(key)
+        super().hold(key, owner, mb, now)
+        # Standby is priced in cost_usd (overhead is not): its rate changes by the MiB held.
+        was = before[1] if before is not None and not is_overhead(before[0]) else 0.0
+        held = mb if mb > 0 and not is_overhead(owner) else 0.0
+        if held != was:
+            usd = (held - was) / 1024.0 * self._prices.usd_per_gb_second
+            self.events.append(_Event(now, "standby", owner, usd_per_s=usd))
+
+    def standby_cpu(self, function: str, seconds: float) -> None:
+        super().standby_cpu(function, seconds)
+        if seconds > 0:
+            usd = seconds * self._prices.usd_per_vcpu_second
+            # No time comes with it: placed at the latest event (a rehearsal follows a start).
+            at = self.events[-1].t if self.events else 0.0
+            self.events.append(_Event(at, "spent", function, usd_per_s=usd))
+
     def request_started(self, function: str, instance_id: str, now: float) -> None:
         super().request_started(function, instance_id, now)
-        cold = self._simulation.cold_starts > self._cold_seen
-        self._cold_seen = self._simulation.cold_starts
+        seen = self.simulation.cold_starts if self.simulation is not None else 0
+        cold = seen > self._cold_seen
+        self._cold_seen = seen
         self.events.append(_Event(now, "cold" if cold else "request", function))
 
 
@@ -120,6 +142,10 @@ def recorded(
             elif e.kind == "stop":
                 count, mem_mb, rate = count - 1, mem_mb - e.memory_mb, rate - e.usd_per_s
                 alive[e.function] -= 1
+            elif e.kind == "standby":
+                rate += e.usd_per_s
+            elif e.kind == "spent":
+                spent += e.usd_per_s
             else:
                 spent += request_usd
                 if e.kind == "cold":
@@ -147,9 +173,9 @@ def simulate_recorded(trace: Path | str | Trace, config: SimConfig) -> tuple[dic
     started = time.perf_counter()
     if not isinstance(trace, Trace):
         trace = read_trace(trace)
-    simulation = Simulation(trace, config)
-    meter = RecordingMeter(simulation, config.prices)
-    simulation.meter = meter
+    meter = RecordingMeter(config.prices)
+    simulation = Simulation(trace, config, meter)
+    meter.simulation = simulation
     out = simulation.run()
     wall = time.perf_counter() - started
     out["wall_s"] = round(wall, 3)
