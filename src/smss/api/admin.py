@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -83,7 +84,10 @@ def routes(ctx: AppContext) -> list[Route]:
         require_content_type(request)
         body = await read_json(request, MAX_DEPLOY_BODY, w.TrafficRequest)
         name = request.path_params["name"]
-        default, split = platform.set_traffic(name, Traffic(body.default, dict(body.split)))
+        now = platform.versions.get(name)
+        default = now.default if isinstance(body.default, msgspec.UnsetType) else body.default
+        split = now.split if isinstance(body.split, msgspec.UnsetType) else body.split
+        default, split = platform.set_traffic(name, Traffic(default, dict(split)))
         return json_response(w.TrafficJson(name=name, default=default, split=split))
 
     @endpoint

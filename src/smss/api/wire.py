@@ -36,11 +36,12 @@ class TierRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class TrafficRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Where a name's unversioned requests go: ``default`` (None: the first version
-    deployed) and a canary ``split`` of versions to shares in [0, 1]."""
+    """Where a name's unversioned requests go: ``default`` (null: the first version
+    deployed) and a canary ``split`` of versions to shares in [0, 1], the rest going to
+    the default. A field left out keeps its current value."""
 
-    default: str | None = None
-    split: dict[str, float] = {}
+    default: str | msgspec.UnsetType | None = msgspec.UNSET
+    split: dict[str, float] | msgspec.UnsetType = msgspec.UNSET
 
 
 class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
