@@ -14,7 +14,7 @@ from e2e_helpers import REQUEST_TIMEOUT_S, assert_error, json_infer_body, smss_c
 
 from smss.client import Client
 from smss.packaging import package
-from smss.testing.server import ServerProcess
+from smss.testing.server import ServerProcess, wait_until
 
 MODEL = """
 import time
@@ -70,6 +70,12 @@ def versions_listed(url: str) -> list[tuple[str, str]]:
         return sorted((f["name"], f["version"]) for f in client.functions() if f["name"] == "ver")
 
 
+def waiting_on_v1(url: str) -> bool:
+    with Client(url) as client:
+        (v1,) = [f for f in client.functions() if (f["name"], f["version"]) == ("ver", "1")]
+    return bool(v1["queued"] or any(i["in_flight"] for i in v1["instances"]))
+
+
 def test_versions_routes_canary_and_delete(server: ServerProcess, tmp_path: Path) -> None:
     url = server.url
     with Client(url) as client:
@@ -78,6 +84,7 @@ def test_versions_routes_canary_and_delete(server: ServerProcess, tmp_path: Path
     # requests queue on version 1 (its instance is still starting) while version 2 deploys
     with ThreadPoolExecutor(6) as pool:
         queued = [pool.submit(infer, url, "/v2/models/ver/infer", 1.0) for _ in range(6)]
+        wait_until(lambda: waiting_on_v1(url), REQUEST_TIMEOUT_S, "requests waiting on version 1")
         deployed = smss_cli("deploy", f"{model_file(tmp_path, 2.0)}:Ver", "--version", "2", "--url", url)
         assert deployed.returncode == 0, deployed.stderr
         assert "version 2" in deployed.stdout, deployed.stdout
