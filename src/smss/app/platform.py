@@ -82,6 +82,8 @@ class Answer:
     served: Served | None = None
     #: The workflow run that answered (workflows only).
     run_id: str | None = None
+    #: The version that answered (functions only): under a canary split, the one drawn.
+    version: str | None = None
 
 
 RepositoryState = Literal["READY", "UNAVAILABLE", "UNLOADED"]
@@ -202,12 +204,12 @@ class Platform:
         return self.backend.evict_weights(name)
 
     def function(self, name: str, version: str | None = None) -> FunctionRuntime:
-        """The runtime serving ``version`` of ``name``; without a version, the default
-        one (or, under a canary split, the version this request draws)."""
+        """The runtime serving ``version`` of ``name``; without a version, the default one."""
+        return self._routed(name, version if version is not None else self.versions.get(name).default)
+
+    def _routed(self, name: str, version: str | None) -> FunctionRuntime:
         if public_name(name)[1] is not None:
-            raise NotFound(f"unknown model {name!r}")
-        if version is None:
-            version = self.versions.pick(name)
+            raise NotFound(f"unknown model {name!r}")  # internal names cannot be asked for
         if version is None:
             return self.controller.get(name)
         return self._resolve(name, version)
@@ -255,10 +257,11 @@ class Platform:
         :class:`Unavailable` with ``retry_after_s``; one whose model failed, ModelError."""
         wf = self.workflows.find(name)
         if wf is None:
-            runtime = self.function(name, version)
+            # an unversioned request draws its version under a canary split
+            runtime = self._routed(name, version if version is not None else self.versions.pick(name))
             wanted = outputs or tuple(t.name for t in runtime.record.spec.outputs)
             result, served = await self.infer(runtime, inputs, wanted, timeout_s)
-            return Answer(result, served.cold, served)
+            return Answer(result, served.cold, served, version=runtime.record.spec.version)
         outcome = await self.engine.submit(
             wf.name, inputs, session=session, idempotency_key=idempotency_key, wait=True, timeout_s=timeout_s
         )
