@@ -105,6 +105,9 @@ def test_versions_routes_canary_and_delete(server: ServerProcess, tmp_path: Path
     assert_error(infer(url, "/v2/models/ver/versions/3/infer"), 404)
     assert_error(infer(url, "/v2/models/ver~2/infer"), 404)  # internal names cannot be typed
 
+    if server.grpc_address is not None:
+        assert_grpc_versions(server.grpc_address)
+
     # a 90/10 canary split over many unversioned requests
     with Client(url) as client:
         traffic = client.post("/v1/functions/ver/traffic", {"split": {"2": 0.1}})
@@ -113,8 +116,11 @@ def test_versions_routes_canary_and_delete(server: ServerProcess, tmp_path: Path
         assert_error(bad, 404)
         bad = httpx.post(f"{url}/v1/functions/ver/traffic", json={"split": {"2": 1.5}}, timeout=30)
         assert_error(bad, 400)
-    answers = [answer(infer(url, "/v2/models/ver/infer")) for _ in range(200)]
+    responses = [infer(url, "/v2/models/ver/infer") for _ in range(200)]
+    answers = [answer(r) for r in responses]
     assert set(answers) == {1.0, 2.0}
+    # each response names the version that answered it
+    assert all(r.json()["model_version"] == str(int(a)) for r, a in zip(responses, answers, strict=True))
     assert 5 <= answers.count(2.0) <= 45, answers.count(2.0)  # expect 20; generous bounds
 
     # promote version 2: the default, the split ended
@@ -131,6 +137,26 @@ def test_versions_routes_canary_and_delete(server: ServerProcess, tmp_path: Path
     assert versions_listed(url) == []
     assert_error(infer(url, "/v2/models/ver/versions/2/infer"), 404)
     assert_error(infer(url, "/v2/models/ver/infer"), 404)
+
+
+def assert_grpc_versions(address: str) -> None:
+    """ModelInfer with and without ``model_version`` (when the grpc extra is installed)."""
+    import tritonclient.grpc as tritongrpc
+    from tritonclient.utils import InferenceServerException
+
+    client = tritongrpc.InferenceServerClient(address)
+    try:
+        tensor = tritongrpc.InferInput("x", [1], "FP32")
+        tensor.set_data_from_numpy(np.array([0.0], dtype=np.float32))
+        for version, expected in (("", 1.0), ("1", 1.0), ("2", 2.0)):
+            result = client.infer("ver", [tensor], model_version=version, client_timeout=REQUEST_TIMEOUT_S)
+            assert float(result.as_numpy("y")[0]) == expected, version
+            assert result.get_response().model_version == (version or "1")
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("ver", [tensor], model_version="3", client_timeout=REQUEST_TIMEOUT_S)
+        assert "NOT_FOUND" in str(error.value.status()), error.value
+    finally:
+        client.close()
 
 
 def test_internal_names_refused(server: ServerProcess) -> None:
