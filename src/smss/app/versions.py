@@ -55,14 +55,6 @@ class VersionTable:
     def forget(self, name: str) -> None:
         self._traffic.pop(name, None)
 
-    def drop_version(self, name: str, version: str) -> None:
-        t = self._traffic.get(name)
-        if t is None:
-            return
-        t.split.pop(version, None)
-        if t.default == version:
-            t.default = None
-
     def pick(self, name: str) -> str | None:
         """The version one unversioned request goes to (None: the plain name's)."""
         t = self._traffic.get(name)
