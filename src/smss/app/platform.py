@@ -351,6 +351,6 @@ def _sibling_of(stored: str, name: str) -> bool:
     return base == name and version is not None
 
 
-def _plain_first(rt: FunctionRuntime) -> tuple[str, bool]:
-    base, version = public_name(rt.name)
-    return base, version is not None
+def _plain_first(rt: FunctionRuntime) -> bool:
+    """Other versions after every plain name (``sorted`` is stable: deploy order stays)."""
+    return public_name(rt.name)[1] is not None
