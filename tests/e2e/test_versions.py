@@ -168,3 +168,24 @@ def test_internal_names_refused(server: ServerProcess) -> None:
     }
     r = httpx.post(f"{server.url}/v1/functions", json={"spec": spec, "source": ""}, timeout=30)
     assert_error(r, 400)
+
+
+def test_every_version_survives_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = start(data, ["--keep-alive", "300"])
+    try:
+        with Client(first.url) as client:
+            client.deploy_package(package(f"{model_file(tmp_path, 1.0)}:Ver", None))
+        deployed = smss_cli(
+            "deploy", f"{model_file(tmp_path, 2.0)}:Ver", "--version", "2", "--url", first.url
+        )
+        assert deployed.returncode == 0, deployed.stderr
+    finally:
+        stop_checked(first)
+    second = start(data, ["--keep-alive", "300"])
+    try:
+        assert versions_listed(second.url) == [("ver", "1"), ("ver", "2")]
+        assert answer(infer(second.url, "/v2/models/ver/versions/2/infer")) == 2.0
+        assert answer(infer(second.url, "/v2/models/ver/infer")) == 1.0
+    finally:
+        stop_checked(second)
