@@ -3,6 +3,7 @@ a canary split, and a new version deployed while requests queue on the old one."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -130,6 +131,11 @@ def test_versions_routes_canary_and_delete(server: ServerProcess, tmp_path: Path
     assert promoted.returncode == 0, promoted.stderr
     assert {answer(infer(url, "/v2/models/ver/infer")) for _ in range(20)} == {2.0}
     assert answer(infer(url, "/v2/models/ver/versions/1/infer")) == 1.0
+    v1 = f"{model_file(tmp_path, 1.0)}:Ver"
+    canary = smss_cli("deploy", v1, "--version", "1", "--canary", "50", "--json", "--url", url)
+    assert canary.returncode == 0, canary.stderr
+    traffic = json.loads(canary.stdout)["traffic"]
+    assert traffic == {"name": "ver", "default": "2", "split": {"1": 0.5}}
 
     # deleting the name deletes every version
     with Client(url) as client:
