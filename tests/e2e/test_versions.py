@@ -105,6 +105,8 @@ def test_versions_routes_canary_and_delete(server: ServerProcess, tmp_path: Path
         assert_error(httpx.get(f"{url}{route}", timeout=REQUEST_TIMEOUT_S), 404)
     assert_error(infer(url, "/v2/models/ver/versions/3/infer"), 404)
     assert_error(infer(url, "/v2/models/ver~2/infer"), 404)  # internal names cannot be typed
+    assert_error(httpx.delete(f"{url}/v1/functions/ver~2", timeout=REQUEST_TIMEOUT_S), 404)
+    assert_error(httpx.get(f"{url}/v1/functions/ver~2", timeout=REQUEST_TIMEOUT_S), 404)
 
     if server.grpc_address is not None:
         assert_grpc_versions(server.grpc_address)

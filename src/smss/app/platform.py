@@ -159,6 +159,8 @@ class Platform:
 
     async def delete(self, name: str) -> None:
         """Delete a name with all its versions."""
+        if public_name(name)[1] is not None:
+            raise NotFound(f"unknown model {name!r}")  # internal names cannot be asked for
         async with self._deploy_lock:
             users = [w.name for w in self.workflows.list() if any(s.function == name for s in w.stages)]
             if users:
