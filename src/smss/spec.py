@@ -55,6 +55,30 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+#: Joins a name and a version into the internal name a second version is stored under
+#: (see :mod:`smss.app.versions`); names users give cannot hold it.
+SEPARATOR = "~"
+
+
+def internal_name(name: str, version: str) -> str:
+    return f"{name}{SEPARATOR}{version}"
+
+
+def public_name(stored: str) -> tuple[str, str | None]:
+    """``(name, version)`` of a stored function name; version None for a plain name."""
+    name, sep, version = stored.partition(SEPARATOR)
+    return name, (version if sep else None)
+
+
+def check_stored_name(stored: str) -> str:
+    """A plain name, or ``name~version`` with both parts valid names."""
+    name, version = public_name(stored)
+    check_name("function", name)
+    if version is not None:
+        check_name("version", version)
+    return stored
+
+
 def datatype_of(dtype: np.dtype[np.generic]) -> str:
     try:
         return DTYPE_TO_DATATYPE[dtype.str]

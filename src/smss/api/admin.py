@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -25,7 +26,9 @@ from smss.api.http import (
     require_content_type,
 )
 from smss.app.platform import FunctionStatus
+from smss.app.versions import Traffic
 from smss.control.cost import report as cost_report
+from smss.spec import public_name
 
 MAX_DEPLOY_BODY = 2 * 1024 * 1024
 
@@ -71,8 +74,21 @@ def routes(ctx: AppContext) -> list[Route]:
         record = await platform.deploy(body.spec, body.source, body.weights_sha256)
         spec = record.spec
         return json_response(
-            w.Deployed(name=spec.name, version=spec.version, generation=record.generation), 201
+            w.Deployed(name=public_name(spec.name)[0], version=spec.version, generation=record.generation),
+            201,
         )
+
+    @endpoint
+    async def traffic(request: Request) -> Response:
+        admin(request)
+        require_content_type(request)
+        body = await read_json(request, MAX_DEPLOY_BODY, w.TrafficRequest)
+        name = request.path_params["name"]
+        now = platform.versions.get(name)
+        default = now.default if isinstance(body.default, msgspec.UnsetType) else body.default
+        split = now.split if isinstance(body.split, msgspec.UnsetType) else body.split
+        default, split = platform.set_traffic(name, Traffic(default, dict(split)))
+        return json_response(w.TrafficJson(name=name, default=default, split=split))
 
     @endpoint
     async def list_functions(request: Request) -> Response:
@@ -143,6 +159,7 @@ def routes(ctx: AppContext) -> list[Route]:
         Route("/v1/functions/{name}", get_function, methods=["GET"]),
         Route("/v1/functions/{name}", delete_function, methods=["DELETE"]),
         Route("/v1/functions/{name}/tier", step_tier, methods=["POST"]),
+        Route("/v1/functions/{name}/traffic", traffic, methods=["POST"]),
         Route("/v1/weights", weights, methods=["GET"]),
         Route("/v1/devices", devices, methods=["GET"]),
         Route("/v1/cluster", cluster, methods=["GET"]),

@@ -135,6 +135,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         request=_json(w.TierRequest),
         admin=True,
     ),
+    ("POST", "/v1/functions/{name}/traffic"): Operation(
+        "Route a function's unversioned requests: its default version and a canary split",
+        _json(w.TrafficJson),
+        errors=(*_BODY, *_ADMIN, 404),
+        request=_json(w.TrafficRequest),
+        admin=True,
+    ),
     ("GET", "/v1/weights"): Operation("Each node's weight store", _json(w.WeightCache)),
     ("DELETE", "/v1/weights/{name}"): Operation(
         "Evict a function's idle weights", _json(w.Evicted), errors=(*_ADMIN, 404), admin=True

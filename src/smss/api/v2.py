@@ -138,7 +138,7 @@ def inference_routes(
                 retry_after_s=serving.retry_after_s,
             )
             payload, headers = codec.encode_response(
-                spec.name, spec.version, decoded.id, answer.outputs, decoded
+                spec.name, answer.version or spec.version, decoded.id, answer.outputs, decoded
             )
             if answer.run_id is not None:
                 headers[RUN_ID] = answer.run_id

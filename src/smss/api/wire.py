@@ -35,6 +35,15 @@ class TierRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tier: Literal["standby", "resident", "cold", "no_runtime"]
 
 
+class TrafficRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where a name's unversioned requests go: ``default`` (null: the first version
+    deployed) and a canary ``split`` of versions to shares in [0, 1], the rest going to
+    the default. A field left out keeps its current value."""
+
+    default: str | msgspec.UnsetType | None = msgspec.UNSET
+    split: dict[str, float] | msgspec.UnsetType = msgspec.UNSET
+
+
 class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``inputs``: a list of tensors as in an infer request (decoded once the workflow's
     inputs are known)."""
@@ -192,6 +201,12 @@ class FunctionJson(TypedDict):
 
 class FunctionList(TypedDict):
     functions: list[FunctionJson]
+
+
+class TrafficJson(TypedDict):
+    name: str
+    default: str
+    split: dict[str, float]
 
 
 class Deleted(TypedDict):

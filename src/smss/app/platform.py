@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import msgspec
 import numpy as np
 
+from smss.app.versions import Traffic, VersionTable, internal_name, public_name
 from smss.app.workflow_registry import WorkflowRegistry
 from smss.control.controller import Controller, FunctionRuntime
 from smss.control.dispatcher import Served
@@ -80,6 +82,8 @@ class Answer:
     served: Served | None = None
     #: The workflow run that answered (workflows only).
     run_id: str | None = None
+    #: The version that answered (functions only): under a canary split, the one drawn.
+    version: str | None = None
 
 
 RepositoryState = Literal["READY", "UNAVAILABLE", "UNLOADED"]
@@ -121,6 +125,8 @@ class Platform:
         self.controller = controller
         self._clock = clock
         self._deploy_lock = asyncio.Lock()
+        #: Each name's default version and canary split (in memory: a restart forgets it).
+        self.versions = VersionTable()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Platform]:
@@ -135,6 +141,11 @@ class Platform:
         if self.workflows.find(spec.name) is not None:
             raise Conflict(f"{spec.name!r} is already the name of a workflow")
         async with self._deploy_lock:
+            # another version of a deployed name lives beside it, under an internal name;
+            # requests queued on the running versions are left alone
+            current = self._find(spec.name)
+            if current is not None and current.record.spec.version != spec.version:
+                spec = msgspec.structs.replace(spec, name=internal_name(spec.name, spec.version))
             generation = self.registry.next_generation(spec.name)
             directory = await asyncio.to_thread(
                 self.artifacts.install, spec, source, weights_sha256, generation
@@ -147,15 +158,47 @@ class Platform:
             return record
 
     async def delete(self, name: str) -> None:
+        """Delete a name with all its versions."""
+        if public_name(name)[1] is not None:
+            raise NotFound(f"unknown model {name!r}")  # internal names cannot be asked for
         async with self._deploy_lock:
             users = [w.name for w in self.workflows.list() if any(s.function == name for s in w.stages)]
             if users:
                 raise Conflict(f"function {name!r} is used by workflows {users}; delete them first")
+            siblings = [rt.name for rt in self.controller.functions() if _sibling_of(rt.name, name)]
             if not self.registry.delete_function(name):
                 raise NotFound(f"unknown model {name!r}")
-            with contextlib.suppress(NotFound):
-                self.controller.remove(name)
-            await asyncio.to_thread(self.artifacts.remove, name)
+            for stored in [name, *siblings]:
+                if stored != name:
+                    self.registry.delete_function(stored)
+                with contextlib.suppress(NotFound):
+                    self.controller.remove(stored)
+                await asyncio.to_thread(self.artifacts.remove, stored)
+            self.versions.forget(name)
+
+    def set_traffic(self, name: str, traffic: Traffic) -> tuple[str, dict[str, float]]:
+        """Route a name's unversioned requests: a default version and a canary split.
+        Returns the default version and the split now in force."""
+        traffic.validate()
+        for version in [*([traffic.default] if traffic.default else []), *traffic.split]:
+            self._resolve(name, version)  # NotFound for a name or version not deployed
+        self.versions.set(name, traffic)
+        return traffic.default or self.controller.get(name).record.spec.version, dict(traffic.split)
+
+    def _find(self, stored: str) -> FunctionRuntime | None:
+        try:
+            return self.controller.get(stored)
+        except NotFound:
+            return None
+
+    def _resolve(self, name: str, version: str) -> FunctionRuntime:
+        plain = self.controller.get(name)  # NotFound: an unknown name
+        if plain.record.spec.version == version:
+            return plain
+        sibling = self._find(internal_name(name, version))
+        if sibling is None:
+            raise NotFound(f"model {name!r} has no version {version!r}")
+        return sibling
 
     def evict_weights(self, name: str) -> bool:
         """Drop a function's weights from the node stores (only where no instance uses them)."""
@@ -163,10 +206,15 @@ class Platform:
         return self.backend.evict_weights(name)
 
     def function(self, name: str, version: str | None = None) -> FunctionRuntime:
-        runtime = self.controller.get(name)
-        if version is not None and version != runtime.record.spec.version:
-            raise NotFound(f"model {name!r} has no version {version!r}")
-        return runtime
+        """The runtime serving ``version`` of ``name``; without a version, the default one."""
+        return self._routed(name, version if version is not None else self.versions.get(name).default)
+
+    def _routed(self, name: str, version: str | None) -> FunctionRuntime:
+        if public_name(name)[1] is not None:
+            raise NotFound(f"unknown model {name!r}")  # internal names cannot be asked for
+        if version is None:
+            return self.controller.get(name)
+        return self._resolve(name, version)
 
     async def infer(
         self, runtime: FunctionRuntime, inputs: Tensors, outputs: tuple[str, ...], timeout_s: float
@@ -183,6 +231,7 @@ class Platform:
         if wf is not None:
             return Described(self.workflows.as_function_spec(wf), "workflow", workflow=True)
         spec = self.function(name, version).record.spec
+        spec = msgspec.structs.replace(spec, name=public_name(spec.name)[0])
         return Described(spec, _PLATFORMS[spec.runtime], workflow=False)
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
@@ -210,10 +259,11 @@ class Platform:
         :class:`Unavailable` with ``retry_after_s``; one whose model failed, ModelError."""
         wf = self.workflows.find(name)
         if wf is None:
-            runtime = self.function(name, version)
+            # an unversioned request draws its version under a canary split
+            runtime = self._routed(name, version if version is not None else self.versions.pick(name))
             wanted = outputs or tuple(t.name for t in runtime.record.spec.outputs)
             result, served = await self.infer(runtime, inputs, wanted, timeout_s)
-            return Answer(result, served.cold, served)
+            return Answer(result, served.cold, served, version=runtime.record.spec.version)
         outcome = await self.engine.submit(
             wf.name, inputs, session=session, idempotency_key=idempotency_key, wait=True, timeout_s=timeout_s
         )
@@ -260,7 +310,7 @@ class Platform:
 
     def status(self) -> list[FunctionStatus]:
         out = []
-        for rt in self.controller.functions():
+        for rt in sorted(self.controller.functions(), key=_plain_first):
             d = rt.dispatcher
             instances = tuple(
                 InstanceStatus(
@@ -275,7 +325,7 @@ class Platform:
             )
             out.append(
                 FunctionStatus(
-                    spec=rt.record.spec,
+                    spec=msgspec.structs.replace(rt.record.spec, name=public_name(rt.name)[0]),
                     generation=rt.record.generation,
                     instances=instances,
                     starting=d.starting,
@@ -296,3 +346,13 @@ class Platform:
                 )
             )
         return out
+
+
+def _sibling_of(stored: str, name: str) -> bool:
+    base, version = public_name(stored)
+    return base == name and version is not None
+
+
+def _plain_first(rt: FunctionRuntime) -> bool:
+    """Other versions after every plain name (``sorted`` is stable: deploy order stays)."""
+    return public_name(rt.name)[1] is not None

@@ -339,12 +339,22 @@ def _grpc_port(asked: int | None) -> int:
 def deploy(
     target: Annotated[str, typer.Argument(help="FILE.py:ClassName")],
     weights: Annotated[Path | None, typer.Option(help="Weights (.safetensors or .onnx)")] = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="Deploy as this version (beside the others)")
+    ] = None,
+    default: Annotated[
+        bool, typer.Option("--default", help="Make this version the default (ends any canary split)")
+    ] = False,
+    canary: Annotated[
+        float | None,
+        typer.Option("--canary", min=0, max=100, help="Send PCT percent of unversioned requests here"),
+    ] = None,
     url: Url = None,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
     """Deploy (or replace) a model (FILE.py:Class) or a workflow (FILE.yaml, or FILE.py:var
-    holding a smss.Workflow)."""
+    holding a smss.Workflow). ``--version V`` deploys V beside a name's running versions."""
     with _client(url, token) as client:
         if _is_workflow(target):
             result = client.deploy_workflow(Path(target))
@@ -353,7 +363,18 @@ def deploy(
             else:
                 console.print(f"deployed workflow {result['name']} (stages: {', '.join(result['stages'])})")
             return
-        result = client.deploy(target, weights)
+        from smss.packaging import package
+
+        pkg = package(target, weights)
+        if version is not None:
+            pkg = dataclasses.replace(pkg, spec=msgspec.structs.replace(pkg.spec, version=version))
+        result = client.deploy_package(pkg)
+        if default or canary is not None:
+            v = result["version"]
+            body: dict[str, Any] = {"default": v, "split": {}} if default else {}
+            if canary is not None:
+                body["split"] = {v: canary / 100}
+            result["traffic"] = client.post(f"/v1/functions/{result['name']}/traffic", body)
     if as_json:
         _print_json(result)
     else:

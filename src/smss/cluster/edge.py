@@ -30,6 +30,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from smss.app.platform import Answer, Described
 from smss.cluster.reach import Reach
 from smss.cluster.view import ClusterView, FunctionEntry
@@ -39,6 +41,7 @@ from smss.control.gateways import FunctionLoad, GatewayReport, InstanceLoad
 from smss.control.router import Proximity
 from smss.errors import InstanceLost, NotFound, StartFailed
 from smss.ports import Clock, InstanceInfo, Tensors
+from smss.spec import internal_name, public_name
 
 log = logging.getLogger(__name__)
 
@@ -292,15 +295,20 @@ class Edge:
         return name in self._fns
 
     def _function(self, name: str, version: str | None) -> _Function:
-        fn = self._fns.get(name)
+        fn = self._fns.get(name) if public_name(name)[1] is None else None
         if fn is None:
             raise NotFound(f"unknown model {name!r}")
         if version is not None and version != fn.entry.record.spec.version:
-            raise NotFound(f"model {name!r} has no version {version!r}")
+            # another version lives beside the plain name (see smss.app.versions); the
+            # unversioned route reaches the plain name here (no canary split at the edge)
+            fn = self._fns.get(internal_name(name, version))
+            if fn is None:
+                raise NotFound(f"model {name!r} has no version {version!r}")
         return fn
 
     def describe(self, name: str, version: str | None = None) -> Described:
         spec = self._function(name, version).entry.record.spec
+        spec = msgspec.structs.replace(spec, name=public_name(spec.name)[0])
         return Described(spec, _PLATFORMS[spec.runtime], workflow=False)
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
@@ -323,7 +331,7 @@ class Edge:
         wanted = outputs or tuple(t.name for t in fn.entry.record.spec.outputs)
         deadline = self._clock.monotonic() + timeout_s
         result, served = await fn.dispatcher.infer_traced(inputs, wanted, deadline)
-        return Answer(result, served.cold, served)
+        return Answer(result, served.cold, served, version=fn.entry.record.spec.version)
 
 
 async def _guarded(coro: Awaitable[None]) -> None:

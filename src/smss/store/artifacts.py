@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 from smss.errors import InvalidSpec, NotFound, PayloadTooLarge, UnsafeArtifact
 from smss.safetensors_header import read_header
-from smss.spec import FunctionSpec, check_name
+from smss.spec import FunctionSpec, check_stored_name
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a final newline in
 MAX_SOURCE_BYTES = 1 << 20
@@ -86,7 +86,7 @@ class ArtifactStore:
 
     def install(self, spec: FunctionSpec, source: str, weights_sha256: str | None, generation: int) -> Path:
         """Write a function's code and weights into a fresh directory; return it."""
-        check_name("function", spec.name)
+        check_stored_name(spec.name)
         if len(source.encode()) > MAX_SOURCE_BYTES:
             raise PayloadTooLarge("model source exceeds 1 MiB")
         file_name = spec.entrypoint.partition(":")[0]
@@ -111,7 +111,7 @@ class ArtifactStore:
         return directory
 
     def remove(self, name: str) -> None:
-        check_name("function", name)
+        check_stored_name(name)
         shutil.rmtree(self._inside(self.functions, name), ignore_errors=True)
 
     def prune(self, name: str, keep: Path) -> None:

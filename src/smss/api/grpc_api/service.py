@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+import msgspec
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -154,6 +155,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
                 idempotency_key=_metadata(context, "idempotency-key"),
                 retry_after_s=self._ctx.settings.serving.retry_after_s,
             )
+            if answer.version is not None:  # the version drawn under a canary split
+                spec = msgspec.structs.replace(spec, version=answer.version)
             response = tensors.encode_response(spec, request.id, answer.outputs)
             status = "200"
             return response
