@@ -94,6 +94,8 @@ def start_server(
         grpc_port = int(args[list(args).index("--grpc-port") + 1]) or None
     elif _grpc_installed():
         grpc_port = free_port()
+        while grpc_port == port:  # the kernel may hand out a just-closed port again
+            grpc_port = free_port()
         grpc_args = ["--grpc-port", str(grpc_port)]
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"server-{port}.log"
