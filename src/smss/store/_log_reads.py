@@ -3,15 +3,21 @@ Each backend runs them on its own read connection and maps its errors."""
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from smss.errors import NotFound, StorageUnavailable
+from smss.ports import BlobStore
 from smss.store import _log_ops as ops
 from smss.store._log_tx import Tx
 from smss.workflow.events import Record, RunSummary, SessionState
 
 logger = logging.getLogger("smss.store.log")
+
+T = TypeVar("T")
 
 SUMMARY = "SELECT run_id, workflow, session, status, created, updated FROM runs"
 
@@ -74,3 +80,46 @@ def get_state(tx: Tx, workflow: str, session: str) -> SessionState:
     if row is None:
         return SessionState(0, {})
     return SessionState(int(row[0]), ops.state_tensors(bytes(row[1]), workflow, session))
+
+
+class LogReads(abc.ABC):
+    """The reads of :class:`smss.ports.EventLog`, one copy for both backends: each runs
+    them through its own ``_read`` (its read connection, its error mapping); blobs come
+    from the log's database, or from ``_blobs`` when they live beside it."""
+
+    _blobs: BlobStore | None
+
+    @abc.abstractmethod
+    def _read(self, fn: Callable[[Tx], T]) -> T: ...
+
+    @property
+    @abc.abstractmethod
+    def _blob_origin(self) -> object:
+        """Where blobs stored in the database come from, for a corrupt blob's error."""
+
+    def read_run(self, run_id: str) -> list[Record]:
+        """The run's records in seq order; empty for an unknown run."""
+        return self._read(lambda tx: read_run(tx, run_id))
+
+    def run_summary(self, run_id: str) -> RunSummary | None:
+        return self._read(lambda tx: run_summary(tx, run_id))
+
+    def list_runs(
+        self, status: str | None = None, workflow: str | None = None, limit: int = 100
+    ) -> list[RunSummary]:
+        """Newest first (by the seq of each run's RunStarted)."""
+        return self._read(lambda tx: list_runs(tx, status, workflow, limit))
+
+    def unfinished_runs(self) -> list[str]:
+        """Runs still ``running`` (whoever drives them), oldest first."""
+        return self._read(unfinished_runs)
+
+    def get_blob(self, ref: str) -> bytes:
+        if self._blobs is None:
+            return checked_blob(ref, self._read(lambda tx: stored_blob(tx, ref)), self._blob_origin)
+        store = self._blobs
+        data = store.get(ref) if self._read(lambda tx: referenced(tx, ref)) else None
+        return checked_blob(ref, data, store)
+
+    def get_state(self, workflow: str, session: str) -> SessionState:
+        return self._read(lambda tx: get_state(tx, workflow, session))

@@ -86,10 +86,7 @@ from smss.store._pg import (
 from smss.store.log_options import FaultHooks, Retention, call
 from smss.workflow.events import (
     Event,
-    Record,
     RunStarted,
-    RunSummary,
-    SessionState,
     StageCompleted,
     StateWrite,
 )
@@ -106,7 +103,7 @@ LEASE_S = 10.0
 _WRITE_FAILED = "the workflow log could not be written"
 
 
-class PgEventLog:
+class PgEventLog(reads.LogReads):
     """:class:`smss.ports.EventLog` in the schema of ``db`` (a :class:`PgDatabase`,
     shared with the registry and closed by its owner; or a URL, for a database of the
     log's own, closed with it). ``db.owner`` names this process's engine.
@@ -233,32 +230,9 @@ class PgEventLog:
 
     # ------------------------------------------------------------ reads
 
-    def read_run(self, run_id: str) -> list[Record]:
-        """The run's records in seq order; empty for an unknown run."""
-        return self._read(lambda tx: reads.read_run(tx, run_id))
-
-    def run_summary(self, run_id: str) -> RunSummary | None:
-        return self._read(lambda tx: reads.run_summary(tx, run_id))
-
-    def list_runs(
-        self, status: str | None = None, workflow: str | None = None, limit: int = 100
-    ) -> list[RunSummary]:
-        """Newest first (by the seq of each run's RunStarted)."""
-        return self._read(lambda tx: reads.list_runs(tx, status, workflow, limit))
-
-    def unfinished_runs(self) -> list[str]:
-        """Runs still ``running`` (whoever drives them), oldest first."""
-        return self._read(reads.unfinished_runs)
-
-    def get_blob(self, ref: str) -> bytes:
-        if self._blobs is None:
-            return reads.checked_blob(ref, self._read(lambda tx: reads.stored_blob(tx, ref)), "PostgreSQL")
-        store = self._blobs
-        data = store.get(ref) if self._read(lambda tx: reads.referenced(tx, ref)) else None
-        return reads.checked_blob(ref, data, store)
-
-    def get_state(self, workflow: str, session: str) -> SessionState:
-        return self._read(lambda tx: reads.get_state(tx, workflow, session))
+    @property
+    def _blob_origin(self) -> object:
+        return "PostgreSQL"
 
     def stats(self) -> dict[str, int]:
         """As the SQLite log's: appends, events, commits (one COMMIT, so one WAL flush on

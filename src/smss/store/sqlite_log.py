@@ -109,10 +109,7 @@ from smss.store._wal import WalIndex
 from smss.store.log_options import FaultHooks, Retention, call, log_hooks
 from smss.workflow.events import (
     Event,
-    Record,
     RunStarted,
-    RunSummary,
-    SessionState,
     StageCompleted,
     StateWrite,
 )
@@ -124,7 +121,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class SqliteEventLog:
+class SqliteEventLog(reads.LogReads):
     """:class:`smss.ports.EventLog` on an SQLite file, created if missing.
 
     Opening raises :class:`StorageUnavailable` when the file is corrupt, unreadable,
@@ -257,32 +254,9 @@ class SqliteEventLog:
 
     # ------------------------------------------------------------ reads
 
-    def read_run(self, run_id: str) -> list[Record]:
-        """The run's records in seq order; empty for an unknown run."""
-        return self._read(lambda tx: reads.read_run(tx, run_id))
-
-    def run_summary(self, run_id: str) -> RunSummary | None:
-        return self._read(lambda tx: reads.run_summary(tx, run_id))
-
-    def list_runs(
-        self, status: str | None = None, workflow: str | None = None, limit: int = 100
-    ) -> list[RunSummary]:
-        """Newest first (by the seq of each run's RunStarted)."""
-        return self._read(lambda tx: reads.list_runs(tx, status, workflow, limit))
-
-    def unfinished_runs(self) -> list[str]:
-        """Runs still ``running``, oldest first."""
-        return self._read(reads.unfinished_runs)
-
-    def get_blob(self, ref: str) -> bytes:
-        if self._blobs is None:
-            return reads.checked_blob(ref, self._read(lambda tx: reads.stored_blob(tx, ref)), self.path)
-        store = self._blobs
-        data = store.get(ref) if self._read(lambda tx: reads.referenced(tx, ref)) else None
-        return reads.checked_blob(ref, data, store)
-
-    def get_state(self, workflow: str, session: str) -> SessionState:
-        return self._read(lambda tx: reads.get_state(tx, workflow, session))
+    @property
+    def _blob_origin(self) -> object:
+        return self.path
 
     def stats(self) -> dict[str, int]:
         """Since this object was opened: appends (acknowledged ``append`` calls), events
