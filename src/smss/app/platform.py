@@ -238,8 +238,7 @@ class Platform:
         """Ready unless starting it failed and no instance serves (it starts on demand)."""
         if self.workflows.find(name) is not None:
             return True
-        d = self.function(name, version).dispatcher
-        return bool(d.slots) or d.start_error is None
+        return self.function(name, version).dispatcher.ready
 
     async def infer_named(
         self,

@@ -312,8 +312,7 @@ class Edge:
         return Described(spec, _PLATFORMS[spec.runtime], workflow=False)
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        d = self._function(name, version).dispatcher
-        return bool(d.slots) or d.start_error is None
+        return self._function(name, version).dispatcher.ready
 
     async def infer_named(
         self,

@@ -176,6 +176,12 @@ class FunctionDispatcher:
     def demand(self) -> int:
         return self.in_flight + self.queued
 
+    @property
+    def ready(self) -> bool:
+        """Ready to take requests: an instance serves, or the last start did not fail
+        (the next one starts on demand)."""
+        return bool(self.slots) or self.start_error is None
+
     def ready_views(self) -> list[InstanceView]:
         return [s.view() for s in self.slots.values() if not s.draining]
 
