@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 #: A connection whose answer came before its body was read stays open (uvicorn drops the
 #: rest of the body, then reads the next request) when the body is at most this large.
 SMALL_BODY_BYTES = 64 * 1024
+#: Writes held for one send are sent at once when they reach this size.
+COALESCE_BYTES = 64 * 1024
 #: While lingering, how long the client may send nothing before the socket is closed.
 LINGER_IDLE_S = 2.0
 
@@ -68,14 +70,29 @@ def _raw_response(error: SmssError) -> bytes:
 
 
 class _LingeringTransport(asyncio.Transport):
-    """The socket as the protocol and uvicorn see it: ``close`` lingers while a body arrives."""
+    """The socket as the protocol and uvicorn see it: ``close`` lingers while a body
+    arrives, and the writes of one loop iteration go out as one.
+
+    uvicorn writes an answer's status line and headers, then its body: two sends, two
+    TCP segments, two wake-ups of the client. Writes are held until the end of the
+    loop iteration (or until ``COALESCE_BYTES`` are held, or the socket is closed) and
+    sent together, so an answer is one send."""
 
     def __init__(self, inner: asyncio.Transport, protocol: _GuardedProtocol) -> None:
         super().__init__()
         self._inner = inner
         self._protocol = protocol
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+
+    def _flush(self) -> None:
+        if self._held:
+            held, self._held, self._held_bytes = self._held, [], 0
+            if not self._inner.is_closing():
+                self._inner.write(held[0] if len(held) == 1 else b"".join(held))
 
     def close(self) -> None:
+        self._flush()
         if self._protocol.body_arriving() and not self._inner.is_closing():
             self._protocol.linger()
         else:
@@ -85,18 +102,26 @@ class _LingeringTransport(asyncio.Transport):
         return self._protocol.lingering or self._inner.is_closing()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._inner.write(data)
+        if not self._held:
+            self._protocol.loop.call_soon(self._flush)
+        self._held.append(bytes(data))
+        self._held_bytes += len(data)
+        if self._held_bytes >= COALESCE_BYTES:
+            self._flush()
 
     def writelines(self, list_of_data: Any) -> None:
-        self._inner.writelines(list_of_data)
+        for data in list_of_data:
+            self.write(data)
 
     def write_eof(self) -> None:
+        self._flush()
         self._inner.write_eof()
 
     def can_write_eof(self) -> bool:
         return self._inner.can_write_eof()
 
     def abort(self) -> None:
+        self._held, self._held_bytes = [], 0
         self._inner.abort()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -118,12 +143,13 @@ class _LingeringTransport(asyncio.Transport):
         return self._inner.get_protocol()
 
     def get_write_buffer_size(self) -> int:
-        return self._inner.get_write_buffer_size()
+        return self._inner.get_write_buffer_size() + self._held_bytes
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._inner.set_write_buffer_limits(high, low)
 
     def close_now(self) -> None:
+        self._flush()
         self._inner.close()
 
 

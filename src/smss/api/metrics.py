@@ -27,6 +27,8 @@ _LATENCY_BUCKETS = (
     10,
     30,
 )
+#: The parts of ``smss_request_part_seconds``, in the order ``request_split`` observes them.
+REQUEST_PARTS = ("queue", "instance", "batch", "compute", "transfer")
 _START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -34,6 +36,8 @@ class PrometheusMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._counted: dict[tuple[str, str], Counter] = {}
+        self._parts: dict[str, tuple[Histogram, ...]] = {}
         self.requests = Counter(
             "smss_requests", "Inference requests by outcome", ["function", "status"], registry=r
         )
@@ -91,19 +95,31 @@ class PrometheusMetrics:
         )
 
     def request_done(self, function: str, status: str, seconds: float) -> None:
-        self.requests.labels(function, status).inc()
-        self.latency.labels(function).observe(seconds)
+        counted = self._counted.get((function, status))
+        if counted is None:
+            counted = self._counted[function, status] = self.requests.labels(function, status)
+        counted.inc()
+        self._parts_of(function)[0].observe(seconds)
+
+    def _parts_of(self, function: str) -> tuple[Histogram, ...]:
+        """The request histograms of ``function`` (its latency, then each part), looked
+        up once: ``labels`` takes a lock and builds a key on every call."""
+        parts = self._parts.get(function)
+        if parts is None:
+            split = (self.request_part.labels(function, part) for part in REQUEST_PARTS)
+            parts = self._parts[function] = (self.latency.labels(function), *split)
+        return parts
 
     def request_split(self, function: str, served: Served) -> None:
         """Where an answered request's time went: waiting for a slot, and on the
         instance, split into batch, compute and transfer (the rest of
         ``smss_request_seconds`` is HTTP and codec in the gateway)."""
-        part = self.request_part
-        part.labels(function, "queue").observe(served.queued_s)
-        part.labels(function, "instance").observe(served.instance_s)
-        part.labels(function, "batch").observe(served.batch_s)
-        part.labels(function, "compute").observe(served.compute_s)
-        part.labels(function, "transfer").observe(served.transfer_s)
+        _, queue, instance, batch, compute, transfer = self._parts_of(function)
+        queue.observe(served.queued_s)
+        instance.observe(served.instance_s)
+        batch.observe(served.batch_s)
+        compute.observe(served.compute_s)
+        transfer.observe(served.transfer_s)
 
     def cold_start(self, function: str, timings: StartTimings) -> None:
         self.cold_starts.labels(function).inc()

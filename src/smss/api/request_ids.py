@@ -5,8 +5,8 @@ with the function a ``/v2/models/{name}`` path names), answered back in the
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,7 +32,7 @@ class RequestIds:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        request_id = _given(scope) or uuid.uuid4().hex[:16]
+        request_id = _given(scope) or os.urandom(8).hex()
         model = _MODEL_PATH.match(scope["path"])
 
         async def send_with_id(message: Message) -> None:
