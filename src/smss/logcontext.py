@@ -10,12 +10,10 @@ starts, carries the ids as attributes once :class:`ContextFilter` is on the hand
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 #: The ids a record may carry, in the order a JSON line lists them.
 FIELDS = ("request", "function", "instance", "run")
@@ -28,14 +26,20 @@ def set_ids(**ids: str | None) -> None:
         _VARS[name].set(value)
 
 
-@contextlib.contextmanager
-def bound(**ids: str | None) -> Iterator[None]:
-    """Bind ids for the block."""
-    tokens = [(_VARS[name], _VARS[name].set(value)) for name, value in ids.items()]
-    try:
-        yield
-    finally:
-        for var, token in reversed(tokens):
+class bound:
+    """Bind ids for the block (a class, not a generator: it is on every request's path)."""
+
+    __slots__ = ("_ids", "_tokens")
+
+    def __init__(self, **ids: str | None) -> None:
+        self._ids = ids
+        self._tokens: list[tuple[ContextVar[str | None], Token[str | None]]] = []
+
+    def __enter__(self) -> None:
+        self._tokens = [(_VARS[name], _VARS[name].set(value)) for name, value in self._ids.items()]
+
+    def __exit__(self, *exc: object) -> None:
+        for var, token in reversed(self._tokens):
             var.reset(token)
 
 

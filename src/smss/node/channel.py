@@ -57,6 +57,7 @@ class UnixChannel:
         self._write_timeout_s = write_timeout_s
         # drain() waits while more than this is queued (until a quarter of it is left).
         writer.transport.set_write_buffer_limits(high=buffer_bytes)
+        self._low = buffer_bytes // 4
         self._write_lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[Any], Decode]] = {}
@@ -131,20 +132,28 @@ class UnixChannel:
         """Write one request once there is room for it; the future of its answer.
         Cancelled while it waits for room: nothing was sent."""
         self._check_open()
+        if not self._write_lock.locked() and self._writer.transport.get_write_buffer_size() <= self._low:
+            # Nobody waits for room and there is room: drain() would not wait.
+            return self._write(make, buffers, decode)
         async with self._write_lock:
             self._check_open()  # it may have ended while this waited for the lock
             await self._room()
             self._check_open()
-            rid = next(self._ids)
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            try:
-                ipc.write_frame(self._writer, make(rid), buffers)
-            except (ConnectionError, RuntimeError):
-                # The transport closed before the reader noticed: the instance is gone.
-                self._fail_all(f"instance {self.info.id} is gone")
-                raise InstanceLost(f"instance {self.info.id} is gone") from None
-            self._pending[rid] = (future, decode)
-            return future
+            return self._write(make, buffers, decode)
+
+    def _write(
+        self, make: Callable[[int], ipc.Message], buffers: list[memoryview], decode: Decode
+    ) -> asyncio.Future[Any]:
+        rid = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        try:
+            ipc.write_frame(self._writer, make(rid), buffers)
+        except (ConnectionError, RuntimeError):
+            # The transport closed before the reader noticed: the instance is gone.
+            self._fail_all(f"instance {self.info.id} is gone")
+            raise InstanceLost(f"instance {self.info.id} is gone") from None
+        self._pending[rid] = (future, decode)
+        return future
 
     async def _room(self) -> None:
         try:
